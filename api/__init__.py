@@ -1,0 +1,1 @@
+"""The network API: REST, websocket feeds, auth and the web page. It translates and delegates."""

@@ -1,0 +1,1 @@
+"""Clearing: turning trades into settlement (delivery versus payment, fees, the cash ledger)."""

@@ -1,0 +1,5 @@
+"""`carbonx accounts` commands."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)

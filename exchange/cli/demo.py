@@ -1,0 +1,5 @@
+"""`carbonx demo`."""
+
+
+def demo() -> None:
+    """Run the launch scenario."""

@@ -1,0 +1,1 @@
+"""The launch scenario shipped with carbonx for `carbonx demo` and the tests."""

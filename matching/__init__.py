@@ -1,0 +1,1 @@
+"""Order model, trading rules, the matching engine and the pure-Python reference book."""
