@@ -45,7 +45,7 @@ def parse_decimal(text: str, places: int, what: str) -> int:
 
 
 def format_decimal(value: int, places: int) -> str:
-    """Format an integer count of 10**-places units as a decimal string with exactly `places` decimals."""
+    """Format an integer count of 10**-places units as a string with exactly `places` decimals."""
     sign = "-" if value < 0 else ""
     value = abs(value)
     if places == 0:
