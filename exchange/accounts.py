@@ -1,0 +1,103 @@
+"""Participants' accounts and their API keys.
+
+An account has a code (upper-case letters, digits, `-` and `_`), a name, a kind (who it is) and a
+role (what it may do: `operator` runs the registry, `member` trades and retires). API keys are
+random, shown once, and stored only as a SHA-256 hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+import asyncpg
+
+from exchange.errors import CarbonxError
+
+KINDS = ("operator", "project_developer", "enterprise", "scenic_area", "event_organiser", "individual")
+ROLES = ("operator", "member")
+_CODE = re.compile(r"^[A-Z0-9][A-Z0-9_-]{0,39}$")
+SYSTEM_CUSTODY = "CX-CUSTODY"
+SYSTEM_FEES = "CX-FEES"
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    code: str
+    name: str
+    kind: str
+    role: str
+
+
+def validate_code(code: str, what: str = "account code") -> str:
+    """An account or project code as stored: refuses anything but A-Z, 0-9, '-' and '_'."""
+    if not isinstance(code, str) or not _CODE.match(code):
+        raise CarbonxError(
+            "invalid_code",
+            f"{what} {code!r} must be 1–40 upper-case letters, digits, '-' or '_', starting with a letter or digit",
+        )
+    return code
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+async def create_account(
+    conn: asyncpg.Connection, code: str, name: str, kind: str, role: str = "member"
+) -> Account:
+    """Create an account; `account_exists` if the code is taken."""
+    validate_code(code)
+    if code.startswith("CX-"):
+        raise CarbonxError("invalid_code", "account codes starting with CX- are reserved for the exchange")
+    if kind not in KINDS:
+        raise CarbonxError("invalid_kind", f"kind {kind!r} must be one of: {', '.join(KINDS)}")
+    if role not in ROLES:
+        raise CarbonxError("invalid_role", f"role {role!r} must be one of: {', '.join(ROLES)}")
+    name = (name or "").strip() or code
+    if len(name) > 200:
+        raise CarbonxError("invalid_name", "account name must be at most 200 characters")
+    row = await conn.fetchrow(
+        """INSERT INTO accounts (code, name, kind, role) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (code) DO NOTHING RETURNING id""",
+        code, name, kind, role,
+    )
+    if row is None:
+        raise CarbonxError("account_exists", f"account {code} already exists")
+    return Account(row["id"], code, name, kind, role)
+
+
+async def get_account(conn: asyncpg.Connection, code: str) -> Account:
+    """The account with `code`; `not_found` otherwise."""
+    row = await conn.fetchrow("SELECT id, code, name, kind, role FROM accounts WHERE code = $1", code)
+    if row is None:
+        raise CarbonxError("not_found", f"no account {code!r}")
+    return Account(**dict(row))
+
+
+async def list_accounts(conn: asyncpg.Connection) -> list[Account]:
+    rows = await conn.fetch("SELECT id, code, name, kind, role FROM accounts ORDER BY id")
+    return [Account(**dict(r)) for r in rows]
+
+
+async def create_api_key(conn: asyncpg.Connection, account_id: int) -> str:
+    """A new API key for the account; the key is returned once and only its hash is kept."""
+    key = "cx_" + secrets.token_urlsafe(32)
+    await conn.execute(
+        "INSERT INTO api_keys (account_id, key_hash, key_prefix) VALUES ($1, $2, $3)",
+        account_id, hash_key(key), key[:10],
+    )
+    return key
+
+
+async def account_for_key(conn: asyncpg.Connection, key: str) -> Account | None:
+    """The account a live API key belongs to, or None."""
+    row = await conn.fetchrow(
+        """SELECT a.id, a.code, a.name, a.kind, a.role FROM api_keys k JOIN accounts a ON a.id = k.account_id
+           WHERE k.key_hash = $1 AND k.revoked_at IS NULL""",
+        hash_key(key),
+    )
+    return Account(**dict(row)) if row else None

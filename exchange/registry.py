@@ -1,0 +1,586 @@
+"""The carbon registry on PostgreSQL: projects, issuances, movements of serial blocks, retirements.
+
+Every change of who holds which serials, or in which state, goes through `apply_movements`: it
+locks the accounts involved (in id order, so concurrent movements cannot deadlock), locks and
+loads the blocks concerned into a `BlockPlan`, applies the movements in memory, and writes back
+the difference plus one append-only transfer row per moved range, all in one transaction. Two
+transactions moving the same credits therefore serialise on the owner's account row: the second
+sees the first's result and fails cleanly if the credits are gone. The database itself refuses
+overlapping blocks, uncovered issuances and changes to retired or cancelled blocks.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from exchange.accounts import get_account, validate_code
+from exchange.blockplan import (
+    AVAILABLE,
+    CANCELLED,
+    FINAL_STATES,
+    FROZEN,
+    RETIRED,
+    Block,
+    BlockPlan,
+    Piece,
+)
+from exchange.errors import CarbonxError
+from exchange.serials import SerialRange, format_serial, parse_serial
+
+METHODOLOGIES = (
+    "forest_carbon_sink", "grassland_carbon_sink", "wetland_carbon_sink", "energy_substitution",
+    "renewable_energy", "energy_efficiency", "methane_recovery", "low_carbon_transport", "other",
+)
+MAX_SERIAL = 10_000_000_000  # ten digits of kilograms per project vintage
+_CERT_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # no 0/O, 1/I/L: codes are read aloud and typed
+
+
+# --------------------------------------------------------------------------------------------
+# Movements
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ByQuantity:
+    """Move `qty` kg of `from_owner`'s credits in `from_state`, lowest serials first."""
+
+    issuance_ids: tuple[int, ...]
+    from_owner: int
+    from_state: str
+    to_owner: int
+    to_state: str
+    qty: int
+    cause: str
+    cause_ref: str
+    retirement_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ByRange:
+    """Move exactly the serials `[lo, hi)` of one issuance, whoever holds them, to a new state
+    (and a new owner, if `to_owner` is given). Every unit must be in one of `allowed` states."""
+
+    issuance_id: int
+    lo: int
+    hi: int
+    allowed: frozenset[str]
+    to_state: str
+    cause: str
+    cause_ref: str
+    to_owner: int | None = None
+
+
+Movement = ByQuantity | ByRange
+
+
+@dataclass
+class MovementResult:
+    """The ranges one movement moved, lowest first."""
+
+    pieces: list[Piece] = field(default_factory=list)
+
+    @property
+    def quantity(self) -> int:
+        return sum(p.size for p in self.pieces)
+
+
+_BLOCK_COLUMNS = "id, issuance_id, lower(serials) AS lo, upper(serials) AS hi, owner_account_id, state, retirement_id"
+
+
+def _block(row: asyncpg.Record) -> Block:
+    return Block(row["issuance_id"], row["lo"], row["hi"], row["owner_account_id"], row["state"],
+                 row["retirement_id"], row["id"])
+
+
+async def apply_movements(conn: asyncpg.Connection, movements: Sequence[Movement]) -> list[MovementResult]:
+    """Apply `movements` in order, in one transaction, all or nothing.
+
+    This is the registry's batch transfer function: clearing settles many trades through one call.
+    Raises `CarbonxError` (nothing changed) when any movement cannot be made; the message names
+    the movement's position in the batch.
+    """
+    if not movements:
+        return []
+    for m in movements:
+        _check_movement(m)
+    async with conn.transaction():
+        for _attempt in range(5):
+            results = await _try_apply(conn, movements)
+            if results is not None:
+                return results
+        raise CarbonxError("busy", "the credits kept changing hands while being moved; try again")
+
+
+def _check_movement(m: Movement) -> None:
+    if isinstance(m, ByQuantity):
+        if not isinstance(m.qty, int) or m.qty <= 0:
+            raise CarbonxError("invalid_quantity", f"quantity must be a positive number of kg, got {m.qty!r}")
+        if not m.issuance_ids:
+            raise CarbonxError("not_found", "no issuance to move credits from")
+    elif m.hi <= m.lo:
+        raise CarbonxError("invalid_quantity", "a serial range must hold at least one unit")
+    if m.to_state in FINAL_STATES and m.cause not in ("retirement", "cancel"):
+        raise CarbonxError("invalid_state", f"only a retirement or a cancellation makes credits {m.to_state}")
+
+
+async def _try_apply(conn: asyncpg.Connection, movements: Sequence[Movement]) -> list[MovementResult] | None:
+    """One attempt; None when a serial range changed owner between the look-up and the lock."""
+    owners: set[int] = set()
+    for m in movements:
+        if isinstance(m, ByQuantity):
+            owners.update((m.from_owner, m.to_owner))
+        elif m.to_owner is not None:
+            owners.add(m.to_owner)
+    ranges = [m for m in movements if isinstance(m, ByRange)]
+    if ranges:
+        # Whoever holds a range must be locked too; read them first, then lock and re-check.
+        rows = await conn.fetch(
+            """SELECT DISTINCT b.owner_account_id FROM blocks b
+               JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS r(iss, lo, hi)
+                 ON b.issuance_id = r.iss AND b.serials && int8range(r.lo, r.hi)""",
+            [m.issuance_id for m in ranges], [m.lo for m in ranges], [m.hi for m in ranges],
+        )
+        owners.update(r[0] for r in rows)
+    await conn.execute(
+        "SELECT id FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", sorted(owners)
+    )
+
+    plan = BlockPlan()
+    holders = sorted({(m.from_owner, m.from_state, iss) for m in movements if isinstance(m, ByQuantity)
+                      for iss in m.issuance_ids})
+    if holders:
+        rows = await conn.fetch(
+            f"""SELECT {_BLOCK_COLUMNS} FROM blocks
+                WHERE (owner_account_id, state, issuance_id) IN
+                      (SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[]))
+                ORDER BY id FOR UPDATE""",
+            [h[0] for h in holders], [h[1] for h in holders], [h[2] for h in holders],
+        )
+        for r in rows:
+            plan.add_loaded(_block(r))
+    if ranges:
+        rows = await conn.fetch(
+            f"""SELECT {_BLOCK_COLUMNS} FROM blocks b
+                WHERE EXISTS (SELECT 1 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS r(iss, lo, hi)
+                              WHERE b.issuance_id = r.iss AND b.serials && int8range(r.lo, r.hi))
+                ORDER BY id FOR UPDATE""",
+            [m.issuance_id for m in ranges], [m.lo for m in ranges], [m.hi for m in ranges],
+        )
+        if any(r["owner_account_id"] not in owners for r in rows):
+            return None  # a range changed hands before we locked its holder: look again
+        for r in rows:
+            plan.add_loaded(_block(r))
+
+    results: list[MovementResult] = []
+    for i, m in enumerate(movements):
+        try:
+            if isinstance(m, ByQuantity):
+                pieces = plan.take(m.issuance_ids, m.from_owner, m.from_state, m.qty)
+                for p in pieces:
+                    plan.put(p, m.to_owner, m.to_state, m.retirement_id)
+            else:
+                pieces = plan.take_range(m.issuance_id, m.lo, m.hi, m.allowed)
+                for p in pieces:
+                    plan.put(p, p.from_owner if m.to_owner is None else m.to_owner, m.to_state)
+        except CarbonxError as e:
+            if len(movements) > 1:
+                raise CarbonxError(e.code, f"movement {i + 1} of {len(movements)}: {e.message}") from None
+            raise
+        results.append(MovementResult(pieces))
+
+    await _load_neighbours(conn, plan, owners)
+    plan.normalize()
+    deletes, inserts = plan.diff()
+    if deletes:
+        await conn.execute("DELETE FROM blocks WHERE id = ANY($1::bigint[])", deletes)
+    if inserts:
+        await conn.execute(
+            """INSERT INTO blocks (issuance_id, serials, owner_account_id, state, retirement_id)
+               SELECT iss, int8range(lo, hi), owner, state, ret
+               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[])
+                    AS t(iss, lo, hi, owner, state, ret)""",
+            [b.issuance_id for b in inserts], [b.lo for b in inserts], [b.hi for b in inserts],
+            [b.owner for b in inserts], [b.state for b in inserts], [b.retirement_id for b in inserts],
+        )
+    await _write_transfers(conn, movements, results, plan)
+    return results
+
+
+async def _load_neighbours(conn: asyncpg.Connection, plan: BlockPlan, owners: set[int]) -> None:
+    """Lock and load the blocks just outside the changed ones, so that `normalize` can merge them."""
+    edges = [(b.issuance_id, b.lo, b.hi) for b in plan.blocks() if b.id is None and b.state not in FINAL_STATES]
+    if not edges:
+        return
+    rows = await conn.fetch(
+        f"""SELECT {_BLOCK_COLUMNS} FROM blocks b
+            WHERE b.owner_account_id = ANY($4::bigint[]) AND b.state NOT IN ('retired', 'cancelled')
+              AND ((b.issuance_id, upper(b.serials)) IN (SELECT * FROM unnest($1::bigint[], $2::bigint[]))
+                OR (b.issuance_id, lower(b.serials)) IN (SELECT * FROM unnest($1::bigint[], $3::bigint[])))
+            ORDER BY id FOR UPDATE""",
+        [e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges], sorted(owners),
+    )
+    for r in rows:
+        plan.add_loaded(_block(r))
+
+
+async def _write_transfers(
+    conn: asyncpg.Connection, movements: Sequence[Movement], results: list[MovementResult], plan: BlockPlan
+) -> None:
+    cols: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])
+    for m, res in zip(movements, results, strict=True):
+        for p in res.pieces:
+            to_owner = m.to_owner if m.to_owner is not None else p.from_owner
+            for col, value in zip(cols, (p.issuance_id, p.lo, p.hi, p.from_owner, p.from_state, to_owner,
+                                         m.to_state, m.cause, m.cause_ref), strict=True):
+                col.append(value)
+    await conn.execute(
+        """INSERT INTO transfers (issuance_id, serials, from_account_id, from_state, to_account_id, to_state,
+                                  cause, cause_ref)
+           SELECT iss, int8range(lo, hi), fo, fs, t, ts, c, r
+           FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[],
+                       $7::text[], $8::text[], $9::text[]) AS x(iss, lo, hi, fo, fs, t, ts, c, r)""",
+        *cols,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Projects and issuances
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Project:
+    id: int
+    scheme: str
+    code: str
+    name: str
+    methodology: str
+    region: str
+    developer_account_id: int
+    status: str
+
+
+@dataclass(frozen=True)
+class Issuance:
+    id: int
+    project_id: int
+    project_code: str
+    scheme: str
+    vintage: int
+    lo: int
+    hi: int
+    issued_to_account_id: int
+
+    @property
+    def quantity(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def serial(self) -> str:
+        return format_serial(self.scheme, self.project_code, self.vintage, self.lo, self.hi)
+
+
+async def add_project(
+    conn: asyncpg.Connection, *, code: str, name: str, methodology: str, developer: str,
+    region: str = "", scheme: str = "CDHF",
+) -> Project:
+    """Register a project for a developer account; `project_exists` if the code is taken."""
+    validate_code(code, "project code")
+    if methodology not in METHODOLOGIES:
+        raise CarbonxError("invalid_methodology",
+                           f"methodology {methodology!r} must be one of: {', '.join(METHODOLOGIES)}")
+    if not name or not name.strip() or len(name) > 200:
+        raise CarbonxError("invalid_name", "project name must be 1–200 characters")
+    dev = await get_account(conn, developer)
+    try:
+        row = await conn.fetchrow(
+            """INSERT INTO projects (scheme, code, name, methodology, region, developer_account_id)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (code) DO NOTHING RETURNING id""",
+            scheme, code, name.strip(), methodology, region, dev.id,
+        )
+    except asyncpg.CheckViolationError as e:
+        raise CarbonxError("invalid_project", f"project refused: {e}") from None
+    if row is None:
+        raise CarbonxError("project_exists", f"project {code} already exists")
+    return Project(row["id"], scheme, code, name.strip(), methodology, region, dev.id, "active")
+
+
+async def get_project(conn: asyncpg.Connection, code: str) -> Project:
+    row = await conn.fetchrow(
+        """SELECT id, scheme, code, name, methodology, region, developer_account_id, status
+           FROM projects WHERE code = $1""", code,
+    )
+    if row is None:
+        raise CarbonxError("not_found", f"no project {code!r}")
+    return Project(**dict(row))
+
+
+async def list_projects(conn: asyncpg.Connection) -> list[Project]:
+    rows = await conn.fetch(
+        "SELECT id, scheme, code, name, methodology, region, developer_account_id, status FROM projects ORDER BY code"
+    )
+    return [Project(**dict(r)) for r in rows]
+
+
+_ISSUANCE_SELECT = """SELECT i.id, i.project_id, p.code AS project_code, p.scheme, i.vintage,
+                             lower(i.serials) AS lo, upper(i.serials) AS hi, i.issued_to_account_id
+                      FROM issuances i JOIN projects p ON p.id = i.project_id"""
+
+
+async def issue(
+    conn: asyncpg.Connection, *, project: str, vintage: int, quantity_kg: int, to_account: str | None = None,
+    reference: str = "",
+) -> Issuance:
+    """Issue `quantity_kg` of a project vintage after verification: new serials, one block, one transfer.
+
+    Serials continue after the vintage's last issuance. The credits go to the project's developer
+    unless `to_account` says otherwise.
+    """
+    if not isinstance(quantity_kg, int) or quantity_kg <= 0:
+        raise CarbonxError("invalid_quantity", f"quantity must be positive, got {quantity_kg!r} kg")
+    if not isinstance(vintage, int) or not 1990 <= vintage <= 2100:
+        raise CarbonxError("invalid_vintage", f"vintage must be a year between 1990 and 2100, got {vintage!r}")
+    async with conn.transaction():
+        proj = await get_project(conn, project)
+        if proj.status != "active":
+            raise CarbonxError("project_not_active", f"project {project} is {proj.status}; it cannot issue")
+        holder = await get_account(conn, to_account) if to_account else None
+        holder_id = holder.id if holder else proj.developer_account_id
+        # Lock the project row so two issuances of one vintage cannot pick the same serials.
+        await conn.execute("SELECT 1 FROM projects WHERE id = $1 FOR NO KEY UPDATE", proj.id)
+        lo = await conn.fetchval(
+            "SELECT coalesce(max(upper(serials)), 1) FROM issuances WHERE project_id = $1 AND vintage = $2",
+            proj.id, vintage,
+        )
+        hi = lo + quantity_kg
+        if hi > MAX_SERIAL:
+            raise CarbonxError("invalid_quantity",
+                               f"vintage {vintage} of {project} would pass {MAX_SERIAL - 1} serials")
+        iss_id = await conn.fetchval(
+            """INSERT INTO issuances (project_id, vintage, serials, issued_to_account_id, reference)
+               VALUES ($1, $2, int8range($3, $4), $5, $6) RETURNING id""",
+            proj.id, vintage, lo, hi, holder_id, reference,
+        )
+        await conn.execute(
+            """INSERT INTO blocks (issuance_id, serials, owner_account_id, state)
+               VALUES ($1, int8range($2, $3), $4, 'available')""", iss_id, lo, hi, holder_id,
+        )
+        await conn.execute(
+            """INSERT INTO transfers (issuance_id, serials, from_account_id, from_state, to_account_id, to_state,
+                                      cause, cause_ref)
+               VALUES ($1, int8range($2, $3), NULL, NULL, $4, 'available', 'issuance', $5)""",
+            iss_id, lo, hi, holder_id, f"issuance:{iss_id}",
+        )
+    return Issuance(iss_id, proj.id, proj.code, proj.scheme, vintage, lo, hi, holder_id)
+
+
+async def get_issuance(conn: asyncpg.Connection, issuance_id: int) -> Issuance:
+    row = await conn.fetchrow(_ISSUANCE_SELECT + " WHERE i.id = $1", issuance_id)
+    if row is None:
+        raise CarbonxError("not_found", f"no issuance {issuance_id}")
+    return Issuance(**dict(row))
+
+
+async def list_issuances(conn: asyncpg.Connection, project_id: int | None = None) -> list[Issuance]:
+    if project_id is None:
+        rows = await conn.fetch(_ISSUANCE_SELECT + " ORDER BY i.id")
+    else:
+        rows = await conn.fetch(_ISSUANCE_SELECT + " WHERE i.project_id = $1 ORDER BY i.id", project_id)
+    return [Issuance(**dict(r)) for r in rows]
+
+
+def split_symbol(symbol: str) -> tuple[str, int]:
+    """`LQS-FS-2023` → ("LQS-FS", 2023): an instrument symbol is a project code and a vintage."""
+    code, _, vintage = symbol.strip().upper().rpartition("-")
+    if not code or len(vintage) != 4 or not vintage.isdigit():
+        raise CarbonxError("invalid_symbol", f"{symbol!r} is not a symbol: expected PROJECT-VINTAGE, e.g. LQS-FS-2023")
+    return code, int(vintage)
+
+
+async def resolve_issuances(conn: asyncpg.Connection, *, symbol: str | None = None,
+                            issuance_id: int | None = None) -> tuple[int, ...]:
+    """The issuances credits of a symbol (project vintage) or of one issuance come from, oldest first."""
+    if (symbol is None) == (issuance_id is None):
+        raise CarbonxError("invalid_request", "give exactly one of a symbol or an issuance id")
+    if issuance_id is not None:
+        return ((await get_issuance(conn, issuance_id)).id,)
+    code, vintage = split_symbol(symbol)
+    proj = await get_project(conn, code)
+    ids = await conn.fetch("SELECT id FROM issuances WHERE project_id = $1 AND vintage = $2 ORDER BY id",
+                           proj.id, vintage)
+    if not ids:
+        raise CarbonxError("not_found", f"project {code} has no vintage {vintage} issued")
+    return tuple(r["id"] for r in ids)
+
+
+async def resolve_serial(conn: asyncpg.Connection, text: str) -> tuple[Issuance, SerialRange]:
+    """The issuance a serial text lies in (the range must lie inside one issuance)."""
+    for reading in parse_serial(text):
+        row = await conn.fetchrow(
+            _ISSUANCE_SELECT + """ WHERE p.code = $1 AND p.scheme = $2 AND i.vintage = $3
+                                     AND i.serials @> int8range($4, $5)""",
+            reading.project_code, reading.scheme, reading.vintage, reading.lo, reading.hi,
+        )
+        if row is not None:
+            return Issuance(**dict(row)), reading
+    raise CarbonxError("not_found", f"serial {text} was never issued (or spans two issuances)")
+
+
+# --------------------------------------------------------------------------------------------
+# Transfers, retirements, operator actions
+# --------------------------------------------------------------------------------------------
+async def transfer(
+    conn: asyncpg.Connection, *, from_account: str, to_account: str, quantity_kg: int,
+    symbol: str | None = None, issuance_id: int | None = None, cause: str = "transfer", cause_ref: str,
+) -> MovementResult:
+    """Move available credits between accounts (over the counter, or a settled trade)."""
+    src = await get_account(conn, from_account)
+    dst = await get_account(conn, to_account)
+    if src.id == dst.id:
+        raise CarbonxError("invalid_request", "a transfer needs two different accounts")
+    ids = await resolve_issuances(conn, symbol=symbol, issuance_id=issuance_id)
+    [res] = await apply_movements(conn, [ByQuantity(ids, src.id, AVAILABLE, dst.id, AVAILABLE, quantity_kg,
+                                                    cause, cause_ref)])
+    return res
+
+
+@dataclass(frozen=True)
+class Retirement:
+    id: int
+    account_id: int
+    quantity_kg: int
+    beneficiary: str
+    purpose: str
+    certificate_code: str
+    serials: tuple[str, ...]
+
+
+def new_certificate_code() -> str:
+    """A verification code such as `CX-7KQ2-M9PD-XW4R`: 60 random bits, easy to read aloud."""
+    chars = "".join(secrets.choice(_CERT_ALPHABET) for _ in range(12))
+    return f"CX-{chars[:4]}-{chars[4:8]}-{chars[8:]}"
+
+
+async def retire(
+    conn: asyncpg.Connection, *, account: str, quantity_kg: int, beneficiary: str, purpose: str,
+    symbol: str | None = None, issuance_id: int | None = None,
+) -> Retirement:
+    """Retire available credits for a named beneficiary; the retired ranges can never move again."""
+    beneficiary, purpose = (beneficiary or "").strip(), (purpose or "").strip()
+    if not 1 <= len(beneficiary) <= 200:
+        raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
+    if not 1 <= len(purpose) <= 500:
+        raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
+    if not isinstance(quantity_kg, int) or quantity_kg <= 0:
+        raise CarbonxError("invalid_quantity", f"quantity must be positive, got {quantity_kg!r} kg")
+    acct = await get_account(conn, account)
+    ids = await resolve_issuances(conn, symbol=symbol, issuance_id=issuance_id)
+    async with conn.transaction():
+        code = new_certificate_code()
+        ret_id = await conn.fetchval(
+            """INSERT INTO retirements (account_id, quantity_kg, beneficiary, purpose, certificate_code)
+               VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+            acct.id, quantity_kg, beneficiary, purpose, code,
+        )
+        [res] = await apply_movements(conn, [ByQuantity(ids, acct.id, AVAILABLE, acct.id, RETIRED, quantity_kg,
+                                                        "retirement", f"retirement:{ret_id}", ret_id)])
+    serials = []
+    for p in res.pieces:
+        iss = await get_issuance(conn, p.issuance_id)
+        serials.append(format_serial(iss.scheme, iss.project_code, iss.vintage, p.lo, p.hi))
+    return Retirement(ret_id, acct.id, quantity_kg, beneficiary, purpose, code, tuple(serials))
+
+
+async def _by_serial(conn: asyncpg.Connection, serial: str, allowed: frozenset[str], to_state: str,
+                     cause: str, reason: str) -> MovementResult:
+    if not reason or not reason.strip():
+        raise CarbonxError("invalid_reason", f"say why: a {cause} needs a reason that the history will show")
+    iss, rng = await resolve_serial(conn, serial)
+    [res] = await apply_movements(conn, [ByRange(iss.id, rng.lo, rng.hi, allowed, to_state, cause,
+                                                 reason.strip())])
+    return res
+
+
+async def freeze(conn: asyncpg.Connection, *, serial: str, reason: str) -> MovementResult:
+    """Operator: freeze available credits in a serial range (e.g. under investigation)."""
+    return await _by_serial(conn, serial, frozenset({AVAILABLE}), FROZEN, "freeze", reason)
+
+
+async def unfreeze(conn: asyncpg.Connection, *, serial: str, reason: str) -> MovementResult:
+    """Operator: make frozen credits in a serial range available again."""
+    return await _by_serial(conn, serial, frozenset({FROZEN}), AVAILABLE, "unfreeze", reason)
+
+
+async def cancel(conn: asyncpg.Connection, *, serial: str, reason: str) -> MovementResult:
+    """Operator: cancel available or frozen credits for good (e.g. a reversal of a sink)."""
+    return await _by_serial(conn, serial, frozenset({AVAILABLE, FROZEN}), CANCELLED, "cancel", reason)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+async def holdings(conn: asyncpg.Connection, account: str) -> list[dict]:
+    """An account's credits per project vintage and state, in kg."""
+    acct = await get_account(conn, account)
+    rows = await conn.fetch(
+        """SELECT p.code AS project, i.vintage, b.state, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
+           FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
+           WHERE b.owner_account_id = $1 GROUP BY p.code, i.vintage, b.state ORDER BY 1, 2, 3""",
+        acct.id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def issuance_blocks(conn: asyncpg.Connection, issuance_id: int) -> list[dict]:
+    """The blocks of an issuance in serial order, with who holds them."""
+    rows = await conn.fetch(
+        """SELECT lower(b.serials) AS lo, upper(b.serials) AS hi, a.code AS owner, b.state, r.certificate_code
+           FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
+           LEFT JOIN retirements r ON r.id = b.retirement_id
+           WHERE b.issuance_id = $1 ORDER BY lower(b.serials)""", issuance_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def serial_history(conn: asyncpg.Connection, serial: str) -> tuple[Issuance, SerialRange, list[dict], list[dict]]:
+    """Every movement that touched any unit of a serial range, oldest first, and who holds it now."""
+    iss, rng = await resolve_serial(conn, serial)
+    history = await conn.fetch(
+        """SELECT t.id, t.created_at, t.cause, t.cause_ref, lower(t.serials) AS lo, upper(t.serials) AS hi,
+                  fa.code AS from_account, t.from_state, ta.code AS to_account, t.to_state
+           FROM transfers t LEFT JOIN accounts fa ON fa.id = t.from_account_id
+           JOIN accounts ta ON ta.id = t.to_account_id
+           WHERE t.issuance_id = $1 AND t.serials && int8range($2, $3) ORDER BY t.id""",
+        iss.id, rng.lo, rng.hi,
+    )
+    now = await conn.fetch(
+        """SELECT greatest(lower(b.serials), $2) AS lo, least(upper(b.serials), $3) AS hi, a.code AS owner, b.state
+           FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
+           WHERE b.issuance_id = $1 AND b.serials && int8range($2, $3) ORDER BY lower(b.serials)""",
+        iss.id, rng.lo, rng.hi,
+    )
+    return iss, rng, [dict(r) for r in history], [dict(r) for r in now]
+
+
+async def retirement_by_code(conn: asyncpg.Connection, code: str) -> dict:
+    """A retirement and its serial ranges, found by certificate code (public verification)."""
+    row = await conn.fetchrow(
+        """SELECT r.id, r.quantity_kg, r.beneficiary, r.purpose, r.certificate_code, r.created_at, a.code AS account
+           FROM retirements r JOIN accounts a ON a.id = r.account_id WHERE r.certificate_code = $1""",
+        code.strip().upper(),
+    )
+    if row is None:
+        raise CarbonxError("not_found", f"no certificate {code!r}")
+    ranges = await conn.fetch(
+        """SELECT p.scheme, p.code AS project, p.name AS project_name, p.methodology, i.vintage,
+                  lower(b.serials) AS lo, upper(b.serials) AS hi
+           FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
+           WHERE b.retirement_id = $1 ORDER BY i.id, lower(b.serials)""", row["id"],
+    )
+    out = dict(row)
+    out["ranges"] = [
+        dict(r) | {"serial": format_serial(r["scheme"], r["project"], r["vintage"], r["lo"], r["hi"])} for r in ranges
+    ]
+    return out
+
+
