@@ -75,10 +75,17 @@ BEGIN
         RAISE EXCEPTION 'ledger entry % does not balance: its postings must sum to zero', bad
             USING ERRCODE = 'CX004';
     END IF;
-    INSERT INTO cash_balances AS b (account_id, balance_fen)
-        SELECT account_id, sum(amount_fen) FROM new_postings GROUP BY account_id
-        ORDER BY account_id  -- a fixed lock order keeps concurrent postings free of deadlocks
-    ON CONFLICT (account_id) DO UPDATE SET balance_fen = b.balance_fen + excluded.balance_fen;
+    -- Rows first (a new row starts at zero), then lock them in account order so concurrent
+    -- postings cannot deadlock, then move the balances. The CHECK on cash_balances refuses any
+    -- member balance below zero.
+    INSERT INTO cash_balances (account_id)
+        SELECT DISTINCT account_id FROM new_postings ORDER BY 1
+    ON CONFLICT (account_id) DO NOTHING;
+    PERFORM 1 FROM cash_balances WHERE account_id IN (SELECT account_id FROM new_postings)
+        ORDER BY account_id FOR UPDATE;
+    UPDATE cash_balances b SET balance_fen = b.balance_fen + s.total
+      FROM (SELECT account_id, sum(amount_fen) AS total FROM new_postings GROUP BY account_id) s
+     WHERE b.account_id = s.account_id;
     RETURN NULL;
 END $$;
 CREATE TRIGGER postings_added AFTER INSERT ON postings

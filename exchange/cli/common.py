@@ -1,0 +1,88 @@
+"""What every `carbonx` command shares: the --data-dir option, opening the database, and errors.
+
+A command body is a coroutine taking a connection. `run_db` prepares the database (starting the
+embedded server unless DATABASE_URL is set, applying migrations), runs the body, and turns a
+refused request into one clear line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
+import typer
+
+from exchange.config import load_settings
+from exchange.database import prepare_database
+from exchange.errors import CarbonxError
+from matching.units import UnitError, format_tonnes, parse_tonnes
+
+T = TypeVar("T")
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="CARBONX_DATA_DIR",
+        help="Where carbonx keeps its data (embedded PostgreSQL); default ~/.local/share/carbonx.",
+        show_default=False,
+    ),
+]
+
+
+def fail(message: str, code: str | None = None) -> None:
+    """Print a refusal on stderr and exit 1."""
+    suffix = f" [{code}]" if code else ""
+    typer.secho(f"error: {message}{suffix}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Open the database under `data_dir` (or DATABASE_URL), run `body`, close."""
+
+    async def main() -> T:
+        dsn = await prepare_database(load_settings(data_dir))
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await body(conn)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(main())
+    except CarbonxError as e:
+        fail(e.message, e.code)
+    except UnitError as e:
+        fail(str(e), e.code)
+    except (OSError, asyncpg.PostgresError) as e:
+        fail(f"database: {e}", "database_error")
+    raise AssertionError("unreachable")
+
+
+def tonnes(text: str, what: str = "quantity") -> int:
+    """A positive tonnes string from the command line, in kg; exits with a clear error otherwise."""
+    try:
+        kg = parse_tonnes(text, what)
+    except UnitError as e:
+        fail(str(e), e.code)
+    if kg <= 0:
+        fail(f"{what} must be more than zero, got {text!r}", "invalid_quantity")
+    return kg
+
+
+def show_tonnes(kg: int) -> str:
+    return f"{format_tonnes(kg)} t"
+
+
+def echo_rows(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Print rows as an aligned table."""
+    if not rows:
+        typer.echo("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    typer.echo("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        typer.echo("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
