@@ -47,6 +47,14 @@ STP_CANCEL_RESTING = 1  # cancel the resting order(s), keep matching the incomin
 STP_CANCEL_INCOMING = 2  # cancel what is left of the incoming order, resting order untouched
 STP_CANCEL_BOTH = 3  # cancel the resting order and what is left of the incoming one
 
+# Operations in a run_batch buffer (layout: cext.book.BATCH_STRIDE / ReferenceBook.run_batch).
+OP_SUBMIT = 1
+OP_CANCEL = 2
+OP_MOVE = 3
+OP_REDUCE = 4
+OP_AMEND = 5
+OP_EXPIRE = 6
+
 EV_ACCEPTED = 1
 EV_REJECTED = 2
 EV_TRADE = 3

@@ -26,6 +26,8 @@ the book's arrival counter: time priority within a level is ascending ``seq``.
 from __future__ import annotations
 
 import hashlib
+from array import array
+from collections.abc import Sequence
 
 import orjson
 from sortedcontainers import SortedDict, SortedList
@@ -49,6 +51,12 @@ from matching.events import (
     GTD,
     LIMIT,
     MARKET,
+    OP_AMEND,
+    OP_CANCEL,
+    OP_EXPIRE,
+    OP_MOVE,
+    OP_REDUCE,
+    OP_SUBMIT,
     REJECT_DUPLICATE_ORDER_ID,
     REJECT_FOK_NOT_FILLABLE,
     REJECT_INVALID_EXPIRY,
@@ -65,6 +73,15 @@ from matching.units import KG_PER_TONNE
 
 # The Cython book maps prices straight onto an array, so both books bound the price the same way.
 DEFAULT_MAX_PRICE = (1 << 22) - 1
+# Bounds that keep every product in the Cython book inside int64; both books enforce them.
+MAX_QTY = 1 << 40
+MAX_CASH = 1 << 50
+
+# run_batch layout (shared with cext.book): BATCH_STRIDE int64 per command,
+# (op, order_id, account, flags, price, qty, ts, extra) with
+# flags = side | tif << 2 | kind << 4 | post_only << 6 | stp << 8 and extra = expire_ts (GTD limit)
+# or cash_cap (market buy). MOVE uses price, REDUCE uses qty as reduce_by, AMEND uses both.
+BATCH_STRIDE = 8
 
 OrderTuple = tuple[int, int, int, int, int, int, int, int, int, int]
 
@@ -170,20 +187,22 @@ class ReferenceBook:
                 out.extend(o.as_tuple() for o in self._levels[side][price].values())
         return out
 
-    def snapshot(self) -> list[OrderTuple]:
-        return self.orders()
+    def snapshot(self) -> dict[str, object]:
+        """Everything needed to rebuild the book: the arrival counter and the resting orders."""
+        return {"seq": self._seq, "orders": self.orders()}
 
-    def restore(self, orders: list[OrderTuple]) -> None:
-        """Rebuild from a snapshot (replaces current contents, emits no events)."""
+    def restore(self, snapshot: dict[str, object]) -> None:
+        """Rebuild from :meth:`snapshot` output (replaces current contents, emits no events)."""
         self.__init__(  # type: ignore[misc]
             max_price=self.max_price, lot=self.lot, reduce_loses_priority=self.reduce_loses_priority
         )
+        orders = snapshot["orders"]
         for oid, account, side, price, qty, tif, expire_ts, post_only, stp, seq in sorted(
-            orders, key=lambda t: t[9]
+            orders, key=lambda t: t[9]  # type: ignore[arg-type]
         ):
             o = _Order(oid, account, side, price, qty, tif, expire_ts, bool(post_only), stp, seq)
             self._rest(o)
-            self._seq = max(self._seq, seq + 1)
+        self._seq = snapshot["seq"]  # type: ignore[assignment]
 
     def state_digest(self) -> str:
         """SHA-256 of the resting orders in priority order plus the arrival counter."""
@@ -212,7 +231,7 @@ class ReferenceBook:
         market = kind == MARKET
         if market:
             price = 0
-        if qty <= 0:
+        if not 0 < qty <= MAX_QTY:
             ev.append((EV_REJECTED, order_id, REJECT_INVALID_QUANTITY))
         elif not market and not 0 < price <= self.max_price:
             ev.append((EV_REJECTED, order_id, REJECT_INVALID_PRICE))
@@ -228,7 +247,7 @@ class ReferenceBook:
             ev.append((EV_ACCEPTED, order_id, account, side, price, qty))
             o = _Order(order_id, account, side, price, qty, tif, expire_ts if tif == GTD else 0,
                        post_only, stp, 0)
-            cap = cash_cap if market and side == BID and cash_cap > 0 else -1
+            cap = min(cash_cap, MAX_CASH) if market and side == BID and cash_cap > 0 else -1
             reason = self._match(o, market, cap)
             if o.qty > 0:
                 if reason < 0 and not market and tif in (GTC, GTD):
@@ -300,10 +319,48 @@ class ReferenceBook:
         self._expire(ts)
         return len(self._events) - start
 
+    def run_batch(self, cmds: Sequence[int]) -> int:
+        """Execute commands laid out as in cext.book.CythonBook.run_batch (BATCH_STRIDE ints each)."""
+        start = len(self._events)
+        if len(cmds) % BATCH_STRIDE:
+            raise ValueError("batch length is not a multiple of BATCH_STRIDE")
+        for k in range(0, len(cmds), BATCH_STRIDE):
+            op, oid, account, flags, price, qty, ts, extra = cmds[k : k + BATCH_STRIDE]
+            if op == OP_SUBMIT:
+                self.submit(oid, account, flags & 3, price, qty, (flags >> 2) & 3, ts,
+                            (flags >> 4) & 3, bool((flags >> 6) & 1), extra, (flags >> 8) & 3, extra)
+            elif op == OP_MOVE:
+                self.move(oid, price, ts)
+            elif op == OP_CANCEL:
+                self.cancel(oid, ts)
+            elif op == OP_REDUCE:
+                self.reduce(oid, qty, ts)
+            elif op == OP_AMEND:
+                self.amend(oid, price, qty, ts)
+            elif op == OP_EXPIRE:
+                self.expire(ts)
+            else:
+                raise ValueError(f"unknown op {op} in command {k // BATCH_STRIDE}")
+        return len(self._events) - start
+
+    def take_trades(self) -> array:
+        """Return and clear pending events, keeping only trades as a flat array('q') of
+        (taker_id, maker_id, price, qty) quadruples (the replay tool's fill output)."""
+        out = array("q")
+        for e in self._events:
+            if e[0] == EV_TRADE:
+                out.extend((e[1], e[2], e[6], e[7]))
+        self._events = []
+        return out
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._events)
+
     # ---- internals -----------------------------------------------------------------------
 
     def _checked_amend(self, o: _Order, new_price: int, new_qty: int) -> None:
-        if new_qty <= 0:
+        if not 0 < new_qty <= MAX_QTY:
             self._events.append((EV_REJECTED, o.id, REJECT_INVALID_QUANTITY))
         elif not 0 < new_price <= self.max_price:
             self._events.append((EV_REJECTED, o.id, REJECT_INVALID_PRICE))
