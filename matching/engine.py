@@ -1,0 +1,264 @@
+"""The matching engine: per-instrument trading rules in front of one order book per instrument.
+
+The books (matching/reference.py, cext/book.pyx) only match; this module applies the exchange's
+rules before a command reaches a book and routes it to the right one:
+
+- tick: price (fen per tonne) must be a multiple of ``tick`` (default 1 fen = 0.01 CNY);
+- lot: quantity (kg) must be a multiple of ``lot`` (default 1000 kg = 1 t);
+- minimum quantity for new orders (default one lot);
+- price band: with a reference price set, a limit price must lie within ±``band_bp`` basis points
+  of it (default 1000 = ±10%), bounds rounded inwards to whole fen;
+- trading sessions in Asia/Shanghai (default Monday–Friday 09:30–11:30 and 13:00–15:00; a session
+  includes its start and excludes its end); ``always_open`` for demos;
+- halt and resume.
+
+New orders and amends are checked against every rule; cancels are always allowed (a participant
+can leave a halted or closed market). A market order must be IOC-like (tif IOC or GTC, which the
+book treats alike), not post-only, and a market buy must carry a cash cap in fen. Self-trade
+prevention is per account (``set_account_stp``), default cancel-resting.
+
+Time is never read here: every command carries ``ts``, UTC microseconds since the epoch. Before
+each command the instrument's book expires GTD orders with expire_ts <= ts; ``expire(ts)``
+does it for every instrument in instrument-name order, so the output is deterministic.
+Every method returns the list of event tuples it caused (layouts in matching/events.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from matching import events as E
+from matching.book import make_book
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+DEFAULT_SESSIONS = ((9 * 60 + 30, 11 * 60 + 30), (13 * 60, 15 * 60))
+
+
+@dataclass(frozen=True)
+class InstrumentRules:
+    """Trading rules of one instrument. Prices in fen per tonne, quantities in kg."""
+
+    tick: int = 1
+    lot: int = 1000
+    min_qty: int = 1000
+    band_bp: int = 1000
+    reference_price: int | None = None
+    sessions: tuple[tuple[int, int], ...] = DEFAULT_SESSIONS  # minutes after local midnight
+    weekdays: frozenset[int] = frozenset(range(5))  # Monday = 0
+    always_open: bool = False
+
+    def band(self) -> tuple[int, int] | None:
+        """Inclusive (low, high) limit-price bounds, or None without a reference price."""
+        if self.reference_price is None:
+            return None
+        ref = self.reference_price
+        low = -(-(ref * (10_000 - self.band_bp)) // 10_000)
+        high = ref * (10_000 + self.band_bp) // 10_000
+        return low, high
+
+    def is_open(self, ts: int) -> bool:
+        """Whether `ts` (UTC microseconds) falls inside a trading session in Asia/Shanghai."""
+        if self.always_open:
+            return True
+        local = (_EPOCH + timedelta(microseconds=ts)).astimezone(SHANGHAI)
+        if local.weekday() not in self.weekdays:
+            return False
+        minute = local.hour * 60 + local.minute
+        return any(start <= minute < end for start, end in self.sessions)
+
+
+def local_ts(year: int, month: int, day: int, hour: int, minute: int) -> int:
+    """UTC microseconds for a wall-clock time in Asia/Shanghai (handy for tests and demos)."""
+    local = datetime(year, month, day, hour, minute, tzinfo=SHANGHAI)
+    return (local - _EPOCH) // timedelta(microseconds=1)
+
+
+class _Instrument:
+    __slots__ = ("book", "halted", "rules")
+
+    def __init__(self, rules: InstrumentRules, engine: str | None) -> None:
+        self.rules = rules
+        self.halted = False
+        self.book = make_book(engine, lot=rules.lot)
+
+
+class MatchingEngine:
+    """Routes commands to per-instrument books after checking the instrument's rules."""
+
+    def __init__(self, engine: str | None = None, default_stp: int = E.STP_CANCEL_RESTING) -> None:
+        self._engine = engine
+        self._instruments: dict[str, _Instrument] = {}
+        self._stp: dict[int, int] = {}
+        self.default_stp = default_stp
+
+    # ---- configuration -------------------------------------------------------------------
+
+    def add_instrument(self, name: str, rules: InstrumentRules | None = None) -> None:
+        if name in self._instruments:
+            raise ValueError(f"instrument {name!r} already exists")
+        self._instruments[name] = _Instrument(rules or InstrumentRules(), self._engine)
+
+    def set_rules(self, name: str, rules: InstrumentRules) -> None:
+        """Replace an instrument's rules (e.g. a new reference price); lot must not change."""
+        inst = self._instruments[name]
+        if rules.lot != inst.rules.lot:
+            raise ValueError("the lot of a live instrument cannot change")
+        inst.rules = rules
+
+    def set_account_stp(self, account: int, mode: int) -> None:
+        self._stp[account] = mode
+
+    def halt(self, name: str) -> None:
+        self._instruments[name].halted = True
+
+    def resume(self, name: str) -> None:
+        self._instruments[name].halted = False
+
+    def rules(self, name: str) -> InstrumentRules:
+        return self._instruments[name].rules
+
+    def is_halted(self, name: str) -> bool:
+        return self._instruments[name].halted
+
+    def book(self, name: str) -> Any:
+        return self._instruments[name].book
+
+    def instruments(self) -> list[str]:
+        return sorted(self._instruments)
+
+    # ---- commands ------------------------------------------------------------------------
+
+    def submit(
+        self, instrument: str, order_id: int, account: int, side: int, price: int, qty: int,
+        ts: int, tif: int = E.GTC, kind: int = E.LIMIT, post_only: bool = False,
+        expire_ts: int = 0, cash_cap: int = 0,
+    ) -> list[tuple[int, ...]]:
+        inst = self._instruments.get(instrument)
+        if inst is None:
+            return [(E.EV_REJECTED, order_id, E.REJECT_UNKNOWN_INSTRUMENT)]
+        book = inst.book
+        book.expire(ts)
+        code = self._check_order(inst, ts, side, price, qty, tif, kind, post_only, cash_cap)
+        if code:
+            return [*book.events(), (E.EV_REJECTED, order_id, code)]
+        book.submit(order_id, account, side, price, qty, tif, ts, kind, post_only, expire_ts,
+                    self._stp.get(account, self.default_stp), cash_cap)
+        return book.events()
+
+    def cancel(self, instrument: str, order_id: int, ts: int) -> list[tuple[int, ...]]:
+        inst = self._instruments.get(instrument)
+        if inst is None:
+            return [(E.EV_REJECTED, order_id, E.REJECT_UNKNOWN_INSTRUMENT)]
+        inst.book.cancel(order_id, ts)
+        return inst.book.events()
+
+    def amend(
+        self, instrument: str, order_id: int, new_price: int, new_qty: int, ts: int
+    ) -> list[tuple[int, ...]]:
+        """Change price and/or open quantity (see ReferenceBook.amend for priority rules)."""
+        inst = self._instruments.get(instrument)
+        if inst is None:
+            return [(E.EV_REJECTED, order_id, E.REJECT_UNKNOWN_INSTRUMENT)]
+        book = inst.book
+        book.expire(ts)
+        code = self._check_common(inst, ts)
+        if not code and book.order(order_id) is None:
+            code = E.REJECT_NOT_FOUND
+        if not code:
+            code = self._check_qty(inst.rules, new_qty, new_order=False)
+        if not code:
+            code = self._check_price(inst.rules, new_price)
+        if code:
+            return [*book.events(), (E.EV_REJECTED, order_id, code)]
+        book.amend(order_id, new_price, new_qty, ts)
+        return book.events()
+
+    def expire(self, ts: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Expire due GTD orders on every instrument; returns (instrument, event) pairs."""
+        out = []
+        for name in sorted(self._instruments):
+            book = self._instruments[name].book
+            book.expire(ts)
+            out.extend((name, e) for e in book.events())
+        return out
+
+    # ---- rules ---------------------------------------------------------------------------
+
+    def _check_common(self, inst: _Instrument, ts: int) -> int:
+        if inst.halted:
+            return E.REJECT_HALTED
+        if not inst.rules.is_open(ts):
+            return E.REJECT_MARKET_CLOSED
+        return 0
+
+    @staticmethod
+    def _check_qty(rules: InstrumentRules, qty: int, new_order: bool) -> int:
+        if qty <= 0:
+            return E.REJECT_INVALID_QUANTITY
+        if qty % rules.lot:
+            return E.REJECT_INVALID_LOT
+        if new_order and qty < rules.min_qty:
+            return E.REJECT_MIN_QUANTITY
+        return 0
+
+    @staticmethod
+    def _check_price(rules: InstrumentRules, price: int) -> int:
+        if price <= 0:
+            return E.REJECT_INVALID_PRICE
+        if price % rules.tick:
+            return E.REJECT_INVALID_TICK
+        band = rules.band()
+        if band is not None and not band[0] <= price <= band[1]:
+            return E.REJECT_PRICE_OUT_OF_BAND
+        return 0
+
+    def _check_order(
+        self, inst: _Instrument, ts: int, side: int, price: int, qty: int, tif: int, kind: int,
+        post_only: bool, cash_cap: int,
+    ) -> int:
+        code = self._check_common(inst, ts)
+        if code:
+            return code
+        if side not in (E.BID, E.ASK) or tif not in (E.GTC, E.IOC, E.FOK, E.GTD):
+            return E.REJECT_INVALID_ORDER
+        if kind == E.MARKET:
+            if post_only or tif not in (E.GTC, E.IOC) or (side == E.BID and cash_cap <= 0):
+                return E.REJECT_INVALID_ORDER
+        elif kind != E.LIMIT:
+            return E.REJECT_INVALID_ORDER
+        code = self._check_qty(inst.rules, qty, new_order=True)
+        if code or kind == E.MARKET:
+            return code
+        return self._check_price(inst.rules, price)
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Books and halt flags by instrument (rules are configuration, not state)."""
+        return {
+            name: {"halted": inst.halted, "book": inst.book.snapshot()}
+            for name, inst in sorted(self._instruments.items())
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Load :meth:`snapshot` output into already-added instruments."""
+        for name, state in snapshot.items():
+            inst = self._instruments[name]
+            inst.halted = state["halted"]
+            inst.book.restore(state["book"])
+
+    def state_digest(self) -> str:
+        """SHA-256 over every instrument's halt flag and book digest, in name order."""
+        parts = [
+            (name, inst.halted, inst.book.state_digest())
+            for name, inst in sorted(self._instruments.items())
+        ]
+        return hashlib.sha256(orjson.dumps(parts)).hexdigest()
