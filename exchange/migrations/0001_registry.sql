@@ -111,7 +111,7 @@ CREATE INDEX transfers_by_cause ON transfers (cause, cause_ref);
 CREATE FUNCTION carbonx_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
-        USING ERRCODE = 'CX001';
+        USING ERRCODE = 'check_violation', CONSTRAINT = TG_TABLE_NAME || '_append_only';
 END $$;
 
 CREATE TRIGGER issuances_append_only BEFORE UPDATE OR DELETE ON issuances
@@ -135,7 +135,7 @@ BEGIN
     IF OLD.state IN ('retired', 'cancelled') THEN
         RAISE EXCEPTION 'block % (% of issuance %) is %, and can never change',
             OLD.id, OLD.serials, OLD.issuance_id, OLD.state
-            USING ERRCODE = 'CX002';
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'blocks_final';
     END IF;
     IF TG_OP = 'DELETE' THEN
         RETURN OLD;
@@ -175,7 +175,7 @@ BEGIN
        OR hi IS DISTINCT FROM upper(issued) THEN
         RAISE EXCEPTION 'blocks of issuance % cover % kg in [%, %), but % kg in % were issued',
             iss, covered, lo, hi, upper(issued) - lower(issued), issued
-            USING ERRCODE = 'CX003';
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'blocks_exact_cover';
     END IF;
 END $$;
 

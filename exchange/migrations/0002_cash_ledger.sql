@@ -73,7 +73,7 @@ BEGIN
      LIMIT 1;
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'ledger entry % does not balance: its postings must sum to zero', bad
-            USING ERRCODE = 'CX004';
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'ledger_entry_balanced';
     END IF;
     -- Rows first (a new row starts at zero), then lock them in account order so concurrent
     -- postings cannot deadlock, then move the balances. The CHECK on cash_balances refuses any
