@@ -392,7 +392,7 @@ async def list_issuances(conn: asyncpg.Connection, project_id: int | None = None
 def split_symbol(symbol: str) -> tuple[str, int]:
     """`LQS-FS-2023` → ("LQS-FS", 2023): an instrument symbol is a project code and a vintage."""
     code, _, vintage = symbol.strip().upper().rpartition("-")
-    if not code or len(vintage) != 4 or not vintage.isdigit():
+    if not code or len(vintage) != 4 or not (vintage.isascii() and vintage.isdigit()):
         raise CarbonxError("invalid_symbol", f"{symbol!r} is not a symbol: expected PROJECT-VINTAGE, e.g. LQS-FS-2023")
     return code, int(vintage)
 

@@ -14,8 +14,8 @@ from exchange.errors import CarbonxError
 
 WIDTH = 10
 _SCHEME = re.compile(r"^[A-Z][A-Z0-9]{1,15}$")
-_VINTAGE = re.compile(r"^\d{4}$")
-_NUMBER = re.compile(r"^\d{1,10}$")
+_VINTAGE = re.compile(r"^[0-9]{4}$")
+_NUMBER = re.compile(r"^[0-9]{1,10}$")
 
 
 @dataclass(frozen=True)

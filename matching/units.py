@@ -12,7 +12,7 @@ import re
 
 KG_PER_TONNE = 1000
 
-_DECIMAL = re.compile(r"^(?P<sign>-?)(?P<int>\d+)(?:\.(?P<frac>\d+))?$")
+_DECIMAL = re.compile(r"^(?P<sign>-?)(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]+))?$")  # ASCII digits only
 
 
 class UnitError(ValueError):

@@ -29,4 +29,4 @@ app.registered_commands.extend(replay.app.registered_commands)
 
 def main() -> None:
     """Entry point of the `carbonx` console script."""
-    app()
+    app(prog_name="carbonx")

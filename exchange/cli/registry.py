@@ -88,7 +88,7 @@ def show(
     """Show a project's issuances, or one issuance's blocks and who holds them."""
 
     async def body(conn: asyncpg.Connection) -> None:
-        if target.isdigit():
+        if target.isascii() and target.isdigit():
             issuances = [await reg.get_issuance(conn, int(target))]
         else:
             try:

@@ -1,7 +1,60 @@
-"""`carbonx replay`: replay a command stream through an order book (built by the matching issue)."""
+"""`carbonx replay` and `carbonx replay-gen`: replay a command stream through an order book, and
+write deterministic benchmark streams (format and engines: matching/replay.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 app = typer.Typer()
+
+
+@app.command(name="replay")
+def replay_cmd(
+    stream: Annotated[Path, typer.Argument(help="Text command stream (P/M/C/R lines).")],
+    engine: Annotated[
+        str, typer.Option(help="cython (batch, inside C) | cython-api (per command) | reference")
+    ] = "cython",
+    fills: Annotated[
+        Path | None, typer.Option(help="Write fills here, one 'taker maker price qty' a line.")
+    ] = None,
+    reduce_loses_priority: Annotated[
+        bool, typer.Option("--reduce-loses-priority", help="R re-queues the order at the back.")
+    ] = False,
+) -> None:
+    """Replay STREAM and print the matching throughput (parsing excluded) and the fill count."""
+    from matching.replay import REPLAY_ENGINES, StreamError, parse_chunks, replay
+
+    if engine not in REPLAY_ENGINES:
+        raise typer.BadParameter(f"engine must be one of {', '.join(REPLAY_ENGINES)}")
+    out = fills.open("w") if fills is not None else None
+    try:
+        with stream.open() as lines:
+            result = replay(parse_chunks(lines), engine, reduce_loses_priority, out)
+    except StreamError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        if out is not None:
+            out.close()
+    typer.echo(f"{result.commands} commands in {result.seconds:.3f} s: "
+               f"{result.rate:,.0f} commands/s")
+    typer.echo(f"{result.fills} fills")
+
+
+@app.command(name="replay-gen")
+def replay_gen(
+    out: Annotated[Path, typer.Argument(help="Where to write the stream.")],
+    workload: Annotated[str, typer.Option(help="exchange-core | simple")] = "exchange-core",
+    commands: Annotated[int, typer.Option(help="Number of commands.")] = 3_000_000,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same stream.")] = 1,
+) -> None:
+    """Write a deterministic benchmark stream for `carbonx replay` (or another engine)."""
+    from matching.workloads import WORKLOADS, write_stream
+
+    if workload not in WORKLOADS:
+        raise typer.BadParameter(f"workload must be one of {', '.join(WORKLOADS)}")
+    write_stream(str(out), workload, commands, seed)
+    typer.echo(f"wrote {commands} {workload} commands to {out}")

@@ -1,0 +1,87 @@
+"""The `carbonx` command line as a user runs it: real subprocesses, real PostgreSQL."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+def carbonx(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CARBONX_DATA_DIR")}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "exchange", *args], capture_output=True, text=True, env=full_env,
+                          timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"carbonx {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_demo_on_embedded_postgres_twice(tmp_path):
+    data = tmp_path / "data"
+    first = carbonx("demo", "--data-dir", str(data))
+    assert "retired 1.200 t for the launch event" in first.stdout
+    code = re.search(r"certificate code: (CX-[A-Z0-9-]+)", first.stdout).group(1)
+    serials = re.findall(r"^  (CDHF-\S+)$", first.stdout, re.M)
+    assert serials and all(s.startswith("CDHF-LQS-FS-2023-") for s in serials)
+    # The server under the data dir was stopped when the command ended, and starts again now.
+    second = carbonx("demo", "--data-dir", str(data))
+    assert "already retired 1.200 t" in second.stdout
+    assert f"certificate code: {code}" in second.stdout
+    assert re.findall(r"^  (CDHF-\S+)$", second.stdout, re.M) == serials
+    history = carbonx("registry", "serial", serials[0], "--data-dir", str(data))
+    assert "retirement" in history.stdout and "EVENT-ORG/retired" in history.stdout
+
+
+@pytest.fixture
+def url_env(db):
+    return {"DATABASE_URL": db}
+
+
+def test_commands_against_database_url(url_env):
+    out = carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=url_env).stdout
+    assert re.match(r"^cx_[A-Za-z0-9_-]{20,}$", out.strip().splitlines()[-1]), "the API key is the last line"
+    carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=url_env)
+    carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
+            "--developer", "KILN-DEV", env=url_env)
+    out = carbonx("registry", "issue", "KILN", "2023", "3600.000", env=url_env).stdout
+    assert "CDHF-KILN-2023-0000000001-0003600000" in out
+    out = carbonx("registry", "transfer", "KILN-DEV", "HOTEL", "10.5", "--symbol", "KILN-2023",
+                  "--reference", "otc-1", env=url_env).stdout
+    assert "CDHF-KILN-2023-0000000001-0000010500" in out
+    out = carbonx("registry", "retire", "HOTEL", "1.2", "--symbol", "KILN-2023", "--beneficiary", "Hotel",
+                  "--purpose", "Zero-carbon weekend", env=url_env).stdout
+    assert re.search(r"certificate: CX-", out)
+    carbonx("registry", "freeze", "CDHF-KILN-2023-0000010501-0000020000", "--reason", "audit", env=url_env)
+    carbonx("registry", "unfreeze", "CDHF-KILN-2023-0000010501-0000015000", "--reason", "cleared", env=url_env)
+    carbonx("registry", "cancel", "CDHF-KILN-2023-0000015001-0000020000", "--reason", "reversal", env=url_env)
+    out = carbonx("registry", "show", "KILN-2023", env=url_env).stdout
+    assert "cancelled" in out and "retired" in out
+    out = carbonx("cash", "deposit", "HOTEL", "1000.50", "--reference", "bank-9", env=url_env).stdout
+    assert "balance 1000.50 CNY" in out
+    out = carbonx("cash", "deposit", "HOTEL", "1000.50", "--reference", "bank-9", env=url_env).stdout
+    assert "already recorded" in out and "balance 1000.50 CNY" in out
+    status = carbonx("db", "status", env=url_env).stdout
+    assert "0002_cash_ledger: applied" in status
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["registry", "issue", "KILN", "2023", "1.2345"], "too_many_decimals"),
+    (["registry", "issue", "KILN", "2023", "0"], "invalid_quantity"),
+    (["registry", "issue", "NOPE", "2023", "1"], "not_found"),
+    (["registry", "transfer", "A", "B", "1", "--symbol", "KILN-2023", "--reference", "r"], "not_found"),
+    (["cash", "deposit", "NOBODY", "1.001", "--reference", "r"], "too_many_decimals"),
+    (["registry", "serial", "nonsense"], "invalid_serial"),
+])
+def test_bad_input_exits_1_with_a_clear_message(url_env, args, code):
+    proc = carbonx(*args, env=url_env, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and f"[{code}]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_reads_well():
+    out = carbonx("--help").stdout
+    for word in ("demo", "registry", "accounts", "cash", "db", "replay"):
+        assert word in out
