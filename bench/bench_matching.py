@@ -11,6 +11,7 @@ e.g. 0.1 for a quick run. Streams are generated once and cached under bench/.cac
 from __future__ import annotations
 
 import os
+import time
 from array import array
 from pathlib import Path
 
@@ -70,3 +71,39 @@ def test_replay(benchmark, request, workload: str, engine: str) -> None:
     benchmark.extra_info["commands_per_s"] = round(best)
     request.node.user_properties.append(("carbonx_rate", (workload, engine, best)))
     assert benchmark.extra_info["fills"] > 0
+
+
+@pytest.mark.parametrize("engine", ["cython", "reference"])
+@pytest.mark.parametrize("workload", ["exchange-core", "simple"])
+def test_api_with_events(benchmark, request, workload: str, engine: str) -> None:
+    """Per-command API as a service would drive it: one call, then decode that call's events."""
+    from matching.book import make_book
+    from matching.events import OP_CANCEL, OP_MOVE, OP_SUBMIT
+
+    cmds = [tuple(c[k : k + 8]) for c in stream(workload) for k in range(0, len(c), 8)]
+    if engine == "reference":
+        cmds = cmds[: len(cmds) // 5]  # the full stream takes minutes in pure Python
+    rates = []
+
+    def run() -> None:
+        book = make_book(engine)
+        submit, move, cancel, reduce, events = (
+            book.submit, book.move, book.cancel, book.reduce, book.events)
+        t0 = time.perf_counter()
+        for op, oid, uid, flags, price, qty, _ts, _extra in cmds:
+            if op == OP_MOVE:
+                move(oid, price)
+            elif op == OP_SUBMIT:
+                submit(oid, uid, flags & 3, price, qty, (flags >> 2) & 3)
+            elif op == OP_CANCEL:
+                cancel(oid)
+            else:
+                reduce(oid, qty)
+            events()
+        rates.append(len(cmds) / (time.perf_counter() - t0))
+
+    benchmark.group = workload + " (API + events)"
+    benchmark.pedantic(run, rounds=ROUNDS["cython-api" if engine == "cython" else engine],
+                       iterations=1, warmup_rounds=0)
+    request.node.user_properties.append(
+        ("carbonx_rate", (workload, engine + "-api+ev", max(rates))))
