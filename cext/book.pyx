@@ -62,6 +62,7 @@ DEF REJECT_NOT_FOUND = 4
 DEF REJECT_POST_ONLY_WOULD_TAKE = 5
 DEF REJECT_FOK_NOT_FILLABLE = 6
 DEF REJECT_INVALID_EXPIRY = 7
+DEF REJECT_INVALID_ORDER = 14
 DEF CANCEL_USER = 0
 DEF CANCEL_UNFILLED = 1
 DEF CANCEL_SELF_TRADE = 2
@@ -654,6 +655,10 @@ cdef class CythonBook:
             self._expire(ts)
         if market:
             price = 0
+        # Range checks first: side, tif and stp index C arrays and branch tables below.
+        if side < BID or side > ASK or tif < GTC or tif > GTD or kind < LIMIT or \
+                kind > MARKET or stp < STP_NONE or stp > STP_CANCEL_BOTH:
+            return self._push(EV_REJECTED, oid, REJECT_INVALID_ORDER, 0, 0, 0, 0, 0)
         if qty <= 0 or qty > MAX_QTY:
             return self._push(EV_REJECTED, oid, REJECT_INVALID_QUANTITY, 0, 0, 0, 0, 0)
         if not market and (price <= 0 or price > self.max_price):

@@ -60,6 +60,7 @@ from matching.events import (
     REJECT_DUPLICATE_ORDER_ID,
     REJECT_FOK_NOT_FILLABLE,
     REJECT_INVALID_EXPIRY,
+    REJECT_INVALID_ORDER,
     REJECT_INVALID_PRICE,
     REJECT_INVALID_QUANTITY,
     REJECT_NOT_FOUND,
@@ -231,7 +232,10 @@ class ReferenceBook:
         market = kind == MARKET
         if market:
             price = 0
-        if not 0 < qty <= MAX_QTY:
+        if not (side in (BID, ASK) and 0 <= tif <= GTD and kind in (LIMIT, MARKET)
+                and STP_NONE <= stp <= STP_CANCEL_BOTH):
+            ev.append((EV_REJECTED, order_id, REJECT_INVALID_ORDER))
+        elif not 0 < qty <= MAX_QTY:
             ev.append((EV_REJECTED, order_id, REJECT_INVALID_QUANTITY))
         elif not market and not 0 < price <= self.max_price:
             ev.append((EV_REJECTED, order_id, REJECT_INVALID_PRICE))

@@ -147,6 +147,18 @@ def test_bad_price_or_quantity_rejected(book, price, qty, code):
     assert len(book) == 0
 
 
+@pytest.mark.parametrize(
+    ("side", "tif", "kind", "stp"), [(2, 0, 0, 0), (-1, 0, 0, 0), (0, 4, 0, 0), (0, 0, 2, 0),
+                                     (0, 0, 0, 4), (0, -1, 0, 0)],
+)
+def test_out_of_range_enums_rejected(book, side, tif, kind, stp):
+    seed_asks(book, (1, 100, 3))
+    before = book.state_digest()
+    book.submit(2, B, side, 100, 1, tif, kind=kind, stp=stp)
+    assert rejected(book.events()) == ["invalid_order"]
+    assert book.state_digest() == before
+
+
 def test_reduce_keeps_priority(book):
     seed_asks(book, (1, 100, 5), (2, 100, 5))
     book.amend(1, 100, 2)

@@ -213,10 +213,10 @@ prices = st.integers(0, 8)
 qtys = st.integers(-1, 6)
 submit = st.tuples(
     st.just("submit"),
-    st.tuples(ids, st.integers(1, 3), st.integers(0, 1), prices, qtys,
-              st.sampled_from((E.GTC, E.IOC, E.FOK, E.GTD)), st.just(0),
-              st.sampled_from((E.LIMIT, E.LIMIT, E.LIMIT, E.MARKET)), st.booleans(),
-              st.integers(0, 4), st.integers(0, 3), st.integers(0, 3)),
+    st.tuples(ids, st.integers(1, 3), st.sampled_from((0, 1, 0, 1, 0, 1, 2, -1)), prices, qtys,
+              st.sampled_from((E.GTC, E.IOC, E.FOK, E.GTD, E.GTC, E.IOC, E.FOK, E.GTD, 4)),
+              st.just(0), st.sampled_from((E.LIMIT, E.LIMIT, E.LIMIT, E.MARKET, 2)),
+              st.booleans(), st.integers(0, 4), st.integers(0, 4), st.integers(0, 3)),
 )
 command = st.one_of(
     submit,
@@ -248,10 +248,35 @@ def with_time(cmds: list[tuple]) -> list[tuple]:
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(command, max_size=60), st.booleans())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(command, max_size=80), st.booleans())
 def test_hypothesis_streams_agree(cmds: list[tuple], reduce_loses: bool) -> None:
     run_both(with_time(cmds), reduce_loses_priority=reduce_loses)
+
+
+# Engine units: fen prices near 50 CNY, kg in 1000 kg lots, market buys with binding cash caps.
+fen_submit = st.tuples(
+    st.just("submit"),
+    st.tuples(ids, st.integers(1, 3), st.integers(0, 1), st.integers(4990, 5010),
+              st.integers(1, 5).map(lambda q: q * 1000), st.sampled_from((E.GTC, E.IOC)),
+              st.just(0), st.sampled_from((E.LIMIT, E.LIMIT, E.MARKET)), st.just(False),
+              st.just(0), st.integers(0, 3), st.integers(1, 40_000)),
+)
+fen_command = st.one_of(
+    fen_submit, fen_submit, fen_submit,
+    st.tuples(st.just("cancel"), ids),
+    st.tuples(st.just("amend"), ids, st.integers(4990, 5010),
+              st.integers(1, 5).map(lambda q: q * 1000)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(fen_command, max_size=60))
+def test_hypothesis_cash_capped_market_buys_agree(cmds: list[tuple]) -> None:
+    all_ref, _ = run_both(with_time(cmds), lot=1000)
+    for e in all_ref:
+        if e[0] == E.EV_TRADE:
+            assert e[7] % 1000 == 0, "a cash cap must still trade whole lots"
 
 
 # ---- batch entry point, snapshots, determinism -------------------------------------------------
@@ -278,6 +303,19 @@ def to_batch(cmds: list[tuple]) -> array:
         else:
             buf.extend((E.OP_EXPIRE, 0, 0, 0, 0, 0, cmd[1], 0))
     return buf
+
+
+@pytest.mark.parametrize("workload", ["exchange-core", "simple"])
+def test_generated_workloads_full_events_agree(workload: str) -> None:
+    from matching.workloads import generate_batch
+
+    buf = generate_batch(workload, 60_000, seed=11)
+    ref, cy = ReferenceBook(), CythonBook()
+    ref.run_batch(buf)
+    cy.run_batch(buf)
+    assert E.digest(ref.events()) == E.digest(cy.events())
+    assert ref.state_digest() == cy.state_digest()
+    cy.check_invariants()
 
 
 def test_op_codes_agree() -> None:
