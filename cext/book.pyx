@@ -956,6 +956,9 @@ cdef class CythonBook:
         """Rebuild from snapshot() output (replaces current contents, emits no events)."""
         cdef int32_t i
         cdef Order* o
+        from matching.reference import validate_snapshot
+
+        validate_snapshot(snapshot, self.max_price)
         self._release()
         self._alloc()
         for t in sorted(snapshot["orders"], key=lambda t: t[9]):

@@ -125,6 +125,33 @@ def _trade_value(price: int, qty: int) -> int:
     return (price * qty * 2 + KG_PER_TONNE) // (2 * KG_PER_TONNE)
 
 
+def validate_snapshot(snapshot: dict, max_price: int) -> None:
+    """Raise ValueError unless `snapshot` could have come from a book: both books check this
+    before restoring, so a corrupt snapshot can neither crash the C book nor build a bad book."""
+    orders = snapshot.get("orders")
+    seq = snapshot.get("seq")
+    if not isinstance(orders, list | tuple) or not isinstance(seq, int):
+        raise ValueError("a snapshot is {'seq': int, 'orders': [order tuples]}")
+    ids, seqs = set(), set()
+    best = [None, None]
+    for t in orders:
+        if len(t) != 10 or not all(isinstance(x, int) for x in t):
+            raise ValueError(f"bad order tuple {t!r}")
+        oid, _account, side, price, qty, tif, _expire, post_only, stp, oseq = t
+        if side not in (BID, ASK) or not 0 < price <= max_price or not 0 < qty <= MAX_QTY:
+            raise ValueError(f"order {oid}: side, price or quantity out of range")
+        if tif not in (GTC, GTD) or post_only not in (0, 1) or not STP_NONE <= stp <= STP_CANCEL_BOTH:
+            raise ValueError(f"order {oid}: a resting order must be GTC/GTD with valid flags")
+        if oid in ids or oseq in seqs or not 0 <= oseq < seq:
+            raise ValueError(f"order {oid}: duplicate id or bad seq")
+        ids.add(oid)
+        seqs.add(oseq)
+        b = best[side]
+        best[side] = price if b is None else (max(b, price) if side == BID else min(b, price))
+    if best[BID] is not None and best[ASK] is not None and best[BID] >= best[ASK]:
+        raise ValueError("snapshot book is crossed")
+
+
 class ReferenceBook:
     """One instrument's order book; see the module docstring for the interface."""
 
@@ -194,6 +221,7 @@ class ReferenceBook:
 
     def restore(self, snapshot: dict[str, object]) -> None:
         """Rebuild from :meth:`snapshot` output (replaces current contents, emits no events)."""
+        validate_snapshot(snapshot, self.max_price)
         self.__init__(  # type: ignore[misc]
             max_price=self.max_price, lot=self.lot, reduce_loses_priority=self.reduce_loses_priority
         )

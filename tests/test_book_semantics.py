@@ -6,7 +6,7 @@ import pytest
 
 from matching import events as E
 from matching.book import make_book
-from matching.events import ASK, BID, FOK, GTD, IOC, MARKET
+from matching.events import ASK, BID, FOK, GTC, GTD, IOC, MARKET
 
 A, B = 1, 2  # accounts
 
@@ -285,3 +285,47 @@ def test_order_listing_in_priority_order(book):
     book.submit(5, B, BID, 99, 1)
     assert [o[0] for o in book.orders()] == [5, 4, 2, 3, 1]
     assert book.depth(BID) == [(99, 1), (98, 1)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"seq": 5, "orders": [(1, A, 2, 100, 1, GTC, 0, 0, 0, 0)]},  # side
+        {"seq": 5, "orders": [(1, A, BID, 0, 1, GTC, 0, 0, 0, 0)]},  # price
+        {"seq": 5, "orders": [(1, A, BID, 100, 0, GTC, 0, 0, 0, 0)]},  # quantity
+        {"seq": 5, "orders": [(1, A, BID, 100, 1, IOC, 0, 0, 0, 0)]},  # IOC cannot rest
+        {"seq": 5, "orders": [(1, A, BID, 100, 1, GTC, 0, 0, 0, 0),
+                              (1, A, BID, 99, 1, GTC, 0, 0, 0, 1)]},  # duplicate id
+        {"seq": 1, "orders": [(1, A, BID, 100, 1, GTC, 0, 0, 0, 3)]},  # seq beyond counter
+        {"seq": 5, "orders": [(1, A, BID, 100, 1, GTC, 0, 0, 0, 0),
+                              (2, B, ASK, 100, 1, GTC, 0, 0, 0, 1)]},  # crossed
+        {"orders": []},
+    ],
+)
+def test_restore_rejects_corrupt_snapshots(book, bad):
+    seed_asks(book, (1, 100, 3))
+    before = book.state_digest()
+    with pytest.raises(ValueError):
+        book.restore(bad)
+    assert book.state_digest() == before
+
+
+def test_raw_events_match_decoded():
+    import struct
+
+    book = make_book("cython")
+    book.submit(1, A, ASK, 100, 5)
+    book.submit(2, B, BID, 100, 2)
+    raw = book.raw_events()
+    decoded = book.events()
+    records = [struct.unpack("<8q", raw[k : k + 64]) for k in range(0, len(raw), 64)]
+    assert [r[: len(e)] for r, e in zip(records, decoded, strict=True)] == decoded
+
+
+def test_describe_and_encode():
+    e = (E.EV_TRADE, 2, 1, B, A, BID, 100, 3)
+    assert E.describe(e) == {"type": "trade", "taker_id": 2, "maker_id": 1, "taker_account": B,
+                             "maker_account": A, "taker_side": BID, "price": 100, "qty": 3}
+    assert E.describe((E.EV_REJECTED, 7, E.REJECT_HALTED))["code"] == "halted"
+    assert E.describe((E.EV_CANCELLED, 7, 3, E.CANCEL_SELF_TRADE))["reason"] == "self_trade"
+    assert E.encode([e, (E.EV_LEVEL, ASK, 100, 0)]) == b"[[3,2,1,2,1,0,100,3],[7,1,100,0]]"
