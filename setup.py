@@ -9,6 +9,11 @@ extensions = [
         ["cext/book.pyx"],
         extra_compile_args=["-O3"],
     ),
+    Extension(
+        "cext.streamparse",
+        ["cext/streamparse.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

@@ -36,26 +36,35 @@ class StreamError(ValueError):
     """A line of a replay stream that does not follow the format."""
 
 
+def _int(text: str) -> int:
+    # int() would also take "+5", "1_000" and non-ASCII digits; the format (and the C parser)
+    # allows only an optional '-' and ASCII digits.
+    digits = text[1:] if text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise StreamError(f"not an integer: {text!r}")
+    return int(text)
+
+
 def parse_line(line: str, buf: array) -> None:
     """Append one text command to `buf` in run_batch layout."""
     f = line.split()
     try:
         kind = f[0]
         if kind == "P" and len(f) == 7:
-            side, tif = int(f[3]), int(f[4])
+            side, tif = _int(f[3]), _int(f[4])
             if side not in (0, 1) or tif not in (0, 1, 2):
                 raise StreamError(f"bad side or type in {line!r}")
-            buf.extend((OP_SUBMIT, int(f[1]), int(f[2]), side | tif << 2, int(f[5]), int(f[6]),
-                        0, 0))
+            cmd = (OP_SUBMIT, _int(f[1]), _int(f[2]), side | tif << 2, _int(f[5]), _int(f[6]), 0, 0)
         elif kind == "M" and len(f) == 4:
-            buf.extend((OP_MOVE, int(f[1]), int(f[2]), 0, int(f[3]), 0, 0, 0))
+            cmd = (OP_MOVE, _int(f[1]), _int(f[2]), 0, _int(f[3]), 0, 0, 0)
         elif kind == "C" and len(f) == 3:
-            buf.extend((OP_CANCEL, int(f[1]), int(f[2]), 0, 0, 0, 0, 0))
+            cmd = (OP_CANCEL, _int(f[1]), _int(f[2]), 0, 0, 0, 0, 0)
         elif kind == "R" and len(f) == 4:
-            buf.extend((OP_REDUCE, int(f[1]), int(f[2]), 0, 0, int(f[3]), 0, 0))
+            cmd = (OP_REDUCE, _int(f[1]), _int(f[2]), 0, 0, _int(f[3]), 0, 0)
         else:
             raise StreamError(f"cannot read command {line!r}")
-    except (IndexError, ValueError) as exc:
+        buf.extend(cmd)
+    except (IndexError, ValueError, OverflowError) as exc:
         raise StreamError(f"cannot read command {line!r}") from exc
 
 
@@ -71,6 +80,26 @@ def parse_chunks(lines: Iterable[str], chunk: int = CHUNK) -> Iterator[array]:
             buf = array("q")
     if buf:
         yield buf
+
+
+def parse_file_chunks(path: str, chunk: int = CHUNK) -> Iterator[array]:
+    """Like :func:`parse_chunks` on a file, parsed in C (cext.streamparse) when it is built."""
+    try:
+        from cext.streamparse import parse
+    except ImportError:  # an unbuilt checkout still replays, just slower
+        with open(path) as f:
+            yield from parse_chunks(f, chunk)
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    pos, line = 0, 1
+    while pos < len(data):
+        try:
+            buf, pos, line = parse(data, pos, chunk, line)
+        except ValueError as exc:
+            raise StreamError(str(exc)) from exc
+        if buf:
+            yield buf
 
 
 def format_command(cmd: Iterable[int]) -> str:

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from exchange.cli import replay as replay_cli
-from matching.replay import STRIDE, StreamError, parse_chunks, replay
+from matching.replay import STRIDE, StreamError, parse_chunks, parse_file_chunks, replay
 from matching.workloads import chunks_of, generate_batch, write_stream
 
 STREAM = """\
@@ -45,10 +45,32 @@ def test_reduce_loses_priority_flag_changes_fills() -> None:
     assert out.getvalue().splitlines()[0] == "4 2 100 5"
 
 
-@pytest.mark.parametrize("line", ["P 1 2 3", "X 1 2", "P 1 2 0 7 100 5", "C a b", "M 1 2"])
-def test_bad_lines_are_errors(line: str) -> None:
+BAD_LINES = ["P 1 2 3", "X 1 2", "P 1 2 0 7 100 5", "C a b", "M 1 2", "C 1 2 3", "P1 1 2",
+             "C +1 2", "C 1_0 2", "C 1- 2", "C - 2", "C 99999999999999999999 2", "R 1 2 3x",
+             "P 1 2 -1 0 100 5", "C \u0661 2"]
+
+
+@pytest.mark.parametrize("line", BAD_LINES)
+def test_bad_lines_are_errors_in_both_parsers(tmp_path, line: str) -> None:
     with pytest.raises(StreamError):
         list(parse_chunks([line]))
+    path = tmp_path / "s.txt"
+    path.write_text("C 1 2\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(StreamError, match="line 2"):
+        list(parse_file_chunks(str(path)))
+
+
+def test_c_parser_equals_python_parser(tmp_path) -> None:
+    text = STREAM.replace("\n", "\r\n", 3) + "\n  \n\tC 5 6\nR -7 1 9223372036854775807\nM 1 2 -9223372036854775808"
+    path = tmp_path / "s.txt"
+    path.write_text(text)
+    for chunk in (1, 3, 1000):
+        fast = [c for buf in parse_file_chunks(str(path), chunk) for c in buf]
+        slow = [c for buf in parse_chunks(text.splitlines(), chunk) for c in buf]
+        assert fast == slow
+        assert len(fast) == 14 * STRIDE
+    path.write_text("")
+    assert list(parse_file_chunks(str(path))) == []
 
 
 @pytest.mark.parametrize("workload", ["exchange-core", "simple"])
@@ -129,3 +151,4 @@ def test_write_stream_round_trips(tmp_path) -> None:
     write_stream(str(path), "exchange-core", 2000, seed=2)
     parsed = [c for chunk in parse_chunks(path.read_text().splitlines()) for c in chunk]
     assert parsed == list(generate_batch("exchange-core", 2000, seed=2))
+    assert [c for chunk in parse_file_chunks(str(path), 333) for c in chunk] == parsed

@@ -25,14 +25,13 @@ def replay_cmd(
     ] = False,
 ) -> None:
     """Replay STREAM and print the matching throughput (parsing excluded) and the fill count."""
-    from matching.replay import REPLAY_ENGINES, StreamError, parse_chunks, replay
+    from matching.replay import REPLAY_ENGINES, StreamError, parse_file_chunks, replay
 
     if engine not in REPLAY_ENGINES:
         raise typer.BadParameter(f"engine must be one of {', '.join(REPLAY_ENGINES)}")
     out = fills.open("w") if fills is not None else None
     try:
-        with stream.open() as lines:
-            result = replay(parse_chunks(lines), engine, reduce_loses_priority, out)
+        result = replay(parse_file_chunks(str(stream)), engine, reduce_loses_priority, out)
     except StreamError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
