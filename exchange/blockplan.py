@@ -32,7 +32,7 @@ STATES = (AVAILABLE, ENCUMBERED, RETIRED, CANCELLED, FROZEN)
 FINAL_STATES = frozenset({RETIRED, CANCELLED})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Block:
     """A contiguous serial range of one issuance, held by one account in one state."""
 
@@ -53,7 +53,7 @@ class Block:
         return (self.issuance_id, self.lo, self.hi, self.owner, self.state, self.retirement_id)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Piece:
     """A serial range that moved, with where it came from."""
 
@@ -225,9 +225,14 @@ class BlockPlan:
         return out
 
     def _insert(self, block: Block) -> None:
-        if self._overlapping(block.issuance_id, block.lo, block.hi):
+        blocks = self._by_iss[block.issuance_id]
+        # Only the neighbours on either side can overlap: a bisect, not a scan.
+        i = blocks.bisect_left(block.lo)
+        after_overlaps = i < len(blocks) and blocks.peekitem(i)[1].lo < block.hi
+        before_overlaps = i > 0 and blocks.peekitem(i - 1)[1].hi > block.lo
+        if after_overlaps or before_overlaps:
             raise AssertionError(f"block plan overlap at {block}")  # a planner bug, never input
-        self._by_iss[block.issuance_id][block.lo] = block
+        blocks[block.lo] = block
         key = (block.issuance_id, block.owner, block.state)
         self._by_holder[key].add(block.lo)
         self._held[key] += block.size

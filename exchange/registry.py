@@ -105,12 +105,20 @@ async def apply_movements(conn: asyncpg.Connection, movements: Sequence[Movement
         return []
     for m in movements:
         _check_movement(m)
+    if conn.is_in_transaction():
+        # The caller's transaction (e.g. a retirement with its certificate row) makes it atomic; a
+        # savepoint here would only add round trips.
+        return await _apply_with_retries(conn, movements)
     async with conn.transaction():
-        for _attempt in range(5):
-            results = await _try_apply(conn, movements)
-            if results is not None:
-                return results
-        raise CarbonxError("busy", "the credits kept changing hands while being moved; try again")
+        return await _apply_with_retries(conn, movements)
+
+
+async def _apply_with_retries(conn: asyncpg.Connection, movements: Sequence[Movement]) -> list[MovementResult]:
+    for _attempt in range(5):
+        results = await _try_apply(conn, movements)
+        if results is not None:
+            return results
+    raise CarbonxError("busy", "the credits kept changing hands while being moved; try again")
 
 
 def _check_movement(m: Movement) -> None:
@@ -213,11 +221,15 @@ async def _load_neighbours(conn: asyncpg.Connection, plan: BlockPlan, owners: se
     edges = [(b.issuance_id, b.lo, b.hi) for b in plan.blocks() if b.id is None and b.state not in FINAL_STATES]
     if not edges:
         return
+    # Two index probes (blocks_by_upper, blocks_by_lower) rather than one OR, which scans the table.
     rows = await conn.fetch(
         f"""SELECT {_BLOCK_COLUMNS} FROM blocks b
-            WHERE b.owner_account_id = ANY($4::bigint[]) AND b.state NOT IN ('retired', 'cancelled')
-              AND ((b.issuance_id, upper(b.serials)) IN (SELECT * FROM unnest($1::bigint[], $2::bigint[]))
-                OR (b.issuance_id, lower(b.serials)) IN (SELECT * FROM unnest($1::bigint[], $3::bigint[])))
+            WHERE b.id IN (SELECT n.id FROM unnest($1::bigint[], $2::bigint[]) AS e(iss, lo)
+                           JOIN blocks n ON n.issuance_id = e.iss AND upper(n.serials) = e.lo
+                           UNION
+                           SELECT n.id FROM unnest($1::bigint[], $3::bigint[]) AS e(iss, hi)
+                           JOIN blocks n ON n.issuance_id = e.iss AND lower(n.serials) = e.hi)
+              AND b.owner_account_id = ANY($4::bigint[]) AND b.state NOT IN ('retired', 'cancelled')
             ORDER BY id FOR UPDATE""",
         [e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges], sorted(owners),
     )

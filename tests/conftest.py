@@ -9,15 +9,25 @@ coroutines on one session-wide event loop through `run`.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from exchange.database import drop_database, ensure_database, migrate, start_embedded_server, with_database
+from exchange.database import (
+    drop_database,
+    ensure_database,
+    migrate,
+    start_embedded_server,
+    with_database,
+)
 
 _counter = itertools.count()
 
@@ -30,11 +40,19 @@ def run() -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """URL of a PostgreSQL server for the tests: DATABASE_URL, or a fresh embedded one."""
+def pg_server() -> Iterator[str]:
+    """URL of a PostgreSQL server for the tests: DATABASE_URL, or a fresh embedded one.
+
+    The embedded cluster lives in a private temporary directory (not pytest's numbered tmp dirs,
+    which concurrent pytest sessions prune under each other) and is removed after the server stops.
+    """
     if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    return with_database(start_embedded_server(tmp_path_factory.mktemp("pg") / "data"), "postgres")
+        yield os.environ["DATABASE_URL"]
+        return
+    root = Path(tempfile.mkdtemp(prefix="carbonx-test-pg-"))
+    # Registered before the server's own atexit hook, so it runs after the server has stopped.
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    yield with_database(start_embedded_server(root / "data"), "postgres")
 
 
 @pytest.fixture(scope="session")
