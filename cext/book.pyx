@@ -35,48 +35,56 @@ cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
     int __builtin_ctzll(unsigned long long) nogil
 
-# Kept in step with matching/events.py (a test asserts they agree).
-DEF BID = 0
-DEF ASK = 1
-DEF GTC = 0
-DEF IOC = 1
-DEF FOK = 2
-DEF GTD = 3
-DEF LIMIT = 0
-DEF MARKET = 1
-DEF STP_NONE = 0
-DEF STP_CANCEL_RESTING = 1
-DEF STP_CANCEL_INCOMING = 2
-DEF STP_CANCEL_BOTH = 3
-DEF EV_ACCEPTED = 1
-DEF EV_REJECTED = 2
-DEF EV_TRADE = 3
-DEF EV_CANCELLED = 4
-DEF EV_EXPIRED = 5
-DEF EV_AMENDED = 6
-DEF EV_LEVEL = 7
-DEF REJECT_INVALID_QUANTITY = 1
-DEF REJECT_INVALID_PRICE = 2
-DEF REJECT_DUPLICATE_ORDER_ID = 3
-DEF REJECT_NOT_FOUND = 4
-DEF REJECT_POST_ONLY_WOULD_TAKE = 5
-DEF REJECT_FOK_NOT_FILLABLE = 6
-DEF REJECT_INVALID_EXPIRY = 7
-DEF REJECT_INVALID_ORDER = 14
-DEF CANCEL_USER = 0
-DEF CANCEL_UNFILLED = 1
-DEF CANCEL_SELF_TRADE = 2
-DEF CANCEL_CASH_CAP = 3
-DEF OP_SUBMIT = 1
-DEF OP_CANCEL = 2
-DEF OP_MOVE = 3
-DEF OP_REDUCE = 4
-DEF OP_AMEND = 5
-DEF OP_EXPIRE = 6
-DEF KG_PER_TONNE = 1000
-DEF MAX_QTY = 1099511627776  # 2**40
-DEF MAX_CASH = 1125899906842624  # 2**50
-DEF NIL = -1
+# Compile-time constants (kept in step with matching/events.py; the differential tests would
+# catch any drift because every event and code is compared with the reference book).
+cdef enum:
+    BID = 0
+    ASK = 1
+    GTC = 0
+    IOC = 1
+    FOK = 2
+    GTD = 3
+    LIMIT = 0
+    MARKET = 1
+    STP_NONE = 0
+    STP_CANCEL_RESTING = 1
+    STP_CANCEL_INCOMING = 2
+    STP_CANCEL_BOTH = 3
+    EV_ACCEPTED = 1
+    EV_REJECTED = 2
+    EV_TRADE = 3
+    EV_CANCELLED = 4
+    EV_EXPIRED = 5
+    EV_AMENDED = 6
+    EV_LEVEL = 7
+    REJECT_INVALID_QUANTITY = 1
+    REJECT_INVALID_PRICE = 2
+    REJECT_DUPLICATE_ORDER_ID = 3
+    REJECT_NOT_FOUND = 4
+    REJECT_POST_ONLY_WOULD_TAKE = 5
+    REJECT_FOK_NOT_FILLABLE = 6
+    REJECT_INVALID_EXPIRY = 7
+    REJECT_INVALID_ORDER = 14
+    CANCEL_USER = 0
+    CANCEL_UNFILLED = 1
+    CANCEL_SELF_TRADE = 2
+    CANCEL_CASH_CAP = 3
+    OP_SUBMIT = 1
+    OP_CANCEL = 2
+    OP_MOVE = 3
+    OP_REDUCE = 4
+    OP_AMEND = 5
+    OP_EXPIRE = 6
+    KG_PER_TONNE = 1000
+    NIL = -1
+
+cdef extern from *:
+    """
+    #define CX_MAX_QTY 1099511627776LL
+    #define CX_MAX_CASH 1125899906842624LL
+    """
+    const long long MAX_QTY "CX_MAX_QTY"
+    const long long MAX_CASH "CX_MAX_CASH"
 
 BATCH_STRIDE = 8
 """int64 fields per command in a run_batch buffer:

@@ -11,12 +11,15 @@ from array import array
 
 from libc.stdint cimport int64_t, uint64_t
 
-DEF OP_SUBMIT = 1
-DEF OP_CANCEL = 2
-DEF OP_MOVE = 3
-DEF OP_REDUCE = 4
-DEF STRIDE = 8
-DEF MAX_FIELDS = 8
+# Compile-time constants (kept in step with matching/events.py; the differential tests would
+# catch any drift because every event and code is compared with the reference book).
+cdef enum:
+    OP_SUBMIT = 1
+    OP_CANCEL = 2
+    OP_MOVE = 3
+    OP_REDUCE = 4
+    STRIDE = 8
+    MAX_FIELDS = 8
 
 
 cdef inline bint _space(unsigned char c) noexcept nogil:
