@@ -329,3 +329,18 @@ def test_describe_and_encode():
     assert E.describe((E.EV_REJECTED, 7, E.REJECT_HALTED))["code"] == "halted"
     assert E.describe((E.EV_CANCELLED, 7, 3, E.CANCEL_SELF_TRADE))["reason"] == "self_trade"
     assert E.encode([e, (E.EV_LEVEL, ASK, 100, 0)]) == b"[[3,2,1,2,1,0,100,3],[7,1,100,0]]"
+
+
+def test_make_book_follows_parameter_then_environment(monkeypatch):
+    from cext.book import CythonBook
+
+    from matching.reference import ReferenceBook
+
+    monkeypatch.delenv("CARBONX_BOOK", raising=False)
+    assert type(make_book()) is CythonBook
+    monkeypatch.setenv("CARBONX_BOOK", "reference")
+    assert type(make_book()) is ReferenceBook
+    assert type(make_book("cython")) is CythonBook
+    monkeypatch.setenv("CARBONX_BOOK", "cobol")
+    with pytest.raises(ValueError):
+        make_book()

@@ -198,7 +198,7 @@ def test_wide_sparse_prices_agree() -> None:
 
 def test_long_stream_digest_agrees() -> None:
     ref, cy = ReferenceBook(), CythonBook()
-    for cmd in random_stream(400, 30_000, accounts=20):
+    for cmd in random_stream(400, 100_000, accounts=20):
         apply(ref, cmd)
         apply(cy, cmd)
     assert E.encode(ref.events()) == E.encode(cy.events())
