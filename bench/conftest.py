@@ -17,11 +17,8 @@ and run coroutines on one session-wide event loop through `run`.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from exchange.database import drop_database, ensure_database, migrate, start_embedded_server, with_database
+from exchange.database import (
+    create_template,
+    drop_database,
+    ensure_database,
+    start_private_embedded_server,
+    with_database,
+)
 
 _RATES: dict[tuple[str, str], float] = {}
 _counter = itertools.count()
@@ -78,34 +81,20 @@ def run() -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> str:
+def pg_server() -> Iterator[str]:
     """URL of a PostgreSQL server: DATABASE_URL, or a fresh embedded one (unix socket only)."""
     if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    # Not under pytest's basetemp: concurrent pytest sessions on one machine prune each other's
-    # old basetemp directories (and race on their numbering), which can pull the data directory
-    # from under a running server. Registered before the server's own atexit hook, so it runs
-    # after the server has stopped (atexit is last in, first out).
-    root = Path(tempfile.mkdtemp(prefix="cx-bench-pg-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return with_database(start_embedded_server(root / "data"), "postgres")
+        yield os.environ["DATABASE_URL"]
+        return
+    # A private directory, not pytest's numbered basetemp: concurrent pytest sessions prune those.
+    yield start_private_embedded_server("cx-bench-pg-")
 
 
 @pytest.fixture(scope="session")
 def template_db(pg_server: str, run) -> Iterator[str]:
     """Name of a migrated template database, dropped at the end of the session."""
     name = f"cx_bench_template_{os.getpid()}"
-
-    async def make() -> None:
-        await drop_database(pg_server, name)
-        await ensure_database(pg_server, name)
-        conn = await asyncpg.connect(with_database(pg_server, name))
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    run(make())
+    run(create_template(pg_server, name))
     yield name
     run(drop_database(pg_server, name))
 

@@ -155,3 +155,29 @@ async def prepare_database(settings: Settings) -> str:
     finally:
         await conn.close()
     return dsn
+
+
+def start_private_embedded_server(prefix: str = "carbonx-pg-") -> str:
+    """A throw-away embedded server in a fresh temporary directory (tests, benchmarks); its URL.
+
+    The directory is removed at exit, after the server has stopped: the cleanup is registered
+    before the server's own atexit hook, and atexit runs last-in first-out.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return with_database(start_embedded_server(root / "data"), "postgres")
+
+
+async def create_template(server: str, name: str) -> None:
+    """(Re)create database `name` on `server`, migrated, to copy fresh databases from."""
+    await drop_database(server, name)
+    await ensure_database(server, name)
+    conn = await asyncpg.connect(with_database(server, name))
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()

@@ -9,23 +9,19 @@ coroutines on one session-wide event loop through `run`.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import itertools
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
 from exchange.database import (
+    create_template,
     drop_database,
     ensure_database,
-    migrate,
-    start_embedded_server,
+    start_private_embedded_server,
     with_database,
 )
 
@@ -49,27 +45,15 @@ def pg_server() -> Iterator[str]:
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return
-    root = Path(tempfile.mkdtemp(prefix="carbonx-test-pg-"))
-    # Registered before the server's own atexit hook, so it runs after the server has stopped.
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    yield with_database(start_embedded_server(root / "data"), "postgres")
+    # A private directory, not pytest's numbered basetemp: concurrent pytest sessions prune those.
+    yield start_private_embedded_server("carbonx-test-pg-")
 
 
 @pytest.fixture(scope="session")
 def template_db(pg_server: str, run) -> Iterator[str]:
     """Name of a migrated template database, dropped at the end of the session."""
     name = f"cx_template_{os.getpid()}"
-
-    async def make() -> None:
-        await drop_database(pg_server, name)
-        await ensure_database(pg_server, name)
-        conn = await asyncpg.connect(with_database(pg_server, name))
-        try:
-            await migrate(conn)
-        finally:
-            await conn.close()
-
-    run(make())
+    run(create_template(pg_server, name))
     yield name
     run(drop_database(pg_server, name))
 
