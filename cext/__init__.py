@@ -1,1 +1,2 @@
-"""The Cython order book: C-level price levels, FIFO queues, order index and matching loop."""
+"""C-level hot paths in Cython: the order book (book.pyx) and the replay stream parser
+(streamparse.pyx). Build in place with `python setup.py build_ext --inplace`."""
