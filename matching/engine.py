@@ -68,11 +68,25 @@ class InstrumentRules:
         """Whether `ts` (UTC microseconds) falls inside a trading session in Asia/Shanghai."""
         if self.always_open:
             return True
-        local = (_EPOCH + timedelta(microseconds=ts)).astimezone(SHANGHAI)
-        if local.weekday() not in self.weekdays:
+        weekday, minute = shanghai_weekday_minute(ts)
+        if weekday not in self.weekdays:
             return False
-        minute = local.hour * 60 + local.minute
         return any(start <= minute < end for start, end in self.sessions)
+
+
+# China has kept UTC+8 without daylight saving since 1991, so after that plain arithmetic gives the
+# Asia/Shanghai wall clock at a fraction of the cost of a tz conversion on every command.
+_FIXED_OFFSET_SINCE = 694_224_000_000_000  # 1992-01-01T00:00:00Z in microseconds
+_CST_OFFSET_S = 8 * 3600
+
+
+def shanghai_weekday_minute(ts: int) -> tuple[int, int]:
+    """(weekday Monday=0, minute after local midnight) of UTC-microsecond `ts` in Asia/Shanghai."""
+    if ts >= _FIXED_OFFSET_SINCE:
+        days, secs = divmod(ts // 1_000_000 + _CST_OFFSET_S, 86_400)
+        return (days + 3) % 7, secs // 60  # 1970-01-01 was a Thursday
+    local = (_EPOCH + timedelta(microseconds=ts)).astimezone(SHANGHAI)
+    return local.weekday(), local.hour * 60 + local.minute
 
 
 def local_ts(year: int, month: int, day: int, hour: int, minute: int) -> int:
@@ -145,9 +159,11 @@ class MatchingEngine:
         if inst is None:
             return [(E.EV_REJECTED, order_id, E.REJECT_UNKNOWN_INSTRUMENT)]
         book = inst.book
-        book.expire(ts)
         code = self._check_order(inst, ts, side, price, qty, tif, kind, post_only, cash_cap)
         if code:
+            # The rule checks do not look at the book, so expiring only now gives the same
+            # events as expiring first (which book.submit does itself on the accepted path).
+            book.expire(ts)
             return [*book.events(), (E.EV_REJECTED, order_id, code)]
         book.submit(order_id, account, side, price, qty, tif, ts, kind, post_only, expire_ts,
                     self._stp.get(account, self.default_stp), cash_cap)

@@ -77,6 +77,22 @@ def test_sessions_in_shanghai_time(engine, hour, minute, is_open):
         assert codes(evs) == ["market_closed"]
 
 
+def test_fast_shanghai_clock_matches_zoneinfo():
+    import random
+    from datetime import UTC, datetime, timedelta
+
+    from matching.engine import SHANGHAI, shanghai_weekday_minute
+
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    r = random.Random(5)
+    samples = [r.randrange(0, 4_000_000_000) * 1_000_000 + r.randrange(1_000_000)
+               for _ in range(3000)]
+    samples += [694_224_000_000_000 + d for d in (-1, 0, 1)]
+    for ts in samples:
+        local = (epoch + timedelta(microseconds=ts)).astimezone(SHANGHAI)
+        assert shanghai_weekday_minute(ts) == (local.weekday(), local.hour * 60 + local.minute)
+
+
 def test_weekend_closed_and_always_open(engine):
     saturday = local_ts(2026, 11, 21, 10, 0)
     assert codes(engine.submit("CCER-2024", 1, 7, E.BID, 5000, 1000, saturday)) == [
