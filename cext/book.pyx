@@ -641,8 +641,9 @@ cdef class CythonBook:
                     m.qty -= q
             if changed:
                 self._push(EV_LEVEL, opp, price, lv.total, 0, 0, 0, 0)
-            if lv.head == NIL and L.count > 0 and L.best == price and \
-                    (L.bits[price >> 6] >> (price & 63)) & 1:
+            # Full fills pop the head without _unlink, so an emptied level is retired here;
+            # the bit test skips levels that a self-trade _drop already retired.
+            if lv.head == NIL and (L.bits[price >> 6] >> (price & 63)) & 1:
                 self._level_emptied(opp, price)
             if stop != NIL:
                 qty_p[0] = qty
