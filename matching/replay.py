@@ -127,7 +127,7 @@ class ReplayResult:
         return self.commands / self.seconds if self.seconds > 0 else float("inf")
 
     def summary(self) -> str:
-        return (f"{self.commands} commands in {self.seconds:.3f} s: {self.rate:,.0f} commands/s; "
+        return (f"{self.commands} commands in {self.seconds:.3f} s: {self.rate:.0f} commands/s; "
                 f"{self.fills} fills")
 
 

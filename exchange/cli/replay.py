@@ -39,7 +39,7 @@ def replay_cmd(
         if out is not None:
             out.close()
     typer.echo(f"{result.commands} commands in {result.seconds:.3f} s: "
-               f"{result.rate:,.0f} commands/s")
+               f"{result.rate:.0f} commands/s")
     typer.echo(f"{result.fills} fills")
 
 
