@@ -934,9 +934,14 @@ cdef class CythonBook:
         return _scan_up(L.bits, L.cap >> 6, p + 1)
 
     def depth(self, int side, int n=10):
-        cdef Ladder* L = &self.lad[side]
+        """Top `n` levels of one side, best first, as (price, total quantity)."""
+        cdef Ladder* L
         cdef list out = []
-        cdef int64_t p = L.best if L.count else NIL
+        cdef int64_t p
+        if side != BID and side != ASK:
+            raise ValueError("side must be 0 (bid) or 1 (ask)")
+        L = &self.lad[side]
+        p = L.best if L.count else NIL
         while p != NIL and len(out) < n:
             out.append((p, L.levels[p].total))
             p = self._next_price(side, p)

@@ -188,6 +188,8 @@ class ReferenceBook:
 
     def depth(self, side: int, n: int = 10) -> list[tuple[int, int]]:
         """Top `n` levels of one side, best first, as (price, total quantity)."""
+        if side not in (BID, ASK):
+            raise ValueError("side must be 0 (bid) or 1 (ask)")
         prices = self._levels[side].keys()
         ordered = reversed(prices) if side == BID else iter(prices)
         out = []

@@ -279,6 +279,12 @@ def test_gtd_already_expired_is_rejected(book):
     assert rejected(book.events()) == ["invalid_expiry"]
 
 
+@pytest.mark.parametrize("side", [2, -1])
+def test_depth_of_a_bad_side_is_an_error(book, side):
+    with pytest.raises(ValueError):
+        book.depth(side)
+
+
 def test_order_listing_in_priority_order(book):
     seed_asks(book, (1, 101, 1), (2, 100, 1), (3, 100, 1))
     book.submit(4, B, BID, 98, 1)
