@@ -97,6 +97,8 @@ OPS = {"submit": OP_SUBMIT, "cancel": OP_CANCEL, "move": OP_MOVE, "reduce": OP_R
        "amend": OP_AMEND, "expire": OP_EXPIRE}
 
 DEFAULT_MAX_PRICE = (1 << 22) - 1
+# The ladder is indexed by price (16 bytes a level per side), so the price range is bounded.
+LIMIT_MAX_PRICE = 1 << 26
 
 
 cdef struct Order:
@@ -207,8 +209,8 @@ cdef class CythonBook:
 
     def __cinit__(self, *, int64_t max_price=DEFAULT_MAX_PRICE, int64_t lot=1,
                   bint reduce_loses_priority=False):
-        if max_price < 1 or lot < 1:
-            raise ValueError("max_price and lot must be positive")
+        if not 1 <= max_price <= LIMIT_MAX_PRICE or lot < 1:
+            raise ValueError(f"need 1 <= max_price <= {LIMIT_MAX_PRICE} and lot >= 1")
         self.max_price = max_price
         self.lot = lot
         self.reduce_loses_priority = reduce_loses_priority

@@ -74,6 +74,7 @@ from matching.units import KG_PER_TONNE
 
 # The Cython book maps prices straight onto an array, so both books bound the price the same way.
 DEFAULT_MAX_PRICE = (1 << 22) - 1
+LIMIT_MAX_PRICE = 1 << 26  # the largest max_price either book accepts (Cython ladder memory)
 # Bounds that keep every product in the Cython book inside int64; both books enforce them.
 MAX_QTY = 1 << 40
 MAX_CASH = 1 << 50
@@ -162,6 +163,8 @@ class ReferenceBook:
         lot: int = 1,
         reduce_loses_priority: bool = False,
     ) -> None:
+        if not 1 <= max_price <= LIMIT_MAX_PRICE or lot < 1:
+            raise ValueError(f"need 1 <= max_price <= {LIMIT_MAX_PRICE} and lot >= 1")
         self.max_price = max_price
         self.lot = lot
         self.reduce_loses_priority = reduce_loses_priority

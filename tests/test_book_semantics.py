@@ -279,6 +279,13 @@ def test_gtd_already_expired_is_rejected(book):
     assert rejected(book.events()) == ["invalid_expiry"]
 
 
+@pytest.mark.parametrize("engine", ["reference", "cython"])
+@pytest.mark.parametrize("options", [{"max_price": 0}, {"max_price": (1 << 26) + 1}, {"lot": 0}])
+def test_book_options_are_checked(engine, options):
+    with pytest.raises(ValueError):
+        make_book(engine, **options)
+
+
 @pytest.mark.parametrize("side", [2, -1])
 def test_depth_of_a_bad_side_is_an_error(book, side):
     with pytest.raises(ValueError):
