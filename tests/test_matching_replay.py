@@ -146,6 +146,9 @@ def test_cli_gen_and_replay(tmp_path) -> None:
     bad.write_text("P 1 2\n")
     res = runner.invoke(replay_cli.app, ["replay", str(bad)])
     assert res.exit_code == 2
+    res = runner.invoke(replay_cli.app, ["replay", str(tmp_path / "missing.txt")])
+    assert res.exit_code == 2
+    assert "does not exist" in res.output
 
 
 def test_write_stream_round_trips(tmp_path) -> None:

@@ -13,7 +13,8 @@ app = typer.Typer()
 
 @app.command(name="replay")
 def replay_cmd(
-    stream: Annotated[Path, typer.Argument(help="Text command stream (P/M/C/R lines).")],
+    stream: Annotated[Path, typer.Argument(
+        help="Text command stream (P/M/C/R lines).", exists=True, dir_okay=False, readable=True)],
     engine: Annotated[
         str, typer.Option(help="cython (batch, inside C) | cython-api (per command) | reference")
     ] = "cython",
