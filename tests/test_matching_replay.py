@@ -148,7 +148,7 @@ def test_cli_gen_and_replay(tmp_path) -> None:
     assert res.exit_code == 2
     res = runner.invoke(replay_cli.app, ["replay", str(tmp_path / "missing.txt")])
     assert res.exit_code == 2
-    assert "does not exist" in res.output
+    assert "Invalid value for 'stream'" in res.output
 
 
 def test_write_stream_round_trips(tmp_path) -> None:
