@@ -202,6 +202,7 @@ cdef class CythonBook:
     cdef Gtd* heap
     cdef int64_t n_heap
     cdef int64_t heap_cap
+    cdef int64_t heap_compact_at
     cdef int64_t seq
     cdef readonly int64_t max_price
     cdef readonly int64_t lot
@@ -231,6 +232,7 @@ cdef class CythonBook:
         self.ev_cap = 4096
         self.ev = <Event*>malloc(self.ev_cap * sizeof(Event))
         self.heap_cap = 64
+        self.heap_compact_at = 1024
         self.heap = <Gtd*>malloc(self.heap_cap * sizeof(Gtd))
         if not self.pool or not self.slots or not self.ev or not self.heap:
             raise MemoryError()
@@ -478,6 +480,8 @@ cdef class CythonBook:
         cdef Gtd* grown
         cdef int64_t k, parent
         cdef Gtd tmp
+        if self.n_heap >= self.heap_compact_at:
+            self._heap_compact()
         if self.n_heap == self.heap_cap:
             grown = <Gtd*>realloc(self.heap, 2 * self.heap_cap * sizeof(Gtd))
             if not grown:
@@ -498,11 +502,9 @@ cdef class CythonBook:
             k = parent
         return 0
 
-    cdef void _heap_pop(self) noexcept nogil:
-        cdef int64_t k = 0, c
+    cdef void _sift_down(self, int64_t k) noexcept nogil:
+        cdef int64_t c
         cdef Gtd tmp
-        self.n_heap -= 1
-        self.heap[0] = self.heap[self.n_heap]
         while True:
             c = 2 * k + 1
             if c >= self.n_heap:
@@ -515,6 +517,40 @@ cdef class CythonBook:
             self.heap[k] = self.heap[c]
             self.heap[c] = tmp
             k = c
+
+    cdef void _heap_pop(self) noexcept nogil:
+        self.n_heap -= 1
+        self.heap[0] = self.heap[self.n_heap]
+        self._sift_down(0)
+
+    cdef void _heap_compact(self) noexcept nogil:
+        """Rebuild the heap from the resting GTD orders, dropping stale entries.
+
+        Cancels, fills and re-queues leave entries behind (lazy deletion); without this a
+        long-lived book that churns GTD orders would grow the heap until their expiry times.
+        Expiry order is defined by (expire_ts, order_id), not by heap layout, so compaction
+        changes no event.
+        """
+        cdef int64_t j, k, n = 0
+        cdef Order* o
+        for j in range(self.slot_mask + 1):
+            if self.slots[j].val != NIL:
+                o = &self.pool[self.slots[j].val]
+                if o.tif == GTD:
+                    self.heap[n].ts = o.expire_ts
+                    self.heap[n].id = o.id
+                    n += 1
+        self.n_heap = n
+        k = n // 2 - 1
+        while k >= 0:
+            self._sift_down(k)
+            k -= 1
+        self.heap_compact_at = 2 * n if 2 * n > 1024 else 1024
+
+    @property
+    def gtd_heap_size(self):
+        """Entries in the GTD heap, stale ones included (for tests and monitoring)."""
+        return self.n_heap
 
     cdef int _expire(self, int64_t ts) except -1:
         cdef int64_t oid, ets

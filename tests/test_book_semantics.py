@@ -357,3 +357,24 @@ def test_make_book_follows_parameter_then_environment(monkeypatch):
     monkeypatch.setenv("CARBONX_BOOK", "cobol")
     with pytest.raises(ValueError):
         make_book()
+
+
+def test_gtd_heap_stays_bounded_under_churn():
+    # Lazily deleted expiry entries are compacted away; expiry itself must not change.
+    ref, cy = make_book("reference"), make_book("cython")
+    for k in range(20_000):
+        for b in (ref, cy):
+            b.submit(k, A, ASK, 100 + k % 7, 1, GTD, ts=k, expire_ts=10**9 + (k // 10) % 5)
+            if k % 10:
+                b.cancel(k, ts=k)
+            elif k % 20 == 0:
+                b.move(k, 110, ts=k)
+        assert ref.events() == cy.events()
+    assert cy.gtd_heap_size < 5000
+    assert len(cy) == 2000
+    ref.expire(10**9 + 2)
+    cy.expire(10**9 + 2)
+    expired = cy.events()
+    assert expired == ref.events()
+    assert sum(1 for e in expired if e[0] == E.EV_EXPIRED) == 1200
+    cy.check_invariants()
