@@ -86,7 +86,10 @@ cdef extern from *:
     const long long MAX_QTY "CX_MAX_QTY"
     const long long MAX_CASH "CX_MAX_CASH"
 
-BATCH_STRIDE = 8
+cdef enum:
+    CMD_STRIDE = 8
+
+BATCH_STRIDE = CMD_STRIDE
 """int64 fields per command in a run_batch buffer:
 (op, order_id, account, flags, price, qty, ts, extra) where
 flags = side | tif << 2 | kind << 4 | post_only << 6 | stp << 8 and extra is expire_ts for a GTD
@@ -862,13 +865,13 @@ cdef class CythonBook:
 
     def run_batch(self, const int64_t[::1] cmds not None):
         """Execute a buffer of BATCH_STRIDE-int64 commands inside C; returns events appended."""
-        cdef int64_t n = cmds.shape[0] // BATCH_STRIDE
+        cdef int64_t n = cmds.shape[0] // CMD_STRIDE
         cdef int64_t k, before = self.n_ev, flags
         cdef const int64_t* c
-        if cmds.shape[0] % BATCH_STRIDE:
+        if cmds.shape[0] % CMD_STRIDE:
             raise ValueError("batch length is not a multiple of BATCH_STRIDE")
         for k in range(n):
-            c = &cmds[k * BATCH_STRIDE]
+            c = &cmds[k * CMD_STRIDE]
             if c[0] == OP_SUBMIT:
                 flags = c[3]
                 self._submit(c[1], c[2], flags & 3, c[4], c[5], (flags >> 2) & 3, c[6],
