@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import orjson
 from sortedcontainers import SortedDict, SortedList
@@ -437,7 +437,7 @@ class ReferenceBook:
         best = self.best_bid()
         return best is not None and best >= price
 
-    def _opposite_prices(self, side: int, limit: int):
+    def _opposite_prices(self, side: int, limit: int) -> Iterator[int]:
         """Opposite-side prices an order at `limit` may trade with, best first (limit 0 = market).
 
         A lazy iterator: only valid while the opposite side is not modified.
