@@ -35,6 +35,7 @@ import orjson
 
 from matching import events as E
 from matching.book import make_book
+from matching.reference import DEFAULT_MAX_PRICE
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,6 +55,7 @@ class InstrumentRules:
     sessions: tuple[tuple[int, int], ...] = DEFAULT_SESSIONS  # minutes after local midnight
     weekdays: frozenset[int] = frozenset(range(5))  # Monday = 0
     always_open: bool = False
+    max_price: int = DEFAULT_MAX_PRICE  # the books' price bound (fen per tonne), at most 2**26
 
     def band(self) -> tuple[int, int] | None:
         """Inclusive (low, high) limit-price bounds, or None without a reference price."""
@@ -101,7 +103,7 @@ class _Instrument:
     def __init__(self, rules: InstrumentRules, engine: str | None) -> None:
         self.rules = rules
         self.halted = False
-        self.book = make_book(engine, lot=rules.lot)
+        self.book = make_book(engine, lot=rules.lot, max_price=rules.max_price)
 
 
 class MatchingEngine:
@@ -121,10 +123,11 @@ class MatchingEngine:
         self._instruments[name] = _Instrument(rules or InstrumentRules(), self._engine)
 
     def set_rules(self, name: str, rules: InstrumentRules) -> None:
-        """Replace an instrument's rules (e.g. a new reference price); lot must not change."""
+        """Replace an instrument's rules (e.g. a new reference price); lot and max_price are
+        fixed when the book is built."""
         inst = self._instruments[name]
-        if rules.lot != inst.rules.lot:
-            raise ValueError("the lot of a live instrument cannot change")
+        if rules.lot != inst.rules.lot or rules.max_price != inst.rules.max_price:
+            raise ValueError("the lot and max_price of a live instrument cannot change")
         inst.rules = rules
 
     def set_account_stp(self, account: int, mode: int) -> None:

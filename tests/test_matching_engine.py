@@ -57,6 +57,19 @@ def test_off_tick_rejected():
     assert accepted(eng.submit("X", 2, 7, E.BID, 5005, 1000, OPEN))
 
 
+def test_rules_can_change_but_not_lot_or_max_price():
+    from dataclasses import replace
+
+    eng = MatchingEngine("cython")
+    eng.add_instrument("X", InstrumentRules(max_price=10_000))
+    assert codes(eng.submit("X", 1, 7, E.BID, 10_001, 1000, OPEN)) == ["invalid_price"]
+    eng.set_rules("X", replace(eng.rules("X"), reference_price=5000))
+    assert codes(eng.submit("X", 2, 7, E.BID, 6000, 1000, OPEN)) == ["price_out_of_band"]
+    for bad in (replace(eng.rules("X"), lot=10), replace(eng.rules("X"), max_price=20_000)):
+        with pytest.raises(ValueError):
+            eng.set_rules("X", bad)
+
+
 def test_min_quantity():
     eng = MatchingEngine("reference")
     eng.add_instrument("X", InstrumentRules(min_qty=10_000))
