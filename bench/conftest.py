@@ -16,23 +16,10 @@ and run coroutines on one session-wide event loop through `run`.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import os
-from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import pytest
-
-from exchange.database import (
-    create_template,
-    drop_database,
-    ensure_database,
-    start_private_embedded_server,
-    with_database,
-)
 
 _RATES: dict[tuple[str, str], float] = {}
 _counter = itertools.count()
@@ -69,48 +56,4 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             ratio = f"   {rate / base:6.1f}x reference" if base and "reference" not in engine else ""
             tr.write_line(f"{workload:14s} {engine:16s} {rate:>13,.0f} commands/s{ratio}")
 
-
-# --------------------------------------------------------------------------------------------
-# PostgreSQL for the registry benchmarks
-# --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def run() -> Iterator[Callable[[Coroutine[Any, Any, Any]], Any]]:
-    """Run a coroutine to completion on the session's event loop."""
-    with asyncio.Runner() as runner:
-        yield runner.run
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """URL of a PostgreSQL server: DATABASE_URL, or a fresh embedded one (unix socket only)."""
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-        return
-    # A private directory, not pytest's numbered basetemp: concurrent pytest sessions prune those.
-    yield start_private_embedded_server("cx-bench-pg-")
-
-
-@pytest.fixture(scope="session")
-def template_db(pg_server: str, run) -> Iterator[str]:
-    """Name of a migrated template database, dropped at the end of the session."""
-    name = f"cx_bench_template_{os.getpid()}"
-    run(create_template(pg_server, name))
-    yield name
-    run(drop_database(pg_server, name))
-
-
-@pytest.fixture
-def db(pg_server: str, template_db: str, run) -> Iterator[str]:
-    """DSN of a fresh, migrated database of this benchmark's own."""
-    name = f"cx_bench_{os.getpid()}_{next(_counter)}"
-    run(ensure_database(pg_server, name, template=template_db))
-    yield with_database(pg_server, name)
-    run(drop_database(pg_server, name))
-
-
-@pytest.fixture
-def conn(db: str, run) -> Iterator[asyncpg.Connection]:
-    """An open connection to this benchmark's database."""
-    c = run(asyncpg.connect(db))
-    yield c
-    run(c.close())
+# The PostgreSQL fixtures (run, pg_server, template_db, db, conn) come from the root conftest.py.

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real PostgreSQL (embedded, or DATABASE_URL) and a fresh database per test.
+"""Fixtures shared by tests/ and bench/: a real PostgreSQL (embedded, or DATABASE_URL) and a fresh database per test.
 
 The embedded server starts once per session under a temporary directory. A template database is
 migrated once; each test that asks for `db` gets its own copy (`CREATE DATABASE … TEMPLATE`), which
