@@ -728,19 +728,7 @@ cdef class CythonBook:
         reason = self._match(oid, account, side, price, &qty, market, stp, cash)
         if qty > 0:
             if reason == NIL and not market and (tif == GTC or tif == GTD):
-                i = self._new_order()
-                o = &self.pool[i]
-                o.id = oid
-                o.account = account
-                o.side = side
-                o.price = price
-                o.qty = qty
-                o.tif = tif
-                o.expire_ts = expire_ts if tif == GTD else 0
-                o.post_only = post_only
-                o.stp = stp
-                self._insert(oid, i)
-                self._enqueue(i)
+                self._rest(oid, account, side, price, qty, tif, expire_ts if tif == GTD else 0, post_only, stp)
             else:
                 self._push(EV_CANCELLED, oid, qty,
                            CANCEL_UNFILLED if reason == NIL else reason, 0, 0, 0, 0)
@@ -754,11 +742,33 @@ cdef class CythonBook:
         i = self._find(oid)
         if i == NIL:
             return self._push(EV_REJECTED, oid, REJECT_NOT_FOUND, 0, 0, 0, 0, 0)
-        o = &self.pool[i]
-        self._push(EV_CANCELLED, oid, o.qty, CANCEL_USER, 0, 0, 0, 0)
+        return self._cancel_at(i)
+
+    cdef int _cancel_at(self, int32_t i) except -1:
+        """Cancel the resting order in slot `i` at its owner's request: the event, then its level."""
+        cdef Order* o = &self.pool[i]
+        self._push(EV_CANCELLED, o.id, o.qty, CANCEL_USER, 0, 0, 0, 0)
         self._drop(i)
         return self._push(EV_LEVEL, o.side, o.price, self.lad[o.side].levels[o.price].total,
                           0, 0, 0, 0)
+
+    cdef int32_t _rest(self, int64_t oid, int64_t account, int32_t side, int64_t price, int64_t qty,
+                       int32_t tif, int64_t expire_ts, int32_t post_only, int32_t stp) except -2:
+        """Put an order on the book at the back of its level's queue; returns its pool slot."""
+        cdef int32_t i = self._new_order()
+        cdef Order* o = &self.pool[i]
+        o.id = oid
+        o.account = account
+        o.side = side
+        o.price = price
+        o.qty = qty
+        o.tif = tif
+        o.expire_ts = expire_ts
+        o.post_only = post_only
+        o.stp = stp
+        self._insert(oid, i)
+        self._enqueue(i)
+        return i
 
     cdef int _reduce(self, int64_t oid, int64_t by, int64_t ts) except -1:
         cdef int32_t i
@@ -772,10 +782,7 @@ cdef class CythonBook:
             return self._push(EV_REJECTED, oid, REJECT_INVALID_QUANTITY, 0, 0, 0, 0, 0)
         o = &self.pool[i]
         if by >= o.qty:
-            self._push(EV_CANCELLED, oid, o.qty, CANCEL_USER, 0, 0, 0, 0)
-            self._drop(i)
-            return self._push(EV_LEVEL, o.side, o.price,
-                              self.lad[o.side].levels[o.price].total, 0, 0, 0, 0)
+            return self._cancel_at(i)
         return self._amend_at(i, o.price, o.qty - by)
 
     cdef int _amend(self, int64_t oid, int64_t new_price, int64_t new_qty, bint move,
@@ -1018,19 +1025,7 @@ cdef class CythonBook:
         self._alloc()
         for t in sorted(snapshot["orders"], key=lambda t: t[9]):
             oid, account, side, price, qty, tif, expire_ts, post_only, stp, seq = t
-            i = self._new_order()
-            o = &self.pool[i]
-            o.id = oid
-            o.account = account
-            o.side = side
-            o.price = price
-            o.qty = qty
-            o.tif = tif
-            o.expire_ts = expire_ts
-            o.post_only = post_only
-            o.stp = stp
-            self._insert(oid, i)
-            self._enqueue(i)
+            i = self._rest(oid, account, side, price, qty, tif, expire_ts, post_only, stp)
             self.pool[i].seq = seq
         self.seq = snapshot["seq"]
         self.n_ev = 0

@@ -301,9 +301,7 @@ class ReferenceBook:
         if o is None:
             self._events.append((EV_REJECTED, order_id, REJECT_NOT_FOUND))
         else:
-            self._remove(o)
-            self._events.append((EV_CANCELLED, order_id, o.qty, CANCEL_USER))
-            self._level_event(o.side, o.price)
+            self._cancel_resting(o)
         return len(self._events) - start
 
     def reduce(self, order_id: int, reduce_by: int, ts: int = 0) -> int:
@@ -316,9 +314,7 @@ class ReferenceBook:
         elif reduce_by <= 0:
             self._events.append((EV_REJECTED, order_id, REJECT_INVALID_QUANTITY))
         elif reduce_by >= o.qty:
-            self._remove(o)
-            self._events.append((EV_CANCELLED, order_id, o.qty, CANCEL_USER))
-            self._level_event(o.side, o.price)
+            self._cancel_resting(o)
         else:
             self._amend(o, o.price, o.qty - reduce_by)
         return len(self._events) - start
@@ -541,6 +537,12 @@ class ReferenceBook:
         o.seq = self._seq
         self._seq += 1
         self._rest(o)
+        self._level_event(o.side, o.price)
+
+    def _cancel_resting(self, o: _Order) -> None:
+        """Cancel a resting order at its owner's request: the event, then its level."""
+        self._remove(o)
+        self._events.append((EV_CANCELLED, o.id, o.qty, CANCEL_USER))
         self._level_event(o.side, o.price)
 
     def _remove(self, o: _Order) -> None:
