@@ -211,6 +211,25 @@ class MatchingEngine:
 
     # ---- rules ---------------------------------------------------------------------------
 
+    def check_order(
+        self, instrument: str, ts: int, side: int, price: int, qty: int, tif: int = E.GTC,
+        kind: int = E.LIMIT, post_only: bool = False, cash_cap: int = 0,
+    ) -> int:
+        """The reject code `submit` would give on the rules alone (0 when they pass), without
+        touching the book: lets a caller run its own checks (risk) before anything changes."""
+        inst = self._instruments.get(instrument)
+        if inst is None:
+            return E.REJECT_UNKNOWN_INSTRUMENT
+        return self._check_order(inst, ts, side, price, qty, tif, kind, post_only, cash_cap)
+
+    def check_amend(self, instrument: str, ts: int, new_price: int, new_qty: int) -> int:
+        """The reject code the rules give an amend to `new_price`/`new_qty` (0 when they pass)."""
+        inst = self._instruments.get(instrument)
+        if inst is None:
+            return E.REJECT_UNKNOWN_INSTRUMENT
+        return (self._check_common(inst, ts) or self._check_qty(inst.rules, new_qty, new_order=False)
+                or self._check_price(inst.rules, new_price))
+
     def _check_common(self, inst: _Instrument, ts: int) -> int:
         if inst.halted:
             return E.REJECT_HALTED

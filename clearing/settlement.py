@@ -1,0 +1,139 @@
+"""What the journal means for the registry and the ledger: a pure plan, no I/O.
+
+:func:`plan` reads journal entries (sequence number, timestamp and decoded events, layouts in
+matching/core.py) in order and lists what must happen in the database to follow them:
+
+- payments: deposits and withdrawals (a ledger entry against the custody account each);
+- trades: delivery versus payment — the buyer pays value + buyer fee, the seller receives value −
+  seller fee, the fees go to the exchange's fee account, and the traded quantity moves from the
+  seller's encumbered credits to the buyer's available credits, naming the trade;
+- movements in journal order: a sell order encumbers available credits when accepted (or when
+  amended upwards) and releases them when cancelled, expired, or amended downwards.
+
+Movements keep journal order because it is what makes each of them possible (a sale must be
+encumbered before it is delivered; with the resale rule off, bought credits may be encumbered
+again in the same batch). Cash is applied as one set of postings per batch: the ledger checks
+balances once per statement, and the core guarantees every balance is non-negative at every
+journal position, the batch's last included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from matching import events as E
+from matching.core import EV_DEPOSIT, EV_WITHDRAWAL
+
+AVAILABLE = "available"
+ENCUMBERED = "encumbered"
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    seq: int
+    account: int
+    direction: str  # deposit | withdrawal
+    amount: int
+    reference: str
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    seq: int
+    ts: int
+    symbol: str
+    trade_id: int
+    buyer: int
+    seller: int
+    price: int
+    qty: int
+    value: int
+    buyer_fee: int
+    seller_fee: int
+
+    @property
+    def reference(self) -> str:
+        return f"trade:{self.symbol}:{self.trade_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """`qty` kg of `symbol` from (`from_account`, `from_state`) to (`to_account`, `to_state`)."""
+
+    symbol: str
+    from_account: int
+    from_state: str
+    to_account: int
+    to_state: str
+    qty: int
+    cause: str  # encumber | release | trade
+    reference: str
+
+
+@dataclass(slots=True)
+class Plan:
+    payments: list[Payment] = field(default_factory=list)
+    trades: list[Trade] = field(default_factory=list)
+    moves: list[Move] = field(default_factory=list)
+    last_seq: int = 0
+
+    @property
+    def symbols(self) -> set[str]:
+        return {m.symbol for m in self.moves}
+
+
+def plan(entries: Iterable[tuple[int, int, list]]) -> Plan:
+    """The database work for journal `entries` given as (seq, ts, events) in sequence order."""
+    out = Plan()
+    payments, trades, moves = out.payments, out.trades, out.moves
+    for seq, ts, events in entries:
+        out.last_seq = seq
+        for ev in events:
+            kind = ev[0]
+            if kind == E.EV_TRADE:
+                _, symbol, tid, _, _, buyer, seller, _, price, qty, value, bfee, sfee = ev
+                t = Trade(seq, ts, symbol, tid, buyer, seller, price, qty, value, bfee, sfee)
+                trades.append(t)
+                moves.append(Move(symbol, seller, ENCUMBERED, buyer, AVAILABLE, qty, "trade", t.reference))
+            elif kind == E.EV_ACCEPTED:
+                _, symbol, oid, account, side, _, qty = ev
+                if side == E.ASK:
+                    moves.append(Move(symbol, account, AVAILABLE, account, ENCUMBERED, qty, "encumber",
+                                      f"order:{oid}"))
+            elif kind in (E.EV_CANCELLED, E.EV_EXPIRED):
+                symbol, oid, remaining = ev[1], ev[2], ev[3]
+                account, side = ev[-2], ev[-1]
+                if side == E.ASK and remaining:
+                    moves.append(Move(symbol, account, ENCUMBERED, account, AVAILABLE, remaining, "release",
+                                      f"order:{oid}"))
+            elif kind == E.EV_AMENDED:
+                _, symbol, oid, _, _, account, side, change = ev
+                if side == E.ASK and change > 0:
+                    moves.append(Move(symbol, account, AVAILABLE, account, ENCUMBERED, change, "encumber",
+                                      f"order:{oid}"))
+                elif side == E.ASK and change < 0:
+                    moves.append(Move(symbol, account, ENCUMBERED, account, AVAILABLE, -change, "release",
+                                      f"order:{oid}"))
+            elif kind in (EV_DEPOSIT, EV_WITHDRAWAL):
+                _, account, amount, ref = ev
+                payments.append(Payment(seq, account, "deposit" if kind == EV_DEPOSIT else "withdrawal",
+                                        amount, ref))
+    return out
+
+
+def postings(plan_: Plan, custody: int, fees: int) -> list[tuple[str, str, int, int]]:
+    """(entry kind, entry reference, account, amount) for every cash posting of the plan; each
+    entry's postings sum to zero and zero amounts are left out."""
+    rows: list[tuple[str, str, int, int]] = []
+    for p in plan_.payments:
+        sign = 1 if p.direction == "deposit" else -1
+        rows.append((p.direction, p.reference, p.account, sign * p.amount))
+        rows.append((p.direction, p.reference, custody, -sign * p.amount))
+    for t in plan_.trades:
+        ref = t.reference
+        for account, amount in ((t.buyer, -(t.value + t.buyer_fee)), (t.seller, t.value - t.seller_fee),
+                                (fees, t.buyer_fee + t.seller_fee)):
+            if amount:
+                rows.append(("trade", ref, account, amount))
+    return rows

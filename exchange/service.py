@@ -1,0 +1,386 @@
+"""The exchange service: one sequenced core, a group-committed journal, and the projector.
+
+:class:`ExchangeService` owns the only writable :class:`~matching.core.ExchangeCore` of a
+database (an advisory lock keeps a second one out). ``submit(command)`` applies the command to
+the core at once — asyncio runs one coroutine at a time, so the core sees one total order — and
+adds its journal row to the open batch. A flusher task commits the batch (many commands per
+transaction, after ``flush_interval`` or ``max_batch`` commands) and only then resolves the
+callers' futures: a result, rejections included, reaches its caller only once everything it
+depends on is durable. If a commit fails the core is ahead of the journal, so the service stops
+and the next start recovers from the journal.
+
+Start-up is: take the lock; rebuild the core from the newest snapshot plus the journal
+(exchange/journal.py); bring the registry and ledger up to the journal (exchange/projector.py);
+then compare member cash and credits in the database with the core, and journal any difference
+made from outside while the service was stopped as an ``adjust`` command, so that replay sees it
+too. While the service runs it is the only writer of member cash and credits; the command line
+refuses to change them (:func:`refuse_while_serving`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import orjson
+
+from exchange import journal, projector
+from exchange.errors import CarbonxError
+from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
+
+log = logging.getLogger("carbonx.service")
+
+SERVICE_LOCK_KEY = 0x0CA2B1  # pg advisory lock held by the running service for its whole life
+EXPIRE = {"op": "expire"}
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+async def refuse_while_serving(conn: asyncpg.Connection) -> None:
+    """Raise `service_running` if an exchange service owns this database right now."""
+    free = await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", SERVICE_LOCK_KEY)
+    if not free:
+        raise CarbonxError("service_running",
+                           "the exchange service is running on this database and owns member cash and credits; "
+                           "stop it first (or send the change through it)")
+    await conn.execute("SELECT pg_advisory_unlock_shared($1)", SERVICE_LOCK_KEY)
+
+
+class ExchangeService:
+    """The sequenced exchange: submit commands, get durable outcomes."""
+
+    def __init__(
+        self, dsn: str, *, engine: str | None = None, flush_interval: float = 0.001, max_batch: int = 4096,
+        snapshot_every: int = 250_000, journal_method: str = "copy", project: bool = True,
+        verify_recovery: bool = True, clock: Callable[[], int] = now_us,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.engine = engine
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self.snapshot_every = snapshot_every
+        self.journal_method = journal_method
+        self.project = project
+        self.verify_recovery = verify_recovery
+        self.clock = clock
+        self.progress = progress
+        self.core: ExchangeCore = ExchangeCore(engine)
+        self.durable_seq = 0
+        self.recovered = 0  # journal entries replayed at start
+        self.recovery_seconds = 0.0
+        self.listeners: list[Callable[[list[journal.Row]], None]] = []
+        self._rows: list[journal.Row] = []
+        self._future: asyncio.Future | None = None
+        self._inflight: asyncio.Future | None = None
+        self._wake = asyncio.Event()
+        self._project_wake = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+        self._proj: asyncpg.Connection | None = None  # the projector's own connection
+        self._pool: asyncpg.Pool | None = None  # look-ups made while serving requests
+        self._tasks: list[asyncio.Task] = []
+        self._running = False
+        self._failure: BaseException | None = None
+        self._last_snapshot = 0
+        self._accounts: dict[str, tuple[int, str]] = {}
+
+    # ---- life cycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._conn = await asyncpg.connect(self.dsn)
+        if not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SERVICE_LOCK_KEY):
+            await self._conn.close()
+            raise CarbonxError("service_running", "another carbonx exchange service is running on this database")
+        self._proj = await asyncpg.connect(self.dsn)
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
+        began = time.perf_counter()
+        self.core = await journal.recover(self._conn, engine=self.engine, verify=self.verify_recovery,
+                                          progress=self.progress)
+        snap = await journal.latest_snapshot(self._conn)
+        self._last_snapshot = snap.seq if snap else 0
+        self.recovered = self.core.seq - self._last_snapshot
+        self.recovery_seconds = time.perf_counter() - began
+        self.durable_seq = self.core.seq
+        if self.project:
+            await projector.catch_up(self._proj)
+        self._running = True
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="carbonx-journal"))
+        if self.project:
+            self._tasks.append(asyncio.create_task(self._project_loop(), name="carbonx-projector"))
+            await self._adjust_for_outside_changes()
+
+    async def stop(self, snapshot: bool = True) -> None:
+        """Finish what was accepted, bring the registry up to date, release the database."""
+        if not self._running and not self._tasks:
+            return
+        self._running = False
+        if self._failure is None and (self._rows or self._inflight):
+            self._wake.set()
+            await asyncio.shield(self._settled_future())
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._failure is None:
+            if self.project:
+                await projector.catch_up(self._proj)
+            if snapshot and self.core.seq > self._last_snapshot:
+                await journal.save_snapshot(self._conn, self.core.seq, self.core.state_digest(), self.core.snapshot())
+        for conn in (self._proj, self._conn):
+            if conn is not None and not conn.is_closed():
+                await conn.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def __aenter__(self) -> ExchangeService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    # ---- commands ----------------------------------------------------------------------------
+
+    async def submit(self, command: dict) -> Outcome:
+        """Apply `command` (a core command dict with account ids) and wait until it is durable."""
+        if not self._running:
+            raise CarbonxError("unavailable", "the exchange service is not running") from self._failure
+        if command.get("op") in ("deposit", "withdraw"):
+            await self._check_reference_unused(command)
+        return await self._sequence(command)
+
+    async def _sequence(self, command: dict) -> Outcome:
+        core = self.core
+        ts = max(self.clock(), core.ts)
+        if core.expiry_due(ts):
+            self._journal(EXPIRE, core.apply(EXPIRE, ts), ts)
+        out = core.apply(command, ts)
+        if out.seq is not None:
+            self._journal(command, out, ts)
+        wait = self._future if self._rows else self._inflight
+        if wait is not None:
+            await asyncio.shield(wait)
+        return out
+
+    def _journal(self, command: dict, out: Outcome, ts: int) -> None:
+        self._rows.append((out.seq, ts, orjson.dumps(command), orjson.dumps(out.events)))
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            self._wake.set()
+
+    def _settled_future(self) -> asyncio.Future:
+        fut = self._future if self._rows else self._inflight
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+        return fut
+
+    async def list_instrument(self, symbol: str, listing: dict | None = None) -> Outcome:
+        """List a project vintage; the members' available credits of it come from the registry."""
+        holdings = await self._registry_available(symbol) if symbol not in self.core.listings else {}
+        return await self.submit({"op": "list", "symbol": symbol, "rules": listing or {},
+                                  "holdings": sorted([a, kg] for a, kg in holdings.items() if kg > 0)})
+
+    async def account(self, code: str) -> int:
+        """The id of a member account that may trade and hold cash (not a system account)."""
+        known = self._accounts.get(code)
+        if known is None:
+            row = await self._pool.fetchrow("SELECT id, role FROM accounts WHERE code = $1", code)
+            if row is None:
+                raise CarbonxError("unknown_account", f"no account {code!r}")
+            known = self._accounts[code] = (row["id"], row["role"])
+        if known[1] == "system":
+            raise CarbonxError("forbidden", f"{code} is a system account")
+        return known[0]
+
+    async def _check_reference_unused(self, command: dict) -> None:
+        """A payment reference recorded before the service existed is refused like any duplicate."""
+        ref = command.get("ref")
+        if isinstance(ref, str) and ref not in self.core.payments:
+            used = await self._pool.fetchval("SELECT 1 FROM payments WHERE reference = $1", ref)
+            if used:
+                raise CarbonxError("duplicate_reference", f"payment reference {ref!r} was used already")
+
+    # ---- background work ---------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                await self._wake.wait()
+                if not self._rows:
+                    self._wake.clear()
+                    continue
+                if self.flush_interval and len(self._rows) < self.max_batch and self._inflight is None:
+                    await asyncio.sleep(self.flush_interval)  # let more commands join this commit
+                rows, fut = self._rows, self._future
+                self._rows, self._future = [], None
+                self._wake.clear()
+                self._inflight = fut
+                snap = None
+                if rows[-1][0] - self._last_snapshot >= self.snapshot_every:
+                    snap = (rows[-1][0], self.core.state_digest(), self.core.snapshot())
+                try:
+                    async with conn.transaction():
+                        await journal.append(conn, rows, self.journal_method)
+                except BaseException as exc:
+                    self._fail(exc, fut)
+                    raise
+                self.durable_seq = rows[-1][0]
+                self._inflight = None
+                fut.set_result(None)
+                for listener in self.listeners:
+                    listener(rows)
+                self._project_wake.set()
+                if snap is not None:
+                    await journal.save_snapshot(conn, *snap)
+                    self._last_snapshot = snap[0]
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.exception("journal writer failed; the service stops")
+            self._fail(exc, None)
+
+    async def _project_loop(self) -> None:
+        try:
+            while True:
+                await self._project_wake.wait()
+                self._project_wake.clear()
+                await projector.catch_up(self._proj, upto=self.durable_seq)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.exception("projecting the journal into the registry and ledger failed; the service stops")
+            self._fail(exc, None)
+
+    def _fail(self, exc: BaseException, fut: asyncio.Future | None) -> None:
+        self._failure = self._failure or exc
+        self._running = False
+        for f in (fut, self._future, self._inflight):
+            if f is not None and not f.done():
+                f.set_exception(CarbonxError("unavailable", f"the journal could not be written: {exc}"))
+                f.exception()  # mark retrieved: the callers hear it through their await
+        self._future = self._inflight = None
+        self._rows = []
+
+    # ---- database views used at start-up -----------------------------------------------------
+
+    async def _registry_available(self, symbol: str) -> dict[int, int]:
+        return (await self._registry_positions(symbol)).get("available", {})
+
+    async def _registry_positions(self, symbol: str) -> dict[str, dict[int, int]]:
+        from exchange.registry import resolve_issuances
+
+        try:
+            ids = await resolve_issuances(self._pool, symbol=symbol)
+        except CarbonxError:
+            return {}
+        rows = await self._pool.fetch(
+            """SELECT b.owner_account_id AS account, b.state, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
+               FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
+               WHERE b.issuance_id = ANY($1::bigint[]) AND b.state IN ('available', 'encumbered')
+                 AND a.role <> 'system'
+               GROUP BY 1, 2""", list(ids))
+        out: dict[str, dict[int, int]] = {"available": {}, "encumbered": {}}
+        for r in rows:
+            out[r["state"]][r["account"]] = r["kg"]
+        return out
+
+    async def _adjust_for_outside_changes(self) -> None:
+        cash_rows = await self._pool.fetch(
+            """SELECT a.id, coalesce(b.balance_fen, 0) AS balance FROM accounts a
+               LEFT JOIN cash_balances b ON b.account_id = a.id WHERE a.role <> 'system'""")
+        db_cash = {r["id"]: r["balance"] for r in cash_rows}
+        core = self.core
+        cash = [[a, db_cash.get(a, 0) - core.cash.get(a, [0, 0])[0]]
+                for a in sorted(set(db_cash) | set(core.cash))]
+        credits = []
+        for symbol in sorted(core.listings):
+            db = await self._registry_positions(symbol)
+            positions = core.credits[symbol]
+            for account in sorted(set(db["available"]) | set(db["encumbered"]) | set(positions)):
+                pos = positions.get(account, [0, 0, 0, 0])
+                if db["encumbered"].get(account, 0) != pos[P_ENCUMBERED]:
+                    raise CarbonxError(
+                        "registry_mismatch",
+                        f"{symbol}: account {account} has {db['encumbered'].get(account, 0)} kg encumbered in the "
+                        f"registry but {pos[P_ENCUMBERED]} kg in open sell orders; run `carbonx reconcile`")
+                delta = db["available"].get(account, 0) - pos[P_AVAILABLE] - pos[P_LOCKED]
+                if delta:
+                    credits.append([symbol, account, delta])
+        cash = [x for x in cash if x[1]]
+        if cash or credits:
+            out = await self._sequence({"op": "adjust", "cash": cash, "credits": credits})
+            log.warning("journaled changes made while the service was stopped: %s", out.events)
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    async def reconcile(self) -> list[str]:
+        """Core invariants plus registry and ledger against the core (after projecting all)."""
+        await asyncio.shield(self._settled_future())
+        problems = self.core.check_invariants()
+        if not self.project:
+            return problems
+        # Wait for the projector task to reach this point rather than racing it on its connection.
+        while await self._pool.fetchval("SELECT coalesce((SELECT seq FROM journal_consumers WHERE name = $1), 0)",
+                                        projector.NAME) < self.durable_seq:
+            if self._failure is not None:
+                raise CarbonxError("unavailable", f"the projector failed: {self._failure}")
+            self._project_wake.set()
+            await asyncio.sleep(0.005)
+        problems.extend(await compare_with_database(self._pool, self.core))
+        return problems
+
+
+async def compare_with_database(conn: asyncpg.Connection, core: ExchangeCore) -> list[str]:
+    """Where the registry's encumbered and available credits or the ledger's member balances differ
+    from the core (the projector must have caught up with the core's sequence number)."""
+    problems: list[str] = []
+    at = await projector.position(conn)
+    if at != core.seq:
+        problems.append(f"projector at {at}, core at {core.seq}")
+    rows = await conn.fetch(
+        """SELECT a.id, coalesce(b.balance_fen, 0) AS balance FROM accounts a
+           LEFT JOIN cash_balances b ON b.account_id = a.id WHERE a.role <> 'system'""")
+    for r in rows:
+        mine = core.cash.get(r["id"], [0, 0])[0]
+        if mine != r["balance"]:
+            problems.append(f"account {r['id']}: ledger balance {r['balance']}, core {mine}")
+    for symbol in sorted(core.listings):
+        from exchange.registry import resolve_issuances
+
+        ids = await resolve_issuances(conn, symbol=symbol)
+        held = await conn.fetch(
+            """SELECT owner_account_id AS account, state, sum(upper(serials) - lower(serials))::bigint AS kg
+               FROM blocks WHERE issuance_id = ANY($1::bigint[]) AND state IN ('available', 'encumbered')
+               GROUP BY 1, 2""", list(ids))
+        db: dict[tuple[int, str], int] = {(r["account"], r["state"]): r["kg"] for r in held}
+        accounts = set(core.credits[symbol]) | {a for a, _ in db}
+        for account in sorted(accounts):
+            pos = core.credits[symbol].get(account, [0, 0, 0, 0])
+            if db.get((account, "encumbered"), 0) != pos[P_ENCUMBERED]:
+                problems.append(f"{symbol} account {account}: registry encumbered "
+                                f"{db.get((account, 'encumbered'), 0)}, open sells {pos[P_ENCUMBERED]}")
+            if db.get((account, "available"), 0) != pos[P_AVAILABLE] + pos[P_LOCKED]:
+                problems.append(f"{symbol} account {account}: registry available "
+                                f"{db.get((account, 'available'), 0)}, core {pos[P_AVAILABLE] + pos[P_LOCKED]}")
+    return problems
+
+
+def describe_outcome(out: Outcome) -> dict[str, Any]:
+    """A JSON-ready view of an outcome (for the command line and logs)."""
+    return {
+        "seq": out.seq, "code": out.code, "detail": out.detail or None, "order_id": out.order_id,
+        "duplicate": out.duplicate, "events": [list(e) for e in out.events],
+    }
+
