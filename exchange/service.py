@@ -178,6 +178,10 @@ class ExchangeService:
             self._future = asyncio.get_running_loop().create_future()
             self._wake.set()
 
+    async def settle(self) -> None:
+        """Wait until everything applied so far is durable."""
+        await asyncio.shield(self._settled_future())
+
     def _settled_future(self) -> asyncio.Future:
         fut = self._future if self._rows else self._inflight
         if fut is None:

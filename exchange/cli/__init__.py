@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from exchange.cli import accounts, cash, db, demo, registry, replay
+from exchange.cli import accounts, cash, db, demo, registry, replay, serve
 
 app = typer.Typer(
     name="carbonx",
@@ -24,6 +24,7 @@ app.add_typer(registry.app, name="registry", help="Projects, issuances, serials,
 app.add_typer(accounts.app, name="accounts", help="Participants' accounts and API keys.")
 app.add_typer(cash.app, name="cash", help="Cash deposits, withdrawals and balances (double entry).")
 app.command(name="demo")(demo.demo)
+app.command(name="serve")(serve.serve)
 app.registered_commands.extend(replay.app.registered_commands)
 
 

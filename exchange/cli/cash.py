@@ -44,7 +44,7 @@ def deposit(
         p = await ledger.deposit(conn, account=account, amount_fen=fen, reference=reference)
         _report(p, await ledger.balance(conn, account))
 
-    run_db(data_dir, body)
+    run_db(data_dir, body, member_assets=True)
 
 
 @app.command()
@@ -61,7 +61,7 @@ def withdraw(
         p = await ledger.withdraw(conn, account=account, amount_fen=fen, reference=reference)
         _report(p, await ledger.balance(conn, account))
 
-    run_db(data_dir, body)
+    run_db(data_dir, body, member_assets=True)
 
 
 @app.command()

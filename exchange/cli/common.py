@@ -18,6 +18,7 @@ import typer
 from exchange.config import load_settings
 from exchange.database import prepare_database
 from exchange.errors import CarbonxError
+from exchange.service import refuse_while_serving
 from matching.units import UnitError, format_tonnes, parse_tonnes
 
 T = TypeVar("T")
@@ -40,13 +41,20 @@ def fail(message: str, code: str | None = None) -> None:
     raise typer.Exit(1)
 
 
-def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Open the database under `data_dir` (or DATABASE_URL), run `body`, close."""
+def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable[T]], *,
+           member_assets: bool = False) -> T:
+    """Open the database under `data_dir` (or DATABASE_URL), run `body`, close.
+
+    `member_assets` marks a command that takes cash or credits from a member: it is refused while
+    the exchange service runs, because the service then owns them (exchange/service.py).
+    """
 
     async def main() -> T:
         dsn = await prepare_database(load_settings(data_dir))
         conn = await asyncpg.connect(dsn)
         try:
+            if member_assets:
+                await refuse_while_serving(conn)
             return await body(conn)
         finally:
             await conn.close()

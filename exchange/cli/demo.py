@@ -29,4 +29,4 @@ def demo(data_dir: DataDir = None) -> None:
             typer.echo(f"  {s}")
         typer.echo(f"verify: carbonx registry serial {res.serials[0]}")
 
-    run_db(data_dir, body)
+    run_db(data_dir, body, member_assets=True)

@@ -77,7 +77,7 @@ def issue(
                             reference=reference)
         typer.echo(f"issuance {i.id}: {show_tonnes(i.quantity)} as {i.serial}")
 
-    run_db(data_dir, body)
+    run_db(data_dir, body, member_assets=True)
 
 
 @app.command()
@@ -156,7 +156,7 @@ def transfer(
         typer.echo(f"moved {show_tonnes(res.quantity)} from {from_account} to {to_account}:")
         _print_pieces(res.pieces, await _issuances_of(conn, res.pieces))
 
-    run_db(data_dir, body)
+    run_db(data_dir, body, member_assets=True)
 
 
 @app.command()
@@ -180,7 +180,7 @@ def retire(
         for s in r.serials:
             typer.echo(f"  {s}")
 
-    run_db(data_dir, body)
+    run_db(data_dir, body, member_assets=True)
 
 
 def _operator_action(action, verb: str, serial: str, reason: str, data_dir) -> None:
@@ -189,7 +189,7 @@ def _operator_action(action, verb: str, serial: str, reason: str, data_dir) -> N
         typer.echo(f"{verb} {show_tonnes(res.quantity)}:")
         _print_pieces(res.pieces, await _issuances_of(conn, res.pieces))
 
-    run_db(data_dir, body)
+    run_db(data_dir, body, member_assets=True)
 
 
 @app.command()

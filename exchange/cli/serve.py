@@ -1,0 +1,163 @@
+"""`carbonx serve`: run the exchange service until SIGTERM or Ctrl-C.
+
+Start-up recovers the core from the journal (with a progress line on stderr when it is long),
+settles anything journaled but not yet applied to the registry and ledger, prints the state
+digest, and then serves. Until the network API exists, ``--stdio`` takes commands as JSON lines
+on stdin and answers each with one JSON line on stdout once it is durable (answers come in
+completion order; match them by ``id``). A command is a core command (matching/core.py) whose
+``account`` is an account code, e.g.::
+
+    {"id": 1, "op": "deposit", "account": "BUY", "amount": 100000, "ref": "bank-7"}
+    {"id": 2, "op": "place", "account": "BUY", "symbol": "LQS-FS-2023", "side": 0, "price": 3560, "qty": 1000}
+    {"id": 3, "op": "list", "symbol": "LQS-FS-2023", "rules": {"rules": {"always_open": true}}}
+    {"id": 4, "op": "digest"}        -> {"id": 4, "seq": ..., "digest": ...}
+    {"id": 5, "op": "reconcile"}     -> {"id": 5, "problems": [...]}
+
+Operator commands (list, halt, resume, and cancels without an account) are taken as given: this
+channel is for the operator's own tools and tests, not for members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from exchange.cli.common import DataDir, fail
+from exchange.config import load_settings
+from exchange.database import prepare_database
+from exchange.errors import CarbonxError
+from exchange.service import ExchangeService, describe_outcome
+
+
+class _Progress:
+    """A one-line progress report on stderr for long recoveries."""
+
+    def __init__(self) -> None:
+        self.began = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if total >= 50_000:
+            rate = done / max(time.perf_counter() - self.began, 1e-9)
+            sys.stderr.write(f"\rrecovering the journal: {done:,}/{total:,} ({100 * done // total}%, {rate:,.0f}/s)")
+            sys.stderr.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+async def _answer(service: ExchangeService, msg: Any) -> dict[str, Any]:
+    if not isinstance(msg, dict):
+        return {"code": "invalid_command", "detail": "each line must be a JSON object"}
+    msg = dict(msg)
+    ident = msg.pop("id", None)
+    try:
+        op = msg.get("op")
+        if op == "digest":
+            await service.settle()
+            return {"id": ident, "seq": service.core.seq, "digest": service.core.state_digest()}
+        if op == "reconcile":
+            return {"id": ident, "problems": await service.reconcile()}
+        if isinstance(msg.get("account"), str):
+            msg["account"] = await service.account(msg["account"])
+        if op == "list":
+            out = await service.list_instrument(msg.get("symbol"), msg.get("rules"))
+        else:
+            out = await service.submit(msg)
+        return {"id": ident, **describe_outcome(out)}
+    except CarbonxError as e:
+        return {"id": ident, "seq": None, "code": e.code, "detail": e.message}
+
+
+async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout.buffer
+    pending: set[asyncio.Task] = set()
+
+    async def one(line: bytes) -> None:
+        try:
+            msg = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            reply: dict[str, Any] = {"code": "invalid_json", "detail": "not a JSON line"}
+        else:
+            reply = await _answer(service, msg)
+        out.write(orjson.dumps(reply) + b"\n")
+        out.flush()
+
+    while not stop.is_set():
+        line = await reader.readline()
+        if not line:
+            break
+        if line.strip():
+            task = asyncio.create_task(one(line))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    stop.set()
+
+
+async def _serve(data_dir, stdio: bool, snapshot_every: int, flush_ms: float, book: str | None) -> None:
+    settings = load_settings(data_dir)
+    dsn = await prepare_database(settings)
+    progress = _Progress()
+    service = ExchangeService(dsn, engine=book, snapshot_every=snapshot_every, flush_interval=flush_ms / 1000,
+                              progress=progress)
+    began = time.perf_counter()
+    await service.start()
+    progress.close()
+    core = service.core
+    where = "DATABASE_URL" if settings.database_url else f"embedded PostgreSQL under {settings.pgdata}"
+    typer.echo(f"carbonx exchange: {where}", err=True)
+    typer.echo(f"recovered {service.recovered:,} journal entries after the snapshot in "
+               f"{time.perf_counter() - began:.2f} s; {len(core.listings)} instruments, "
+               f"{len(core.orders):,} open orders", err=True)
+    typer.echo(f"state {core.state_digest()} at seq {core.seq}", err=True)
+    typer.echo("ready", err=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker = asyncio.create_task(_stdio(service, stop)) if stdio else None
+    waiter = asyncio.create_task(stop.wait())
+    watch = [waiter] + ([worker] if worker else [])
+    while not stop.is_set() and service.failure is None:
+        await asyncio.wait(watch, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+    if worker is not None and not worker.done():
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    failure = service.failure
+    await service.stop()
+    if failure is not None:
+        raise CarbonxError("unavailable", f"the exchange stopped: {failure}")
+    typer.echo(f"stopped cleanly at seq {service.core.seq}", err=True)
+
+
+def serve(
+    data_dir: DataDir = None,
+    stdio: Annotated[bool, typer.Option("--stdio", help="Take JSON-line commands on stdin, answer on stdout.")] = False,
+    snapshot_every: Annotated[int, typer.Option(min=1, help="Snapshot the core every N journal entries.")] = 250_000,
+    flush_ms: Annotated[float, typer.Option(min=0.0, max=100.0, help="Group-commit wait in milliseconds.")] = 1.0,
+    book: Annotated[str | None, typer.Option(help="Order book implementation: cython or reference.")] = None,
+) -> None:
+    """Run the exchange: recover from the journal, then accept commands until stopped."""
+    if book not in (None, "cython", "reference"):
+        fail(f"unknown book {book!r}; expected cython or reference", "invalid_option")
+    try:
+        asyncio.run(_serve(data_dir, stdio, snapshot_every, flush_ms, book))
+    except CarbonxError as e:
+        fail(e.message, e.code)
+    except OSError as e:
+        fail(f"database: {e}", "database_error")
