@@ -86,6 +86,7 @@ class ExchangeService:
         self._pool: asyncpg.Pool | None = None  # look-ups made while serving requests
         self._tasks: list[asyncio.Task] = []
         self._running = False
+        self._closing = False
         self._failure: BaseException | None = None
         self._last_snapshot = 0
         self._accounts: dict[str, tuple[int, str]] = {}
@@ -120,11 +121,10 @@ class ExchangeService:
         if not self._running and not self._tasks:
             return
         self._running = False
-        if self._failure is None and (self._rows or self._inflight):
-            self._wake.set()
-            await asyncio.shield(self._settled_future())
-        for task in self._tasks:
-            task.cancel()
+        self._closing = True
+        # Let both loops finish what they are doing (a commit, a snapshot, a projection) and exit.
+        self._wake.set()
+        self._project_wake.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._failure is None:
@@ -223,6 +223,8 @@ class ExchangeService:
             while True:
                 await self._wake.wait()
                 if not self._rows:
+                    if self._closing:
+                        return
                     self._wake.clear()
                     continue
                 if self.flush_interval and len(self._rows) < self.max_batch and self._inflight is None:
@@ -257,7 +259,7 @@ class ExchangeService:
 
     async def _project_loop(self) -> None:
         try:
-            while True:
+            while not self._closing:
                 await self._project_wake.wait()
                 self._project_wake.clear()
                 await projector.catch_up(self._proj, upto=self.durable_seq)
@@ -270,6 +272,9 @@ class ExchangeService:
     def _fail(self, exc: BaseException, fut: asyncio.Future | None) -> None:
         self._failure = self._failure or exc
         self._running = False
+        self._closing = True
+        self._wake.set()
+        self._project_wake.set()
         for f in (fut, self._future, self._inflight):
             if f is not None and not f.done():
                 f.set_exception(CarbonxError("unavailable", f"the journal could not be written: {exc}"))

@@ -1,0 +1,322 @@
+"""The exchange service on a real PostgreSQL: durability, recovery, projection, refusals.
+
+Each test gets a fresh database (root conftest.py) with the small world of registry_helpers: DEV
+holds 100 t of FOREST-2023, BUY and OPS exist. The service runs in-process; the crash tests with
+a killed subprocess are in test_crash.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import orjson
+import pytest
+
+from exchange import journal, ledger, projector, registry
+from exchange.errors import CarbonxError
+from exchange.service import SERVICE_LOCK_KEY, ExchangeService, refuse_while_serving
+from matching import events as E
+from matching.engine import local_ts
+from tests.registry_helpers import cover_violations, fingerprint, world
+
+SYMBOL = "FOREST-2023"
+LISTING = {"rules": {"always_open": True}, "maker_bp": 5, "taker_bp": 10}
+
+
+class Clock:
+    """A settable clock for the service (UTC microseconds)."""
+
+    def __init__(self, ts: int) -> None:
+        self.ts = ts
+
+    def __call__(self) -> int:
+        return self.ts
+
+
+async def _started(dsn: str, **options) -> ExchangeService:
+    svc = ExchangeService(dsn, **options)
+    await svc.start()
+    return svc
+
+
+async def _listed(dsn: str, **options) -> tuple[ExchangeService, int, int]:
+    conn = await asyncpg.connect(dsn)
+    await world(conn)
+    await conn.close()
+    svc = await _started(dsn, **options)
+    out = await svc.list_instrument(SYMBOL, LISTING)
+    assert out.accepted, out
+    return svc, await svc.account("DEV"), await svc.account("BUY")
+
+
+def place(account: int, side: int, price: int, qty: int, **extra) -> dict:
+    return {"op": "place", "account": account, "symbol": SYMBOL, "side": side, "price": price, "qty": qty, **extra}
+
+
+async def _journal_rows(dsn: str) -> list:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch("SELECT seq, command, events FROM journal ORDER BY seq")
+    finally:
+        await conn.close()
+
+
+def test_a_trade_settles_delivery_versus_payment(db, run):
+    async def main():
+        svc, dev, buy = await _listed(db)
+        try:
+            assert (await svc.submit({"op": "deposit", "account": buy, "amount": 1_000_000, "ref": "bank-1"})).accepted
+            sell = await svc.submit(place(dev, E.ASK, 3500, 5000))
+            bought = await svc.submit(place(buy, E.BID, 3600, 3000))
+            trade = next(e for e in bought.events if e[0] == E.EV_TRADE)
+            assert trade[1:3] == (SYMBOL, 1) and trade[8:] == (3500, 3000, 10500, 11, 5)
+            assert await svc.reconcile() == []
+            conn = await asyncpg.connect(db)
+            try:
+                row = await conn.fetchrow("SELECT * FROM settled_trades")
+                assert (row["symbol"], row["trade_id"], row["qty_kg"], row["value_fen"]) == (SYMBOL, 1, 3000, 10500)
+                assert await ledger.balance(conn, "BUY") == 1_000_000 - 10500 - 11
+                assert await ledger.balance(conn, "DEV") == 10500 - 5
+                assert await ledger.balance(conn, "CX-FEES") == 16
+                assert await ledger.ledger_total(conn) == 0
+                transfers = await conn.fetch(
+                    "SELECT cause, cause_ref, upper(serials) - lower(serials) AS qty FROM transfers "
+                    "WHERE cause <> 'issuance' ORDER BY id")
+                assert [(t["cause"], t["cause_ref"], t["qty"]) for t in transfers] == [
+                    ("encumber", f"order:{sell.order_id}", 5000), ("trade", f"trade:{SYMBOL}:1", 3000)]
+                assert await cover_violations(conn) == []
+            finally:
+                await conn.close()
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_restart_gives_the_same_state_as_a_clean_replay(db, run):
+    async def main():
+        svc, dev, buy = await _listed(db, snapshot_every=7)
+        await svc.submit({"op": "deposit", "account": buy, "amount": 10_000_000, "ref": "bank-1"})
+        outs = await asyncio.gather(*[
+            svc.submit(place(dev if i % 2 else buy, i % 2, 3500 + (i % 5 - 2) * (1 if i % 2 else -1), 1000))
+            for i in range(300)])
+        assert {o.code for o in outs} <= {None, "insufficient_credits"}
+        await svc.submit({"op": "cancel", "account": dev, "order_id": next(o.order_id for o in outs if o.accepted
+                                                                          and o.order_id in svc.core.orders)})
+        digest, seq = svc.core.state_digest(), svc.core.seq
+        await svc.stop(snapshot=False)
+
+        again = await _started(db)
+        try:
+            assert (again.core.seq, again.core.state_digest()) == (seq, digest)
+            assert again.recovered < seq  # a snapshot was used
+            conn = await asyncpg.connect(db)
+            try:
+                clean = await journal.recover(conn, use_snapshot=False)
+                assert clean.state_digest() == digest
+                assert await projector.position(conn) == seq
+            finally:
+                await conn.close()
+            assert await again.reconcile() == []
+        finally:
+            await again.stop()
+
+    run(main())
+
+
+def test_rejected_commands_change_nothing_anywhere(db, run):
+    async def main():
+        svc, dev, buy = await _listed(db)
+        try:
+            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
+            resting = await svc.submit(place(dev, E.ASK, 3500, 1000))
+            await svc.reconcile()
+            conn = await asyncpg.connect(db)
+            before = (await fingerprint(conn), svc.core.state_digest(), svc.core.seq, len(await _journal_rows(db)))
+            bad = [
+                (place(buy, E.BID, 3600, 100_000), "insufficient_funds"),
+                (place(dev, E.ASK, 3600, 200_000), "insufficient_credits"),
+                (place(buy, E.BID, 3600, 1500), "invalid_lot"),
+                (place(buy, E.BID, 0, 1000), "invalid_price"),
+                (place(buy, E.BID, 3600, 0), "invalid_quantity"),
+                ({**place(buy, E.BID, 3600, 1000), "symbol": "NOPE-2023"}, "unknown_instrument"),
+                ({**place(buy, E.BID, 3600, 1000), "tif": E.GTD, "expire_ts": 1}, "invalid_expiry"),
+                ({**place(buy, E.BID, 3500, 1000), "post_only": True}, "post_only_would_take"),
+                ({**place(buy, E.BID, 3400, 1000), "tif": E.FOK}, "fok_not_fillable"),
+                ({**place(buy, E.BID, 3600, 1000), "side": 7}, "invalid_order"),
+                ({**place(buy, E.BID, 3600, 1000), "price": "36.00"}, "invalid_command"),
+                ({"op": "cancel", "account": buy, "order_id": resting.order_id}, "not_found"),
+                ({"op": "amend", "account": dev, "order_id": resting.order_id, "price": 3500, "qty": 500_000},
+                 "insufficient_credits"),
+                ({"op": "withdraw", "account": buy, "amount": 100_001, "ref": "out-1"}, "insufficient_funds"),
+                ({"op": "deposit", "account": buy, "amount": 5, "ref": "bank-1"}, "duplicate_reference"),
+                ({"op": "deposit", "account": buy, "amount": -5, "ref": "bank-2"}, "invalid_command"),
+                ({"op": "halt", "symbol": "NOPE-2023"}, "unknown_instrument"),
+                ({"op": "resume", "symbol": SYMBOL}, "not_halted"),
+                ({"op": "list", "symbol": SYMBOL, "rules": {}}, "instrument_exists"),
+                ({"op": "list", "symbol": "X-2023", "rules": {"rules": {"tick": 0}}}, "invalid_rules"),
+                ({"op": "expire"}, "invalid_command"),
+                ({"op": "teleport"}, "invalid_command"),
+            ]
+            for command, code in bad:
+                out = await svc.submit(command)
+                assert (out.seq, out.code) == (None, code), (command, out)
+            await svc.reconcile()
+            after = (await fingerprint(conn), svc.core.state_digest(), svc.core.seq, len(await _journal_rows(db)))
+            assert after == before
+            await conn.close()
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_payments_are_idempotent_by_reference(db, run):
+    async def main():
+        conn = await asyncpg.connect(db)
+        await world(conn)
+        await ledger.deposit(conn, account="BUY", amount_fen=700, reference="before-the-service")
+        svc = await _started(db)
+        try:
+            buy = await svc.account("BUY")
+            first = await svc.submit({"op": "deposit", "account": buy, "amount": 500, "ref": "bank-9"})
+            again = await svc.submit({"op": "deposit", "account": buy, "amount": 500, "ref": "bank-9"})
+            assert first.accepted and again.duplicate and again.seq is None
+            with pytest.raises(CarbonxError) as err:
+                await svc.submit({"op": "deposit", "account": buy, "amount": 700, "ref": "before-the-service"})
+            assert err.value.code == "duplicate_reference"
+            out = await svc.submit({"op": "withdraw", "account": buy, "amount": 1200, "ref": "out-1"})
+            assert out.accepted and svc.core.cash[buy] == [0, 0]
+            assert await svc.reconcile() == []
+            assert await ledger.balance(conn, "BUY") == 0
+            assert await conn.fetchval("SELECT count(*) FROM payments") == 3
+        finally:
+            await svc.stop()
+            await conn.close()
+
+    run(main())
+
+
+def test_one_service_per_database_and_the_command_line_keeps_off(db, run):
+    async def main():
+        svc, _, _ = await _listed(db)
+        try:
+            with pytest.raises(CarbonxError) as err:
+                await _started(db)
+            assert err.value.code == "service_running"
+            conn = await asyncpg.connect(db)
+            with pytest.raises(CarbonxError) as err:
+                await refuse_while_serving(conn)
+            assert err.value.code == "service_running"
+        finally:
+            await svc.stop()
+        await refuse_while_serving(conn)  # free again once stopped
+        await conn.close()
+
+    run(main())
+
+
+def test_changes_made_while_stopped_are_journaled_at_start(db, run):
+    async def main():
+        svc, dev, buy = await _listed(db)
+        await svc.submit({"op": "deposit", "account": buy, "amount": 50_000, "ref": "bank-1"})
+        await svc.submit(place(dev, E.ASK, 3500, 10_000))
+        await svc.stop()
+        conn = await asyncpg.connect(db)
+        await ledger.deposit(conn, account="BUY", amount_fen=1_000, reference="bank-outside")
+        await registry.issue(conn, project="FOREST", vintage=2023, quantity_kg=7_000)  # to the developer
+        await registry.transfer(conn, from_account="DEV", to_account="BUY", symbol=SYMBOL, quantity_kg=2_000,
+                                cause_ref="gift-1")
+        again = await _started(db)
+        try:
+            last = orjson.loads((await _journal_rows(db))[-1]["command"])
+            assert last["op"] == "adjust"
+            assert last["cash"] == [[buy, 1_000]]
+            assert sorted(last["credits"]) == sorted([[SYMBOL, dev, 5_000], [SYMBOL, buy, 2_000]])
+            assert again.core.cash[buy][0] == 51_000
+            assert await again.reconcile() == []
+            sold = await again.submit(place(buy, E.ASK, 3500, 2_000))  # the gift can be sold now
+            assert sold.accepted
+            assert await again.reconcile() == []
+        finally:
+            await again.stop()
+            await conn.close()
+
+    run(main())
+
+
+def test_gtd_orders_expire_through_a_journaled_command(db, run):
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        svc, _dev, buy = await _listed(db, clock=clock)
+        try:
+            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
+            gtd = await svc.submit({**place(buy, E.BID, 3400, 2000), "tif": E.GTD, "expire_ts": clock.ts + 60_000_000})
+            assert svc.core.cash[buy][1] > 0
+            clock.ts += 61_000_000
+            later = await svc.submit({"op": "deposit", "account": buy, "amount": 1, "ref": "bank-2"})
+            rows = await _journal_rows(db)
+            expire_row = rows[-2]
+            assert orjson.loads(expire_row["command"]) == {"op": "expire"}
+            assert [e[:3] for e in orjson.loads(expire_row["events"])] == [
+                [E.EV_EXPIRED, SYMBOL, gtd.order_id], [E.EV_LEVEL, SYMBOL, E.BID]]
+            assert later.seq == expire_row["seq"] + 1
+            assert svc.core.cash[buy] == [100_001, 0]
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_a_failed_journal_write_stops_the_service_and_loses_nothing_acknowledged(db, run):
+    async def main():
+        svc, _dev, buy = await _listed(db)
+        acked = await svc.submit({"op": "deposit", "account": buy, "amount": 1_000, "ref": "bank-1"})
+        killer = await asyncpg.connect(db)
+        # Kill the journal writer's connection: it is the one holding the service's advisory lock.
+        killed = await killer.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 "
+            "AND granted AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            SERVICE_LOCK_KEY)
+        assert killed == 1
+        with pytest.raises(CarbonxError) as err:
+            await svc.submit({"op": "deposit", "account": buy, "amount": 5, "ref": "bank-2"})
+        assert err.value.code == "unavailable"
+        with pytest.raises(CarbonxError):
+            await svc.submit({"op": "deposit", "account": buy, "amount": 5, "ref": "bank-3"})
+        await svc.stop()
+        await killer.close()
+        again = await _started(db)
+        try:
+            assert again.core.seq == acked.seq
+            assert again.core.cash[buy][0] == 1_000
+            assert await again.reconcile() == []
+        finally:
+            await again.stop()
+
+    run(main())
+
+
+def test_same_day_resale_is_refused_and_allowed_the_next_day(db, run):
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        conn = await asyncpg.connect(db)
+        await world(conn)
+        await conn.close()
+        svc = await _started(db, clock=clock)
+        try:
+            await svc.list_instrument(SYMBOL, {"rules": {"always_open": True}})  # T+1 on by default
+            dev, buy = await svc.account("DEV"), await svc.account("BUY")
+            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
+            await svc.submit(place(dev, E.ASK, 3500, 1000))
+            await svc.submit(place(buy, E.BID, 3500, 1000))
+            assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).code == "insufficient_credits"
+            clock.ts = local_ts(2026, 11, 24, 9, 30)
+            assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).accepted
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
