@@ -36,6 +36,7 @@ log = logging.getLogger("carbonx.service")
 
 SERVICE_LOCK_KEY = 0x0CA2B1  # pg advisory lock held by the running service for its whole life
 EXPIRE = {"op": "expire"}
+ROLL = {"op": "roll"}
 
 
 def now_us() -> int:
@@ -162,6 +163,8 @@ class ExchangeService:
     async def _sequence(self, command: dict) -> Outcome:
         core = self.core
         ts = max(self.clock(), core.ts)
+        if core.roll_due(ts):
+            self._journal(ROLL, core.apply(ROLL, ts), ts)
         if core.expiry_due(ts):
             self._journal(EXPIRE, core.apply(EXPIRE, ts), ts)
         out = core.apply(command, ts)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import orjson
@@ -47,6 +47,7 @@ from matching.risk import (
     market_buy_reservation,
     rounding_allowance,
 )
+from matching.units import round_to_tick, vwap_fen
 
 # Journal events beyond the book's (book events gain the symbol after the type; see module doc).
 EV_DEPOSIT = 20  # (20, account, amount, reference)
@@ -56,6 +57,7 @@ EV_HALTED = 31  # (31, symbol)
 EV_RESUMED = 32  # (32, symbol)
 EV_CASH_ADJUSTED = 33  # (33, account, delta)            external change found at start-up
 EV_CREDITS_ADJUSTED = 34  # (34, symbol, account, delta)  external change found at start-up
+EV_CLOSE = 35  # (35, symbol, trading_day, close, volume): the day's VWAP, next day's reference price
 
 # Book events in the journal carry the symbol after the type, and closing events say whose order
 # it was: (1, symbol, order_id, account, side, price, qty) accepted; (4, symbol, order_id,
@@ -82,6 +84,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "halt": ("symbol",),
     "resume": ("symbol",),
     "expire": (),
+    "roll": (),
     "adjust": ("cash", "credits"),
 }
 
@@ -227,11 +230,14 @@ class ExchangeCore:
         self.payments: dict[str, list] = {}
         self.trade_ids: dict[str, int] = {}
         self._gtd: list[tuple[int, int]] = []
+        # The current trading day's trades per symbol: [sum of price * qty, sum of qty].
+        self.day_stats: dict[str, list[int]] = {}
+        self.stats_day = 0
         self._ops = {
             "place": self._place, "cancel": self._cancel, "amend": self._amend,
             "deposit": self._deposit, "withdraw": self._withdraw, "list": self._list,
             "halt": self._halt, "resume": self._resume, "expire": self._expire,
-            "adjust": self._adjust,
+            "adjust": self._adjust, "roll": self._roll,
         }
 
     # ---- the one entry point ---------------------------------------------------------------
@@ -486,6 +492,13 @@ class ExchangeCore:
 
         trade_id = self.trade_ids[symbol] + 1
         self.trade_ids[symbol] = trade_id
+        stats = self.day_stats.get(symbol)
+        if stats is None:
+            stats = self.day_stats[symbol] = [0, 0]
+            if not self.stats_day:
+                self.stats_day = trading_day(ts)
+        stats[0] += price * qty
+        stats[1] += qty
         return (E.EV_TRADE, symbol, trade_id, taker_id, maker_id, buyer, seller, taker_side, price,
                 qty, value, buyer_fee, seller_fee)
 
@@ -509,6 +522,31 @@ class ExchangeCore:
         if pos[P_LOCKED] and pos[P_LOCKED_DAY] < trading_day(ts):
             pos[P_AVAILABLE] += pos[P_LOCKED]
             pos[P_LOCKED] = pos[P_LOCKED_DAY] = 0
+
+    def roll_due(self, ts: int) -> bool:
+        """Whether `ts` falls on a later trading day than the trades not yet closed (the service
+        then applies ``roll``)."""
+        return bool(self.day_stats) and trading_day(ts) > self.stats_day
+
+    def _roll(self, c: dict, ts: int) -> Outcome:
+        """Close the trading day: each traded instrument's volume-weighted average price, rounded
+        half-up to its tick, becomes its reference price (the centre of the price band)."""
+        if not self.roll_due(ts):
+            raise Rejected("invalid_command", "no trading day to close")
+        self.seq += 1
+        out = []
+        for symbol in sorted(self.day_stats):
+            pq, q = self.day_stats[symbol]
+            listing = self.listings[symbol]
+            tick = listing.rules.tick
+            close = min(round_to_tick(vwap_fen(pq, q), tick), listing.rules.max_price)
+            rules = replace(listing.rules, reference_price=close)
+            self.engine.set_rules(symbol, rules)
+            self.listings[symbol] = replace(listing, rules=rules)
+            out.append((EV_CLOSE, symbol, self.stats_day, close, q))
+        self.day_stats = {}
+        self.stats_day = 0
+        return self._accept(ts, out)
 
     # ---- cash --------------------------------------------------------------------------------
 
@@ -680,6 +718,8 @@ class ExchangeCore:
             "orders": sorted([k, *o] for k, o in self.orders.items()),
             "coids": sorted([a, k, *v] for a, m in self.coids.items() for k, v in m.items()),
             "payments": sorted([k, *v] for k, v in self.payments.items()),
+            # sum of price * qty as text: a long day could pass orjson's 64-bit integers
+            "day": [self.stats_day, sorted([s, str(pq), q] for s, (pq, q) in self.day_stats.items())],
         }
 
     def snapshot(self) -> bytes:
@@ -715,6 +755,8 @@ class ExchangeCore:
         for account, coid, *v in state["coids"]:
             core.coids.setdefault(account, {})[coid] = v
         core.payments = {k: v for k, *v in state["payments"]}
+        core.stats_day = state["day"][0]
+        core.day_stats = {s: [int(pq), q] for s, pq, q in state["day"][1]}
         core._gtd = [(o[O_EXPIRE], k) for k, o in core.orders.items() if o[O_EXPIRE]]
         heapq.heapify(core._gtd)
         return core

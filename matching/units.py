@@ -101,3 +101,13 @@ def reserve_value_fen(price_fen_per_tonne: int, qty_kg: int) -> int:
 def fee_fen(value_fen: int, rate_bp: int) -> int:
     """A fee of `rate_bp` basis points on `value_fen`, rounded half-up to the fen."""
     return (value_fen * rate_bp * 2 + 10_000) // 20_000
+
+
+def vwap_fen(sum_price_qty: int, sum_qty: int) -> int:
+    """Volume-weighted average price in fen per tonne, half-up, from sum(price × qty) and sum(qty)."""
+    return (2 * sum_price_qty + sum_qty) // (2 * sum_qty)
+
+
+def round_to_tick(price: int, tick: int) -> int:
+    """`price` rounded half-up to a multiple of `tick` (at least one tick)."""
+    return max((2 * price + tick) // (2 * tick) * tick, tick)
