@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from matching import events as E
 from matching.core import EV_DEPOSIT, EV_WITHDRAWAL
+from matching.units import trade_value_fen
 
 AVAILABLE = "available"
 ENCUMBERED = "encumbered"
@@ -83,8 +84,29 @@ class Plan:
         return {m.symbol for m in self.moves}
 
 
+class MalformedEntry(ValueError):
+    """A journal entry that cannot be settled as it stands; nothing of its batch is applied."""
+
+
+def check_trade(ev: list) -> None:
+    """Refuse a trade record that is not what the core would have written."""
+    if len(ev) != 13 or not isinstance(ev[1], str) or not all(type(x) is int for x in ev[2:]):
+        raise MalformedEntry(f"trade record has the wrong shape: {ev!r}")
+    _, symbol, tid, _, _, buyer, seller, side, price, qty, value, bfee, sfee = ev
+    if tid <= 0 or price <= 0 or qty <= 0 or bfee < 0 or sfee < 0 or side not in (E.BID, E.ASK):
+        raise MalformedEntry(f"trade {symbol}:{tid}: id, price, quantity, side and fees must be in range")
+    if buyer <= 0 or seller <= 0:
+        raise MalformedEntry(f"trade {symbol}:{tid}: buyer and seller must be accounts")
+    if value != trade_value_fen(price, qty):
+        raise MalformedEntry(f"trade {symbol}:{tid}: value {value} is not price × quantity "
+                             f"({trade_value_fen(price, qty)})")
+    if bfee > value or sfee > value:
+        raise MalformedEntry(f"trade {symbol}:{tid}: a fee above the trade's value")
+
+
 def plan(entries: Iterable[tuple[int, int, list]]) -> Plan:
-    """The database work for journal `entries` given as (seq, ts, events) in sequence order."""
+    """The database work for journal `entries` given as (seq, ts, events) in sequence order;
+    raises MalformedEntry for a trade record the core could not have written."""
     out = Plan()
     payments, trades, moves = out.payments, out.trades, out.moves
     for seq, ts, events in entries:
@@ -92,6 +114,7 @@ def plan(entries: Iterable[tuple[int, int, list]]) -> Plan:
         for ev in events:
             kind = ev[0]
             if kind == E.EV_TRADE:
+                check_trade(ev)
                 _, symbol, tid, _, _, buyer, seller, _, price, qty, value, bfee, sfee = ev
                 t = Trade(seq, ts, symbol, tid, buyer, seller, price, qty, value, bfee, sfee)
                 trades.append(t)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from exchange.cli import accounts, cash, db, demo, registry, replay, serve
+from exchange.cli import accounts, cash, clearing, db, demo, registry, replay, serve
 
 app = typer.Typer(
     name="carbonx",
@@ -25,6 +25,8 @@ app.add_typer(accounts.app, name="accounts", help="Participants' accounts and AP
 app.add_typer(cash.app, name="cash", help="Cash deposits, withdrawals and balances (double entry).")
 app.command(name="demo")(demo.demo)
 app.command(name="serve")(serve.serve)
+app.command(name="reconcile")(clearing.reconcile)
+app.add_typer(clearing.app, name="clearing", help="Settlement: end-of-day reports, settling a stopped exchange.")
 app.registered_commands.extend(replay.app.registered_commands)
 
 
