@@ -79,7 +79,10 @@ def report(
 
 
 @app.command()
-def settle(data_dir: DataDir = None) -> None:
+def settle(
+    data_dir: DataDir = None,
+    batch: Annotated[int, typer.Option(min=1, max=100_000, help="Journal entries per transaction.")] = projector.BATCH,
+) -> None:
     """Apply journaled but unsettled entries to the registry and ledger (the service does this
     itself; this is for a stopped exchange)."""
 
@@ -87,7 +90,7 @@ def settle(data_dir: DataDir = None) -> None:
         start = await projector.position(conn)
         end = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM journal")
         done = 0
-        while n := await projector.project(conn):
+        while n := await projector.project(conn, batch):
             done += n
             if end - start >= 50_000:
                 sys.stderr.write(f"\rsettling: {done:,}/{end - start:,}")
