@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -154,13 +154,23 @@ class ExchangeService:
 
     async def submit(self, command: dict) -> Outcome:
         """Apply `command` (a core command dict with account ids) and wait until it is durable."""
-        if not self._running:
-            raise CarbonxError("unavailable", "the exchange service is not running") from self._failure
+        await self.prepare(command)
+        out, durable = self.apply(command)
+        await durable
+        return out
+
+    async def prepare(self, command: dict) -> None:
+        """The database look-ups a command needs before it is sequenced (a payment reference
+        recorded before the service existed is refused like any duplicate)."""
         if command.get("op") in ("deposit", "withdraw"):
             await self._check_reference_unused(command)
-        return await self._sequence(command)
 
-    async def _sequence(self, command: dict) -> Outcome:
+    def apply(self, command: dict) -> tuple[Outcome, Awaitable[None]]:
+        """Sequence `command` now, synchronously, and return its outcome with an awaitable that
+        completes once it (and everything before it) is durable. Callers that must keep their own
+        arrival order (a connection's commands) call this in that order and await afterwards."""
+        if not self._running:
+            raise CarbonxError("unavailable", "the exchange service is not running") from self._failure
         core = self.core
         ts = max(self.clock(), core.ts)
         if core.roll_due(ts):
@@ -170,9 +180,11 @@ class ExchangeService:
         out = core.apply(command, ts)
         if out.seq is not None:
             self._journal(command, out, ts)
-        wait = self._future if self._rows else self._inflight
-        if wait is not None:
-            await asyncio.shield(wait)
+        return out, asyncio.shield(self._settled_future())
+
+    async def _sequence(self, command: dict) -> Outcome:
+        out, durable = self.apply(command)
+        await durable
         return out
 
     def _journal(self, command: dict, out: Outcome, ts: int) -> None:
@@ -181,9 +193,9 @@ class ExchangeService:
             self._future = asyncio.get_running_loop().create_future()
             self._wake.set()
 
-    async def settle(self) -> None:
-        """Wait until everything applied so far is durable."""
-        await asyncio.shield(self._settled_future())
+    def settle(self) -> Awaitable[None]:
+        """Completes when everything applied so far is durable."""
+        return asyncio.shield(self._settled_future())
 
     def _settled_future(self) -> asyncio.Future:
         fut = self._future if self._rows else self._inflight

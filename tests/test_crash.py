@@ -763,9 +763,6 @@ def test_sigkill_during_startup_recovery(harness):
     assert sum(not k.ready for k in startup) >= 3, "start-up kills must land before the service is ready"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "serve --stdio answers {op: digest} after settle() but with the live core's seq and digest, which may "
-    "include commands not yet durable; after SIGKILL the journal can end before the answered seq (found by this test)"))
 def test_digest_answers_name_durable_states(harness):
     """A `digest` answered under load describes a journal position that survives a crash."""
     began = time.perf_counter()

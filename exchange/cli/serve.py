@@ -3,8 +3,9 @@
 Start-up recovers the core from the journal (with a progress line on stderr when it is long),
 settles anything journaled but not yet applied to the registry and ledger, prints the state
 digest, and then serves. Until the network API exists, ``--stdio`` takes commands as JSON lines
-on stdin and answers each with one JSON line on stdout once it is durable (answers come in
-completion order; match them by ``id``). A command is a core command (matching/core.py) whose
+on stdin and answers each with one JSON line on stdout once it is durable. Commands are
+sequenced in the order their lines arrive (later lines do not wait for earlier answers); answers
+come as they become durable, so match them by ``id``. A command is a core command (matching/core.py) whose
 ``account`` is an account code, e.g.::
 
     {"id": 1, "op": "deposit", "account": "BUY", "amount": 100000, "ref": "bank-7"}
@@ -24,6 +25,7 @@ import contextlib
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from typing import Annotated, Any
 
 import orjson
@@ -34,6 +36,7 @@ from exchange.config import load_settings
 from exchange.database import prepare_database
 from exchange.errors import CarbonxError
 from exchange.service import ExchangeService, describe_outcome
+from matching.core import Outcome
 
 
 class _Progress:
@@ -55,7 +58,13 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-async def _answer(service: ExchangeService, msg: Any) -> dict[str, Any]:
+def _reply(ident: Any, out: Outcome) -> dict[str, Any]:
+    return {"id": ident, **describe_outcome(out)}
+
+
+async def _handle(service: ExchangeService, msg: Any) -> Awaitable[dict[str, Any]] | dict[str, Any]:
+    """Sequence one command now, in arrival order; return its answer, or an awaitable of it when
+    the answer must wait for durability (so later lines need not wait for this one)."""
     if not isinstance(msg, dict):
         return {"code": "invalid_command", "detail": "each line must be a JSON object"}
     msg = dict(msg)
@@ -63,19 +72,28 @@ async def _answer(service: ExchangeService, msg: Any) -> dict[str, Any]:
     try:
         op = msg.get("op")
         if op == "digest":
-            await service.settle()
-            return {"id": ident, "seq": service.core.seq, "digest": service.core.state_digest()}
+            # Read now, in order; answer once this state is durable.
+            seq, digest = service.core.seq, service.core.state_digest()
+            return _after(service.settle(), {"id": ident, "seq": seq, "digest": digest})
         if op == "reconcile":
             return {"id": ident, "problems": await service.reconcile()}
         if isinstance(msg.get("account"), str):
             msg["account"] = await service.account(msg["account"])
         if op == "list":
-            out = await service.list_instrument(msg.get("symbol"), msg.get("rules"))
-        else:
-            out = await service.submit(msg)
-        return {"id": ident, **describe_outcome(out)}
+            return _reply(ident, await service.list_instrument(msg.get("symbol"), msg.get("rules")))
+        await service.prepare(msg)
+        out, durable = service.apply(msg)
+        return _after(durable, _reply(ident, out))
     except CarbonxError as e:
         return {"id": ident, "seq": None, "code": e.code, "detail": e.message}
+
+
+async def _after(durable: Awaitable[None], answer: dict[str, Any]) -> dict[str, Any]:
+    try:
+        await durable
+    except CarbonxError as e:
+        return {"id": answer.get("id"), "seq": None, "code": e.code, "detail": e.message}
+    return answer
 
 
 async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
@@ -85,22 +103,29 @@ async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
     out = sys.stdout.buffer
     pending: set[asyncio.Task] = set()
 
-    async def one(line: bytes) -> None:
-        try:
-            msg = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            reply: dict[str, Any] = {"code": "invalid_json", "detail": "not a JSON line"}
-        else:
-            reply = await _answer(service, msg)
+    def write(reply: dict[str, Any]) -> None:
         out.write(orjson.dumps(reply) + b"\n")
         out.flush()
+
+    async def deliver(answer: Awaitable[dict[str, Any]]) -> None:
+        write(await answer)
 
     while not stop.is_set():
         line = await reader.readline()
         if not line:
             break
-        if line.strip():
-            task = asyncio.create_task(one(line))
+        if not line.strip():
+            continue
+        try:
+            msg = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            write({"code": "invalid_json", "detail": "not a JSON line"})
+            continue
+        answer = await _handle(service, msg)
+        if isinstance(answer, dict):
+            write(answer)
+        else:
+            task = asyncio.create_task(deliver(answer))
             pending.add(task)
             task.add_done_callback(pending.discard)
     if pending:
