@@ -190,7 +190,7 @@ def test_settlement_survives_sigkill_mid_batch_exactly_once(db, run, tmp_path):
             await svc.stop()
 
     trades = run(journal_trades())
-    entries = run(_last_seq(db))
+    entries = run(_ask(db, journal.last_seq))
     assert trades > 3000
     env = {**os.environ, "DATABASE_URL": db}
     kills, attempts, progress = 0, 0, []
@@ -209,7 +209,7 @@ def test_settlement_survives_sigkill_mid_batch_exactly_once(db, run, tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
-        progress.append(run(_position(db)))
+        progress.append(run(_ask(db, projector.position)))
     done = subprocess.run([sys.executable, "-m", "exchange", "clearing", "settle", "--data-dir", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -230,18 +230,11 @@ def test_settlement_survives_sigkill_mid_batch_exactly_once(db, run, tmp_path):
     print(f"settling killed {kills} times; positions after each attempt: {progress}")
 
 
-async def _last_seq(db: str) -> int:
+async def _ask(db: str, question) -> int:
+    """`question(conn)` on a short-lived connection to `db`."""
     conn = await asyncpg.connect(db)
     try:
-        return await journal.last_seq(conn)
-    finally:
-        await conn.close()
-
-
-async def _position(db: str) -> int:
-    conn = await asyncpg.connect(db)
-    try:
-        return await projector.position(conn)
+        return await question(conn)
     finally:
         await conn.close()
 
