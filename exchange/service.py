@@ -80,6 +80,11 @@ class ExchangeService:
         self._rows: list[journal.Row] = []
         self._future: asyncio.Future | None = None
         self._inflight: asyncio.Future | None = None
+        # One future per caller rather than a shield around the batch's: cheaper, and a caller
+        # that gives up cancels only its own.
+        self._waiters: list[asyncio.Future] = []
+        self._inflight_waiters: list[asyncio.Future] = []
+        self._backlog = False  # rows that waited through the previous commit: flush them at once
         self._wake = asyncio.Event()
         self._project_wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
@@ -180,7 +185,7 @@ class ExchangeService:
         out = core.apply(command, ts)
         if out.seq is not None:
             self._journal(command, out, ts)
-        return out, asyncio.shield(self._settled_future())
+        return out, self._waiter()
 
     async def _sequence(self, command: dict) -> Outcome:
         out, durable = self.apply(command)
@@ -196,6 +201,16 @@ class ExchangeService:
     def settle(self) -> Awaitable[None]:
         """Completes when everything applied so far is durable."""
         return asyncio.shield(self._settled_future())
+
+    def _waiter(self) -> asyncio.Future:
+        w = asyncio.get_running_loop().create_future()
+        if self._rows:
+            self._waiters.append(w)
+        elif self._inflight is not None:
+            self._inflight_waiters.append(w)
+        else:
+            w.set_result(None)
+        return w
 
     def _settled_future(self) -> asyncio.Future:
         fut = self._future if self._rows else self._inflight
@@ -242,10 +257,12 @@ class ExchangeService:
                         return
                     self._wake.clear()
                     continue
-                if self.flush_interval and len(self._rows) < self.max_batch and self._inflight is None:
+                if self.flush_interval and len(self._rows) < self.max_batch and not self._backlog:
                     await asyncio.sleep(self.flush_interval)  # let more commands join this commit
                 rows, fut = self._rows, self._future
                 self._rows, self._future = [], None
+                waiters, self._waiters = self._waiters, []
+                self._inflight_waiters = waiters
                 self._wake.clear()
                 self._inflight = fut
                 snap = None
@@ -259,7 +276,12 @@ class ExchangeService:
                     raise
                 self.durable_seq = rows[-1][0]
                 self._inflight = None
+                self._inflight_waiters = []
+                self._backlog = bool(self._rows)
                 fut.set_result(None)
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
                 for listener in self.listeners:
                     listener(rows)
                 self._project_wake.set()
@@ -290,11 +312,12 @@ class ExchangeService:
         self._closing = True
         self._wake.set()
         self._project_wake.set()
-        for f in (fut, self._future, self._inflight):
+        for f in (fut, self._future, self._inflight, *self._waiters, *self._inflight_waiters):
             if f is not None and not f.done():
                 f.set_exception(CarbonxError("unavailable", f"the journal could not be written: {exc}"))
                 f.exception()  # mark retrieved: the callers hear it through their await
         self._future = self._inflight = None
+        self._waiters, self._inflight_waiters = [], []
         self._rows = []
 
     # ---- database views used at start-up -----------------------------------------------------
