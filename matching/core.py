@@ -246,9 +246,14 @@ class ExchangeCore:
         """Apply one command at time `ts` (UTC µs, never earlier than the previous command's)."""
         if type(ts) is not int or ts < self.ts:
             return Outcome(None, [], "invalid_command", "time must not go backwards")
-        handler = self._ops.get(command.get("op")) if isinstance(command, dict) else None
+        op = command.get("op") if isinstance(command, dict) else None
+        handler = self._ops.get(op) if isinstance(op, str) else None
         if handler is None:
             return Outcome(None, [], "invalid_command", "unknown op")
+        if op != "expire" and self.expiry_due(ts):
+            # Expiring inside another command would make its rejection change state; the caller
+            # (the service) applies ``expire`` first, as its own journal entry.
+            return Outcome(None, [], "expiry_due", "apply the due expire command first")
         try:
             return handler(command, ts)
         except Rejected as r:
@@ -270,7 +275,7 @@ class ExchangeCore:
     def _place(self, c: dict, ts: int) -> Outcome:
         account = _need_int(c, "account", 1)
         symbol = c.get("symbol")
-        listing = self.listings.get(symbol)  # type: ignore[arg-type]
+        listing = self.listings.get(symbol) if isinstance(symbol, str) else None
         if listing is None:
             raise Rejected("unknown_instrument", f"no instrument {symbol!r}")
         side = c.get("side")
@@ -593,6 +598,8 @@ class ExchangeCore:
             for h in holdings
         ):
             raise Rejected("invalid_command", "holdings must be [[account, kg], ...] with positive values")
+        if len({h[0] for h in holdings}) != len(holdings):
+            raise Rejected("invalid_command", "an account appears twice in holdings")
         self.seq += 1
         self.engine.add_instrument(symbol, listing.rules)
         self.listings[symbol] = listing
@@ -602,7 +609,7 @@ class ExchangeCore:
 
     def _halt(self, c: dict, ts: int) -> Outcome:
         symbol = c.get("symbol")
-        if symbol not in self.listings:
+        if not isinstance(symbol, str) or symbol not in self.listings:
             raise Rejected("unknown_instrument", f"no instrument {symbol!r}")
         if self.engine.is_halted(symbol):
             raise Rejected("already_halted", f"{symbol} is halted already")
@@ -612,7 +619,7 @@ class ExchangeCore:
 
     def _resume(self, c: dict, ts: int) -> Outcome:
         symbol = c.get("symbol")
-        if symbol not in self.listings:
+        if not isinstance(symbol, str) or symbol not in self.listings:
             raise Rejected("unknown_instrument", f"no instrument {symbol!r}")
         if not self.engine.is_halted(symbol):
             raise Rejected("not_halted", f"{symbol} is not halted")
@@ -627,7 +634,8 @@ class ExchangeCore:
         cash_ok = isinstance(cash, list) and all(
             isinstance(x, list) and len(x) == 2 and all(map(_is_int, x)) for x in cash)
         credits_ok = isinstance(credits, list) and all(
-            isinstance(x, list) and len(x) == 3 and x[0] in self.listings and _is_int(x[1]) and _is_int(x[2])
+            isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and x[0] in self.listings
+            and _is_int(x[1]) and _is_int(x[2])
             for x in credits)
         if not (cash_ok and credits_ok):
             raise Rejected("invalid_command",
