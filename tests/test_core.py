@@ -13,32 +13,44 @@ account's orders; bad listings are refused. Every rejected command is checked to
 ``state_digest()`` unchanged.
 
 Property tests (hypothesis) drive random command streams over two instruments (one with T+1, one
-without, both with fees; lot 1 t and lot 100 kg) and four accounts, over several Shanghai days:
-deposits and withdrawals (with reused references), limit and market orders of every time in force
-including GTD, post-only, resends of client order ids, cancels and amends (also by the wrong
-account), halts and resumes, and an ``expire`` whenever ``expiry_due``. After every command:
-``check_invariants()`` is empty; a rejected command or a duplicate leaves ``state_digest()``
-unchanged and journal events never contain a book reject; every account's cash and credits equal
-an independent model rebuilt from the journal events alone (so nothing is ever negative); sellable
-credits equal holdings minus open sells minus what was bought that Shanghai day (T+1), and a sell
-or buy is refused for lack of credits or cash exactly when the model says so. At the end: cash is
-conserved (balances + fees == deposits - withdrawals), credits are conserved per instrument, trade
-ids run 1, 2, 3... per instrument, replaying the accepted commands into a fresh core reproduces
-every outcome and the digest, and ``restore(snapshot())`` (also across engines) gives the same
-digest and, continued with the rest of the stream in lockstep with the original, the same events.
-A differential test runs the same streams on the Cython and the reference core in lockstep.
+without, both with fees, the maker fee above the taker fee on one; lot 1 t and lot 100 kg) and four
+accounts with small purses and holdings, over several Shanghai days (starting at 22:00, so that the
+Shanghai and UTC dates differ for hours): deposits and withdrawals (reusing references), limit and
+market orders of every time in force including GTD, post-only, quantities and cash caps at the edge
+of what the account has, resends of client order ids, cancels and amends (also by the wrong
+account), halts and resumes, time jumping exactly to the next GTD expiry, and ``expire`` whenever
+``expiry_due`` (any other command first, which must be refused with ``expiry_due``). After every
+command: ``check_invariants()`` is empty; a rejected command or a duplicate leaves
+``state_digest()`` unchanged; journal events hold no book reject and expiries only under
+``expire``; cash and credits of every account equal an independent model rebuilt from the journal
+events alone (so nothing is ever negative); fees and values are half-up by role; a limit buy that
+rests untouched holds exactly its ``buy_reservation``; and the outcome is the one the specification
+gives from the model: refused for lack of cash (``buy_reservation`` / ``market_buy_reservation`` /
+amend difference against ``balance - reserved``) or of credits (held - open sells - bought that
+Shanghai day under T+1) exactly when it lacks them, withdrawals likewise, duplicates of payment
+references and client order ids answered with the earlier result or refused, ``not_found`` for
+another account's order, cancels always accepted, halts/resumes and ``expire`` accepted exactly when
+they apply. At the end: cash is conserved (balances + fees == deposits - withdrawals), credits are
+conserved per instrument, trade ids run 1, 2, 3... per instrument, replaying the accepted commands
+into a fresh core reproduces every outcome and the digest, and ``restore(snapshot())`` (also across
+engines) gives the same digest and, continued with the rest of the stream in lockstep with the
+original, the same outcomes and digests. A differential test runs the same streams on the Cython
+and the reference core in lockstep (outcomes and digests after every command).
 
 The tests under "bugs found" reproduce core bugs these tests found (since fixed in the core).
 """
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from matching import events as E
@@ -620,53 +632,58 @@ def opening() -> list[dict]:
     return cmds + [deposit(a, OPENING_CASH[a], f"open-{a}") for a in ACCOUNTS]
 
 
-def _delta(kind_and_n: tuple[int, int]) -> int:
-    """Time between commands: mostly none or seconds, sometimes minutes or a day, or up to the next
-    GTD expiry exactly."""
-    kind, n = kind_and_n
-    if kind < 10:
-        return 0
-    if kind < 15:
-        return n * 100_000  # up to 100 s
-    if kind < 18:
-        return n * MINUTE // 4  # up to ~4 h
-    if kind < 19:
-        return n * HOUR // 40  # up to 25 h
-    return NEXT_EXPIRY
-
-
-# Simplest values, which hypothesis draws often, make an ordinary valid order.
-accounts = st.sampled_from(ACCOUNTS)
-symbols = st.sampled_from(SYMBOLS)
-place_ops = st.tuples(
-    st.just("place"), accounts, symbols, st.sampled_from((E.BID, E.ASK)),
-    st.integers(0, 4),  # 4: market order
-    st.integers(-80, 80),  # price - 1000 (buys a little higher, sells a little lower)
-    st.integers(1, 6),  # lots
-    st.sampled_from((E.GTC, E.GTC, E.IOC, E.FOK, E.GTD)),
-    st.integers(0, 4),  # 4: post-only
-    st.integers(1, 3000),  # GTD life in minutes
-    st.integers(0, 29),  # 9: one lot on CCER (below its minimum), 10: half a lot more, 11: off the tick,
-    # 12..15: quantity or cash cap at the edge of what the account has
-    st.integers(0, 6000),  # 6000 - market buy cash cap (a cap of 0 is invalid)
-    st.integers(0, 80),  # client order id c0..c20, none above
-)
-picks = st.integers(0, 1000)
-others = st.integers(0, 5)  # 5: act as an account that does not own the order
-OPS = {
-    "place": place_ops,
-    "cancel": st.tuples(st.just("cancel"), picks, others),
-    "amend": st.tuples(st.just("amend"), picks, others, st.integers(-80, 80), st.integers(1, 6), st.integers(0, 29)),
-    "pay": st.tuples(st.just("pay"), st.sampled_from(("deposit", "withdraw")), accounts, st.integers(1, 20_000),
-                     st.integers(0, 40)),  # reference r0..r40
-    "resend": st.tuples(st.just("resend"), picks),
-    "halt": st.tuples(st.just("halt"), symbols, st.integers(1, 8)),  # resumed that many steps later
-    "expire": st.just(("expire",)),
-}
 OP_MIX = ("place",) * 16 + ("amend",) * 2 + ("pay",) * 2 + ("cancel", "resend", "halt", "expire")
-ops = st.sampled_from(OP_MIX).flatmap(OPS.__getitem__)
-deltas = st.tuples(st.integers(0, 19), st.integers(1, 1000)).map(_delta)
-steps = st.integers(0, 100).flatmap(lambda n: st.lists(st.tuples(deltas, ops), min_size=n, max_size=n))
+
+
+def random_step(seed: int) -> tuple[int, tuple]:
+    """One step of a stream, from a seed: the time that passes before it, and the operation (made into
+    a command by Stream.command, which may look at the core's open orders and at the model).
+
+    Hypothesis draws one seed per step (cheap to generate and to shrink: it deletes steps and tries
+    simpler seeds); a failing example's concrete commands are printed as a note."""
+    r = random.Random(seed)
+    dt_kind = r.randrange(20)
+    if dt_kind < 10:
+        dt = 0
+    elif dt_kind < 15:
+        dt = r.randint(1, 1000) * 100_000  # up to 100 s
+    elif dt_kind < 18:
+        dt = r.randint(1, 1000) * MINUTE // 4  # up to ~4 h
+    elif dt_kind < 19:
+        dt = r.randint(1, 1000) * HOUR // 40  # up to 25 h
+    else:
+        dt = NEXT_EXPIRY
+    kind = r.choice(OP_MIX)
+    if kind == "place":
+        op: tuple = (
+            "place", r.choice(ACCOUNTS), r.choice(SYMBOLS), r.choice((E.BID, E.ASK)),
+            r.randrange(5),  # 4: market order
+            r.randint(-80, 80),  # price - 1000 (buys a little higher, sells a little lower)
+            r.randint(1, 6),  # lots
+            r.choice((E.GTC, E.GTC, E.IOC, E.FOK, E.GTD)),
+            r.randrange(5),  # 4: post-only
+            r.randint(1, 3000),  # GTD life in minutes
+            r.randrange(30),  # 9: one lot on CCER (below its minimum), 10: half a lot more, 11: off the tick,
+            # 12..15: quantity or cash cap at the edge of what the account has
+            r.randint(0, 6000),  # 6000 - market buy cash cap (a cap of 0 is invalid)
+            r.randrange(80),  # client order id c0..c20, none above
+        )
+    elif kind == "cancel":
+        op = ("cancel", r.randrange(1000), r.randrange(6))  # 5: as an account that does not own the order
+    elif kind == "amend":
+        op = ("amend", r.randrange(1000), r.randrange(6), r.randint(-80, 80), r.randint(1, 6), r.randrange(30))
+    elif kind == "pay":
+        op = ("pay", r.choice(("deposit", "withdraw")), r.choice(ACCOUNTS), r.randint(1, 20_000), r.randrange(40))
+    elif kind == "resend":
+        op = ("resend", r.randrange(1000))
+    elif kind == "halt":
+        op = ("halt", r.choice(SYMBOLS), r.randint(1, 8))  # resumed that many steps later
+    else:
+        op = ("expire",)
+    return dt, op
+
+
+steps = st.integers(0, 150).flatmap(lambda n: st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n))
 
 
 def _price(symbol: str, offset: int, wild: int) -> int:
@@ -785,6 +802,7 @@ class Stream:
         self.steps = 0
         self.resume_at: dict[str, int] = {}  # halted instruments resume at that step
         self.opened = False
+        self.trace: list[tuple[int, dict, Outcome]] = []  # every command applied, for the report
         for cmd in opening():
             assert self.apply(cmd).seq is not None
         self.opened = True
@@ -793,23 +811,28 @@ class Stream:
     def core(self) -> ExchangeCore:
         return self.cores[0]
 
-    def step(self, dt: int, op: tuple) -> None:
+    def step(self, seed: int) -> None:
         core, model = self.core, self.model
+        dt, op = random_step(seed)
         if dt == NEXT_EXPIRY:
             later = [at for oid, at in model.expiry.items() if oid in core.orders and at > self.ts]
             self.ts = min(later, default=self.ts + 1_000_000)
         else:
             self.ts += dt
         self.steps += 1
+        cmd = self.command(op)
+        due = model.due(core, self.ts)
+        assert [c.expiry_due(self.ts) for c in self.cores] == [due] * len(self.cores)
+        if due:  # the service's order: the due expiry first, as its own command; any other is refused
+            if cmd is not EXPIRE:
+                self.apply(cmd, ("code", "expiry_due"))
+            out = self.apply(EXPIRE)
+            assert out.seq is not None and of_kind(out, E.EV_EXPIRED)
         for symbol in SYMBOLS:
             if self.resume_at.get(symbol) == self.steps:
                 del self.resume_at[symbol]
                 assert self.apply({"op": "resume", "symbol": symbol}).seq is not None
-        assert [c.expiry_due(self.ts) for c in self.cores] == [model.due(core, self.ts)] * len(self.cores)
-        if model.due(core, self.ts):
-            out = self.apply(EXPIRE)
-            assert out.seq is not None and of_kind(out, E.EV_EXPIRED)
-        self.apply(self.command(op))
+        self.apply(cmd)
         assert not model.due(core, self.ts)  # no GTD order outlives its expiry
 
     def command(self, op: tuple) -> dict:
@@ -916,14 +939,14 @@ class Stream:
             need = buy_reservation(cmd["price"], qty, LOT[symbol], _fee_bp(symbol))
         return ("unless", "insufficient_funds", need <= model.free(core, account))
 
-    def apply(self, cmd: dict) -> Outcome:
+    def apply(self, cmd: dict, expect: tuple | None = None) -> Outcome:
         core, ts = self.core, self.ts
-        if cmd.get("op") != "expire" and core.expiry_due(ts):
-            self.apply({"op": "expire"})  # the service's order: due expiries first, as their own entry
         before = core.state_digest()
-        expect = self.expect(cmd) if self.opened else ()
+        if expect is None:
+            expect = self.expect(cmd) if self.opened else ()
         outs = [c.apply(cmd, ts) for c in self.cores]
         out = outs[0]
+        self.trace.append((ts, cmd, out))
         for other in outs[1:]:
             assert outcome(other) == outcome(out), cmd
         digest = core.state_digest()
@@ -975,6 +998,12 @@ class Stream:
                 if not LISTINGS[symbol]["t1"]:
                     assert locked == 0
 
+    def describe(self) -> str:
+        def result(out: Outcome) -> object:
+            return out.code or ("duplicate" if out.duplicate else out.seq)
+
+        return "\n".join(f"{(ts - START) / 1e6:>10.1f} s  {cmd}  ->  {result(out)}" for ts, cmd, out in self.trace)
+
     def finish(self) -> None:
         core, model = self.core, self.model
         assert sum(balance for balance, _ in core.cash.values()) + model.fees == model.net_payments
@@ -992,38 +1021,49 @@ def replay(log: list[tuple[dict, int, Outcome]], engine: str) -> ExchangeCore:
     return fresh
 
 
+@contextmanager
+def reported(stream: Stream) -> Iterator[None]:
+    """On failure, show the commands the stream applied (hypothesis prints notes of the final example)."""
+    try:
+        yield
+    except BaseException:
+        note("commands (time from the start, command, code or sequence number):\n" + stream.describe())
+        raise
+
+
 SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 
 
-@settings(max_examples=100, **SETTINGS)
-@given(steps=steps, split=st.integers(0, 100))
-def test_random_streams_keep_the_core_consistent_replayable_and_restorable(steps, split):
+@settings(max_examples=200, **SETTINGS)
+@given(seeds=steps, split=st.integers(0, 150))
+def test_random_streams_keep_the_core_consistent_replayable_and_restorable(seeds, split):
     stream = Stream([ExchangeCore("cython")])
-    split = min(split, len(steps))
-    for dt, op in steps[:split]:
-        stream.step(dt, op)
+    with reported(stream):
+        for seed in seeds[:split]:
+            stream.step(seed)
 
-    # a snapshot restores to the same state (on either engine), then runs on in lockstep
-    core = stream.core
-    snap = core.snapshot()
-    restored = ExchangeCore.restore(snap, "cython")
-    assert restored.state_digest() == core.state_digest() and restored.check_invariants() == []
-    assert ExchangeCore.restore(snap, "reference").state_digest() == core.state_digest()
-    for at in sorted(stream.model.expiry.values()):
-        assert restored.expiry_due(at) == core.expiry_due(at)
-    stream.cores.append(restored)
-    for dt, op in steps[split:]:
-        stream.step(dt, op)
+        # a snapshot restores to the same state (on either engine), then runs on in lockstep
+        core = stream.core
+        snap = core.snapshot()
+        restored = ExchangeCore.restore(snap, "cython")
+        assert restored.state_digest() == core.state_digest() and restored.check_invariants() == []
+        assert ExchangeCore.restore(snap, "reference").state_digest() == core.state_digest()
+        for at in sorted(stream.model.expiry.values()):
+            assert restored.expiry_due(at) == core.expiry_due(at)
+        stream.cores.append(restored)
+        for seed in seeds[split:]:
+            stream.step(seed)
 
-    stream.finish()
-    assert replay(stream.log, "cython").state_digest() == core.state_digest()
-    assert ExchangeCore.restore(core.snapshot(), "cython").state_digest() == core.state_digest()
+        stream.finish()
+        assert replay(stream.log, "cython").state_digest() == core.state_digest()
+        assert ExchangeCore.restore(core.snapshot(), "cython").state_digest() == core.state_digest()
 
 
-@settings(max_examples=60, **SETTINGS)
-@given(steps=steps)
-def test_cython_and_reference_cores_agree(steps):
+@settings(max_examples=120, **SETTINGS)
+@given(seeds=steps)
+def test_cython_and_reference_cores_agree(seeds):
     stream = Stream([ExchangeCore("cython"), ExchangeCore("reference")])
-    for dt, op in steps:
-        stream.step(dt, op)
-    stream.finish()
+    with reported(stream):
+        for seed in seeds:
+            stream.step(seed)
+        stream.finish()
