@@ -282,7 +282,10 @@ class ExchangeCore:
         kind = c.get("kind", E.LIMIT)
         tif = c.get("tif", E.GTC)
         post_only = c.get("post_only", False)
-        if side not in (E.BID, E.ASK) or kind not in (E.LIMIT, E.MARKET) or tif not in (E.GTC, E.IOC, E.FOK, E.GTD):
+        # type() rather than ==: True == 1 would pass as a side or a time in force.
+        if (type(side) is not int or type(kind) is not int or type(tif) is not int
+                or side not in (E.BID, E.ASK) or kind not in (E.LIMIT, E.MARKET)
+                or tif not in (E.GTC, E.IOC, E.FOK, E.GTD)):
             raise Rejected("invalid_order", "side, kind or time in force out of range")
         if not isinstance(post_only, bool):
             raise Rejected("invalid_command", "post_only must be true or false")

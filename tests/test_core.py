@@ -1067,3 +1067,12 @@ def test_cython_and_reference_cores_agree(seeds):
         for seed in seeds:
             stream.step(seed)
         stream.finish()
+
+
+def test_booleans_are_not_sides_or_times_in_force(engine):
+    core = make_core(engine)
+    before = core.state_digest()
+    for field in ("side", "tif", "kind"):
+        out = core.apply({**buy(2, 1000, 1000), field: True}, T0)
+        assert out.code == "invalid_order", (field, out)
+    assert core.state_digest() == before
