@@ -30,6 +30,7 @@ import orjson
 
 from exchange import journal, projector
 from exchange.errors import CarbonxError
+from exchange.registry import resolve_issuances
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
 
 log = logging.getLogger("carbonx.service")
@@ -323,37 +324,16 @@ class ExchangeService:
     # ---- database views used at start-up -----------------------------------------------------
 
     async def _registry_available(self, symbol: str) -> dict[int, int]:
-        return (await self._registry_positions(symbol)).get("available", {})
-
-    async def _registry_positions(self, symbol: str) -> dict[str, dict[int, int]]:
-        from exchange.registry import resolve_issuances
-
-        try:
-            ids = await resolve_issuances(self._pool, symbol=symbol)
-        except CarbonxError:
-            return {}
-        rows = await self._pool.fetch(
-            """SELECT b.owner_account_id AS account, b.state, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
-               FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
-               WHERE b.issuance_id = ANY($1::bigint[]) AND b.state IN ('available', 'encumbered')
-                 AND a.role <> 'system'
-               GROUP BY 1, 2""", list(ids))
-        out: dict[str, dict[int, int]] = {"available": {}, "encumbered": {}}
-        for r in rows:
-            out[r["state"]][r["account"]] = r["kg"]
-        return out
+        return (await registry_positions(self._pool, symbol))["available"]
 
     async def _adjust_for_outside_changes(self) -> None:
-        cash_rows = await self._pool.fetch(
-            """SELECT a.id, coalesce(b.balance_fen, 0) AS balance FROM accounts a
-               LEFT JOIN cash_balances b ON b.account_id = a.id WHERE a.role <> 'system'""")
-        db_cash = {r["id"]: r["balance"] for r in cash_rows}
+        db_cash = await member_balances(self._pool)
         core = self.core
         cash = [[a, db_cash.get(a, 0) - core.cash.get(a, [0, 0])[0]]
                 for a in sorted(set(db_cash) | set(core.cash))]
         credits = []
         for symbol in sorted(core.listings):
-            db = await self._registry_positions(symbol)
+            db = await registry_positions(self._pool, symbol)
             positions = core.credits[symbol]
             for account in sorted(set(db["available"]) | set(db["encumbered"]) | set(positions)):
                 pos = positions.get(account, [0, 0, 0, 0])
@@ -389,6 +369,33 @@ class ExchangeService:
         return problems
 
 
+async def member_balances(conn: asyncpg.Connection | asyncpg.Pool) -> dict[int, int]:
+    """Every member account's ledger balance in fen (system accounts left out)."""
+    rows = await conn.fetch(
+        """SELECT a.id, coalesce(b.balance_fen, 0) AS balance FROM accounts a
+           LEFT JOIN cash_balances b ON b.account_id = a.id WHERE a.role <> 'system'""")
+    return {r["id"]: r["balance"] for r in rows}
+
+
+async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: str,
+                             members_only: bool = True) -> dict[str, dict[int, int]]:
+    """kg of `symbol` per account, available and encumbered (empty when nothing is issued)."""
+    out: dict[str, dict[int, int]] = {"available": {}, "encumbered": {}}
+    try:
+        ids = await resolve_issuances(conn, symbol=symbol)
+    except CarbonxError:
+        return out
+    rows = await conn.fetch(
+        """SELECT b.owner_account_id AS account, b.state, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
+           FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
+           WHERE b.issuance_id = ANY($1::bigint[]) AND b.state IN ('available', 'encumbered')
+             AND (a.role <> 'system' OR NOT $2)
+           GROUP BY 1, 2""", list(ids), members_only)
+    for r in rows:
+        out[r["state"]][r["account"]] = r["kg"]
+    return out
+
+
 async def compare_with_database(conn: asyncpg.Connection, core: ExchangeCore) -> list[str]:
     """Where the registry's encumbered and available credits or the ledger's member balances differ
     from the core (the projector must have caught up with the core's sequence number)."""
@@ -396,22 +403,13 @@ async def compare_with_database(conn: asyncpg.Connection, core: ExchangeCore) ->
     at = await projector.position(conn)
     if at != core.seq:
         problems.append(f"projector at {at}, core at {core.seq}")
-    rows = await conn.fetch(
-        """SELECT a.id, coalesce(b.balance_fen, 0) AS balance FROM accounts a
-           LEFT JOIN cash_balances b ON b.account_id = a.id WHERE a.role <> 'system'""")
-    for r in rows:
-        mine = core.cash.get(r["id"], [0, 0])[0]
-        if mine != r["balance"]:
-            problems.append(f"account {r['id']}: ledger balance {r['balance']}, core {mine}")
+    for account, balance in (await member_balances(conn)).items():
+        mine = core.cash.get(account, [0, 0])[0]
+        if mine != balance:
+            problems.append(f"account {account}: ledger balance {balance}, core {mine}")
     for symbol in sorted(core.listings):
-        from exchange.registry import resolve_issuances
-
-        ids = await resolve_issuances(conn, symbol=symbol)
-        held = await conn.fetch(
-            """SELECT owner_account_id AS account, state, sum(upper(serials) - lower(serials))::bigint AS kg
-               FROM blocks WHERE issuance_id = ANY($1::bigint[]) AND state IN ('available', 'encumbered')
-               GROUP BY 1, 2""", list(ids))
-        db: dict[tuple[int, str], int] = {(r["account"], r["state"]): r["kg"] for r in held}
+        held = await registry_positions(conn, symbol, members_only=False)
+        db = {(account, state): kg for state, by_account in held.items() for account, kg in by_account.items()}
         accounts = set(core.credits[symbol]) | {a for a, _ in db}
         for account in sorted(accounts):
             pos = core.credits[symbol].get(account, [0, 0, 0, 0])
