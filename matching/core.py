@@ -337,7 +337,7 @@ class ExchangeCore:
         order_id = self.seq + 1
         self.orders[order_id] = [symbol, account, side, kind, price, qty, need, expire_ts]
         evs = self.engine.submit(symbol, order_id, account, side, price, qty, ts, tif, kind, post_only,
-                                 expire_ts, cash_cap)
+                                 expire_ts, cash_cap, checked=True)
         if evs[0][0] == E.EV_REJECTED:  # post-only would take, FOK not fillable: book untouched
             del self.orders[order_id]
             target, index, value = undo
