@@ -1,0 +1,1 @@
+"""Data shipped with carbonx (emission-factor tables)."""
