@@ -20,6 +20,7 @@ refuses to change them (:func:`refuse_while_serving`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,12 +29,13 @@ from typing import Any
 import asyncpg
 import orjson
 
-from exchange import journal, projector
+from exchange import history, journal, projector, registry
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
 
 log = logging.getLogger("carbonx.service")
+Entry = tuple[int, int, dict, list, history.Folded]
 
 SERVICE_LOCK_KEY = 0x0CA2B1  # pg advisory lock held by the running service for its whole life
 EXPIRE = {"op": "expire"}
@@ -77,8 +79,17 @@ class ExchangeService:
         self.durable_seq = 0
         self.recovered = 0  # journal entries replayed at start
         self.recovery_seconds = 0.0
-        self.listeners: list[Callable[[list[journal.Row]], None]] = []
+        # Called with each committed batch as (seq, ts, command, events, folded) entries, after
+        # the orders tracker has folded them: the market-data feed publishes only durable events.
+        self.listeners: list[Callable[[list[Entry]], None]] = []
+        self.orders = history.OrderTracker()
+        # Called with ("issuance" | "retirement", details) once a registry change is committed.
+        self.registry_listeners: list[Callable[[str, dict], None]] = []
+        self.projected_seq = 0  # how far the registry and ledger follow the journal
+        self.history_seq = 0  # how far the history tables follow it
         self._rows: list[journal.Row] = []
+        self._entries: list[tuple[int, int, dict, list]] = []
+        self._progress = asyncio.Event()  # set whenever a consumer moved on
         self._future: asyncio.Future | None = None
         self._inflight: asyncio.Future | None = None
         # One future per caller rather than a shield around the batch's: cheaper, and a caller
@@ -90,6 +101,9 @@ class ExchangeService:
         self._project_wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
         self._proj: asyncpg.Connection | None = None  # the projector's own connection
+        self._hist: asyncpg.Connection | None = None  # the history consumer's
+        self._history_wake = asyncio.Event()
+        self._registry_lock = asyncio.Lock()  # one operator registry change at a time
         self._pool: asyncpg.Pool | None = None  # look-ups made while serving requests
         self._tasks: list[asyncio.Task] = []
         self._running = False
@@ -106,6 +120,7 @@ class ExchangeService:
             await self._conn.close()
             raise CarbonxError("service_running", "another carbonx exchange service is running on this database")
         self._proj = await asyncpg.connect(self.dsn)
+        self._hist = await asyncpg.connect(self.dsn)
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
         began = time.perf_counter()
         self.core = await journal.recover(self._conn, engine=self.engine, verify=self.verify_recovery,
@@ -117,8 +132,13 @@ class ExchangeService:
         self.durable_seq = self.core.seq
         if self.project:
             await projector.catch_up(self._proj)
+            self.projected_seq = self.core.seq
+        await history.catch_up(self._hist)
+        self.history_seq = self.core.seq
+        await self.orders.load(self._hist)
         self._running = True
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="carbonx-journal"))
+        self._tasks.append(asyncio.create_task(self._history_loop(), name="carbonx-history"))
         if self.project:
             self._tasks.append(asyncio.create_task(self._project_loop(), name="carbonx-projector"))
             await self._adjust_for_outside_changes()
@@ -132,14 +152,16 @@ class ExchangeService:
         # Let both loops finish what they are doing (a commit, a snapshot, a projection) and exit.
         self._wake.set()
         self._project_wake.set()
+        self._history_wake.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         if self._failure is None:
             if self.project:
                 await projector.catch_up(self._proj)
+            await history.catch_up(self._hist)
             if snapshot and self.core.seq > self._last_snapshot:
                 await journal.save_snapshot(self._conn, self.core.seq, self.core.state_digest(), self.core.snapshot())
-        for conn in (self._proj, self._conn):
+        for conn in (self._proj, self._hist, self._conn):
             if conn is not None and not conn.is_closed():
                 await conn.close()
         if self._pool is not None:
@@ -151,6 +173,11 @@ class ExchangeService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """Connections for look-ups while serving (not for changing member cash or credits)."""
+        return self._pool
 
     @property
     def failure(self) -> BaseException | None:
@@ -195,6 +222,7 @@ class ExchangeService:
 
     def _journal(self, command: dict, out: Outcome, ts: int) -> None:
         self._rows.append((out.seq, ts, orjson.dumps(command), orjson.dumps(out.events)))
+        self._entries.append((out.seq, ts, command, out.events))
         if self._future is None:
             self._future = asyncio.get_running_loop().create_future()
             self._wake.set()
@@ -246,6 +274,126 @@ class ExchangeService:
             if used:
                 raise CarbonxError("duplicate_reference", f"payment reference {ref!r} was used already")
 
+    # ---- operator and member registry changes while serving ----------------------------------
+    #
+    # Member credits of a listed instrument live in the core while the service runs, so a change
+    # made in the registry must be sequenced too. Changes that take credits away (retire, freeze,
+    # cancel) first journal an ``adjust`` that takes them from the core (refused if the core
+    # cannot spare them), wait until the registry has caught up with that point, and then change
+    # the registry; if the registry refuses, a second ``adjust`` gives them back. Changes that add
+    # credits (issue, unfreeze) change the registry first and then journal the ``adjust``. A crash
+    # between the two steps leaves the registry and the core apart by exactly that change, which
+    # the next start-up finds and journals (:meth:`_adjust_for_outside_changes`).
+
+    async def issue(self, *, project: str, vintage: int, quantity_kg: int, to_account: str | None = None,
+                    reference: str = "") -> registry.Issuance:
+        async with self._registry_lock:
+            async with self._pool.acquire() as conn:
+                iss = await registry.issue(conn, project=project, vintage=vintage, quantity_kg=quantity_kg,
+                                           to_account=to_account, reference=reference)
+            symbol = f"{iss.project_code}-{iss.vintage}"
+            if symbol in self.core.listings:
+                await self._sequence({"op": "adjust", "credits": [[symbol, iss.issued_to_account_id, iss.quantity]],
+                                      "cause": f"issuance:{iss.id}"})
+            self._tell_registry("issuance", {"id": iss.id, "symbol": symbol, "serial": iss.serial,
+                                             "quantity_kg": iss.quantity, "account": iss.issued_to_account_id})
+            return iss
+
+    async def retire(self, *, account: str, quantity_kg: int, beneficiary: str, purpose: str,
+                     symbol: str | None = None, issuance_id: int | None = None) -> registry.Retirement:
+        account_id = await self.account(account)
+        if type(quantity_kg) is not int or quantity_kg <= 0:
+            raise CarbonxError("invalid_quantity", "quantity must be positive")
+        if not 1 <= len((beneficiary or "").strip()) <= 200:
+            raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
+        if not 1 <= len((purpose or "").strip()) <= 500:
+            raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
+        async with self._registry_lock:
+            if issuance_id is not None:
+                async with self._pool.acquire() as conn:
+                    iss = await registry.get_issuance(conn, issuance_id)
+                listed = f"{iss.project_code}-{iss.vintage}"
+            else:
+                code, vintage = registry.split_symbol(symbol or "")
+                listed = f"{code}-{vintage}"
+            debit = {account_id: quantity_kg} if listed in self.core.listings else {}
+
+            async def change(conn: asyncpg.Connection) -> registry.Retirement:
+                return await registry.retire(conn, account=account, quantity_kg=quantity_kg, beneficiary=beneficiary,
+                                             purpose=purpose, symbol=symbol, issuance_id=issuance_id)
+            ret = await self._take_then_change(listed, debit, change, "retirement")
+            self._tell_registry("retirement", {"id": ret.id, "symbol": listed, "quantity_kg": ret.quantity_kg,
+                                               "beneficiary": ret.beneficiary, "purpose": ret.purpose,
+                                               "certificate_code": ret.certificate_code,
+                                               "serials": list(ret.serials)})
+            return ret
+
+    def _tell_registry(self, kind: str, details: dict) -> None:
+        for listener in self.registry_listeners:
+            try:
+                listener(kind, details)
+            except Exception:
+                log.exception("a registry listener failed")
+
+    async def freeze(self, *, serial: str, reason: str) -> registry.MovementResult:
+        return await self._by_serial(serial, reason, registry.freeze, ("available",), take=True)
+
+    async def unfreeze(self, *, serial: str, reason: str) -> registry.MovementResult:
+        return await self._by_serial(serial, reason, registry.unfreeze, ("frozen",), take=False)
+
+    async def cancel_serials(self, *, serial: str, reason: str) -> registry.MovementResult:
+        return await self._by_serial(serial, reason, registry.cancel, ("available",), take=True)
+
+    async def _by_serial(self, serial: str, reason: str, change: Callable, states: tuple[str, ...],
+                         take: bool) -> registry.MovementResult:
+        if not (reason or "").strip():
+            raise CarbonxError("invalid_reason", "say why: the registry's history shows the reason")
+        async with self._registry_lock:
+            async with self._pool.acquire() as conn:
+                iss, rng = await registry.resolve_serial(conn, serial)
+                rows = await conn.fetch(
+                    """SELECT b.owner_account_id AS account,
+                              sum(upper(b.serials * int8range($2, $3)) - lower(b.serials * int8range($2, $3)))::bigint
+                              AS kg
+                       FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
+                       WHERE b.issuance_id = $1 AND b.serials && int8range($2, $3) AND b.state = ANY($4::text[])
+                         AND a.role <> 'system'
+                       GROUP BY 1""", iss.id, rng.lo, rng.hi, list(states))
+            symbol = f"{iss.project_code}-{iss.vintage}"
+            moved = {r["account"]: r["kg"] for r in rows} if symbol in self.core.listings else {}
+
+            async def apply_change(conn: asyncpg.Connection) -> registry.MovementResult:
+                return await change(conn, serial=serial, reason=reason)
+            if take:
+                return await self._take_then_change(symbol, moved, apply_change, "operator")
+            async with self._pool.acquire() as conn:
+                result = await apply_change(conn)
+            if moved:
+                await self._sequence({"op": "adjust", "credits": [[symbol, a, kg] for a, kg in sorted(moved.items())],
+                                      "cause": "operator"})
+            return result
+
+    async def _take_then_change(self, symbol: str, debit: dict[int, int], change: Callable, cause: str) -> Any:
+        if debit:
+            positions = self.core.credits[symbol]
+            for account, kg in debit.items():
+                pos = positions.get(account, [0, 0, 0, 0])
+                if pos[P_AVAILABLE] + pos[P_LOCKED] < kg:
+                    raise CarbonxError("insufficient_credits",
+                                       f"needs {kg} kg of {symbol} available, has {pos[P_AVAILABLE] + pos[P_LOCKED]}"
+                                       " (credits in open sell orders are encumbered)")
+            taken = [[symbol, a, -kg] for a, kg in sorted(debit.items())]
+            out = await self._sequence({"op": "adjust", "credits": taken, "cause": cause})
+            await self.caught_up(out.seq, registry=True)
+        try:
+            async with self._pool.acquire() as conn:
+                return await change(conn)
+        except BaseException:
+            if debit:
+                await self._sequence({"op": "adjust", "credits": [[symbol, a, kg] for a, kg in sorted(debit.items())],
+                                      "cause": f"{cause} refused"})
+            raise
+
     # ---- background work ---------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
@@ -260,8 +408,8 @@ class ExchangeService:
                     continue
                 if self.flush_interval and len(self._rows) < self.max_batch and not self._backlog:
                     await asyncio.sleep(self.flush_interval)  # let more commands join this commit
-                rows, fut = self._rows, self._future
-                self._rows, self._future = [], None
+                rows, fut, entries = self._rows, self._future, self._entries
+                self._rows, self._future, self._entries = [], None, []
                 waiters, self._waiters = self._waiters, []
                 self._inflight_waiters = waiters
                 self._wake.clear()
@@ -279,13 +427,21 @@ class ExchangeService:
                 self._inflight = None
                 self._inflight_waiters = []
                 self._backlog = bool(self._rows)
+                # Fold and publish before any caller resumes: an answer may then read the
+                # tracker, and the feed never shows an event after the answer that caused it.
+                tracker = self.orders
+                published = [(seq, ts, cmd, evs, tracker.apply(seq, ts, cmd, evs)) for seq, ts, cmd, evs in entries]
+                for listener in self.listeners:
+                    try:
+                        listener(published)
+                    except Exception:  # a broken subscriber must not stop the exchange
+                        log.exception("a journal listener failed")
                 fut.set_result(None)
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)
-                for listener in self.listeners:
-                    listener(rows)
                 self._project_wake.set()
+                self._history_wake.set()
                 if snap is not None:
                     await journal.save_snapshot(conn, *snap)
                     self._last_snapshot = snap[0]
@@ -300,12 +456,51 @@ class ExchangeService:
             while not self._closing:
                 await self._project_wake.wait()
                 self._project_wake.clear()
-                await projector.catch_up(self._proj, upto=self.durable_seq)
+                upto = self.durable_seq
+                await projector.catch_up(self._proj, upto=upto)
+                self.projected_seq = max(self.projected_seq, upto)
+                self._progress.set()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             log.exception("projecting the journal into the registry and ledger failed; the service stops")
             self._fail(exc, None)
+
+    async def _history_loop(self) -> None:
+        try:
+            while not self._closing:
+                await self._history_wake.wait()
+                self._history_wake.clear()
+                upto = self.durable_seq
+                await history.catch_up(self._hist, upto=upto)
+                self.history_seq = max(self.history_seq, upto)
+                self._progress.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.exception("projecting the journal into the order history failed; the service stops")
+            self._fail(exc, None)
+
+    async def caught_up(self, seq: int | None = None, *, registry: bool = False, orders: bool = False,
+                        timeout: float = 30.0) -> None:
+        """Wait until the registry and ledger (`registry`) and/or the history tables (`orders`)
+        reflect the journal up to `seq` (default: everything applied so far)."""
+        if seq is None:
+            await self.settle()
+            seq = self.core.seq
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (registry and self.project and self.projected_seq < seq) or (orders and self.history_seq < seq):
+            if self._failure is not None:
+                raise CarbonxError("unavailable", f"the exchange stopped: {self._failure}")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise CarbonxError("unavailable", "the registry did not catch up with the exchange in time")
+            self._progress.clear()
+            self._project_wake.set()
+            self._history_wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), min(left, 0.05))
 
     def _fail(self, exc: BaseException, fut: asyncio.Future | None) -> None:
         self._failure = self._failure or exc
@@ -313,6 +508,8 @@ class ExchangeService:
         self._closing = True
         self._wake.set()
         self._project_wake.set()
+        self._history_wake.set()
+        self._progress.set()
         for f in (fut, self._future, self._inflight, *self._waiters, *self._inflight_waiters):
             if f is not None and not f.done():
                 f.set_exception(CarbonxError("unavailable", f"the journal could not be written: {exc}"))
@@ -320,6 +517,7 @@ class ExchangeService:
         self._future = self._inflight = None
         self._waiters, self._inflight_waiters = [], []
         self._rows = []
+        self._entries = []
 
     # ---- database views used at start-up -----------------------------------------------------
 

@@ -233,6 +233,9 @@ class ExchangeCore:
         # The current trading day's trades per symbol: [sum of price * qty, sum of qty].
         self.day_stats: dict[str, list[int]] = {}
         self.stats_day = 0
+        # Level changes per symbol so far: the market-data feed's book sequence (API.md), kept here
+        # so that it is part of the deterministic state and continues across restarts.
+        self.book_seqs: dict[str, int] = {}
         self._ops = {
             "place": self._place, "cancel": self._cancel, "amend": self._amend,
             "deposit": self._deposit, "withdraw": self._withdraw, "list": self._list,
@@ -435,9 +438,13 @@ class ExchangeCore:
         """Settle the core's side of each book event and return the journal events."""
         out = []
         orders = self.orders
+        levels = 0
         for ev in evs:
             kind = ev[0]
-            if kind == E.EV_TRADE:
+            if kind == E.EV_LEVEL:
+                levels += 1
+                out.append((kind, symbol, *ev[1:]))
+            elif kind == E.EV_TRADE:
                 out.append(self._trade(symbol, listing, ev, ts))
             elif kind == E.EV_CANCELLED or kind == E.EV_EXPIRED:
                 o = orders.pop(ev[1])
@@ -445,6 +452,8 @@ class ExchangeCore:
                 out.append((kind, symbol, *ev[1:], o[O_ACCOUNT], o[O_SIDE]))
             else:
                 out.append((kind, symbol, *ev[1:]))
+        if levels:
+            self.book_seqs[symbol] = self.book_seqs.get(symbol, 0) + levels
         return out
 
     def _trade(self, symbol: str, listing: Listing, ev: tuple, ts: int) -> tuple:
@@ -730,6 +739,7 @@ class ExchangeCore:
             "coids": sorted([a, k, *v] for a, m in self.coids.items() for k, v in m.items()),
             "payments": sorted([k, *v] for k, v in self.payments.items()),
             # sum of price * qty as text: a long day could pass orjson's 64-bit integers
+            "book_seqs": sorted([s, n] for s, n in self.book_seqs.items()),
             "day": [self.stats_day, sorted([s, str(pq), q] for s, (pq, q) in self.day_stats.items())],
         }
 
@@ -766,6 +776,7 @@ class ExchangeCore:
         for account, coid, *v in state["coids"]:
             core.coids.setdefault(account, {})[coid] = v
         core.payments = {k: v for k, *v in state["payments"]}
+        core.book_seqs = {s: n for s, n in state.get("book_seqs", [])}
         core.stats_day = state["day"][0]
         core.day_stats = {s: [int(pq), q] for s, pq, q in state["day"][1]}
         core._gtd = [(o[O_EXPIRE], k) for k, o in core.orders.items() if o[O_EXPIRE]]

@@ -1,0 +1,107 @@
+"""Who is calling, and how fast they may: API keys, roles, rate limits, request size limits.
+
+API keys are stored as SHA-256 hashes (exchange/accounts.py); a key seen recently is kept in a
+short-lived cache so that order entry does not pay a database round trip per request (a revoked
+key stops working within ``KEY_TTL`` seconds). Rate limits are token buckets per API key and per
+client address, shared by REST and the websocket; a request over either gets ``rate_limited``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from exchange.accounts import Account, account_for_key
+from exchange.errors import CarbonxError
+
+KEY_TTL = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Requests per second and burst, per API key and per client address; body bytes."""
+
+    key_rate: float = 5_000.0
+    key_burst: float = 10_000.0
+    address_rate: float = 10_000.0
+    address_burst: float = 20_000.0
+    max_body: int = 64 * 1024
+
+
+class Bucket:
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, tokens: float, at: float) -> None:
+        self.tokens = tokens
+        self.at = at
+
+
+class RateLimiter:
+    """Token buckets keyed by name; `take` says whether one more request fits."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.buckets: dict[str, Bucket] = {}
+
+    def take(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        b = self.buckets.get(key)
+        if b is None:
+            if len(self.buckets) > 100_000:  # forget idle callers rather than grow without bound
+                self.buckets = {k: v for k, v in self.buckets.items() if now - v.at < 60}
+            b = self.buckets[key] = Bucket(self.burst, now)
+        else:
+            b.tokens = min(self.burst, b.tokens + (now - b.at) * self.rate)
+            b.at = now
+        if b.tokens < 1:
+            return False
+        b.tokens -= 1
+        return True
+
+
+class Gate:
+    """Authentication and rate limits for one server."""
+
+    def __init__(self, pool: asyncpg.Pool, limits: Limits) -> None:
+        self.pool = pool
+        self.limits = limits
+        self.by_key = RateLimiter(limits.key_rate, limits.key_burst)
+        self.by_address = RateLimiter(limits.address_rate, limits.address_burst)
+        self._cache: dict[str, tuple[Account, float]] = {}
+
+    def admit(self, address: str | None, key: str | None = None) -> None:
+        """Raise `rate_limited` when the address or the key is over its rate."""
+        if address is not None and not self.by_address.take(address):
+            raise CarbonxError("rate_limited", f"too many requests from {address}; slow down")
+        if key is not None and not self.by_key.take(key[:16]):
+            raise CarbonxError("rate_limited", "too many requests with this API key; slow down")
+
+    async def account(self, key: str | None) -> Account:
+        """The account of an API key; `unauthorized` without a valid one."""
+        if not key:
+            raise CarbonxError("unauthorized", "this endpoint needs an API key: Authorization: Bearer <key>")
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < KEY_TTL:
+            return hit[0]
+        if len(key) > 200:
+            raise CarbonxError("unauthorized", "unknown or revoked API key")
+        async with self.pool.acquire() as conn:
+            acct = await account_for_key(conn, key)
+        if acct is None:
+            self._cache.pop(key, None)
+            raise CarbonxError("unauthorized", "unknown or revoked API key")
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key] = (acct, now)
+        return acct
+
+
+def bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None

@@ -1,0 +1,560 @@
+"""The websocket feed of API.md (path /v1/ws) and the Binance-compatible depth stream (path /ws).
+
+The feed hears every committed batch from exchange/marketdata.py (so it only ever shows durable
+events) and fans it out. Work is shared wherever subscribers want the same thing: one depth view
+per (instrument, depth, coalescing interval) computes each change once, and each message is
+encoded once and queued as the same bytes for every subscriber.
+
+Each connection has one ordered outgoing queue. When the bytes queued for a connection pass
+``max_buffer`` (the peer does not read fast enough), it gets ``{"type":"error","code":
+"slow_consumer"}`` and a close with code 1008; the others are not held up and never see a gap.
+A planned stop sends ``{"type":"server_shutdown"}`` before closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from api.auth import Gate
+from api.models import AmendRequest, OrderRequest
+from api.orders import Trading
+from api.wire import checksum, fill_view, levels, order_view
+from exchange.accounts import Account
+from exchange.errors import CarbonxError
+from exchange.marketdata import DepthView, MarketData, Published
+from exchange.service import ExchangeService
+from matching import events as E
+from matching.units import format_price, format_tonnes
+
+log = logging.getLogger("carbonx.feed")
+
+MAX_DEPTH = 1000
+MAX_INTERVAL_MS = 10_000
+BINANCE_INTERVALS = {"": 1000, "@100ms": 100, "@1000ms": 1000}
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Client:
+    """One connection: its subscriptions and its bounded, ordered outgoing queue."""
+
+    def __init__(self, feed: Feed, ws: ServerConnection, binance: bool) -> None:
+        self.feed = feed
+        self.ws = ws
+        self.binance = binance
+        self.address = ws.remote_address[0] if ws.remote_address else None
+        self.queue: deque[bytes] = deque()
+        self.pending = 0
+        self.ready = asyncio.Event()
+        self.closed = False
+        self.account: Account | None = None
+        self.key: str | None = None
+        self.books: dict[str, tuple[int, int]] = {}  # symbol -> (depth, interval_ms)
+        self.channels: set[tuple[str, str]] = set()  # (trades|ticker|binance, symbol), (registry|orders, "")
+
+    def push(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.queue.append(data)
+        self.pending += len(data)
+        if self.pending > self.feed.max_buffer:
+            self.cut()
+            return
+        self.ready.set()
+
+    def cut(self) -> None:
+        """Too slow: drop what is queued, say why, close with 1008."""
+        self.closed = True
+        self.queue.clear()
+        self.pending = 0
+        self.feed.forget(self)
+        self.feed.slow_consumers += 1
+        asyncio.get_running_loop().create_task(self._close_slow())
+
+    async def _close_slow(self) -> None:
+        err = orjson.dumps({"type": "error", "code": "slow_consumer",
+                            "detail": f"more than {self.feed.max_buffer} bytes waited for this connection"})
+        try:
+            await asyncio.wait_for(self._say_and_close(err, 1008, "slow consumer"), 5)
+        except (TimeoutError, ConnectionClosed, OSError):
+            self.ws.transport.abort()
+
+    async def _say_and_close(self, data: bytes, code: int, reason: str) -> None:
+        await self.ws.send(data, text=True)
+        await self.ws.close(code, reason)
+
+    async def writer(self) -> None:
+        ws, queue = self.ws, self.queue
+        try:
+            while not self.closed:
+                await self.ready.wait()
+                self.ready.clear()
+                while queue and not self.closed:
+                    data = queue.popleft()
+                    self.pending -= len(data)
+                    await ws.send(data, text=True)
+        except ConnectionClosed:
+            pass
+
+
+class BookGroup:
+    """Subscribers sharing one depth view of one instrument, updated every batch or every
+    `interval_ms` (coalesced)."""
+
+    def __init__(self, view: DepthView, interval_ms: int) -> None:
+        self.view = view
+        self.interval_ms = interval_ms
+        self.clients: set[Client] = set()
+
+    def snapshot(self, ts: int) -> bytes:
+        v = self.view
+        bids = levels(sorted(v.levels[E.BID].items(), reverse=True))
+        asks = levels(sorted(v.levels[E.ASK].items()))
+        return orjson.dumps({"ch": "book", "type": "snapshot", "symbol": v.book.symbol, "seq": v.last_seq, "ts": ts,
+                             "bids": bids, "asks": asks, "checksum": checksum(asks, bids)})
+
+    def update(self, ts: int) -> bytes | None:
+        v = self.view
+        if v.last_seq == v.book.seq:
+            return None
+        first, changes = v.advance()
+        if not changes:
+            # Nothing this view holds changed; the next update's first_seq covers these events.
+            v.last_seq = first - 1
+            return None
+        bids = levels(sorted(((p, q) for s, p, q in changes if s == E.BID), reverse=True))
+        asks = levels(sorted((p, q) for s, p, q in changes if s == E.ASK))
+        n = min(10, v.depth)
+        top_b, top_a = levels(v.book.top(E.BID, n)), levels(v.book.top(E.ASK, n))
+        return orjson.dumps({"ch": "book", "type": "update", "symbol": v.book.symbol, "first_seq": first,
+                             "seq": v.last_seq, "ts": ts, "bids": bids, "asks": asks,
+                             "checksum": checksum(top_a, top_b)})
+
+
+class BinanceGroup:
+    """Full-depth changes of one instrument for Binance-style clients, every `interval_ms`."""
+
+    def __init__(self, symbol: str, interval_ms: int, seq: int) -> None:
+        self.symbol = symbol
+        self.interval_ms = interval_ms
+        self.clients: set[Client] = set()
+        self.first: int | None = None
+        self.last = seq
+        self.changes: dict[tuple[int, int], int] = {}
+
+    def add(self, first: int, last: int, changes: list[tuple[int, int, int]]) -> None:
+        if self.first is None:
+            self.first = first
+        self.last = last
+        for side, price, qty in changes:
+            self.changes[(side, price)] = qty
+
+    def flush(self) -> bytes | None:
+        if self.first is None:
+            return None
+        ch = self.changes
+        bids = levels(sorted(((p, q) for (s, p), q in ch.items() if s == E.BID), reverse=True))
+        asks = levels(sorted((p, q) for (s, p), q in ch.items() if s == E.ASK))
+        msg = orjson.dumps({"e": "depthUpdate", "E": time.time_ns() // 1_000_000, "s": self.symbol,
+                            "U": self.first, "u": self.last, "b": bids, "a": asks})
+        self.first, self.changes = None, {}
+        return msg
+
+
+class Feed:
+    """All connections, their subscriptions, and the fan-out of every committed batch."""
+
+    def __init__(self, service: ExchangeService, market: MarketData, gate: Gate, trading: Trading, *,
+                 max_buffer: int = 4 << 20, heartbeat: float = 1.0) -> None:
+        self.service = service
+        self.market = market
+        self.gate = gate
+        self.trading = trading
+        self.max_buffer = max_buffer
+        self.heartbeat = heartbeat
+        self.clients: set[Client] = set()
+        self.groups: dict[tuple[str, int, int], BookGroup] = {}
+        self.binance: dict[tuple[str, int], BinanceGroup] = {}
+        self.subs: dict[tuple[str, str], set[Client]] = {}
+        self.orders: dict[int, set[Client]] = {}
+        self.deliveries = 0
+        self.slow_consumers = 0
+        self.server: Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        market.subscribers.append(self.on_publish)
+        service.listeners.append(self.on_entries)  # after MarketData's: private updates follow the public
+        service.registry_listeners.append(self.on_registry)
+
+    # ---- life cycle --------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> Server:
+        self.server = await serve(self.handle, host, port, process_request=self._route, max_size=64 * 1024,
+                                  max_queue=64, compression=None, ping_interval=20, ping_timeout=20)
+        self._tasks = [asyncio.create_task(self._heartbeats(), name="carbonx-heartbeat"),
+                       asyncio.create_task(self._coalesce(), name="carbonx-coalesce")]
+        return self.server
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Tell every client, then close."""
+        bye = orjson.dumps({"type": "server_shutdown", "ts": now_us()})
+        for t in self._tasks:
+            t.cancel()
+        clients = list(self.clients)
+        for c in clients:
+            c.push(bye)
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*(self._close(c) for c in clients), return_exceptions=True)
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _close(self, c: Client) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(c.ws.close(1001, "server shutdown"), 2)
+
+    def _route(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path not in ("/v1/ws", "/ws"):
+            return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]),
+                            b"websocket paths: /v1/ws (carbonx feed), /ws (Binance-compatible depth)\n")
+        return None
+
+    # ---- connections -------------------------------------------------------------------------
+
+    async def handle(self, ws: ServerConnection) -> None:
+        client = Client(self, ws, binance=ws.request.path.split("?", 1)[0] == "/ws")
+        self.clients.add(client)
+        writer = asyncio.create_task(client.writer())
+        try:
+            async for raw in ws:
+                if client.closed:
+                    break
+                try:
+                    msg = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    self._error(client, None, "invalid_json", "messages are JSON objects")
+                    continue
+                if not isinstance(msg, dict):
+                    self._error(client, None, "invalid_request", "messages are JSON objects")
+                    continue
+                try:
+                    self.gate.admit(client.address, client.key)
+                    if client.binance:
+                        self._binance_message(client, msg)
+                    else:
+                        await self._message(client, msg)
+                except CarbonxError as e:
+                    self._error(client, msg.get("id"), e.code, e.message)
+        except ConnectionClosed:
+            pass
+        finally:
+            client.closed = True
+            self.forget(client)
+            client.ready.set()
+            writer.cancel()
+
+    def forget(self, c: Client) -> None:
+        self.clients.discard(c)
+        for symbol, (depth, interval) in c.books.items():
+            g = self.groups.get((symbol, depth, interval))
+            if g is not None:
+                g.clients.discard(c)
+        for key in c.channels:
+            if key[0] == "binance":
+                for g in self.binance.values():
+                    g.clients.discard(c)
+            self.subs.get(key, set()).discard(c)
+        if c.account is not None:
+            self.orders.get(c.account.id, set()).discard(c)
+
+    def _send(self, c: Client, obj: dict[str, Any]) -> None:
+        c.push(orjson.dumps(obj))
+
+    def _error(self, c: Client, ident: Any, code: str, detail: str) -> None:
+        self._send(c, {"type": "error", "id": ident, "code": code, "detail": detail})
+
+    async def _message(self, c: Client, msg: dict[str, Any]) -> None:
+        op, ident = msg.get("op"), msg.get("id")
+        if op == "subscribe" or op == "unsubscribe":
+            channels = msg.get("channels")
+            if not isinstance(channels, list) or not channels or len(channels) > 50:
+                raise CarbonxError("invalid_request", "channels must be a list of 1..50 channel objects")
+            plan = [self._channel(c, ch) for ch in channels]  # validate all before changing any
+            snapshots: list[bytes] = []
+            for name, symbols, depth, interval in plan:
+                for symbol in symbols:
+                    snap = (self._subscribe if op == "subscribe" else self._unsubscribe)(c, name, symbol, depth,
+                                                                                       interval)
+                    if snap is not None:
+                        snapshots.append(snap)
+            self._send(c, {"type": "ack", "id": ident})
+            for s in snapshots:
+                c.push(s)
+        elif op == "resync":
+            symbol = msg.get("symbol")
+            if msg.get("ch") != "book" or symbol not in c.books:
+                raise CarbonxError("invalid_request", "resync takes ch \"book\" and a symbol you subscribed to")
+            depth, interval = c.books[symbol]
+            c.push(self.groups[(symbol, depth, interval)].snapshot(now_us()))
+        elif op == "auth":
+            key = msg.get("api_key")
+            c.account = await self.gate.account(key if isinstance(key, str) else None)
+            c.key = key
+            self._send(c, {"type": "ack", "id": ident, "account": c.account.code, "role": c.account.role})
+        elif op in ("order.place", "order.cancel", "order.amend"):
+            self._order(c, op, ident, msg)
+        elif op == "ping":
+            self._send(c, {"type": "pong", "id": ident, "ts": now_us()})
+        else:
+            raise CarbonxError("invalid_request", f"unknown op {op!r}")
+
+    def _channel(self, c: Client, ch: Any) -> tuple[str, list[str], int, int]:
+        if not isinstance(ch, dict):
+            raise CarbonxError("invalid_request", "a channel is an object with a name")
+        name = ch.get("name")
+        if name in ("registry", "orders"):
+            if name == "orders" and (c.account is None or c.account.role != "member"):
+                raise CarbonxError("unauthorized", "the orders channel needs auth with a member's API key first")
+            return name, [""], 0, 0
+        if name not in ("book", "trades", "ticker"):
+            raise CarbonxError("invalid_request", f"unknown channel {name!r}")
+        symbols = ch.get("symbols")
+        if not isinstance(symbols, list) or not symbols or len(symbols) > 100:
+            raise CarbonxError("invalid_request", f"channel {name} needs symbols: a list of 1..100 instruments")
+        for s in symbols:
+            if not isinstance(s, str) or s not in self.market.books:
+                raise CarbonxError("unknown_instrument", f"no instrument {s!r}")
+        depth, interval = ch.get("depth", 10), ch.get("interval_ms", 0)
+        if type(depth) is not int or not 1 <= depth <= MAX_DEPTH:
+            raise CarbonxError("invalid_request", f"depth must be an integer in 1..{MAX_DEPTH}")
+        if type(interval) is not int or not 0 <= interval <= MAX_INTERVAL_MS:
+            raise CarbonxError("invalid_request", f"interval_ms must be an integer in 0..{MAX_INTERVAL_MS}")
+        return name, symbols, depth, interval
+
+    def _subscribe(self, c: Client, name: str, symbol: str, depth: int, interval: int) -> bytes | None:
+        if name == "book":
+            old = c.books.get(symbol)
+            if old is not None:
+                self.groups[(symbol, *old)].clients.discard(c)
+            key = (symbol, depth, interval)
+            g = self.groups.get(key)
+            if g is None:
+                g = self.groups[key] = BookGroup(DepthView(self.market.books[symbol], depth), interval)
+            g.clients.add(c)
+            c.books[symbol] = (depth, interval)
+            return g.snapshot(now_us())
+        if name == "orders":
+            self.orders.setdefault(c.account.id, set()).add(c)
+        key = (name, symbol)
+        self.subs.setdefault(key, set()).add(c)
+        c.channels.add(key)
+        return None
+
+    def _unsubscribe(self, c: Client, name: str, symbol: str, depth: int, interval: int) -> None:
+        if name == "book":
+            old = c.books.pop(symbol, None)
+            if old is not None:
+                self.groups[(symbol, *old)].clients.discard(c)
+            return
+        if name == "orders" and c.account is not None:
+            self.orders.get(c.account.id, set()).discard(c)
+        self.subs.get((name, symbol), set()).discard(c)
+        c.channels.discard((name, symbol))
+
+    # ---- order entry on the socket -----------------------------------------------------------
+
+    def _order(self, c: Client, op: str, ident: Any, msg: dict[str, Any]) -> None:
+        if c.account is None:
+            raise CarbonxError("unauthorized", "send {\"op\":\"auth\",\"api_key\":...} first")
+        if c.account.role != "member":
+            raise CarbonxError("forbidden", "only member accounts trade")
+        fields = {k: v for k, v in msg.items() if k not in ("op", "id")}
+        account = c.account.id
+        try:
+            if op == "order.place":
+                out, durable = self.trading.place_now(account, OrderRequest.model_validate(fields))
+            else:
+                order_id = fields.pop("order_id", None)
+                if isinstance(order_id, str) and order_id.isdigit():
+                    order_id = int(order_id)
+                if type(order_id) is not int or not 0 < order_id < 2**62:
+                    raise CarbonxError("invalid_request", "order_id must be an order id")
+                if op == "order.cancel":
+                    if fields:
+                        raise CarbonxError("invalid_request", f"unknown fields {sorted(fields)}")
+                    out, durable = self.trading.cancel_now(account, order_id)
+                else:
+                    out, durable = self.trading.amend_now(account, order_id, AmendRequest.model_validate(fields))
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise CarbonxError("invalid_request",
+                               f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        asyncio.get_running_loop().create_task(self._answer(c, ident, account, out, durable))
+
+    async def _answer(self, c: Client, ident: Any, account: int, out: Any, durable: Awaitable[None]) -> None:
+        try:
+            order = await self.trading.answer(account, out, durable)
+        except CarbonxError as e:
+            self._error(c, ident, e.code, e.message)
+            return
+        c.push(orjson.dumps({"type": "result", "id": ident, "order": order}))
+
+    # ---- Binance-compatible ------------------------------------------------------------------
+
+    def _binance_message(self, c: Client, msg: dict[str, Any]) -> None:
+        method, params, ident = msg.get("method"), msg.get("params", []), msg.get("id")
+        if method == "LIST_SUBSCRIPTIONS":
+            self._send(c, {"result": sorted(f"{s.lower()}@depth" for k, s in c.channels if k == "binance"),
+                           "id": ident})
+            return
+        if method not in ("SUBSCRIBE", "UNSUBSCRIBE") or not isinstance(params, list):
+            self._send(c, {"error": {"code": 2, "msg": "Invalid request: method must be SUBSCRIBE or UNSUBSCRIBE"},
+                           "id": ident})
+            return
+        wanted = []
+        for p in params:
+            stream, _, rest = p.partition("@depth") if isinstance(p, str) else ("", "", "")
+            symbol = stream.upper()
+            if not _ or rest not in BINANCE_INTERVALS or symbol not in self.market.books:
+                self._send(c, {"error": {"code": 2, "msg": f"Invalid stream {p!r}"}, "id": ident})
+                return
+            wanted.append((symbol, BINANCE_INTERVALS[rest]))
+        for symbol, interval in wanted:
+            key = (symbol, interval)
+            if method == "SUBSCRIBE":
+                g = self.binance.get(key)
+                if g is None:
+                    g = self.binance[key] = BinanceGroup(symbol, interval, self.market.books[symbol].seq)
+                g.clients.add(c)
+                c.channels.add(("binance", symbol))
+            elif key in self.binance:
+                self.binance[key].clients.discard(c)
+                c.channels.discard(("binance", symbol))
+        self._send(c, {"result": None, "id": ident})
+
+    # ---- fan-out -----------------------------------------------------------------------------
+
+    def _fan(self, clients: set[Client], data: bytes) -> None:
+        for c in clients:
+            c.push(data)
+        self.deliveries += len(clients)
+
+    def on_publish(self, pub: Published) -> None:
+        ts = pub.ts
+        changed = {u.symbol for u in pub.updates}
+        for (symbol, _depth, interval), g in self.groups.items():
+            if interval == 0 and g.clients and symbol in changed:
+                data = g.update(ts)
+                if data is not None:
+                    self._fan(g.clients, data)
+        if self.binance:
+            for u in pub.updates:
+                for (symbol, _), g in self.binance.items():
+                    if symbol == u.symbol:
+                        g.add(u.first_seq, u.seq, u.changes)
+        for t in pub.trades:
+            subs = self.subs.get(("trades", t.symbol))
+            if subs:
+                self._fan(subs, orjson.dumps({
+                    "ch": "trades", "symbol": t.symbol, "trade_id": str(t.trade_id), "price": format_price(t.price),
+                    "quantity": format_tonnes(t.qty), "taker_side": "buy" if t.taker_side == E.BID else "sell",
+                    "seq": t.seq, "ts": t.ts}))
+        for symbol in pub.tickers:
+            subs = self.subs.get(("ticker", symbol))
+            if subs:
+                self._fan(subs, self._ticker(symbol, ts))
+
+    def on_entries(self, entries: list) -> None:
+        """Private order updates and fills to their owners' connections."""
+        if not self.orders:
+            return
+        for _seq, _ts, _cmd, _events, folded in entries:
+            for f in folded.fills:
+                subs = self.orders.get(f.account)
+                if subs:
+                    self._fan(subs, orjson.dumps({"ch": "orders", "type": "fill", **fill_view(f)}))
+            for o in folded.orders.values():
+                subs = self.orders.get(o.account)
+                if subs:
+                    self._fan(subs, orjson.dumps({"ch": "orders", "type": "order", "order": order_view(o, [])}))
+
+    def _ticker(self, symbol: str, ts: int) -> bytes:
+        v = self.market.ticker(symbol, ts)
+        return orjson.dumps({"ch": "ticker", "symbol": symbol,
+                             **{k: format_price(v[k]) if v[k] is not None else None
+                                for k in ("last", "open", "high", "low", "vwap")},
+                             "volume": format_tonnes(v["volume"]), "ts": ts})
+
+    def on_registry(self, kind: str, d: dict[str, Any]) -> None:
+        subs = self.subs.get(("registry", ""))
+        if not subs:
+            return
+        body = {"ch": "registry", "type": kind, "id": d["id"], "symbol": d.get("symbol"),
+                "quantity": format_tonnes(d["quantity_kg"]), "ts": now_us()}
+        if kind == "issuance":
+            body["serial"] = d["serial"]
+        else:
+            body.update(beneficiary=d["beneficiary"], purpose=d["purpose"], certificate_code=d["certificate_code"],
+                        serials=d["serials"])
+        self._fan(subs, orjson.dumps(body))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            if self.clients:
+                data = orjson.dumps({"ch": "heartbeat", "ts": now_us(),
+                                     "seqs": {s: b.seq for s, b in self.market.books.items()}})
+                self._fan({c for c in self.clients if not c.binance}, data)
+
+    async def _coalesce(self) -> None:
+        """Flush coalesced book views and Binance streams when their interval is due."""
+        loop = asyncio.get_running_loop()
+        due: dict[int, float] = {}
+        while True:
+            await asyncio.sleep(0.01)
+            now, ts = loop.time(), now_us()
+            for g in list(self.groups.values()):
+                if g.interval_ms and g.clients and now >= due.get(id(g), 0):
+                    due[id(g)] = now + g.interval_ms / 1000
+                    data = g.update(ts)
+                    if data is not None:
+                        self._fan(g.clients, data)
+            for g in list(self.binance.values()):
+                if not g.clients:
+                    g.first, g.changes = None, {}
+                elif now >= due.get(id(g), 0):
+                    due[id(g)] = now + g.interval_ms / 1000
+                    self.flush_binance_group(g)
+
+    def flush_binance_group(self, g: BinanceGroup) -> None:
+        data = g.flush()
+        if data is not None:
+            self._fan(g.clients, data)
+
+    def flush_binance(self, symbol: str) -> None:
+        """Send what the Binance streams of `symbol` hold now, so that a REST depth snapshot taken
+        next has lastUpdateId equal to the last event sent, and the next event starts right after."""
+        for (s, _), g in self.binance.items():
+            if s == symbol and g.clients:
+                self.flush_binance_group(g)
+
+

@@ -1,0 +1,324 @@
+"""Request and response shapes of the REST API (pydantic), which also make /openapi.json.
+
+Requests are validated here for form (types, enums, lengths, unknown fields); the exchange then
+checks the trading rules (tick, lot, band, funds). Decimal values travel as strings, exactly as
+API.md says; api/orders.py turns them into integers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Decimal = str  # a decimal string such as "13.89" or "1.200"
+_DEC = r"^[0-9]+(\.[0-9]+)?$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+class OrderRequest(Strict):
+    symbol: str = Field(min_length=1, max_length=40)
+    side: Literal["buy", "sell"]
+    type: Literal["limit", "market"] = "limit"
+    price: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
+    quantity: Decimal = Field(pattern=_DEC, max_length=24)
+    time_in_force: Literal["GTC", "GTD", "IOC", "FOK"] | None = None
+    expire_time: str | None = Field(default=None, max_length=40, description="ISO 8601, for GTD")
+    post_only: bool = False
+    max_cash: Decimal | None = Field(default=None, pattern=_DEC, max_length=24, description="market buys: CNY cap")
+    client_order_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class AmendRequest(Strict):
+    quantity: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
+    price: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
+
+
+class Fill(BaseModel):
+    trade_id: str
+    order_id: str
+    symbol: str
+    side: Literal["buy", "sell"]
+    liquidity: Literal["maker", "taker"]
+    price: Decimal
+    quantity: Decimal
+    value: Decimal
+    fee: Decimal
+    time: str | None
+
+
+class Order(BaseModel):
+    order_id: str
+    client_order_id: str | None
+    symbol: str
+    side: Literal["buy", "sell"]
+    type: Literal["limit", "market"]
+    time_in_force: Literal["GTC", "GTD", "IOC", "FOK"]
+    post_only: bool
+    price: Decimal | None
+    quantity: Decimal
+    status: Literal["new", "partially_filled", "filled", "cancelled", "rejected", "expired"]
+    reason: str | None
+    filled_quantity: Decimal
+    remaining_quantity: Decimal
+    average_price: Decimal | None
+    filled_value: Decimal
+    fees: Decimal
+    max_cash: Decimal | None
+    expire_time: str | None
+    created_at: str | None
+    updated_at: str | None
+    fills: list[Fill]
+
+
+class CancelAll(BaseModel):
+    cancelled: list[Order]
+
+
+class Holding(BaseModel):
+    symbol: str
+    available: Decimal
+    encumbered: Decimal
+    locked: Decimal = Field(description="bought today; sellable from the next trading day (T+1)")
+
+
+class AccountView(BaseModel):
+    code: str
+    name: str
+    kind: str
+    role: str
+    cash_available: Decimal
+    cash_reserved: Decimal
+    holdings: list[Holding]
+    retired: list[dict[str, str]] = Field(description="retired tonnes per project vintage")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    seq: int
+    durable_seq: int
+    instruments: int
+    time: str | None
+
+
+class Band(BaseModel):
+    low: Decimal
+    high: Decimal
+
+
+class Instrument(BaseModel):
+    symbol: str
+    project: str | None
+    project_name: str | None
+    vintage: int | None
+    methodology: str | None
+    tick: Decimal
+    lot: Decimal
+    min_quantity: Decimal
+    price_band: Band | None
+    band_percent: Decimal
+    reference_price: Decimal | None
+    session: Literal["open", "closed", "halted"]
+    maker_fee_bp: int
+    taker_fee_bp: int
+    resale_rule: Literal["T+1", "T+0"]
+
+
+class Book(BaseModel):
+    symbol: str
+    seq: int
+    bids: list[list[str]]
+    asks: list[list[str]]
+    checksum: int
+
+
+class TradeView(BaseModel):
+    symbol: str
+    trade_id: str
+    price: Decimal
+    quantity: Decimal
+    taker_side: Literal["buy", "sell"]
+    time: str | None
+
+
+class Ticker(BaseModel):
+    symbol: str
+    last: Decimal | None
+    open: Decimal | None
+    high: Decimal | None
+    low: Decimal | None
+    volume: Decimal
+    vwap: Decimal | None
+    time: str | None
+
+
+class Candle(BaseModel):
+    start: str
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    trades: int
+
+
+class ProjectView(BaseModel):
+    code: str
+    scheme: str
+    name: str
+    methodology: str
+    region: str
+    developer: str
+    status: str
+    issued: Decimal | None = None
+    retired: Decimal | None = None
+    traded: Decimal | None = None
+    issuances: list[dict[str, str | int]] | None = None
+
+
+class Block(BaseModel):
+    serial: str
+    quantity: Decimal
+    holder: str
+    state: str
+    certificate_code: str | None
+
+
+class IssuanceView(BaseModel):
+    id: int
+    project: str
+    vintage: int
+    serial: str
+    quantity: Decimal
+    issued_to: str
+    blocks: list[Block]
+
+
+class Movement(BaseModel):
+    serial: str
+    quantity: Decimal
+    from_account: str | None
+    from_state: str | None
+    to_account: str
+    to_state: str
+    cause: str
+    reference: str
+    time: str | None
+
+
+class SerialView(BaseModel):
+    serial: str
+    issuance_id: int
+    history: list[Movement]
+    holders: list[Block]
+
+
+class RetirementView(BaseModel):
+    id: int
+    certificate_code: str
+    account: str
+    beneficiary: str
+    purpose: str
+    quantity: Decimal
+    time: str | None
+    serials: list[str]
+
+
+class Certificate(BaseModel):
+    certificate_code: str
+    beneficiary: str
+    purpose: str
+    quantity: Decimal
+    account: str
+    time: str | None
+    ranges: list[dict[str, str | int]]
+    verified: bool
+
+
+class RetireRequest(Strict):
+    symbol: str | None = Field(default=None, min_length=1, max_length=40)
+    issuance_id: int | None = Field(default=None, ge=1, le=2**62)
+    quantity: Decimal = Field(pattern=_DEC, max_length=24)
+    beneficiary: str = Field(min_length=1, max_length=200)
+    purpose: str = Field(min_length=1, max_length=500)
+
+
+class AccountRequest(Strict):
+    code: str = Field(min_length=1, max_length=40)
+    name: str = Field(default="", max_length=200)
+    kind: Literal["operator", "project_developer", "enterprise", "scenic_area", "event_organiser", "individual"]
+    role: Literal["operator", "member"] = "member"
+
+
+class AccountCreated(BaseModel):
+    code: str
+    name: str
+    kind: str
+    role: str
+    api_key: str
+
+
+class PaymentRequest(Strict):
+    amount: Decimal = Field(pattern=_DEC, max_length=24)
+    reference: str = Field(min_length=1, max_length=200)
+
+
+class PaymentView(BaseModel):
+    account: str
+    direction: Literal["deposit", "withdrawal"]
+    amount: Decimal
+    reference: str
+    seq: int | None
+    duplicate: bool
+
+
+class ProjectRequest(Strict):
+    code: str = Field(min_length=1, max_length=32)
+    name: str = Field(min_length=1, max_length=200)
+    methodology: Literal["forest_carbon_sink", "grassland_carbon_sink", "wetland_carbon_sink", "energy_substitution",
+                         "renewable_energy", "energy_efficiency", "methane_recovery", "low_carbon_transport", "other"]
+    developer: str = Field(min_length=1, max_length=40)
+    region: str = Field(default="", max_length=100)
+    scheme: str = Field(default="CDHF", min_length=2, max_length=16)
+
+
+class IssuanceRequest(Strict):
+    project: str = Field(min_length=1, max_length=32)
+    vintage: int = Field(ge=1990, le=2100)
+    quantity: Decimal = Field(pattern=_DEC, max_length=24)
+    to_account: str | None = Field(default=None, min_length=1, max_length=40)
+    reference: str = Field(default="", max_length=200)
+
+
+class SerialRequest(Strict):
+    serial: str = Field(min_length=1, max_length=120)
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class SerialResult(BaseModel):
+    serials: list[str]
+    quantity: Decimal
+
+
+class ListingRequest(Strict):
+    symbol: str = Field(min_length=6, max_length=40)
+    tick: Decimal = Field(default="0.01", pattern=_DEC, max_length=24)
+    lot: Decimal = Field(default="1.000", pattern=_DEC, max_length=24)
+    min_quantity: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
+    band_percent: Decimal = Field(default="10", pattern=_DEC, max_length=8)
+    reference_price: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
+    maker_fee_bp: int = Field(default=0, ge=0, le=1000)
+    taker_fee_bp: int = Field(default=0, ge=0, le=1000)
+    resale_rule: Literal["T+1", "T+0"] = "T+1"
+    always_open: bool = False

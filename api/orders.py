@@ -1,0 +1,193 @@
+"""Order entry shared by REST and the websocket: requests become core commands, outcomes views.
+
+A request is checked for form by api/models.py; here its decimal strings become integers
+(refusing more decimals than the unit has) and it becomes a core command for the caller's
+account. The exchange decides everything else (tick, lot, band, funds, credits), and its
+rejection codes travel back unchanged. Every answer is given only after the command is durable.
+
+Commands are sequenced synchronously (:meth:`Trading.place_now` and friends return the outcome
+and an awaitable of durability), so a websocket connection's orders are sequenced in the order
+they arrived even though their answers are awaited concurrently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from api.models import AmendRequest, OrderRequest
+from api.wire import order_view
+from exchange.errors import CarbonxError
+from exchange.history import SIDE, Fill, order_from_row
+from exchange.service import ExchangeService
+from matching import events as E
+from matching.core import O_ACCOUNT, O_PRICE, O_REMAINING, O_SYMBOL, Outcome
+from matching.units import UnitError, parse_cash, parse_price, parse_tonnes
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+TIFS = {"GTC": E.GTC, "IOC": E.IOC, "FOK": E.FOK, "GTD": E.GTD}
+
+
+def _units(fn: Any, text: str, what: str, positive: bool = True) -> int:
+    try:
+        value = fn(text, what)
+    except UnitError as e:
+        raise CarbonxError(e.code if e.code == "too_many_decimals" else "invalid_request", str(e)) from None
+    if positive and value <= 0:
+        raise CarbonxError("invalid_request", f"{what} must be positive")
+    return value
+
+
+def parse_time(text: str, what: str = "expire_time") -> int:
+    """ISO 8601 (with an offset or Z) to UTC microseconds, without floats."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise CarbonxError("invalid_request", f"{what} must be an ISO 8601 time, got {text!r}") from None
+    if dt.tzinfo is None:
+        raise CarbonxError("invalid_request", f"{what} needs a time zone (e.g. Z)")
+    return (dt - _EPOCH) // timedelta(microseconds=1)
+
+
+def place_command(account: int, req: OrderRequest) -> dict[str, Any]:
+    """The core command for an order request (form and units only; the core checks the rules)."""
+    side = E.BID if req.side == "buy" else E.ASK
+    cmd: dict[str, Any] = {"op": "place", "account": account, "symbol": req.symbol, "side": side,
+                           "qty": _units(parse_tonnes, req.quantity, "quantity")}
+    if req.type == "limit":
+        if req.price is None:
+            raise CarbonxError("invalid_request", "a limit order needs a price")
+        if req.max_cash is not None:
+            raise CarbonxError("invalid_request", "max_cash is for market buys")
+        cmd["kind"] = E.LIMIT
+        cmd["price"] = _units(parse_price, req.price, "price")
+        tif = req.time_in_force or "GTC"
+    else:
+        if req.price is not None:
+            raise CarbonxError("invalid_request", "a market order takes no price")
+        if req.post_only:
+            raise CarbonxError("invalid_request", "a market order cannot be post-only")
+        if req.time_in_force not in (None, "IOC"):
+            raise CarbonxError("invalid_request", "a market order is always IOC")
+        cmd["kind"] = E.MARKET
+        tif = "IOC"
+        if side == E.BID:
+            if req.max_cash is None:
+                raise CarbonxError("invalid_request", "a market buy needs max_cash, the most it may spend")
+            cmd["cash_cap"] = _units(parse_cash, req.max_cash, "max_cash")
+        elif req.max_cash is not None:
+            raise CarbonxError("invalid_request", "max_cash is for market buys")
+    cmd["tif"] = TIFS[tif]
+    if tif == "GTD":
+        if req.expire_time is None:
+            raise CarbonxError("invalid_request", "a GTD order needs expire_time")
+        cmd["expire_ts"] = parse_time(req.expire_time)
+    elif req.expire_time is not None:
+        raise CarbonxError("invalid_request", "expire_time is only for GTD orders")
+    if req.post_only:
+        cmd["post_only"] = True
+    if req.client_order_id is not None:
+        if not req.client_order_id.isprintable():
+            raise CarbonxError("invalid_request", "client_order_id must be printable characters")
+        cmd["coid"] = req.client_order_id
+    return cmd
+
+
+def refused(out: Outcome) -> None:
+    if out.code is not None:
+        raise CarbonxError(out.code, out.detail or out.code.replace("_", " "))
+
+
+class Trading:
+    """A member's order entry against one service."""
+
+    def __init__(self, service: ExchangeService) -> None:
+        self.service = service
+
+    # ---- sequencing now, answering later ----------------------------------------------------
+
+    def place_now(self, account: int, req: OrderRequest) -> tuple[Outcome, Awaitable[None]]:
+        out, durable = self.service.apply(place_command(account, req))
+        return out, durable
+
+    def cancel_now(self, account: int, order_id: int) -> tuple[Outcome, Awaitable[None]]:
+        return self.service.apply({"op": "cancel", "account": account, "order_id": order_id})
+
+    def amend_now(self, account: int, order_id: int, req: AmendRequest) -> tuple[Outcome, Awaitable[None]]:
+        if req.quantity is None and req.price is None:
+            raise CarbonxError("invalid_request", "give a new quantity, a new price, or both")
+        o = self.service.core.orders.get(order_id)
+        if o is None or o[O_ACCOUNT] != account:
+            raise CarbonxError("not_found", f"no open order {order_id}")
+        qty = _units(parse_tonnes, req.quantity, "quantity") if req.quantity is not None else o[O_REMAINING]
+        price = _units(parse_price, req.price, "price") if req.price is not None else o[O_PRICE]
+        return self.service.apply({"op": "amend", "account": account, "order_id": order_id, "price": price,
+                                   "qty": qty})
+
+    async def answer(self, account: int, out: Outcome, durable: Awaitable[None]) -> dict[str, Any]:
+        """The order's view once the command is durable (raises the rejection, if any)."""
+        await durable
+        refused(out)
+        return await self.order(account, out.order_id)
+
+    # ---- whole requests ------------------------------------------------------------------------
+
+    async def place(self, account: int, req: OrderRequest) -> dict[str, Any]:
+        out, durable = self.place_now(account, req)
+        return await self.answer(account, out, durable)
+
+    async def cancel(self, account: int, order_id: int) -> dict[str, Any]:
+        out, durable = self.cancel_now(account, order_id)
+        return await self.answer(account, out, durable)
+
+    async def amend(self, account: int, order_id: int, req: AmendRequest) -> dict[str, Any]:
+        out, durable = self.amend_now(account, order_id, req)
+        return await self.answer(account, out, durable)
+
+    async def cancel_all(self, account: int, symbol: str | None) -> list[dict[str, Any]]:
+        if symbol is not None and symbol not in self.service.core.listings:
+            raise CarbonxError("unknown_instrument", f"no instrument {symbol!r}")
+        ids = sorted(oid for oid, o in self.service.core.orders.items()
+                     if o[O_ACCOUNT] == account and (symbol is None or o[O_SYMBOL] == symbol))
+        done = []
+        for oid in ids:
+            out, durable = self.cancel_now(account, oid)
+            done.append((out, durable))
+        views = []
+        for out, durable in done:
+            await durable
+            if out.code is None:
+                views.append(await self.order(account, out.order_id))
+        return views
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    async def order(self, account: int, order_id: int | None) -> dict[str, Any]:
+        """An order of `account` (another account's order is "not found")."""
+        if order_id is None:
+            raise CarbonxError("not_found", "no such order")
+        o = self.service.orders.get(order_id)
+        if o is not None and o.account == account and sum(f.qty for f in o.fills) == o.filled:
+            return order_view(o)
+        # Older than this process, or with fills from before it: the history tables have them all.
+        await self.service.caught_up(orders=True)
+        row = await self.service.pool.fetchrow(
+            "SELECT * FROM orders WHERE order_id = $1 AND account_id = $2", order_id, account)
+        if row is None:
+            raise CarbonxError("not_found", f"no order {order_id}")
+        fills = await self.fills(account, order_id=order_id)
+        return order_view(order_from_row(row), fills)
+
+    async def fills(self, account: int, order_id: int | None = None, symbol: str | None = None,
+                    limit: int = 100) -> list[Fill]:
+        """The account's fills, newest first (an order's own fills oldest first)."""
+        await self.service.caught_up(orders=True)
+        rows = await self.service.pool.fetch(
+            """SELECT * FROM fills WHERE account_id = $1 AND ($2::bigint IS NULL OR order_id = $2)
+                 AND ($3::text IS NULL OR symbol = $3) ORDER BY seq DESC, trade_id DESC LIMIT $4""",
+            account, order_id, symbol, limit)
+        out = [Fill(r["symbol"], r["trade_id"], r["order_id"], r["account_id"], SIDE.index(r["side"]),
+                    r["liquidity"] == "maker", r["price_fen"], r["qty_kg"], r["value_fen"], r["fee_fen"], r["ts"],
+                    r["seq"]) for r in rows]
+        return out[::-1] if order_id is not None else out

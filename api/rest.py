@@ -1,0 +1,595 @@
+"""The REST API of API.md on FastAPI: public market data and registry, member order entry and
+account, operator actions. It translates and delegates: the exchange service decides.
+
+Every error is an RFC 9457 problem body (``application/problem+json``) with a stable ``code``;
+every route documents the problems it can send, so /openapi.json describes exactly what is sent.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route annotations, some of them local.
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import asyncpg
+import orjson
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import models as M
+from api.auth import Gate, Limits, bearer
+from api.orders import Trading, _units
+from api.wire import checksum, http_status, iso, levels, order_view, problem
+from exchange import accounts as acc
+from exchange import registry
+from exchange.accounts import Account
+from exchange.errors import CarbonxError
+from exchange.marketdata import MarketData
+from exchange.serials import format_serial
+from exchange.service import ExchangeService
+from matching import events as E
+from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, Listing
+from matching.units import format_cash, format_price, format_tonnes, parse_cash, parse_price, parse_tonnes
+
+log = logging.getLogger("carbonx.api")
+PROBLEM = "application/problem+json"
+MAX_DEPTH = 5000
+
+
+@dataclass
+class Context:
+    service: ExchangeService
+    market: MarketData
+    gate: Gate
+    trading: Trading
+    public_url: str = ""  # where people reach this server (certificate QR codes)
+    renderers: dict[str, Callable[..., Any]] | None = None  # certificate html/pdf, when available
+    feed: Any = None  # api.feed.Feed, when the websocket feed runs alongside
+
+
+class JSON(Response):
+    """A JSON response encoded by orjson (FastAPI's own JSON is deprecated)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": M.Problem, "content": {PROBLEM: {"schema": M.Problem.model_json_schema()}},
+                "description": "a problem (RFC 9457) with a stable code"} for c in codes}
+
+
+COMMON = (400, 413, 429, 503)
+PUBLIC = _problems(*COMMON, 404, 422)
+MEMBER = _problems(*COMMON, 401, 403, 404, 409, 422)
+
+
+def problem_response(code: str, detail: str, status: int | None = None) -> Response:
+    body = problem(code, detail, status)
+    return Response(orjson.dumps(body), status_code=body["status"], media_type=PROBLEM)
+
+
+def create_app(ctx: Context) -> FastAPI:
+    app = FastAPI(
+        title="carbonx", version="1.0",
+        description="Exchange, clearing house and registry for certified carbon-inclusion reductions. "
+                    "Prices are CNY per tonne, quantities tonnes, cash CNY, all as decimal strings.",
+        default_response_class=JSON, openapi_url="/openapi.json", docs_url="/docs", redoc_url=None,
+    )
+    app.state.ctx = ctx
+    service, market, gate, trading = ctx.service, ctx.market, ctx.gate, ctx.trading
+
+    @app.exception_handler(CarbonxError)
+    async def _domain(_: Request, e: CarbonxError) -> Response:
+        return problem_response(e.code, e.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return problem_response("invalid_request", f"{where}: {first.get('msg', 'invalid')}" if where else
+                                str(first.get("msg", "invalid request")), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_request")
+        return problem_response(code, str(e.detail), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, e: Exception) -> Response:
+        log.error("unhandled error", exc_info=e)
+        return problem_response("internal_error", f"{type(e).__name__}", 500)
+
+    # ---- who is calling ----------------------------------------------------------------------
+
+    async def caller(request: Request) -> Account:
+        key = bearer(request.headers.get("authorization"))
+        account = await gate.account(key)
+        gate.admit(None, key)
+        return account
+
+    async def member(account: Annotated[Account, Depends(caller)]) -> Account:
+        if account.role != "member":
+            raise CarbonxError("forbidden", "only member accounts trade, hold and retire")
+        return account
+
+    async def operator(account: Annotated[Account, Depends(caller)]) -> Account:
+        if account.role != "operator":
+            raise CarbonxError("forbidden", "only the operator may do this")
+        return account
+
+    Member = Annotated[Account, Depends(member)]
+    Operator = Annotated[Account, Depends(operator)]
+    Symbol = Annotated[str, Path(min_length=1, max_length=40)]
+
+    def instrument(symbol: str) -> Listing:
+        listing = service.core.listings.get(symbol)
+        if listing is None:
+            raise CarbonxError("unknown_instrument", f"no instrument {symbol!r}")
+        return listing
+
+    async def db(fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        async with service.pool.acquire() as conn:
+            return await fn(conn)
+
+    # ---- public ------------------------------------------------------------------------------
+
+    @app.get("/v1/health", response_model=M.Health, responses=PUBLIC, tags=["public"])
+    async def health() -> Any:
+        ok = service.failure is None
+        return {"status": "ok" if ok else "unavailable", "seq": service.core.seq, "durable_seq": service.durable_seq,
+                "instruments": len(service.core.listings), "time": iso(time.time_ns() // 1000)}
+
+    async def instrument_view(symbol: str, projects: dict[str, Any]) -> dict[str, Any]:
+        listing = instrument(symbol)
+        rules = listing.rules
+        band = rules.band()
+        code, _, vintage = symbol.rpartition("-")
+        proj = projects.get(code)
+        engine = service.core.engine
+        state = "halted" if engine.is_halted(symbol) else (
+            "open" if rules.is_open(time.time_ns() // 1000) else "closed")
+        return {
+            "symbol": symbol, "project": code if proj else None, "project_name": proj["name"] if proj else None,
+            "vintage": int(vintage) if vintage.isdigit() else None,
+            "methodology": proj["methodology"] if proj else None,
+            "tick": format_price(rules.tick), "lot": format_tonnes(rules.lot),
+            "min_quantity": format_tonnes(rules.min_qty),
+            "price_band": {"low": format_price(band[0]), "high": format_price(band[1])} if band else None,
+            "band_percent": format_price(rules.band_bp), "reference_price":
+                format_price(rules.reference_price) if rules.reference_price is not None else None,
+            "session": state, "maker_fee_bp": listing.maker_bp, "taker_fee_bp": listing.taker_bp,
+            "resale_rule": "T+1" if listing.t1 else "T+0",
+        }
+
+    async def project_index() -> dict[str, Any]:
+        rows = await service.pool.fetch("SELECT code, name, methodology FROM projects")
+        return {r["code"]: r for r in rows}
+
+    @app.get("/v1/instruments", response_model=list[M.Instrument], responses=PUBLIC, tags=["public"])
+    async def instruments() -> Any:
+        projects = await project_index()
+        return [await instrument_view(s, projects) for s in sorted(service.core.listings)]
+
+    @app.get("/v1/instruments/{symbol}", response_model=M.Instrument, responses=PUBLIC, tags=["public"])
+    async def instrument_one(symbol: Symbol) -> Any:
+        instrument(symbol)
+        return await instrument_view(symbol, await project_index())
+
+    @app.get("/v1/book/{symbol}", response_model=M.Book, responses=PUBLIC, tags=["public"])
+    async def book(symbol: Symbol, depth: Annotated[int, Query(ge=1, le=MAX_DEPTH)] = 100) -> Any:
+        instrument(symbol)
+        b = market.books[symbol]
+        bids, asks = levels(b.top(E.BID, depth)), levels(b.top(E.ASK, depth))
+        top_b, top_a = levels(b.top(E.BID, 10)), levels(b.top(E.ASK, 10))
+        return {"symbol": symbol, "seq": b.seq, "bids": bids, "asks": asks, "checksum": checksum(top_a, top_b)}
+
+    def trade_view(t: Any) -> dict[str, Any]:
+        return {"symbol": t.symbol, "trade_id": str(t.trade_id), "price": format_price(t.price),
+                "quantity": format_tonnes(t.qty), "taker_side": "buy" if t.taker_side == E.BID else "sell",
+                "time": iso(t.ts)}
+
+    @app.get("/v1/trades/{symbol}", response_model=list[M.TradeView], responses=PUBLIC, tags=["public"])
+    async def trades(symbol: Symbol, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
+        instrument(symbol)
+        tape = market.tapes[symbol]
+        return [trade_view(t) for t in list(tape)[-limit:][::-1]]
+
+    @app.get("/v1/ticker/{symbol}", response_model=M.Ticker, responses=PUBLIC, tags=["public"])
+    async def ticker(symbol: Symbol) -> Any:
+        instrument(symbol)
+        v = market.ticker(symbol, time.time_ns() // 1000)
+        return {"symbol": symbol, **{k: format_price(v[k]) if v[k] is not None else None
+                                     for k in ("last", "open", "high", "low", "vwap")},
+                "volume": format_tonnes(v["volume"]), "time": iso(market.ts)}
+
+    @app.get("/v1/candles/{symbol}", response_model=list[M.Candle], responses=PUBLIC, tags=["public"])
+    async def candles(symbol: Symbol, interval: Annotated[str, Query(pattern="^(1m|1h|1d)$")] = "1m",
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 500) -> Any:
+        instrument(symbol)
+        step = {"1m": 60_000_000, "1h": 3_600_000_000, "1d": 86_400_000_000}[interval]
+        await service.caught_up(orders=True)
+        rows = await service.pool.fetch(
+            """SELECT ts / $2 * $2 AS start,
+                      (array_agg(price_fen ORDER BY trade_id))[1] AS open, max(price_fen) AS high,
+                      min(price_fen) AS low, (array_agg(price_fen ORDER BY trade_id DESC))[1] AS close,
+                      sum(qty_kg)::bigint AS volume, count(*)::int AS trades
+               FROM trades WHERE symbol = $1 GROUP BY 1 ORDER BY 1 DESC LIMIT $3""", symbol, step, limit)
+        return [{"start": iso(r["start"]), "open": format_price(r["open"]), "high": format_price(r["high"]),
+                 "low": format_price(r["low"]), "close": format_price(r["close"]),
+                 "volume": format_tonnes(r["volume"]), "trades": r["trades"]} for r in reversed(rows)]
+
+    # ---- public registry ---------------------------------------------------------------------
+
+    async def project_view(conn: asyncpg.Connection, p: registry.Project, detail: bool) -> dict[str, Any]:
+        dev = await conn.fetchval("SELECT code FROM accounts WHERE id = $1", p.developer_account_id)
+        out: dict[str, Any] = {"code": p.code, "scheme": p.scheme, "name": p.name, "methodology": p.methodology,
+                               "region": p.region, "developer": dev, "status": p.status}
+        if detail:
+            issued = await conn.fetchval(
+                "SELECT coalesce(sum(quantity_kg), 0)::bigint FROM issuances WHERE project_id = $1", p.id)
+            retired = await conn.fetchval(
+                """SELECT coalesce(sum(upper(b.serials) - lower(b.serials)), 0)::bigint FROM blocks b
+                   JOIN issuances i ON i.id = b.issuance_id WHERE i.project_id = $1 AND b.state = 'retired'""", p.id)
+            traded = await conn.fetchval(
+                """SELECT coalesce(sum(qty_kg), 0)::bigint FROM trades
+                   WHERE symbol LIKE $1 || '-____'""", p.code)
+            iss = await registry.list_issuances(conn, p.id)
+            out.update(issued=format_tonnes(issued), retired=format_tonnes(retired), traded=format_tonnes(traded),
+                       issuances=[{"id": i.id, "vintage": i.vintage, "serial": i.serial,
+                                   "quantity": format_tonnes(i.quantity)} for i in iss])
+        return out
+
+    @app.get("/v1/registry/projects", response_model=list[M.ProjectView], responses=PUBLIC, tags=["registry"])
+    async def projects() -> Any:
+        async def q(conn: asyncpg.Connection) -> Any:
+            return [await project_view(conn, p, False) for p in await registry.list_projects(conn)]
+        return await db(q)
+
+    @app.get("/v1/registry/projects/{code}", response_model=M.ProjectView, responses=PUBLIC, tags=["registry"])
+    async def project(code: Annotated[str, Path(min_length=1, max_length=32)]) -> Any:
+        await service.caught_up(orders=True)
+
+        async def q(conn: asyncpg.Connection) -> Any:
+            return await project_view(conn, await registry.get_project(conn, code), True)
+        return await db(q)
+
+    def block_view(iss: registry.Issuance, b: dict[str, Any]) -> dict[str, Any]:
+        return {"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, b["lo"], b["hi"]),
+                "quantity": format_tonnes(b["hi"] - b["lo"]), "holder": b["owner"], "state": b["state"],
+                "certificate_code": b.get("certificate_code")}
+
+    @app.get("/v1/registry/issuances/{issuance_id}", response_model=M.IssuanceView, responses=PUBLIC,
+             tags=["registry"])
+    async def issuance(issuance_id: Annotated[int, Path(ge=1, le=2**62)]) -> Any:
+        async def q(conn: asyncpg.Connection) -> Any:
+            iss = await registry.get_issuance(conn, issuance_id)
+            to = await conn.fetchval("SELECT code FROM accounts WHERE id = $1", iss.issued_to_account_id)
+            blocks = await registry.issuance_blocks(conn, issuance_id)
+            return {"id": iss.id, "project": iss.project_code, "vintage": iss.vintage, "serial": iss.serial,
+                    "quantity": format_tonnes(iss.quantity), "issued_to": to,
+                    "blocks": [block_view(iss, b) for b in blocks]}
+        return await db(q)
+
+    @app.get("/v1/registry/serials/{serial}", response_model=M.SerialView, responses=PUBLIC, tags=["registry"])
+    async def serial(serial: Annotated[str, Path(min_length=1, max_length=120)]) -> Any:
+        async def q(conn: asyncpg.Connection) -> Any:
+            iss, rng, hist, now = await registry.serial_history(conn, serial)
+            return {"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, rng.lo, rng.hi),
+                    "issuance_id": iss.id,
+                    "history": [{"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, h["lo"], h["hi"]),
+                                 "quantity": format_tonnes(h["hi"] - h["lo"]), "from_account": h["from_account"],
+                                 "from_state": h["from_state"], "to_account": h["to_account"],
+                                 "to_state": h["to_state"], "cause": h["cause"], "reference": h["cause_ref"],
+                                 "time": h["created_at"].isoformat()} for h in hist],
+                    "holders": [block_view(iss, b) for b in now]}
+        return await db(q)
+
+    async def retirement_views(conn: asyncpg.Connection, where: str, *args: Any, limit: int = 100) -> list:
+        rows = await conn.fetch(
+            f"""SELECT r.id, r.certificate_code, a.code AS account, r.beneficiary, r.purpose, r.quantity_kg,
+                       r.created_at FROM retirements r JOIN accounts a ON a.id = r.account_id
+                WHERE {where} ORDER BY r.id DESC LIMIT {int(limit)}""", *args)
+        out = []
+        for r in rows:
+            ranges = await conn.fetch(
+                """SELECT p.scheme, p.code, i.vintage, lower(b.serials) AS lo, upper(b.serials) AS hi
+                   FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
+                   WHERE b.retirement_id = $1 ORDER BY i.id, lower(b.serials)""", r["id"])
+            out.append({"id": r["id"], "certificate_code": r["certificate_code"], "account": r["account"],
+                        "beneficiary": r["beneficiary"], "purpose": r["purpose"],
+                        "quantity": format_tonnes(r["quantity_kg"]), "time": r["created_at"].isoformat(),
+                        "serials": [format_serial(x["scheme"], x["code"], x["vintage"], x["lo"], x["hi"])
+                                    for x in ranges]})
+        return out
+
+    @app.get("/v1/registry/retirements", response_model=list[M.RetirementView], responses=PUBLIC, tags=["registry"])
+    async def retirements(account: Annotated[str | None, Query(max_length=40)] = None,
+                          project: Annotated[str | None, Query(max_length=32)] = None,
+                          limit: Annotated[int, Query(ge=1, le=500)] = 100) -> Any:
+        async def q(conn: asyncpg.Connection) -> Any:
+            return await retirement_views(
+                conn, """($1::text IS NULL OR a.code = $1) AND ($2::text IS NULL OR EXISTS (
+                           SELECT 1 FROM blocks b JOIN issuances i ON i.id = b.issuance_id
+                           JOIN projects p ON p.id = i.project_id WHERE b.retirement_id = r.id AND p.code = $2))""",
+                account, project, limit=limit)
+        return await db(q)
+
+    async def certificate_data(code: str) -> dict[str, Any]:
+        return await db(lambda conn: registry.retirement_by_code(conn, code))
+
+    async def rendered(code: str, kind: str, media: str) -> Response:
+        data = await certificate_data(code)
+        render = (ctx.renderers or {}).get(kind)
+        if render is None:
+            raise CarbonxError("not_found", f"certificates as {kind} are not available on this server")
+        return Response(render(data, ctx.public_url), media_type=media)
+
+    CertCode = Annotated[str, Path(min_length=1, max_length=64)]
+
+    @app.get("/v1/certificates/{code}.html", response_class=Response, tags=["registry"],
+             responses={**PUBLIC, 200: {"content": {"text/html": {"schema": {"type": "string"}}},
+                                        "description": "the certificate as a printable page"}})
+    async def certificate_html(code: CertCode) -> Response:
+        return await rendered(code, "html", "text/html; charset=utf-8")
+
+    @app.get("/v1/certificates/{code}.pdf", response_class=Response, tags=["registry"],
+             responses={**PUBLIC, 200: {"content": {"application/pdf": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}},
+                                        "description": "the certificate as PDF"}})
+    async def certificate_pdf(code: CertCode) -> Response:
+        return await rendered(code, "pdf", "application/pdf")
+
+    @app.get("/v1/certificates/{code}", response_model=M.Certificate, responses=PUBLIC, tags=["registry"])
+    async def certificate(code: CertCode) -> Any:
+        data = await certificate_data(code)
+        return {"certificate_code": data["certificate_code"], "beneficiary": data["beneficiary"],
+                "purpose": data["purpose"], "quantity": format_tonnes(data["quantity_kg"]),
+                "account": data["account"], "time": data["created_at"].isoformat(),
+                "ranges": [{"serial": r["serial"], "project": r["project"], "project_name": r["project_name"],
+                            "methodology": r["methodology"], "vintage": r["vintage"],
+                            "quantity": format_tonnes(r["hi"] - r["lo"])} for r in data["ranges"]],
+                "verified": True}
+
+    # ---- member --------------------------------------------------------------------------------
+
+    @app.post("/v1/orders", status_code=201, response_model=M.Order, responses=MEMBER, tags=["orders"])
+    async def place(req: M.OrderRequest, who: Member) -> Any:
+        return JSON(await trading.place(who.id, req), status_code=201)
+
+    @app.get("/v1/orders", response_model=list[M.Order], responses=MEMBER, tags=["orders"])
+    async def orders(who: Member, status: Annotated[str, Query(pattern="^(open|all)$")] = "open",
+                     symbol: Annotated[str | None, Query(max_length=40)] = None,
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
+        await service.caught_up(orders=True)
+        from exchange.history import order_from_row
+        rows = await service.pool.fetch(
+            """SELECT * FROM orders WHERE account_id = $1 AND ($2 OR status IN ('new', 'partially_filled'))
+                 AND ($3::text IS NULL OR symbol = $3) ORDER BY order_id DESC LIMIT $4""",
+            who.id, status == "all", symbol, limit)
+        return [order_view(order_from_row(r), []) for r in rows]
+
+    OrderId = Annotated[int, Path(ge=1, le=2**62)]
+
+    @app.get("/v1/orders/{order_id}", response_model=M.Order, responses=MEMBER, tags=["orders"])
+    async def order(order_id: OrderId, who: Member) -> Any:
+        return await trading.order(who.id, order_id)
+
+    @app.delete("/v1/orders/{order_id}", response_model=M.Order, responses=MEMBER, tags=["orders"])
+    async def cancel(order_id: OrderId, who: Member) -> Any:
+        return await trading.cancel(who.id, order_id)
+
+    @app.delete("/v1/orders", response_model=M.CancelAll, responses=MEMBER, tags=["orders"])
+    async def cancel_all(who: Member, symbol: Annotated[str | None, Query(max_length=40)] = None) -> Any:
+        return {"cancelled": await trading.cancel_all(who.id, symbol)}
+
+    @app.patch("/v1/orders/{order_id}", response_model=M.Order, responses=MEMBER, tags=["orders"])
+    async def amend(order_id: OrderId, req: M.AmendRequest, who: Member) -> Any:
+        return await trading.amend(who.id, order_id, req)
+
+    @app.get("/v1/fills", response_model=list[M.Fill], responses=MEMBER, tags=["orders"])
+    async def fills(who: Member, symbol: Annotated[str | None, Query(max_length=40)] = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
+        from api.wire import fill_view
+        return [fill_view(f) for f in await trading.fills(who.id, symbol=symbol, limit=limit)]
+
+    @app.get("/v1/account", response_model=M.AccountView, responses=MEMBER, tags=["account"])
+    async def account(who: Annotated[Account, Depends(caller)]) -> Any:
+        core = service.core
+        balance, reserved = core.cash.get(who.id, [0, 0])
+        holdings = []
+        for symbol in sorted(core.credits):
+            pos = core.credits[symbol].get(who.id)
+            if pos and any(pos[:3]):
+                holdings.append({"symbol": symbol, "available": format_tonnes(pos[P_AVAILABLE]),
+                                 "encumbered": format_tonnes(pos[P_ENCUMBERED]),
+                                 "locked": format_tonnes(pos[P_LOCKED])})
+        rows = await service.pool.fetch(
+            """SELECT p.code, i.vintage, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
+               FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
+               WHERE b.owner_account_id = $1 AND b.state = 'retired' GROUP BY 1, 2 ORDER BY 1, 2""", who.id)
+        return {"code": who.code, "name": who.name, "kind": who.kind, "role": who.role,
+                "cash_available": format_cash(balance - reserved), "cash_reserved": format_cash(reserved),
+                "holdings": holdings,
+                "retired": [{"symbol": f"{r['code']}-{r['vintage']}", "quantity": format_tonnes(r["kg"])}
+                            for r in rows]}
+
+    @app.post("/v1/retirements", status_code=201, response_model=M.RetirementView, responses=MEMBER,
+              tags=["registry"])
+    async def retire(req: M.RetireRequest, who: Member) -> Any:
+        if (req.symbol is None) == (req.issuance_id is None):
+            raise CarbonxError("invalid_request", "give exactly one of symbol or issuance_id")
+        kg = _units(parse_tonnes, req.quantity, "quantity")
+        r = await service.retire(account=who.code, quantity_kg=kg, beneficiary=req.beneficiary,
+                                 purpose=req.purpose, symbol=req.symbol, issuance_id=req.issuance_id)
+        views = await db(lambda conn: retirement_views(conn, "r.id = $1", r.id))
+        return JSON(views[0], status_code=201)
+
+    # ---- operator ------------------------------------------------------------------------------
+
+    @app.post("/v1/accounts", status_code=201, response_model=M.AccountCreated, responses=MEMBER, tags=["operator"])
+    async def create_account(req: M.AccountRequest, _: Operator) -> Any:
+        async def q(conn: asyncpg.Connection) -> Any:
+            async with conn.transaction():
+                a = await acc.create_account(conn, req.code, req.name, req.kind, req.role)
+                key = await acc.create_api_key(conn, a.id)
+            return {"code": a.code, "name": a.name, "kind": a.kind, "role": a.role, "api_key": key}
+        return JSON(await db(q), status_code=201)
+
+    async def payment(code: str, req: M.PaymentRequest, op: str) -> Any:
+        amount = _units(parse_cash, req.amount, "amount")
+        account_id = await service.account(code)
+        cmd = {"op": op, "account": account_id, "amount": amount, "ref": req.reference}
+        await service.prepare(cmd)
+        out = await service.submit(cmd)
+        if out.code is not None:
+            raise CarbonxError(out.code, out.detail or out.code)
+        return JSON({"account": code, "direction": "deposit" if op == "deposit" else "withdrawal",
+                               "amount": req.amount, "reference": req.reference, "seq": out.seq,
+                               "duplicate": out.duplicate}, status_code=201 if not out.duplicate else 200)
+
+    Code = Annotated[str, Path(min_length=1, max_length=40)]
+    PAYMENT = {**MEMBER, 200: {"model": M.PaymentView, "description": "a repeat of an earlier payment"}}
+
+    @app.post("/v1/accounts/{code}/deposits", status_code=201, response_model=M.PaymentView, responses=PAYMENT,
+              tags=["operator"])
+    async def deposit(code: Code, req: M.PaymentRequest, _: Operator) -> Any:
+        return await payment(code, req, "deposit")
+
+    @app.post("/v1/accounts/{code}/withdrawals", status_code=201, response_model=M.PaymentView, responses=PAYMENT,
+              tags=["operator"])
+    async def withdraw(code: Code, req: M.PaymentRequest, _: Operator) -> Any:
+        return await payment(code, req, "withdraw")
+
+    @app.post("/v1/registry/projects", status_code=201, response_model=M.ProjectView, responses=MEMBER,
+              tags=["operator"])
+    async def add_project(req: M.ProjectRequest, _: Operator) -> Any:
+        async def q(conn: asyncpg.Connection) -> Any:
+            p = await registry.add_project(conn, code=req.code, name=req.name, methodology=req.methodology,
+                                           developer=req.developer, region=req.region, scheme=req.scheme)
+            return await project_view(conn, p, False)
+        return JSON(await db(q), status_code=201)
+
+    @app.post("/v1/registry/issuances", status_code=201, response_model=M.IssuanceView, responses=MEMBER,
+              tags=["operator"])
+    async def issue(req: M.IssuanceRequest, _: Operator) -> Any:
+        kg = _units(parse_tonnes, req.quantity, "quantity")
+        iss = await service.issue(project=req.project, vintage=req.vintage, quantity_kg=kg, to_account=req.to_account,
+                                  reference=req.reference)
+        return JSON(await issuance(iss.id), status_code=201)
+
+    async def serial_action(req: M.SerialRequest, fn: Callable[..., Awaitable[registry.MovementResult]]) -> Any:
+        res = await fn(serial=req.serial, reason=req.reason)
+        async def names(conn: asyncpg.Connection) -> list[str]:
+            out = []
+            for p in res.pieces:
+                iss = await registry.get_issuance(conn, p.issuance_id)
+                out.append(format_serial(iss.scheme, iss.project_code, iss.vintage, p.lo, p.hi))
+            return out
+        return {"serials": await db(names), "quantity": format_tonnes(res.quantity)}
+
+    @app.post("/v1/registry/freeze", response_model=M.SerialResult, responses=MEMBER, tags=["operator"])
+    async def freeze(req: M.SerialRequest, _: Operator) -> Any:
+        return await serial_action(req, service.freeze)
+
+    @app.post("/v1/registry/unfreeze", response_model=M.SerialResult, responses=MEMBER, tags=["operator"])
+    async def unfreeze(req: M.SerialRequest, _: Operator) -> Any:
+        return await serial_action(req, service.unfreeze)
+
+    @app.post("/v1/registry/cancel", response_model=M.SerialResult, responses=MEMBER, tags=["operator"])
+    async def cancel_serials(req: M.SerialRequest, _: Operator) -> Any:
+        return await serial_action(req, service.cancel_serials)
+
+    @app.post("/v1/instruments", status_code=201, response_model=M.Instrument, responses=MEMBER, tags=["operator"])
+    async def list_instrument(req: M.ListingRequest, _: Operator) -> Any:
+        code, vintage = registry.split_symbol(req.symbol)
+        if req.symbol != f"{code}-{vintage}":
+            raise CarbonxError("invalid_symbol", f"write the symbol as {code}-{vintage}")
+        await db(lambda conn: registry.get_project(conn, code))
+        rules: dict[str, Any] = {
+            "tick": _units(parse_price, req.tick, "tick"), "lot": _units(parse_tonnes, req.lot, "lot"),
+            "band_bp": _units(parse_price, req.band_percent, "band_percent", positive=False),
+            "always_open": req.always_open}
+        rules["min_qty"] = _units(parse_tonnes, req.min_quantity, "min_quantity") if req.min_quantity else rules["lot"]
+        if req.reference_price is not None:
+            rules["reference_price"] = _units(parse_price, req.reference_price, "reference_price")
+        out = await service.list_instrument(req.symbol, {"rules": rules, "maker_bp": req.maker_fee_bp,
+                                                         "taker_bp": req.taker_fee_bp, "t1": req.resale_rule == "T+1"})
+        if out.code is not None:
+            raise CarbonxError(out.code, out.detail or out.code)
+        return JSON(await instrument_view(req.symbol, await project_index()), status_code=201)
+
+    async def halt_or_resume(symbol: str, op: str) -> Any:
+        out = await service.submit({"op": op, "symbol": symbol})
+        if out.code is not None:
+            raise CarbonxError(out.code, out.detail or out.code)
+        return await instrument_view(symbol, await project_index())
+
+    @app.post("/v1/instruments/{symbol}/halt", response_model=M.Instrument, responses=MEMBER, tags=["operator"])
+    async def halt(symbol: Symbol, _: Operator) -> Any:
+        return await halt_or_resume(symbol, "halt")
+
+    @app.post("/v1/instruments/{symbol}/resume", response_model=M.Instrument, responses=MEMBER, tags=["operator"])
+    async def resume(symbol: Symbol, _: Operator) -> Any:
+        return await halt_or_resume(symbol, "resume")
+
+    # ---- Binance-compatible depth ------------------------------------------------------------
+
+    @app.get("/api/v3/depth", tags=["compatibility"], responses=PUBLIC)
+    async def binance_depth(symbol: Annotated[str, Query(min_length=1, max_length=40)],
+                            limit: Annotated[int, Query(ge=1, le=MAX_DEPTH)] = 100) -> Any:
+        instrument(symbol)
+        if ctx.feed is not None:
+            ctx.feed.flush_binance(symbol)
+        b = market.books[symbol]
+        return {"lastUpdateId": b.seq, "bids": levels(b.top(E.BID, limit)), "asks": levels(b.top(E.ASK, limit))}
+
+    return app
+
+
+class Guard:
+    """ASGI middleware in front of the app: rate limits per address and request body size."""
+
+    def __init__(self, app: Any, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limits: Limits = self.gate.limits
+        client = scope.get("client")
+        try:
+            self.gate.admit(client[0] if client else None)
+        except CarbonxError as e:
+            await _send_problem(send, e.code, e.message)
+            return
+        length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > limits.max_body):
+            await _send_problem(send, "payload_too_large", f"request bodies are limited to {limits.max_body} bytes")
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limits.max_body:
+                    raise CarbonxError("payload_too_large", f"request bodies are limited to {limits.max_body} bytes")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+async def _send_problem(send: Callable, code: str, detail: str) -> None:
+    body = orjson.dumps(problem(code, detail))
+    await send({"type": "http.response.start", "status": http_status(code),
+                "headers": [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,117 @@
+"""One process: the exchange service, clearing, the REST API and the websocket feed together.
+
+:class:`Exchange` starts them in order (database, service with recovery, market data from the
+recovered core, REST on uvicorn, the feed on its own port) and stops them in reverse, telling
+websocket clients ``server_shutdown`` first. Tests and `carbonx serve` both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import uvicorn
+
+from api.auth import Gate, Limits
+from api.feed import Feed
+from api.orders import Trading
+from api.rest import Context, Guard, create_app
+from exchange import certificates
+from exchange.history import Trade
+from exchange.marketdata import WINDOW_US, MarketData
+from exchange.service import ExchangeService, now_us
+
+log = logging.getLogger("carbonx.server")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn inside our own event loop; the caller handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def _renderers() -> dict[str, Any]:
+    """Certificate renderers: (retirement record, public base URL) -> bytes or text."""
+    return {
+        "html": lambda data, base: certificates.render_certificate_html(
+            data, certificates.verification_url(base, data["certificate_code"])),
+        "pdf": lambda data, base: certificates.render_certificate_pdf(
+            data, certificates.verification_url(base, data["certificate_code"])),
+    }
+
+
+class Exchange:
+    """The whole exchange on loopback (or `host`) ports; 0 picks free ports."""
+
+    def __init__(self, dsn: str, *, host: str = "127.0.0.1", http_port: int = 8700, ws_port: int = 8701,
+                 limits: Limits | None = None, max_buffer: int = 4 << 20, heartbeat: float = 1.0,
+                 service_options: dict[str, Any] | None = None) -> None:
+        self.dsn = dsn
+        self.host = host
+        self.http_port = http_port
+        self.ws_port = ws_port
+        self.limits = limits or Limits()
+        self.max_buffer = max_buffer
+        self.heartbeat = heartbeat
+        self.service = ExchangeService(dsn, **(service_options or {}))
+        self.market = MarketData()
+        self.feed: Feed | None = None
+        self._http: _Uvicorn | None = None
+        self._http_task: asyncio.Task | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.ws_port}"
+
+    async def start(self) -> None:
+        service = self.service
+        await service.start()
+        since = now_us() - WINDOW_US
+        rows = await service.pool.fetch(
+            "SELECT symbol, trade_id, price_fen, qty_kg, taker_side, ts, seq FROM trades WHERE ts > $1 "
+            "ORDER BY seq, trade_id", since)
+        self.market.load(service.core, [Trade(r["symbol"], r["trade_id"], r["price_fen"], r["qty_kg"],
+                                              0 if r["taker_side"] == "buy" else 1, r["ts"], r["seq"]) for r in rows])
+        service.listeners.append(self.market.on_commit)
+        gate = Gate(service.pool, self.limits)
+        trading = Trading(service)
+        self.feed = Feed(service, self.market, gate, trading, max_buffer=self.max_buffer, heartbeat=self.heartbeat)
+        await self.feed.start(self.host, self.ws_port)
+        self.ws_port = self.feed.port
+        ctx = Context(service, self.market, gate, trading, renderers=_renderers(), feed=self.feed)
+        app = Guard(create_app(ctx), gate)
+        config = uvicorn.Config(app, host=self.host, port=self.http_port, log_level="warning", lifespan="off",
+                                access_log=False, loop="none", timeout_graceful_shutdown=5)
+        self._http = _Uvicorn(config)
+        self._http_task = asyncio.create_task(self._http.serve(), name="carbonx-http")
+        while not self._http.started:
+            if self._http_task.done():
+                await self._http_task  # raises why it could not start
+                raise OSError(f"the HTTP server could not listen on {self.host}:{self.http_port}")
+            await asyncio.sleep(0.01)
+        self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
+        ctx.public_url = self.http_url
+
+    async def stop(self) -> None:
+        if self.feed is not None:
+            await self.feed.stop()
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_task is not None:
+                await asyncio.gather(self._http_task, return_exceptions=True)
+        await self.service.stop()
+
+    async def __aenter__(self) -> Exchange:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

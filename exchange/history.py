@@ -1,0 +1,289 @@
+"""Orders, fills and the trade tape as members and the public see them, folded from the journal.
+
+The core keeps only open orders and no fills; clients want closed orders, average prices and
+fill lists. :func:`fold` turns one journal entry (its command and events) into order states,
+fills and public trades. Two things run it on the same entries, so they always agree:
+
+- the ``history`` journal consumer (:func:`project`), which writes ``orders``, ``fills`` and
+  ``trades`` (migration 0004) with its position in the same transaction, exactly once, like the
+  projector does for the registry;
+- :class:`OrderTracker`, the service's in-memory view of open orders and of recently closed
+  ones, which answers order entry and the private feed without a database round trip.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import orjson
+
+from exchange.journal import read
+from matching import events as E
+
+NAME = "history"
+BATCH = 5_000
+SIDE = ("buy", "sell")
+KIND = ("limit", "market")
+TIF = ("GTC", "IOC", "FOK", "GTD")
+OPEN = ("new", "partially_filled")
+RECENT = 100_000  # closed orders the tracker remembers (answers to cancels and resends)
+
+
+@dataclass(slots=True)
+class Fill:
+    symbol: str
+    trade_id: int
+    order_id: int
+    account: int
+    side: int
+    maker: bool
+    price: int
+    qty: int
+    value: int
+    fee: int
+    ts: int
+    seq: int
+
+
+@dataclass(slots=True)
+class OrderState:
+    order_id: int
+    account: int
+    symbol: str
+    side: int
+    kind: int
+    tif: int
+    post_only: bool
+    price: int
+    quantity: int
+    remaining: int
+    filled: int = 0
+    value: int = 0
+    fee: int = 0
+    max_cash: int | None = None
+    expire_ts: int | None = None
+    client_order_id: str | None = None
+    status: str = "new"
+    reason: str | None = None
+    created_ts: int = 0
+    updated_ts: int = 0
+    fills: list[Fill] = field(default_factory=list)  # only those folded in this process
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN
+
+
+@dataclass(slots=True)
+class Trade:
+    symbol: str
+    trade_id: int
+    price: int
+    qty: int
+    taker_side: int
+    ts: int
+    seq: int
+
+
+@dataclass(slots=True)
+class Folded:
+    """What one batch of entries did: order states touched (final state), fills and trades."""
+
+    orders: dict[int, OrderState] = field(default_factory=dict)
+    fills: list[Fill] = field(default_factory=list)
+    trades: list[Trade] = field(default_factory=list)
+
+
+def new_order(seq: int, ts: int, command: dict, accepted: tuple) -> OrderState:
+    _, symbol, oid, account, side, price, qty = accepted
+    tif = command.get("tif", E.GTC)
+    kind = command.get("kind", E.LIMIT)
+    return OrderState(
+        order_id=oid, account=account, symbol=symbol, side=side, kind=kind, tif=tif,
+        post_only=bool(command.get("post_only", False)), price=price, quantity=qty, remaining=qty,
+        max_cash=command.get("cash_cap"), expire_ts=command.get("expire_ts") if tif == E.GTD else None,
+        client_order_id=command.get("coid"), created_ts=ts, updated_ts=ts,
+    )
+
+
+def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[int, OrderState],
+         out: Folded | None = None, keep_fills: bool = False) -> Folded:
+    """Apply one journal entry to `orders` (open orders by id, changed in place; closed orders
+    stay in it until the caller drops them) and record what changed in `out`."""
+    out = out or Folded()
+    touched = out.orders
+    for ev in events:
+        kind = ev[0]
+        if kind == E.EV_LEVEL:
+            continue
+        if kind == E.EV_ACCEPTED:
+            o = orders[ev[2]] = new_order(seq, ts, command, ev)
+            touched[o.order_id] = o
+        elif kind == E.EV_TRADE:
+            (_, symbol, tid, taker, maker, _, _, taker_side, price, qty, value, bfee, sfee) = ev
+            out.trades.append(Trade(symbol, tid, price, qty, taker_side, ts, seq))
+            for oid, is_maker in ((taker, False), (maker, True)):
+                o = orders.get(oid)
+                if o is None:
+                    raise KeyError(f"trade {symbol}:{tid} names order {oid}, which the history does not know")
+                fee = bfee if o.side == E.BID else sfee
+                f = Fill(symbol, tid, oid, o.account, o.side, is_maker, price, qty, value, fee, ts, seq)
+                out.fills.append(f)
+                if keep_fills:
+                    o.fills.append(f)
+                o.filled += qty
+                o.remaining -= qty
+                o.value += value
+                o.fee += fee
+                o.updated_ts = ts
+                o.status = "filled" if o.remaining == 0 else "partially_filled"
+                touched[oid] = o
+        elif kind == E.EV_CANCELLED or kind == E.EV_EXPIRED:
+            o = orders.get(ev[2])
+            if o is None:
+                raise KeyError(f"entry {seq} closes order {ev[2]}, which the history does not know")
+            o.remaining = 0
+            o.status = "expired" if kind == E.EV_EXPIRED else "cancelled"
+            o.reason = "expired" if kind == E.EV_EXPIRED else E.CANCEL_NAMES.get(ev[4], str(ev[4]))
+            o.updated_ts = ts
+            touched[o.order_id] = o
+        elif kind == E.EV_AMENDED:
+            _, symbol, oid, price, qty = ev[:5]
+            o = orders.get(oid)
+            if o is None:
+                raise KeyError(f"entry {seq} amends order {oid}, which the history does not know")
+            o.price, o.remaining, o.quantity = price, qty, o.filled + qty
+            o.updated_ts = ts
+            touched[oid] = o
+    return out
+
+
+def average_price(o: OrderState) -> int | None:
+    """Fen per tonne, half-up, over the order's fills (None before the first)."""
+    if not o.filled:
+        return None
+    return (o.value * 1000 * 2 + o.filled) // (2 * o.filled)
+
+
+# ---- the database consumer ----------------------------------------------------------------------
+
+_ORDER_COLUMNS = ("order_id", "account_id", "symbol", "side", "type", "time_in_force", "post_only", "price_fen",
+                  "quantity_kg", "remaining_kg", "filled_kg", "value_fen", "fee_fen", "max_cash_fen", "expire_ts",
+                  "client_order_id", "status", "reason", "created_ts", "updated_ts")
+_ORDER_TYPES = ("bigint", "bigint", "text", "text", "text", "text", "boolean", "bigint", "bigint", "bigint", "bigint",
+                "bigint", "bigint", "bigint", "bigint", "text", "text", "text", "bigint", "bigint")
+_MUTABLE = ("price_fen", "quantity_kg", "remaining_kg", "filled_kg", "value_fen", "fee_fen", "status", "reason",
+            "updated_ts")
+_UPSERT = (
+    f"INSERT INTO orders ({', '.join(_ORDER_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_ORDER_TYPES))
+    + ") ON CONFLICT (order_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _MUTABLE)
+)
+
+
+def order_record(o: OrderState) -> tuple:
+    return (o.order_id, o.account, o.symbol, SIDE[o.side], KIND[o.kind], TIF[o.tif], o.post_only, o.price,
+            o.quantity, o.remaining, o.filled, o.value, o.fee, o.max_cash, o.expire_ts, o.client_order_id,
+            o.status, o.reason, o.created_ts, o.updated_ts)
+
+
+def order_from_row(r: asyncpg.Record) -> OrderState:
+    return OrderState(
+        order_id=r["order_id"], account=r["account_id"], symbol=r["symbol"], side=SIDE.index(r["side"]),
+        kind=KIND.index(r["type"]), tif=TIF.index(r["time_in_force"]), post_only=r["post_only"],
+        price=r["price_fen"], quantity=r["quantity_kg"], remaining=r["remaining_kg"], filled=r["filled_kg"],
+        value=r["value_fen"], fee=r["fee_fen"], max_cash=r["max_cash_fen"], expire_ts=r["expire_ts"],
+        client_order_id=r["client_order_id"], status=r["status"], reason=r["reason"], created_ts=r["created_ts"],
+        updated_ts=r["updated_ts"])
+
+
+async def position(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+    return await conn.fetchval("SELECT coalesce((SELECT seq FROM journal_consumers WHERE name = $1), 0)", NAME)
+
+
+def _order_ids(events: list) -> set[int]:
+    ids: set[int] = set()
+    for ev in events:
+        k = ev[0]
+        if k == E.EV_TRADE:
+            ids.add(ev[3])
+            ids.add(ev[4])
+        elif k in (E.EV_CANCELLED, E.EV_EXPIRED, E.EV_AMENDED):
+            ids.add(ev[2])
+    return ids
+
+
+async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None = None) -> int:
+    """Fold up to `limit` journal entries past the stored position into the history tables."""
+    async with conn.transaction():
+        await conn.execute("INSERT INTO journal_consumers (name, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
+        start = await conn.fetchval("SELECT seq FROM journal_consumers WHERE name = $1 FOR UPDATE", NAME)
+        rows = await read(conn, start, limit, upto)
+        if not rows:
+            return 0
+        entries = [(r["seq"], r["ts"], orjson.loads(r["command"]), orjson.loads(r["events"])) for r in rows]
+        wanted: set[int] = set()
+        for _, _, _, evs in entries:
+            wanted |= _order_ids(evs)
+        orders: dict[int, OrderState] = {}
+        if wanted:
+            for r in await conn.fetch("SELECT * FROM orders WHERE order_id = ANY($1::bigint[])", list(wanted)):
+                orders[r["order_id"]] = order_from_row(r)
+        out = Folded()
+        for seq, ts, command, evs in entries:
+            fold(seq, ts, command, evs, orders, out)
+        if out.orders:
+            records = [order_record(o) for o in out.orders.values()]
+            await conn.execute(_UPSERT, *[list(col) for col in zip(*records, strict=True)])
+        if out.fills:
+            await conn.copy_records_to_table(
+                "fills", columns=("symbol", "trade_id", "order_id", "account_id", "side", "liquidity", "price_fen",
+                                  "qty_kg", "value_fen", "fee_fen", "ts", "seq"),
+                records=[(f.symbol, f.trade_id, f.order_id, f.account, SIDE[f.side], "maker" if f.maker else "taker",
+                          f.price, f.qty, f.value, f.fee, f.ts, f.seq) for f in out.fills])
+        if out.trades:
+            await conn.copy_records_to_table(
+                "trades", columns=("symbol", "trade_id", "price_fen", "qty_kg", "taker_side", "ts", "seq"),
+                records=[(t.symbol, t.trade_id, t.price, t.qty, SIDE[t.taker_side], t.ts, t.seq) for t in out.trades])
+        await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, entries[-1][0])
+        return len(rows)
+
+
+async def catch_up(conn: asyncpg.Connection, upto: int | None = None, limit: int = BATCH) -> int:
+    done = 0
+    while n := await project(conn, limit, upto):
+        done += n
+    return done
+
+
+# ---- the in-memory view -------------------------------------------------------------------------
+
+class OrderTracker:
+    """Open orders (and the most recently closed ones) with their fills, kept by folding every
+    committed journal entry in order; loaded from the history tables at start-up."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, OrderState] = {}
+        self.recent: OrderedDict[int, OrderState] = OrderedDict()
+
+    async def load(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
+        rows = await conn.fetch("SELECT * FROM orders WHERE status IN ('new', 'partially_filled')")
+        self.open = {r["order_id"]: order_from_row(r) for r in rows}
+
+    def apply(self, seq: int, ts: int, command: dict, events: list) -> Folded:
+        out = fold(seq, ts, command, events, self.open, keep_fills=True)
+        for oid, o in out.orders.items():
+            if not o.is_open:
+                self.open.pop(oid, None)
+                self.recent[oid] = o
+        while len(self.recent) > RECENT:
+            self.recent.popitem(last=False)
+        return out
+
+    def get(self, order_id: int) -> OrderState | None:
+        return self.open.get(order_id) or self.recent.get(order_id)

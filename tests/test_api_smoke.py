@@ -1,0 +1,67 @@
+"""The network API end to end, as a client sees it: a world built through REST, orders placed and
+answered after durability, the feed's book and trades, the account, a retirement and its
+certificate, and a restart that keeps it all."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from websockets.sync.client import connect
+
+from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, operator_key
+
+
+@pytest.fixture
+def server(db, run):
+    key = run(operator_key(db))
+    with ServerThread(db) as s:
+        s.ops_key = key
+        yield s
+
+
+def recv(ws, timeout: float = 5.0) -> dict:
+    return orjson.loads(ws.recv(timeout))
+
+
+def test_trade_through_rest_and_feed(server, db):
+    w = build_world(server.http, server.ops_key)
+    with connect(f"{server.ws}/v1/ws") as ws, w.as_("DEV") as dev, w.as_("BUY") as buy:
+        ws.send(orjson.dumps({"op": "subscribe", "id": 1, "channels": [
+            {"name": "book", "symbols": [SYMBOL], "depth": 10}, {"name": "trades", "symbols": [SYMBOL]}]}).decode())
+        assert recv(ws) == {"type": "ack", "id": 1}
+        snap = recv(ws)
+        assert snap["type"] == "snapshot" and snap["bids"] == [] and snap["asks"] == []
+
+        sell = ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.00",
+                                               "quantity": "10.000", "client_order_id": "s1"}), 201)
+        assert sell["status"] == "new" and sell["remaining_quantity"] == "10.000"
+        again = ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.00",
+                                                "quantity": "10.000", "client_order_id": "s1"}))
+        assert again["order_id"] == sell["order_id"]
+        buy_order = ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "35.50",
+                                                    "quantity": "4.000"}), 201)
+        assert buy_order["status"] == "filled" and buy_order["average_price"] == "35.00"
+        assert buy_order["fills"][0]["fee"] == "0.14"  # 140.00 CNY at 10 bp
+
+        msgs = [recv(ws) for _ in range(4)]
+        kinds = [(m.get("ch"), m.get("type")) for m in msgs if m.get("ch") != "heartbeat"]
+        assert ("trades", None) in kinds
+        book = ok(buy.get(f"/v1/book/{SYMBOL}"))
+        assert book["asks"] == [["35.00", "6.000"]] and book["bids"] == []
+
+        acct = ok(buy.get("/v1/account"))
+        assert acct["holdings"] == [{"symbol": SYMBOL, "available": "0.000", "encumbered": "0.000",
+                                     "locked": "4.000"}]
+        r = buy.get(f"/v1/orders/{sell['order_id']}")
+        assert r.status_code == 404 and r.json()["code"] == "not_found"
+        assert ok(dev.get(f"/v1/orders/{sell['order_id']}"))["filled_quantity"] == "4.000"
+        assert [f["trade_id"] for f in ok(buy.get("/v1/fills"))] == ["1"]
+
+        ret = ok(buy.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.200",
+                                                   "beneficiary": "Launch event", "purpose": "neutrality"}), 201)
+        cert = ok(buy.get(f"/v1/certificates/{ret['certificate_code']}"))
+        assert cert["quantity"] == "1.200" and cert["verified"]
+        assert buy.get(f"/v1/certificates/{ret['certificate_code']}.pdf").content.startswith(b"%PDF")
+        acct = ok(buy.get("/v1/account"))
+        assert acct["holdings"][0]["locked"] == "2.800"
+        assert acct["retired"] == [{"symbol": SYMBOL, "quantity": "1.200"}]
