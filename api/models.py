@@ -322,3 +322,45 @@ class ListingRequest(Strict):
     taker_fee_bp: int = Field(default=0, ge=0, le=1000)
     resale_rule: Literal["T+1", "T+0"] = "T+1"
     always_open: bool = False
+
+
+class EstimateLine(BaseModel):
+    category: str
+    field: str
+    factor: str
+    factor_value: str
+    factor_unit: str
+    factor_status: str
+    quantity: str
+    quantity_unit: str
+    co2e: Decimal = Field(description="tonnes CO2e of this line")
+
+
+class Estimate(BaseModel):
+    factor_table_version: str
+    total: Decimal = Field(description="tonnes CO2e, half-up to the kg")
+    categories: dict[str, Decimal]
+    lines: list[EstimateLine]
+    attendees: int | None
+    days: int | None
+    per_attendee_day: Decimal | None = Field(description="tonnes CO2e per attendee and day")
+    rounding: str
+
+
+class OffsetRequest(Strict):
+    symbol: str = Field(min_length=1, max_length=40)
+    activity: dict | None = Field(default=None, description="activity data as for /neutrality/estimate")
+    quantity: Decimal | None = Field(default=None, pattern=_DEC, max_length=24, description="tonnes, instead of "
+                                     "an activity")
+    max_cash: Decimal = Field(pattern=_DEC, max_length=24, description="the most to spend, fees included (CNY)")
+    beneficiary: str = Field(min_length=1, max_length=200)
+    purpose: str = Field(min_length=1, max_length=500)
+
+
+class OffsetResult(BaseModel):
+    estimate: Estimate | None
+    quantity: Decimal
+    order_id: str
+    cost: Decimal
+    retirement: RetirementView
+    certificate_url: str

@@ -24,7 +24,7 @@ from api.auth import Gate, Limits, bearer
 from api.orders import Trading, _units
 from api.wire import checksum, http_status, iso, levels, order_view, problem
 from exchange import accounts as acc
-from exchange import registry
+from exchange import neutrality, offsetting, registry
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
 from exchange.marketdata import MarketData
@@ -32,7 +32,15 @@ from exchange.serials import format_serial
 from exchange.service import ExchangeService
 from matching import events as E
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, Listing
-from matching.units import format_cash, format_price, format_tonnes, parse_cash, parse_price, parse_tonnes
+from matching.units import (
+    format_cash,
+    format_decimal,
+    format_price,
+    format_tonnes,
+    parse_cash,
+    parse_price,
+    parse_tonnes,
+)
 
 log = logging.getLogger("carbonx.api")
 PROBLEM = "application/problem+json"
@@ -429,6 +437,45 @@ def create_app(ctx: Context) -> FastAPI:
                                  purpose=req.purpose, symbol=req.symbol, issuance_id=req.issuance_id)
         views = await db(lambda conn: retirement_views(conn, "r.id = $1", r.id))
         return JSON(views[0], status_code=201)
+
+    # ---- neutrality --------------------------------------------------------------------------
+
+    def estimate_view(e: dict[str, Any]) -> dict[str, Any]:
+        per = e["per_attendee_day_g"]
+        return {"factor_table_version": e["factor_table_version"], "total": format_tonnes(e["total_kg"]),
+                "categories": {c: format_tonnes(kg) for c, kg in e["categories_kg"].items()},
+                "lines": [{k: v for k, v in line.items() if k != "g"} | {"co2e": format_decimal(line["g"], 6)}
+                          for line in e["lines"]],
+                "attendees": e["attendees"], "days": e["days"],
+                "per_attendee_day": format_decimal(per, 6) if per is not None else None, "rounding": e["rounding"]}
+
+    @app.post("/v1/neutrality/estimate", response_model=M.Estimate, responses=PUBLIC, tags=["neutrality"])
+    async def estimate(activity: dict) -> Any:
+        return estimate_view(neutrality.estimate_footprint(activity))
+
+    @app.get("/v1/neutrality/factors", responses=PUBLIC, tags=["neutrality"])
+    async def factors() -> Any:
+        return neutrality.describe_factor_table()
+
+    @app.post("/v1/neutrality/offset", status_code=201, response_model=M.OffsetResult, responses=MEMBER,
+              tags=["neutrality"])
+    async def offset(req: M.OffsetRequest, who: Member) -> Any:
+        listing = instrument(req.symbol)
+        if (req.activity is None) == (req.quantity is None):
+            raise CarbonxError("invalid_request", "give exactly one of activity or quantity")
+        est = neutrality.estimate_footprint(req.activity) if req.activity is not None else None
+        need = est["total_kg"] if est else _units(parse_tonnes, req.quantity, "quantity")
+        kg = neutrality.quantity_to_offset(need, listing.rules.lot)
+        if kg <= 0:
+            raise CarbonxError("invalid_request", "nothing to offset: the footprint is zero")
+        done = await offsetting.offset(service, account=who.code, symbol=req.symbol, quantity_kg=kg,
+                                       max_cash_fen=_units(parse_cash, req.max_cash, "max_cash"),
+                                       beneficiary=req.beneficiary, purpose=req.purpose)
+        views = await db(lambda conn: retirement_views(conn, "r.id = $1", done.retirement.id))
+        code = done.retirement.certificate_code
+        return JSON({"estimate": estimate_view(est) if est else None, "quantity": format_tonnes(kg),
+                     "order_id": str(done.order_id), "cost": format_cash(done.cost_fen), "retirement": views[0],
+                     "certificate_url": f"{ctx.public_url}/v1/certificates/{code}.pdf"}, status_code=201)
 
     # ---- operator ------------------------------------------------------------------------------
 

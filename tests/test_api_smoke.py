@@ -65,3 +65,36 @@ def test_trade_through_rest_and_feed(server, db):
         acct = ok(buy.get("/v1/account"))
         assert acct["holdings"][0]["locked"] == "2.800"
         assert acct["retired"] == [{"symbol": SYMBOL, "quantity": "1.200"}]
+
+
+CONFERENCE = {"attendees": 300, "days": 1, "electricity": [{"kwh": "10000", "region": "sichuan", "year": 2022}],
+              "travel": [{"mode": "metro", "people": 150, "km_per_person": "15", "round_trip": True}],
+              "meals": [{"kind": "standard", "count": 300}]}
+
+
+def test_estimate_then_offset_in_one_step(server):
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        est = ok(buy.post("/v1/neutrality/estimate", json=CONFERENCE))
+        need = est["total"]
+        assert est["factor_table_version"] and "1.000" < need < "5.000"  # needs more than the first offer
+        # Not enough offered: nothing is bought or retired, and the answer says what is missing.
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.00", "quantity": "1.000"}))
+        before = ok(buy.get("/v1/account"))
+        r = buy.post("/v1/neutrality/offset", json={"symbol": SYMBOL, "activity": CONFERENCE, "max_cash": "500.00",
+                                                    "beneficiary": "Green conference", "purpose": "one-day event"})
+        assert r.status_code == 422 and r.json()["code"] == "offset_not_filled", r.text
+        assert "missing" in r.json()["detail"]
+        assert ok(buy.get("/v1/account")) == before
+        # Enough offered: bought with one fill-or-kill order, retired, certificate.
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00", "quantity": "5.000"}))
+        done = ok(buy.post("/v1/neutrality/offset", json={"symbol": SYMBOL, "activity": CONFERENCE,
+                                                          "max_cash": "500.00", "beneficiary": "Green conference",
+                                                          "purpose": "one-day event"}), 201)
+        whole_tonnes = -(-int(need.replace(".", "")) // 1000)
+        assert done["quantity"] == f"{whole_tonnes}.000"
+        assert done["retirement"]["quantity"] == done["quantity"]
+        cert = ok(buy.get(f"/v1/certificates/{done['retirement']['certificate_code']}"))
+        assert cert["beneficiary"] == "Green conference"
+        page = buy.get(f"/v1/certificates/{done['retirement']['certificate_code']}.html")
+        assert page.status_code == 200 and done["retirement"]["certificate_code"] in page.text

@@ -1,0 +1,80 @@
+"""Offset in one step: buy the tonnes a footprint needs and retire them for a beneficiary.
+
+:func:`offset` buys with a fill-or-kill limit order whose price is the highest the buyer's cash
+cap allows (never above the instrument's band), so the purchase either fills completely within
+the cap or does not happen at all; only then does it retire the bought credits for the
+beneficiary and return the retirement with its certificate code. If the market cannot fill it,
+nothing is bought or retired and the error says what is missing (how many tonnes are offered
+within the cap, how many are needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exchange.errors import CarbonxError
+from exchange.registry import Retirement
+from exchange.service import ExchangeService
+from matching import events as E
+from matching.risk import buy_reservation
+from matching.units import format_cash, format_price, format_tonnes
+
+
+@dataclass(frozen=True)
+class Offset:
+    order_id: int
+    quantity_kg: int
+    cost_fen: int  # value plus fees actually paid
+    retirement: Retirement
+
+
+def best_limit(service: ExchangeService, symbol: str, qty: int, max_cash: int) -> int:
+    """The highest tick-aligned price whose worst-case cost of `qty` fits in `max_cash`, capped at
+    the top of the band (or the book's price bound without a reference price)."""
+    listing = service.core.listings[symbol]
+    rules = listing.rules
+    band = rules.band()
+    high = band[1] if band else rules.max_price
+    high -= high % rules.tick
+    fee_bp = max(listing.maker_bp, listing.taker_bp)
+    low, best = rules.tick, 0
+    while low <= high:  # the reservation grows with the price: binary search on ticks
+        mid = (low // rules.tick + high // rules.tick) // 2 * rules.tick
+        if buy_reservation(mid, qty, rules.lot, fee_bp) <= max_cash:
+            best, low = mid, mid + rules.tick
+        else:
+            high = mid - rules.tick
+    return best
+
+
+def offered_within(service: ExchangeService, symbol: str, limit: int) -> int:
+    """kg offered in the book at or below `limit`."""
+    return sum(q for p, q in service.core.engine.book(symbol).depth(E.ASK, 1 << 30) if p <= limit)
+
+
+async def offset(service: ExchangeService, *, account: str, symbol: str, quantity_kg: int, max_cash_fen: int,
+                 beneficiary: str, purpose: str) -> Offset:
+    if symbol not in service.core.listings:
+        raise CarbonxError("unknown_instrument", f"no instrument {symbol!r}")
+    if not 1 <= len(beneficiary.strip()) <= 200 or not 1 <= len(purpose.strip()) <= 500:
+        raise CarbonxError("invalid_request", "beneficiary (1–200 characters) and purpose (1–500) are needed")
+    account_id = await service.account(account)
+    limit = best_limit(service, symbol, quantity_kg, max_cash_fen)
+    if limit == 0:
+        raise CarbonxError("offset_not_filled",
+                           f"max_cash {format_cash(max_cash_fen)} CNY cannot pay for {format_tonnes(quantity_kg)} t "
+                           "at any price in the band")
+    out = await service.submit({"op": "place", "account": account_id, "symbol": symbol, "side": E.BID,
+                                "kind": E.LIMIT, "price": limit, "qty": quantity_kg, "tif": E.FOK})
+    if out.code == "fok_not_fillable":
+        have = offered_within(service, symbol, limit)
+        raise CarbonxError("offset_not_filled",
+                           f"the market offers {format_tonnes(have)} t of {symbol} at or below {format_price(limit)} "
+                           f"CNY/t (the most max_cash allows); {format_tonnes(quantity_kg)} t are needed, "
+                           f"{format_tonnes(max(quantity_kg - have, 0))} t are missing. Nothing was bought or retired.")
+    if out.code is not None:
+        raise CarbonxError(out.code, out.detail or out.code)
+    cost = sum(ev[10] + ev[11] for ev in out.events if ev[0] == E.EV_TRADE)
+    retirement = await service.retire(account=account, quantity_kg=quantity_kg, beneficiary=beneficiary,
+                                      purpose=purpose, symbol=symbol)
+    return Offset(out.order_id, quantity_kg, cost, retirement)
