@@ -71,7 +71,7 @@ async def _serve(data_dir, host: str, http_port: int, ws_port: int, demo: bool, 
     say(f"recovered {service.recovered:,} journal entries after the snapshot in {time.perf_counter() - began:.2f} s; "
         f"{len(service.core.listings)} instruments, {len(service.core.orders):,} open orders")
     say(f"state {service.core.state_digest()} at seq {service.core.seq}")
-    say(f"REST      {ex.http_url}/v1   (OpenAPI {ex.http_url}/openapi.json, docs {ex.http_url}/docs)")
+    say(f"REST      {ex.http_url}/v1   (OpenAPI: {ex.http_url}/openapi.json)")
     say(f"feed      {ex.ws_url}/v1/ws")
     say(f"binance   {ex.ws_url}/ws   and   {ex.http_url}/api/v3/depth?symbol=…")
     for who, key in keys:

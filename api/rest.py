@@ -6,6 +6,7 @@ every route documents the problems it can send, so /openapi.json describes exact
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations, some of them local.
+import html
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -87,7 +88,7 @@ def create_app(ctx: Context) -> FastAPI:
         title="carbonx", version="1.0",
         description="Exchange, clearing house and registry for certified carbon-inclusion reductions. "
                     "Prices are CNY per tonne, quantities tonnes, cash CNY, all as decimal strings.",
-        default_response_class=JSON, openapi_url="/openapi.json", docs_url="/docs", redoc_url=None,
+        default_response_class=JSON, openapi_url="/openapi.json", docs_url=None, redoc_url=None,
     )
     app.state.ctx = ctx
     service, market, gate, trading = ctx.service, ctx.market, ctx.gate, ctx.trading
@@ -352,6 +353,19 @@ def create_app(ctx: Context) -> FastAPI:
                                         "description": "the certificate as PDF"}})
     async def certificate_pdf(code: CertCode) -> Response:
         return await rendered(code, "pdf", "application/pdf")
+
+    @app.get("/verify/{code}", include_in_schema=False)
+    async def verify_page(code: CertCode) -> Response:
+        """The public verification page a certificate's QR code points to."""
+        try:
+            return await rendered(code, "html", "text/html; charset=utf-8")
+        except CarbonxError as e:
+            if e.code != "not_found":
+                raise
+            body = (f"<!doctype html><meta charset=utf-8><title>Not a carbonx certificate</title>"
+                    f"<h1>No certificate {html.escape(code)}</h1><p>This code was never issued by this registry: "
+                    "the certificate is not genuine. / 本登记簿未签发此证书编号，证书无效。</p>")
+            return Response(body, status_code=404, media_type="text/html; charset=utf-8")
 
     @app.get("/v1/certificates/{code}", response_model=M.Certificate, responses=PUBLIC, tags=["registry"])
     async def certificate(code: CertCode) -> Any:

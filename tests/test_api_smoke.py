@@ -98,3 +98,16 @@ def test_estimate_then_offset_in_one_step(server):
         assert cert["beneficiary"] == "Green conference"
         page = buy.get(f"/v1/certificates/{done['retirement']['certificate_code']}.html")
         assert page.status_code == 200 and done["retirement"]["certificate_code"] in page.text
+
+
+def test_verification_page(server):
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.00", "quantity": "2.000"}))
+        ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "35.00", "quantity": "2.000"}))
+        ret = ok(buy.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "2.000", "beneficiary": "西岭雪山景区",
+                                                   "purpose": "零碳景区 2026"}), 201)
+        page = buy.get(f"/verify/{ret['certificate_code']}")
+        assert page.status_code == 200 and "西岭雪山景区" in page.text and ret["serials"][0] in page.text
+        fake = buy.get("/verify/CX-FAKE-FAKE-FAKE")
+        assert fake.status_code == 404 and "not genuine" in fake.text
