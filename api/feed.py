@@ -66,6 +66,7 @@ class Client:
         self.key: str | None = None
         self.books: dict[str, tuple[int, int]] = {}  # symbol -> (depth, interval_ms)
         self.channels: set[tuple[str, str]] = set()  # (trades|ticker|binance, symbol), (registry|orders, "")
+        self.tasks: set[asyncio.Task] = set()  # answers waiting for durability (strong references)
 
     def push(self, data: bytes) -> None:
         if self.closed:
@@ -82,9 +83,10 @@ class Client:
         self.closed = True
         self.queue.clear()
         self.pending = 0
-        self.feed.forget(self)
         self.feed.slow_consumers += 1
-        asyncio.get_running_loop().create_task(self._close_slow())
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self.feed.forget, self)  # not now: the caller may be iterating a subscriber set
+        self.tasks.add(loop.create_task(self._close_slow()))
 
     async def _close_slow(self) -> None:
         err = orjson.dumps({"type": "error", "code": "slow_consumer",
@@ -359,6 +361,8 @@ class Feed:
             g = self.groups.get(key)
             if g is None:
                 g = self.groups[key] = BookGroup(DepthView(self.market.books[symbol], depth), interval)
+            elif not g.clients:  # nobody kept it current: start from the book as it is now
+                g.view = DepthView(self.market.books[symbol], depth)
             g.clients.add(c)
             c.books[symbol] = (depth, interval)
             return g.snapshot(now_us())
@@ -408,7 +412,9 @@ class Feed:
             first = e.errors()[0]
             raise CarbonxError("invalid_request",
                                f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        asyncio.get_running_loop().create_task(self._answer(c, ident, account, out, durable))
+        task = asyncio.get_running_loop().create_task(self._answer(c, ident, account, out, durable))
+        c.tasks.add(task)
+        task.add_done_callback(c.tasks.discard)
 
     async def _answer(self, c: Client, ident: Any, account: int, out: Any, durable: Awaitable[None]) -> None:
         try:
