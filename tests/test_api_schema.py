@@ -1,0 +1,251 @@
+"""Schemathesis against the live server's /openapi.json: every operation of the REST API, called
+with generated requests on a server that holds real data, must answer without a server error,
+with a documented status code and content type, and with a body that conforms to the schema.
+
+The server (api.server.Exchange on loopback, real PostgreSQL) runs once for this module, with a
+world built through REST (tests/api_helpers.build_world) plus resting orders, a trade and a
+retirement, so that identifiers in paths can name things that exist. Each operation is its own
+test item (so that a bug found in one operation is marked there and nowhere else), run in up to
+three modes:
+
+- ``positive``: schema-valid requests, everything generated;
+- ``negative``: schema-violating requests (the API must refuse them with a documented 4xx);
+- ``real``: schema-valid requests whose path parameters are pinned to existing entities (the
+  listed symbol, its project, issuance, an order of the member, a certificate, a serial), so the
+  handlers' success paths are exercised and not only their 404s. Only for operations with path
+  parameters.
+
+Operations in the ``operator`` tag are called with the operator's key, all others with a
+member's (BUY). Nothing is excluded: the operation list is taken from the app and checked
+against the live document.
+
+Deterministic and bounded: hypothesis derandomized (the seed comes from each test's name), no
+example database, MAX_EXAMPLES per operation and mode; the module runs in well under a minute.
+The rate limits are raised for this server (generated requests come fast from one key).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import requests
+import schemathesis
+from fastapi.routing import APIRoute
+from hypothesis import HealthCheck, Phase, given, settings
+from pydantic import TypeAdapter
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from api.auth import Limits
+from api.rest import Context, create_app
+from exchange.database import drop_database, ensure_database, with_database
+from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, operator_key
+
+MAX_EXAMPLES = int(os.environ.get("CARBONX_SCHEMA_EXAMPLES", "12"))
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+FAST = Limits(key_rate=1e6, key_burst=1e6, address_rate=1e6, address_burst=1e6)
+
+# The operations, read from the app itself at collection time (no server needed to list them);
+# test_every_operation_is_tested checks that the live /openapi.json has exactly these.
+_APP = create_app(Context(None, None, None, None))  # type: ignore[arg-type]
+_DOC = _APP.openapi()
+OPERATIONS = [(method.upper(), path, "operator" in op.get("tags", ()),
+               any(p.get("in") == "path" for p in op.get("parameters", ())),
+               bool(op.get("parameters") or op.get("requestBody")))
+              for path, methods in _DOC["paths"].items() for method, op in methods.items()]
+
+PLACEHOLDER = {"type": "string"}  # what FastAPI documents for a JSON body it cannot describe
+# Binance's depth answer as API.md gives it (the route declares no model).
+BINANCE_DEPTH = {"type": "object", "required": ["lastUpdateId", "bids", "asks"], "properties": {
+    "lastUpdateId": {"type": "integer"},
+    "bids": {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}},
+    "asks": {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}}}}
+
+
+def declared(doc: dict[str, Any]) -> dict[str, Any]:
+    """`doc` with every success response that is documented as the placeholder ``{"type":
+    "string"}`` under application/json replaced by the schema of the route's own response_model
+    (what the document should say, see BUG_SUCCESS_SCHEMA): so that the bodies are still checked
+    against the models the code declares. A route without a model (typing.Any) gets the shape
+    API.md gives (Binance depth), or no constraint at all when API.md gives none."""
+    doc = orjson.loads(orjson.dumps(doc))
+    for route in _APP.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue  # not in the document (e.g. the verification page), so nothing to repair
+        for method in route.methods:
+            for status, resp in doc["paths"][route.path][method.lower()]["responses"].items():
+                media = resp.get("content", {}).get("application/json")
+                if not status.startswith("2") or media is None or media.get("schema") != PLACEHOLDER:
+                    continue
+                if route.path == "/api/v3/depth":
+                    media["schema"] = BINANCE_DEPTH
+                elif route.response_model in (None, Any):
+                    media["schema"] = {}
+                else:
+                    schema = TypeAdapter(route.response_model).json_schema(
+                        ref_template="#/components/schemas/{model}", mode="serialization")
+                    for name, sub in schema.pop("$defs", {}).items():
+                        doc["components"]["schemas"].setdefault(name, sub)
+                    media["schema"] = schema
+    return doc
+
+
+# Product bugs schemathesis found, per (document, method, path, mode): marked xfail(strict=True)
+# so that the test starts failing (XPASS) the day the bug is fixed. Product code is not ours to
+# edit here.
+BUG_SUCCESS_SCHEMA = (
+    "BUG: /openapi.json documents every JSON success response (200/201) as {\"type\": \"string\"}: api/rest.py's "
+    "default_response_class JSON subclasses Response, not JSONResponse, so FastAPI drops the response_model "
+    "schema; the JSON object sent does not conform to the documented schema")
+# The cases of the live document that get a JSON success response and so meet that bug (found by
+# running this module; derandomized, so the same every run). Every other case must pass.
+LIVE_FAILS: set[tuple[str, str, str]] = {
+    ("GET", "/v1/health", "positive"),
+    ("GET", "/v1/instruments", "positive"),
+    ("GET", "/v1/instruments/{symbol}", "real"),
+    ("GET", "/v1/book/{symbol}", "real"),
+    ("GET", "/v1/trades/{symbol}", "real"),
+    ("GET", "/v1/ticker/{symbol}", "real"),
+    ("GET", "/v1/candles/{symbol}", "real"),
+    ("GET", "/v1/registry/projects", "positive"),
+    ("GET", "/v1/registry/projects/{code}", "real"),
+    ("GET", "/v1/registry/issuances/{issuance_id}", "positive"),
+    ("GET", "/v1/registry/issuances/{issuance_id}", "real"),
+    ("GET", "/v1/registry/serials/{serial}", "real"),
+    ("GET", "/v1/registry/retirements", "positive"),
+    ("GET", "/v1/registry/retirements", "negative"),
+    ("GET", "/v1/certificates/{code}", "real"),
+    ("GET", "/v1/orders", "positive"),
+    ("GET", "/v1/orders", "negative"),
+    ("DELETE", "/v1/orders", "positive"),
+    ("DELETE", "/v1/orders", "negative"),
+    ("GET", "/v1/orders/{order_id}", "real"),
+    ("GET", "/v1/fills", "positive"),
+    ("GET", "/v1/fills", "negative"),
+    ("GET", "/v1/account", "positive"),
+    ("POST", "/v1/neutrality/estimate", "positive"),
+    ("GET", "/v1/neutrality/factors", "positive"),
+    ("POST", "/v1/accounts", "positive"),
+    ("POST", "/v1/accounts/{code}/deposits", "real"),
+    ("POST", "/v1/instruments/{symbol}/halt", "real"),
+    ("POST", "/v1/instruments/{symbol}/resume", "real"),
+}
+BUGS: dict[tuple[str, str, str, str], str] = {}
+
+
+def _params() -> list[Any]:
+    out = []
+    for method, path, _is_operator, has_path, has_input in OPERATIONS:
+        # Negative data needs something to break: operations without parameters or body get none.
+        modes = ["positive"] + ["negative"] * has_input + ["real"] * has_path
+        for doc in ("live", "declared"):
+            for mode in modes:
+                marks = []
+                reason = BUGS.get((doc, method, path, mode))
+                if doc == "live" and (method, path, mode) in LIVE_FAILS:
+                    reason = BUG_SUCCESS_SCHEMA
+                if reason:
+                    marks.append(pytest.mark.xfail(strict=True, reason=reason))
+                out.append(pytest.param(doc, method, path, mode, id=f"{doc}: {method} {path} [{mode}]", marks=marks))
+    return out
+
+
+class Live:
+    """The running server, its keys, real identifiers, and the schema loaded from it."""
+
+    def __init__(self, server: ServerThread, keys: dict[str, str], real: dict[str, Any]) -> None:
+        self.server = server
+        self.keys = keys
+        self.real = real
+        self.doc = requests.get(f"{server.http}/openapi.json", timeout=30).json()
+        self.schemas = {"live": schemathesis.openapi.from_url(f"{server.http}/openapi.json"),
+                        "declared": schemathesis.openapi.from_dict(declared(self.doc))}
+        self.session = requests.Session()
+
+
+@pytest.fixture(scope="module")
+def live(pg_server: str, template_db: str, run) -> Iterator[Live]:
+    name = f"cx_test_schema_{os.getpid()}"
+    run(ensure_database(pg_server, name, template=template_db))
+    dsn = with_database(pg_server, name)
+    try:
+        key = run(operator_key(dsn))
+        with ServerThread(dsn, limits=FAST) as server:
+            w = build_world(server.http, key)
+            with w.as_("DEV") as dev, w.as_("BUY") as buy:
+                # A resting sell, a trade against it, a resting buy of BUY's, and a retirement.
+                ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00",
+                                                "quantity": "50.000"}), 201)
+                ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "36.00",
+                                                "quantity": "10.000"}), 201)
+                resting = ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "34.00",
+                                                          "quantity": "5.000", "client_order_id": "rest-1"}), 201)
+                ret = ok(buy.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.000",
+                                                           "beneficiary": "Schema test", "purpose": "neutrality"}),
+                         201)
+                project = SYMBOL.rsplit("-", 1)[0]
+                issuance_id = ok(buy.get(f"/v1/registry/projects/{project}"))["issuances"][0]["id"]
+                real = {"symbol": SYMBOL, "code": ret["certificate_code"], "issuance_id": issuance_id,
+                        "order_id": int(resting["order_id"]), "serial": ret["serials"][0]}
+            live = Live(server, w.keys, real)
+            yield live
+            live.session.close()
+    finally:
+        run(drop_database(pg_server, name))
+
+
+def _path_values(live: Live, path: str) -> dict[str, Any]:
+    """Existing entities for the path parameters of `path` (`code` is a project's code in
+    /registry/projects and an account's in /accounts, a certificate's elsewhere)."""
+    real = dict(live.real)
+    if path.startswith("/v1/registry/projects/"):
+        real["code"] = SYMBOL.rsplit("-", 1)[0]
+    elif path.startswith("/v1/accounts/"):
+        real["code"] = "BUY2"
+    names = [seg[1:-1] for seg in path.replace(".", "/").split("/") if seg.startswith("{")]
+    return {n: real[n] for n in names}
+
+
+def test_every_operation_is_tested(live: Live) -> None:
+    """The live document lists exactly the operations parametrized here: none skipped."""
+    doc = live.doc
+    assert doc == _DOC
+    assert sorted((m, p) for m, p, *_ in OPERATIONS) == sorted(
+        (m.upper(), p) for p, ms in doc["paths"].items() for m in ms)
+
+
+@pytest.mark.parametrize(("doc", "method", "path", "mode"), _params())
+def test_operation_conforms(live: Live, doc: str, method: str, path: str, mode: str) -> None:
+    """Generated requests of one operation, checked against the live document ("live") or
+    against it with the success schemas the routes declare ("declared")."""
+    is_operator = next(o for m, p, o, *_ in OPERATIONS if (m, p) == (method, path))
+    key = live.keys["OPS" if is_operator else "BUY"]
+    operation = live.schemas[doc][path][method]
+    options: dict[str, Any] = {}
+    if mode == "real":
+        options["path_parameters"] = _path_values(live, path)
+    strategy = operation.as_strategy(GenerationMode.NEGATIVE if mode == "negative" else GenerationMode.POSITIVE,
+                                     **options)
+    headers = {"Authorization": f"Bearer {key}"}
+    seen: list[int] = []
+
+    @settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
+              phases=[Phase.explicit, Phase.generate, Phase.shrink],
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def check(case: schemathesis.Case) -> None:
+        response = case.call_and_validate(base_url=live.server.http, session=live.session, headers=headers,
+                                          checks=CHECKS, timeout=30)
+        seen.append(response.status_code)
+
+    check()
+    assert seen, "no request was made"
