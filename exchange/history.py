@@ -237,21 +237,61 @@ async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None
         out = Folded()
         for seq, ts, command, evs in entries:
             fold(seq, ts, command, evs, orders, out)
-        if out.orders:
-            records = [order_record(o) for o in out.orders.values()]
-            await conn.execute(_UPSERT, *[list(col) for col in zip(*records, strict=True)])
-        if out.fills:
-            await conn.copy_records_to_table(
-                "fills", columns=("symbol", "trade_id", "order_id", "account_id", "side", "liquidity", "price_fen",
-                                  "qty_kg", "value_fen", "fee_fen", "ts", "seq"),
-                records=[(f.symbol, f.trade_id, f.order_id, f.account, SIDE[f.side], "maker" if f.maker else "taker",
-                          f.price, f.qty, f.value, f.fee, f.ts, f.seq) for f in out.fills])
-        if out.trades:
-            await conn.copy_records_to_table(
-                "trades", columns=("symbol", "trade_id", "price_fen", "qty_kg", "taker_side", "ts", "seq"),
-                records=[(t.symbol, t.trade_id, t.price, t.qty, SIDE[t.taker_side], t.ts, t.seq) for t in out.trades])
+        await _write(conn, [order_record(o) for o in out.orders.values()], out.fills, out.trades)
         await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, entries[-1][0])
         return len(rows)
+
+
+async def _write(conn: asyncpg.Connection, orders: list[tuple], fills: list[Fill], trades: list[Trade]) -> None:
+    if orders:
+        await conn.execute(_UPSERT, *[list(col) for col in zip(*orders, strict=True)])
+    if fills:
+        await conn.copy_records_to_table(
+            "fills", columns=("symbol", "trade_id", "order_id", "account_id", "side", "liquidity", "price_fen",
+                              "qty_kg", "value_fen", "fee_fen", "ts", "seq"),
+            records=[(f.symbol, f.trade_id, f.order_id, f.account, SIDE[f.side], "maker" if f.maker else "taker",
+                      f.price, f.qty, f.value, f.fee, f.ts, f.seq) for f in fills])
+    if trades:
+        await conn.copy_records_to_table(
+            "trades", columns=("symbol", "trade_id", "price_fen", "qty_kg", "taker_side", "ts", "seq"),
+            records=[(t.symbol, t.trade_id, t.price, t.qty, SIDE[t.taker_side], t.ts, t.seq) for t in trades])
+
+
+@dataclass(slots=True)
+class Batch:
+    """What the service's tracker folded from committed entries `first..last`: the touched orders
+    as records at `last`, and the fills and trades, ready to write without folding again."""
+
+    first: int
+    last: int
+    orders: dict[int, tuple]
+    fills: list[Fill]
+    trades: list[Trade]
+
+
+async def write_folded(conn: asyncpg.Connection, batches: list[Batch]) -> None:
+    """Write consecutive folded batches with the position, in one transaction; if the stored
+    position is not where they start (another writer, or a restart between), fold from the
+    journal instead, which gives the same rows."""
+    if not batches:
+        return
+    first, last = batches[0].first, batches[-1].last
+    async with conn.transaction():
+        await conn.execute("INSERT INTO journal_consumers (name, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
+        start = await conn.fetchval("SELECT seq FROM journal_consumers WHERE name = $1 FOR UPDATE", NAME)
+        if start == first - 1:
+            orders: dict[int, tuple] = {}
+            fills: list[Fill] = []
+            trades: list[Trade] = []
+            for b in batches:
+                orders.update(b.orders)
+                fills.extend(b.fills)
+                trades.extend(b.trades)
+            await _write(conn, list(orders.values()), fills, trades)
+            await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, last)
+            return
+    if start < last:
+        await catch_up(conn, upto=last)
 
 
 async def catch_up(conn: asyncpg.Connection, upto: int | None = None, limit: int = BATCH) -> int:

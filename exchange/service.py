@@ -103,6 +103,7 @@ class ExchangeService:
         self._proj: asyncpg.Connection | None = None  # the projector's own connection
         self._hist: asyncpg.Connection | None = None  # the history consumer's
         self._history_wake = asyncio.Event()
+        self._history_batches: list[history.Batch] = []  # folded, committed, not yet written
         self._registry_lock = asyncio.Lock()  # one operator registry change at a time
         self._pool: asyncpg.Pool | None = None  # look-ups made while serving requests
         self._tasks: list[asyncio.Task] = []
@@ -431,6 +432,7 @@ class ExchangeService:
                 # tracker, and the feed never shows an event after the answer that caused it.
                 tracker = self.orders
                 published = [(seq, ts, cmd, evs, tracker.apply(seq, ts, cmd, evs)) for seq, ts, cmd, evs in entries]
+                self._queue_history(published)
                 for listener in self.listeners:
                     try:
                         listener(published)
@@ -466,14 +468,31 @@ class ExchangeService:
             log.exception("projecting the journal into the registry and ledger failed; the service stops")
             self._fail(exc, None)
 
+    def _queue_history(self, published: list[Entry]) -> None:
+        """Hand the tracker's folding of a committed batch to the history writer, as records taken
+        now (the live order objects go on changing)."""
+        touched: dict[int, history.OrderState] = {}
+        fills: list[history.Fill] = []
+        trades: list[history.Trade] = []
+        for *_, folded in published:
+            if folded.orders:
+                touched.update(folded.orders)
+                fills.extend(folded.fills)
+                trades.extend(folded.trades)
+        self._history_batches.append(history.Batch(
+            published[0][0], published[-1][0], {oid: history.order_record(o) for oid, o in touched.items()},
+            fills, trades))
+
     async def _history_loop(self) -> None:
         try:
-            while not self._closing:
+            while not self._closing or self._history_batches:
                 await self._history_wake.wait()
                 self._history_wake.clear()
-                upto = self.durable_seq
-                await history.catch_up(self._hist, upto=upto)
-                self.history_seq = max(self.history_seq, upto)
+                batches, self._history_batches = self._history_batches, []
+                if not batches:
+                    continue
+                await history.write_folded(self._hist, batches)
+                self.history_seq = max(self.history_seq, batches[-1].last)
                 self._progress.set()
         except asyncio.CancelledError:
             raise

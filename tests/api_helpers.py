@@ -15,7 +15,6 @@ from typing import Any
 import asyncpg
 import httpx
 
-from api.auth import Limits
 from api.server import Exchange
 from exchange import accounts as acc
 
@@ -105,7 +104,7 @@ def build_world(base: str, ops_key: str, symbol: str = SYMBOL, issue_tonnes: str
     w = World(base, {"OPS": ops_key})
     project, vintage = symbol.rsplit("-", 1)
     with client(base, ops_key) as ops:
-        for code, kind in (("DEV", "project_developer"),) + tuple((b, "enterprise") for b in buyers):
+        for code, kind in (("DEV", "project_developer"), *((b, "enterprise") for b in buyers)):
             w.keys[code] = ok(ops.post("/v1/accounts", json={"code": code, "kind": kind}), 201)["api_key"]
         ok(ops.post("/v1/registry/projects", json={"code": project, "name": "City forest park carbon sink",
                                                    "methodology": "forest_carbon_sink", "developer": "DEV"}), 201)
@@ -113,6 +112,6 @@ def build_world(base: str, ops_key: str, symbol: str = SYMBOL, issue_tonnes: str
                                                     "quantity": issue_tonnes}), 201)
         ok(ops.post("/v1/instruments", json={"symbol": symbol, "reference_price": "35.00", "always_open": True,
                                              "maker_fee_bp": 5, "taker_fee_bp": 10, **(listing or {})}), 201)
-        for b in buyers + ("DEV",):
+        for b in (*buyers, "DEV"):
             ok(ops.post(f"/v1/accounts/{b}/deposits", json={"amount": cash, "reference": f"seed-{b}"}), 201)
     return w

@@ -1,0 +1,99 @@
+"""The order history (orders, fills, trades) written from the service's in-memory folding equals
+the history folded again from the journal; and what a member reads after an acknowledgement is
+already there."""
+
+from __future__ import annotations
+
+import random
+
+import asyncpg
+
+from exchange import history
+from exchange.service import ExchangeService
+from matching import events as E
+from tests.registry_helpers import world
+
+SYMBOL = "FOREST-2023"
+
+
+async def _tables(conn: asyncpg.Connection) -> tuple:
+    return (await conn.fetch("SELECT * FROM orders ORDER BY order_id"),
+            await conn.fetch("SELECT * FROM fills ORDER BY symbol, trade_id, side"),
+            await conn.fetch("SELECT * FROM trades ORDER BY symbol, trade_id"))
+
+
+async def _random_trading(dsn: str, seed: int, n: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    await world(conn)
+    await conn.close()
+    svc = ExchangeService(dsn, flush_interval=0.0005)
+    await svc.start()
+    try:
+        assert (await svc.list_instrument(SYMBOL, {"rules": {"always_open": True}, "maker_bp": 5,
+                                                   "taker_bp": 10})).accepted
+        dev, buy = await svc.account("DEV"), await svc.account("BUY")
+        assert (await svc.submit({"op": "deposit", "account": buy, "amount": 10**9, "ref": "h1"})).accepted
+        rng = random.Random(seed)
+        pending = []
+        for i in range(n):
+            r = rng.random()
+            open_ids = list(svc.core.orders)
+            if r < 0.2 and open_ids:
+                oid = rng.choice(open_ids)
+                cmd = {"op": "cancel", "account": svc.core.orders[oid][1], "order_id": oid}
+            elif r < 0.3 and open_ids:
+                oid = rng.choice(open_ids)
+                o = svc.core.orders[oid]
+                cmd = {"op": "amend", "account": o[1], "order_id": oid, "price": o[4] or 3500,
+                       "qty": max(1000, o[5] - 1000)}
+            else:
+                side = rng.choice((E.BID, E.ASK))
+                kind = E.MARKET if rng.random() < 0.1 else E.LIMIT
+                cmd = {"op": "place", "account": buy if side == E.BID else dev, "symbol": SYMBOL, "side": side,
+                       "kind": kind, "qty": rng.randint(1, 5) * 1000, "coid": f"c{i}"}
+                if kind == E.LIMIT:
+                    cmd["price"] = 3500 + rng.randint(-20, 20)
+                    cmd["tif"] = rng.choice((E.GTC, E.GTC, E.IOC, E.FOK))
+                elif side == E.BID:
+                    cmd["cash_cap"] = 500_000
+            _, durable = svc.apply(cmd)
+            pending.append(durable)
+            if len(pending) > 50:
+                for d in pending:
+                    await d
+                pending = []
+        for d in pending:
+            await d
+        await svc.caught_up(orders=True)
+        # Every acknowledged order is readable at once from the tracker, and from the tables.
+        assert await svc.pool.fetchval("SELECT count(*) FROM orders") >= len(svc.core.orders)
+    finally:
+        await svc.stop()
+
+
+def test_history_from_memory_equals_history_from_journal(db, run):
+    run(_random_trading(db, seed=7, n=600))
+
+    async def compare() -> None:
+        conn = await asyncpg.connect(db)
+        try:
+            live = await _tables(conn)
+            assert len(live[2]) > 20, "the random stream should trade"
+            async with conn.transaction():
+                await conn.execute("DELETE FROM fills; DELETE FROM trades; DELETE FROM orders")
+                await conn.execute("UPDATE journal_consumers SET seq = 0 WHERE name = $1", history.NAME)
+            await history.catch_up(conn)
+            again = await _tables(conn)
+            for a, b in zip(live, again, strict=True):
+                assert [dict(r) for r in a] == [dict(r) for r in b]
+            # The fills of every order add up to its filled quantity, value and fee.
+            bad = await conn.fetch(
+                """SELECT o.order_id FROM orders o LEFT JOIN fills f ON f.order_id = o.order_id
+                   GROUP BY o.order_id, o.filled_kg, o.value_fen, o.fee_fen
+                   HAVING coalesce(sum(f.qty_kg), 0) <> o.filled_kg OR coalesce(sum(f.value_fen), 0) <> o.value_fen
+                       OR coalesce(sum(f.fee_fen), 0) <> o.fee_fen""")
+            assert bad == []
+        finally:
+            await conn.close()
+
+    run(compare())
