@@ -1,0 +1,216 @@
+"""The network API's issue targets, measured from outside: a load generator (bench/loadgen.py) runs
+as a separate process against the whole exchange (api.server.Exchange on loopback ports, in a
+thread of this process, embedded PostgreSQL), with a world built through REST.
+
+Run:  python -m pytest bench/bench_api.py --benchmark-only -s
+
+1. Orders over ONE websocket with durable acks (goal >= 20,000 orders/s): ``order.place``
+   pipelined (up to CARBONX_BENCH_WINDOW unanswered), answers matched by id; half the orders
+   cross resting asks (trades), half rest. p50/p99 of answer time minus send time.
+2. Orders over REST (goal >= 3,000 orders/s): ``POST /v1/orders`` from CARBONX_BENCH_CONNECTIONS
+   concurrent HTTP/1.1 keep-alive connections (httpx.AsyncClient); p50/p99.
+3. Feed fan-out (goal >= 50,000 deliveries/s with p99 <= 100 ms): CARBONX_BENCH_SUBSCRIBERS
+   (1,000) websocket subscribers of the book (depth 10) and trades of one instrument, while one
+   more connection places orders open loop at each of CARBONX_BENCH_FANOUT_RATES orders/s; deliveries/s and the
+   delay from each message's ``ts`` (the time the exchange sequenced the order) to its receipt.
+Baseline, measured in the same run: ``ExchangeService.submit`` in process, durable (the same
+measure as bench_service.py's durable throughput, project off), so every rate is also reported
+as a ratio to it.
+
+The resting asks the crossing buys need are placed before each timed phase by the seller (DEV)
+through loadgen itself (``ws --side sell --cross-fraction 0``), untimed.
+
+Rate limits: the server runs with ``Limits(key_rate=1e7, key_burst=1e7, address_rate=1e7,
+address_burst=1e7)`` — the defaults (5,000 requests/s per key, 10,000 per address) would cap
+every measurement here. ``carbonx serve --rate-limit`` is the command-line equivalent (per key).
+
+Scale: CARBONX_BENCH_SCALE (1 = 100,000 websocket orders, 20,000 REST orders, 10 s of fan-out;
+unset means 0.1, a run of about a minute). Rates are reported (printed, in ``extra_info`` and in
+the summary table), never asserted. Asserted: every order answered and none rejected, trades
+happened, and the subscribers saw every update in order (no sequence gap, contiguous trade ids,
+no slow_consumer).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from bench_service import SUBMITTERS, Flow, _summary, drive, open_market
+
+from api.auth import Limits
+from exchange.database import drop_database, ensure_database, with_database
+from matching.core import ExchangeCore
+from tests.api_helpers import SYMBOL, ServerThread, build_world, operator_key
+
+pytestmark = pytest.mark.timeout(3600)
+
+SCALE = float(os.environ.get("CARBONX_BENCH_SCALE", "0.1"))
+WS_ORDERS = max(5_000, int(100_000 * SCALE))
+REST_ORDERS = max(2_000, int(20_000 * SCALE))
+FANOUT_S = max(3.0, 10.0 * SCALE)
+BASE_ORDERS = max(10_000, int(100_000 * SCALE))
+WINDOW = int(os.environ.get("CARBONX_BENCH_WINDOW", "2000"))
+CONNECTIONS = int(os.environ.get("CARBONX_BENCH_CONNECTIONS", "16"))
+SUBSCRIBERS = int(os.environ.get("CARBONX_BENCH_SUBSCRIBERS", "1000"))
+# Offered order rates of the fan-out runs: 100/s is about the goal's load (some 50-100 messages a
+# second to each of 1,000 subscribers); 1,000/s saturates the feed (deliveries/s at capacity, and
+# the delay then grows with the backlog).
+FANOUT_RATES = [float(x) for x in os.environ.get("CARBONX_BENCH_FANOUT_RATES", "100,1000").split(",")]
+
+GOAL_WS, GOAL_REST, GOAL_FAN, GOAL_FAN_P99_MS = 20_000, 3_000, 50_000, 100.0
+CROSS = 0.5  # share of the orders that trade
+ASK_QTY = 10  # tonnes per seeded ask; crossing buys take 1 t each
+LOADGEN = Path(__file__).with_name("loadgen.py")
+UNLIMITED = Limits(key_rate=1e7, key_burst=1e7, address_rate=1e7, address_burst=1e7)
+_BASELINE: dict[str, float] = {}
+
+
+@dataclass
+class Live:
+    server: ServerThread
+    keys: dict[str, str]
+
+    def loadgen(self, mode: str, key: str, *args: Any) -> dict[str, Any]:
+        cmd = [sys.executable, str(LOADGEN), mode, "--ws", self.server.ws, "--http", self.server.http,
+               "--key", self.keys[key], "--symbol", SYMBOL, *map(str, args)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
+        return orjson.loads(r.stdout.strip().splitlines()[-1])
+
+    def seed_asks(self, crossing_orders: int) -> None:
+        """Resting asks at the crossing price, enough for `crossing_orders` buys of 1 t (untimed)."""
+        n = math.ceil(crossing_orders / ASK_QTY) + 10
+        out = self.loadgen("ws", "DEV", "--side", "sell", "--cross-fraction", 0, "--rest-low", "35.50",
+                           "--rest-high", "35.50", "--quantity", f"{ASK_QTY}.000", "--orders", n, "--window", 1000)
+        assert out["statuses"] == {"new": n}, out
+
+
+@pytest.fixture(scope="module")
+def live(pg_server: str, template_db: str, run) -> Iterator[Live]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the server holds one socket per subscriber
+    if soft < SUBSCRIBERS + 1000:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, SUBSCRIBERS + 2000), hard))
+    name = f"cx_bench_api_{os.getpid()}"
+    run(ensure_database(pg_server, name, template=template_db))
+    dsn = with_database(pg_server, name)
+    try:
+        key = run(operator_key(dsn))
+        with ServerThread(dsn, limits=UNLIMITED) as server:
+            w = build_world(server.http, key, issue_tonnes="1000000.000", cash="100000000.00")
+            yield Live(server, w.keys)
+            assert server.exchange.service.failure is None
+            assert server.exchange.service.core.check_invariants() == []
+    finally:
+        run(drop_database(pg_server, name))
+
+
+def _ratio(rate: float) -> str:
+    base = _BASELINE.get("submit")
+    return f" = {rate / base:.3f}x in-process submit ({base:,.0f}/s)" if base else ""
+
+
+def _goal(ok: bool) -> str:
+    return "meets" if ok else "misses"
+
+
+def test_baseline_submit(benchmark, request, db, run):
+    """In-process ExchangeService.submit, durable, SUBMITTERS concurrent submitters (bench_service)."""
+    market = run(open_market(db))
+    service = market.service
+    try:
+        flow = Flow(ExchangeCore.restore(service.core.snapshot()), market.buyers, market.sellers)
+        warm, warm_seqs = flow.take(BASE_ORDERS // 4)
+        cmds, seqs = flow.take(BASE_ORDERS)
+        assert run(drive(service, warm, SUBMITTERS)) == warm_seqs
+        got: list[list[int | None]] = []
+        began = time.perf_counter()
+        benchmark.pedantic(lambda: got.append(run(drive(service, cmds, SUBMITTERS))), rounds=1, iterations=1)
+        elapsed = time.perf_counter() - began
+        assert got[0] == seqs
+        assert service.failure is None and service.core.check_invariants() == []
+    finally:
+        run(service.stop(snapshot=False))
+    rate = BASE_ORDERS / elapsed
+    _BASELINE["submit"] = rate
+    benchmark.extra_info.update({"orders": BASE_ORDERS, "orders_per_s": round(rate), "submitters": SUBMITTERS})
+    _summary(request, "network API", f"baseline: ExchangeService.submit in process, durable, {SUBMITTERS} "
+             f"submitters: {rate:,.0f} orders/s ({BASE_ORDERS:,} orders)")
+
+
+def _check_orders(out: dict[str, Any], n: int) -> None:
+    assert out["errors"] == {}, out
+    assert sum(out["statuses"].values()) == n, out
+    assert "rejected" not in out["statuses"], out
+    assert out.get("orders_with_fills", 0) > 0, out  # the crossing half traded
+
+
+def test_ws_orders(benchmark, request, live):
+    """One websocket, pipelined order.place, durable answers."""
+    live.seed_asks(int(WS_ORDERS * CROSS) + WS_ORDERS // 10)
+    res: list[dict] = []
+    benchmark.pedantic(lambda: res.append(live.loadgen("ws", "BUY", "--orders", WS_ORDERS, "--window", WINDOW,
+                                                       "--cross-fraction", CROSS, "--seed", 11)),
+                       rounds=1, iterations=1)
+    out = res[0]
+    _check_orders(out, WS_ORDERS)
+    rate = out["orders_per_s"]
+    benchmark.extra_info.update(out)
+    _summary(request, "network API", f"websocket, 1 connection, window {WINDOW}: {rate:,} orders/s{_ratio(rate)}; "
+             f"ack p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms ({WS_ORDERS:,} orders, "
+             f"{out['orders_with_fills']:,} traded; loadgen CPU {out['loadgen_cpu_s']} s in {out['seconds']} s); "
+             f"{_goal(rate >= GOAL_WS)} >= {GOAL_WS:,}/s")
+
+
+def test_rest_orders(benchmark, request, live):
+    """POST /v1/orders over CONNECTIONS keep-alive connections."""
+    live.seed_asks(int(REST_ORDERS * CROSS) + REST_ORDERS // 10)
+    res: list[dict] = []
+    benchmark.pedantic(lambda: res.append(live.loadgen("rest", "BUY2", "--orders", REST_ORDERS, "--connections",
+                                                       CONNECTIONS, "--cross-fraction", CROSS, "--seed", 12)),
+                       rounds=1, iterations=1)
+    out = res[0]
+    _check_orders(out, REST_ORDERS)
+    assert out["http_status"] == {"201": REST_ORDERS}, out
+    rate = out["orders_per_s"]
+    benchmark.extra_info.update(out)
+    _summary(request, "network API", f"REST, {CONNECTIONS} keep-alive connections: {rate:,} orders/s{_ratio(rate)}; "
+             f"p50 {out['p50_ms']:.1f} ms, p99 {out['p99_ms']:.1f} ms ({REST_ORDERS:,} orders; loadgen CPU "
+             f"{out['loadgen_cpu_s']} s in {out['seconds']} s); "
+             f"{_goal(rate >= GOAL_REST)} >= {GOAL_REST:,}/s")
+
+
+@pytest.mark.parametrize("rate", FANOUT_RATES, ids=lambda r: f"{r:g}/s")
+def test_fanout(benchmark, request, live, rate):
+    """SUBSCRIBERS subscribers of one book and its trades while orders flow at `rate`/s."""
+    n = int(rate * FANOUT_S)
+    live.seed_asks(int(n * CROSS) + n // 10)
+    res: list[dict] = []
+    benchmark.pedantic(lambda: res.append(live.loadgen("fanout", "BUY", "--subscribers", SUBSCRIBERS, "--duration",
+                                                       FANOUT_S, "--rate", rate, "--cross-fraction", CROSS,
+                                                       "--seed", 13)),
+                       rounds=1, iterations=1)
+    out = res[0]
+    _check_orders(out, n)
+    assert out["gaps"] == 0 and out["trade_gaps"] == 0, out
+    assert out["subscriber_errors"] == {} and out["subscribers_closed_early"] == 0, out
+    assert out["book_updates"] > 0 and out["trade_messages"] > 0, out
+    per_s, p99 = out["deliveries_per_s"], out["delay_p99_ms"]
+    benchmark.extra_info.update(out)
+    _summary(request, "network API",
+             f"fan-out to {SUBSCRIBERS:,} subscribers, {rate:,.0f} orders/s offered for {FANOUT_S:g} s: "
+             f"{per_s:,} deliveries/s ({out['book_updates']:,} book updates + {out['trade_messages']:,} trades); "
+             f"delay from ts p50 {out['delay_p50_ms']:.1f} ms, p99 {p99:.1f} ms, max {out['delay_max_ms']:.1f} ms "
+             f"(loadgen CPU {out['loadgen_cpu_s']} s); "
+             f"{_goal(per_s >= GOAL_FAN and p99 <= GOAL_FAN_P99_MS)} >= {GOAL_FAN:,}/s with p99 <= "
+             f"{GOAL_FAN_P99_MS:g} ms")

@@ -1,0 +1,457 @@
+"""Load generator for the carbonx network API, run as a process of its own (so that its CPU is
+not the server's): drives one kind of load and prints one JSON object with the results.
+
+    python bench/loadgen.py ws     --ws ws://127.0.0.1:8701 --http http://127.0.0.1:8700 --key KEY --orders 20000
+    python bench/loadgen.py rest   --ws ... --http ... --key KEY --orders 5000 --connections 16
+    python bench/loadgen.py fanout --ws ... --http ... --key KEY --subscribers 1000 --duration 10 --rate 1000
+
+Modes:
+
+- ``ws``: one websocket connection, ``auth`` with the key, then ``order.place`` messages pipelined
+  (up to ``--window`` unanswered at a time; the answers are matched to the requests by ``id``).
+  Each answer (``{"type":"result"}``) comes after the order is durable. Latency is answer time
+  minus send time. With ``--side sell --cross-fraction 0`` it also seeds resting liquidity.
+- ``rest``: ``POST /v1/orders`` from ``--connections`` concurrent HTTP/1.1 keep-alive connections
+  (httpx.AsyncClient with a pool of that size, one worker per connection).
+- ``fanout``: ``--subscribers`` websocket connections subscribe to the book (depth 10) and trades
+  of the symbol; then one more connection places orders open loop at ``--rate`` orders/s for
+  ``--duration`` seconds. Counted: book updates and trades received by the subscribers
+  (deliveries), sequence gaps (``first_seq != last seq + 1``; trade ids not contiguous), errors
+  and closes. Delay is receipt time minus the message's ``ts`` (server clock, microseconds; the
+  same machine's clock here). The subscribers use a minimal websocket client (an asyncio
+  Protocol parsing frames) so that 1,000 of them fit in one process.
+
+The order flow (seeded, the same every run): a fraction ``--cross-fraction`` of the orders are
+limit orders at ``--cross-price`` (they trade against resting liquidity on the other side when
+there is some), the rest rest at a random tick between ``--rest-low`` and ``--rest-high``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import math
+import os
+import random
+import resource
+import struct
+import sys
+import time
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+from websockets.asyncio.client import connect
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return None
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float | None]:
+    ms = sorted(x * 1e3 for x in seconds)
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 3)
+    return {"p50_ms": r(percentile(ms, 50)), "p90_ms": r(percentile(ms, 90)), "p99_ms": r(percentile(ms, 99)),
+            "max_ms": r(ms[-1] if ms else None)}
+
+
+class Flow:
+    """The seeded order requests (REST body shape; the websocket adds op and id)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.rng = random.Random(args.seed)
+        self.args = args
+        lo, hi = round(float(args.rest_low) * 100), round(float(args.rest_high) * 100)
+        self.ticks = (lo, hi)
+
+    def order(self) -> dict[str, Any]:
+        a, rng = self.args, self.rng
+        if rng.random() < a.cross_fraction:
+            price = a.cross_price
+        else:
+            fen = rng.randint(*self.ticks)
+            price = f"{fen // 100}.{fen % 100:02d}"
+        return {"symbol": a.symbol, "side": a.side, "type": "limit", "price": price, "quantity": a.quantity}
+
+
+def tally(order: dict[str, Any], statuses: Counter, counts: Counter) -> None:
+    statuses[order.get("status")] += 1
+    if order.get("fills"):
+        counts["orders_with_fills"] += 1
+        counts["fills"] += len(order["fills"])
+
+
+# ------------------------------------------------------------------------------------------------
+# ws: pipelined order entry over one websocket
+# ------------------------------------------------------------------------------------------------
+async def auth(ws: Any, key: str) -> None:
+    await ws.send(orjson.dumps({"op": "auth", "id": "auth", "api_key": key}).decode())
+    while True:
+        msg = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        if msg.get("id") == "auth":
+            if msg.get("type") != "ack":
+                raise SystemExit(f"auth refused: {msg}")
+            return
+
+
+async def ws_orders(args: argparse.Namespace) -> dict[str, Any]:
+    flow = Flow(args)
+    n = args.orders
+    bodies = [orjson.dumps({"op": "order.place", "id": i, **flow.order()}).decode() for i in range(n)]
+    sent = [0.0] * n
+    latency = [0.0] * n
+    statuses: Counter = Counter()
+    counts: Counter = Counter()
+    errors: Counter = Counter()
+    window = asyncio.Semaphore(args.window)
+    clock = time.perf_counter
+    async with connect(f"{args.ws}/v1/ws", max_size=None, compression=None, max_queue=None) as ws:
+        await auth(ws, args.key)
+        done = asyncio.get_running_loop().create_future()
+        left = [n]
+
+        async def sender() -> None:
+            for i, body in enumerate(bodies):
+                await window.acquire()
+                sent[i] = clock()
+                await ws.send(body)
+
+        async def receiver() -> None:
+            async for raw in ws:
+                now = clock()
+                msg = orjson.loads(raw)
+                kind = msg.get("type")
+                if kind == "result":
+                    tally(msg["order"], statuses, counts)
+                elif kind == "error" and isinstance(msg.get("id"), int):
+                    errors[msg.get("code")] += 1
+                else:
+                    continue  # heartbeats
+                i = msg["id"]
+                latency[i] = now - sent[i]
+                window.release()
+                left[0] -= 1
+                if not left[0]:
+                    done.set_result(None)
+                    return
+
+        t0 = clock()
+        tasks = [asyncio.create_task(sender()), asyncio.create_task(receiver())]
+        await asyncio.wait_for(done, args.timeout)
+        elapsed = clock() - t0
+        for t in tasks:
+            t.cancel()
+    return {"mode": "ws", "orders": n, "window": args.window, "seconds": round(elapsed, 3),
+            "orders_per_s": round(n / elapsed), **latency_summary(latency), "statuses": dict(statuses),
+            "errors": dict(errors), **counts}
+
+
+# ------------------------------------------------------------------------------------------------
+# rest: POST /v1/orders over a pool of keep-alive connections
+# ------------------------------------------------------------------------------------------------
+async def rest_orders(args: argparse.Namespace) -> dict[str, Any]:
+    flow = Flow(args)
+    n = args.orders
+    bodies = [orjson.dumps(flow.order()) for _ in range(n)]
+    latency: list[float] = []
+    codes: Counter = Counter()
+    statuses: Counter = Counter()
+    counts: Counter = Counter()
+    errors: Counter = Counter()
+    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
+    headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
+    clock = time.perf_counter
+    it = iter(bodies)
+    async with httpx.AsyncClient(base_url=args.http, headers=headers, limits=limits, timeout=60) as http:
+        await http.get("/v1/health")  # open one connection before the clock starts
+
+        async def worker() -> None:
+            for body in it:
+                t = clock()
+                r = await http.post("/v1/orders", content=body)
+                latency.append(clock() - t)
+                codes[r.status_code] += 1
+                if r.status_code == 201:
+                    tally(r.json(), statuses, counts)
+                else:
+                    errors[r.json().get("code")] += 1
+
+        t0 = clock()
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(args.connections))), args.timeout)
+        elapsed = clock() - t0
+    return {"mode": "rest", "orders": n, "connections": args.connections, "seconds": round(elapsed, 3),
+            "orders_per_s": round(n / elapsed), **latency_summary(latency),
+            "http_status": {str(k): v for k, v in codes.items()},
+            "statuses": dict(statuses), "errors": dict(errors), **counts}
+
+
+# ------------------------------------------------------------------------------------------------
+# fanout: many subscribers of one book and its trades
+# ------------------------------------------------------------------------------------------------
+class FanStats:
+    def __init__(self) -> None:
+        self.delays: list[int] = []  # microseconds, receipt - ts
+        self.book = self.trades = self.heartbeats = 0
+        self.gaps = self.trade_gaps = 0
+        self.errors: Counter = Counter()
+        self.closed = 0
+        self.first_at: float | None = None
+        self.last_at = 0.0
+        self.counting = False
+
+
+class Subscriber(asyncio.Protocol):
+    """A minimal websocket client: the upgrade, one subscribe message, then unmasked server frames
+    parsed in place (text, ping answered with pong, close)."""
+
+    def __init__(self, host: str, path: str, subscribe: bytes, stats: FanStats) -> None:
+        self.host, self.path, self.subscribe, self.stats = host, path, subscribe, stats
+        self.buf = bytearray()
+        self.upgraded = False
+        self.ready = asyncio.get_running_loop().create_future()  # acked and snapshot seen
+        self.acked = False
+        self.last_seq: int | None = None
+        self.last_trade: int | None = None
+        self.fragments = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.transport.write(
+            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+
+    def send_frame(self, payload: bytes, opcode: int = 1) -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack(">H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+        masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
+        self.transport.write(head + mask + masked)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos = 0
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self.fail(f"upgrade refused: {bytes(buf[:60])!r}")
+                return
+            self.upgraded = True
+            pos = end + 4
+            self.send_frame(self.subscribe)
+        size = len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            n = b1 & 0x7F
+            off = pos + 2
+            if n == 126:
+                if size - pos < 4:
+                    break
+                n = struct.unpack_from(">H", buf, off)[0]
+                off += 2
+            elif n == 127:
+                if size - pos < 10:
+                    break
+                n = struct.unpack_from(">Q", buf, off)[0]
+                off += 8
+            if size - off < n:
+                break
+            payload = bytes(buf[off:off + n])
+            pos = off + n
+            opcode = b0 & 0x0F
+            if not b0 & 0x80:  # a fragment: keep until the final frame
+                self.fragments += payload
+                continue
+            if opcode == 0:
+                payload, self.fragments = bytes(self.fragments + payload), bytearray()
+                opcode = 1
+            if opcode in (1, 2):
+                self.message(payload)
+            elif opcode == 9:
+                self.send_frame(payload, 10)
+            elif opcode == 8:
+                code = struct.unpack_from(">H", payload)[0] if len(payload) >= 2 else ""
+                self.stats.errors[f"close:{code}"] += 1
+        del buf[:pos]
+
+    def message(self, payload: bytes) -> None:
+        now = time.time_ns() // 1000
+        st = self.stats
+        msg = orjson.loads(payload)
+        ch = msg.get("ch")
+        if ch == "book":
+            if msg["type"] == "snapshot":
+                self.last_seq = msg["seq"]
+                if self.acked and not self.ready.done():
+                    self.ready.set_result(None)
+                return
+            if self.last_seq is not None and msg["first_seq"] != self.last_seq + 1:
+                st.gaps += 1
+            self.last_seq = msg["seq"]
+            st.book += 1
+        elif ch == "trades":
+            tid = int(msg["trade_id"])
+            if self.last_trade is not None and tid != self.last_trade + 1:
+                st.trade_gaps += 1
+            self.last_trade = tid
+            st.trades += 1
+        elif ch == "heartbeat":
+            st.heartbeats += 1
+            return
+        elif msg.get("type") == "ack":
+            self.acked = True
+            return
+        else:
+            st.errors[str(msg.get("code") or msg.get("type"))] += 1
+            return
+        if st.counting:
+            st.delays.append(now - msg["ts"])
+            t = time.perf_counter()
+            if st.first_at is None:
+                st.first_at = t
+            st.last_at = t
+
+    def fail(self, why: str) -> None:
+        self.stats.errors[why] += 1
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(why))
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stats.closed += 1
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"closed before the snapshot: {exc}"))
+
+
+async def fanout(args: argparse.Namespace) -> dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < args.subscribers + 100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.subscribers + 1000), hard))
+    loop = asyncio.get_running_loop()
+    url = urlsplit(args.ws)
+    host, port = url.hostname, url.port or 80
+    subscribe = orjson.dumps({"op": "subscribe", "id": 1, "channels": [
+        {"name": "book", "symbols": [args.symbol], "depth": 10}, {"name": "trades", "symbols": [args.symbol]}]})
+    stats = FanStats()
+    subs: list[Subscriber] = []
+    t_connect = time.perf_counter()
+    for k in range(0, args.subscribers, 100):  # in steps, not to overflow the listen backlog
+        batch = [loop.create_connection(lambda: Subscriber(f"{host}:{port}", "/v1/ws", subscribe, stats), host, port)
+                 for _ in range(min(100, args.subscribers - k))]
+        for _transport, proto in await asyncio.gather(*batch):
+            subs.append(proto)
+    await asyncio.wait_for(asyncio.gather(*(s.ready for s in subs)), 60)
+    connect_s = time.perf_counter() - t_connect
+
+    flow = Flow(args)
+    n = int(args.rate * args.duration)
+    statuses: Counter = Counter()
+    counts: Counter = Counter()
+    errors: Counter = Counter()
+    late: list[float] = []
+    async with connect(f"{args.ws}/v1/ws", max_size=None, compression=None, max_queue=None) as ws:
+        await auth(ws, args.key)
+        left = [n]
+        done = loop.create_future()
+
+        async def receiver() -> None:
+            async for raw in ws:
+                msg = orjson.loads(raw)
+                if msg.get("type") == "result":
+                    tally(msg["order"], statuses, counts)
+                elif msg.get("type") == "error" and isinstance(msg.get("id"), int):
+                    errors[msg.get("code")] += 1
+                else:
+                    continue
+                left[0] -= 1
+                if not left[0]:
+                    done.set_result(None)
+                    return
+
+        reader = asyncio.create_task(receiver())
+        stats.counting = True
+        clock = time.perf_counter
+        t0 = clock() + 0.01
+        i = 0
+        while i < n:  # open loop: order i goes at t0 + i / rate, whatever happened before
+            now = clock()
+            while i < n and t0 + i / args.rate <= now:
+                late.append(now - (t0 + i / args.rate))
+                await ws.send(orjson.dumps({"op": "order.place", "id": i, **flow.order()}).decode())
+                i += 1
+            await asyncio.sleep(max(0.0, t0 + i / args.rate - clock()))
+        sent_s = clock() - t0
+        await asyncio.wait_for(done, args.timeout)
+        reader.cancel()
+    await asyncio.sleep(args.drain)  # the last batches reach the subscribers
+    stats.counting = False
+    closed_early = stats.closed
+    for s in subs:
+        s.transport.close()
+    delays = sorted(stats.delays)
+    span = (stats.last_at - t0) if stats.first_at is not None else float("nan")
+    deliveries = stats.book + stats.trades
+    ms = [d / 1000 for d in delays]
+    late_ms = sorted(x * 1e3 for x in late)
+    return {"mode": "fanout", "subscribers": args.subscribers, "orders": n, "offered_per_s": args.rate,
+            "send_seconds": round(sent_s, 3), "connect_seconds": round(connect_s, 3),
+            "deliveries": deliveries, "book_updates": stats.book, "trade_messages": stats.trades,
+            "seconds": round(span, 3), "deliveries_per_s": round(deliveries / span) if span == span else None,
+            "delay_p50_ms": percentile(ms, 50), "delay_p99_ms": percentile(ms, 99),
+            "delay_max_ms": ms[-1] if ms else None, "sender_late_p99_ms": percentile(late_ms, 99),
+            "gaps": stats.gaps, "trade_gaps": stats.trade_gaps, "subscriber_errors": dict(stats.errors),
+            "subscribers_closed_early": closed_early, "statuses": dict(statuses), "errors": dict(errors),
+            **counts}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("mode", choices=["ws", "rest", "fanout"])
+    p.add_argument("--ws", required=True, help="feed base URL, e.g. ws://127.0.0.1:8701")
+    p.add_argument("--http", required=True, help="REST base URL, e.g. http://127.0.0.1:8700")
+    p.add_argument("--key", required=True, help="a member's API key (places the orders)")
+    p.add_argument("--symbol", default="FOREST-2023")
+    p.add_argument("--orders", type=int, default=10_000, help="ws, rest: orders to place")
+    p.add_argument("--window", type=int, default=2_000, help="ws: most unanswered orders at a time")
+    p.add_argument("--connections", type=int, default=16, help="rest: concurrent keep-alive connections")
+    p.add_argument("--subscribers", type=int, default=1_000, help="fanout: subscriber connections")
+    p.add_argument("--duration", type=float, default=5.0, help="fanout: seconds of order flow")
+    p.add_argument("--rate", type=float, default=1_000.0, help="fanout: orders/s offered (open loop)")
+    p.add_argument("--drain", type=float, default=1.0, help="fanout: seconds to wait for the last messages")
+    p.add_argument("--side", choices=["buy", "sell"], default="buy")
+    p.add_argument("--cross-fraction", type=float, default=0.5, help="share of orders at --cross-price")
+    p.add_argument("--cross-price", default="35.50")
+    p.add_argument("--rest-low", default="32.00")
+    p.add_argument("--rest-high", default="34.99")
+    p.add_argument("--quantity", default="1.000")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=600.0)
+    args = p.parse_args(argv)
+    fn = {"ws": ws_orders, "rest": rest_orders, "fanout": fanout}[args.mode]
+    result = asyncio.run(fn(args))
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    result["loadgen_cpu_s"] = round(use.ru_utime + use.ru_stime, 2)  # is the client the bottleneck?
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()
