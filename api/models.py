@@ -364,3 +364,9 @@ class OffsetResult(BaseModel):
     cost: Decimal
     retirement: RetirementView
     certificate_url: str
+
+
+class BinanceDepth(BaseModel):
+    lastUpdateId: int
+    bids: list[list[str]]
+    asks: list[list[str]]

@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import models as M
@@ -59,10 +59,9 @@ class Context:
     feed: Any = None  # api.feed.Feed, when the websocket feed runs alongside
 
 
-class JSON(Response):
-    """A JSON response encoded by orjson (FastAPI's own JSON is deprecated)."""
-
-    media_type = "application/json"
+class JSON(JSONResponse):
+    """A JSON response encoded by orjson (FastAPI's ORJSONResponse is deprecated). A JSONResponse,
+    so that FastAPI documents each route's response model as its JSON body."""
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -467,7 +466,7 @@ def create_app(ctx: Context) -> FastAPI:
     async def estimate(activity: dict) -> Any:
         return estimate_view(neutrality.estimate_footprint(activity))
 
-    @app.get("/v1/neutrality/factors", responses=PUBLIC, tags=["neutrality"])
+    @app.get("/v1/neutrality/factors", response_model=dict[str, Any], responses=PUBLIC, tags=["neutrality"])
     async def factors() -> Any:
         return neutrality.describe_factor_table()
 
@@ -601,7 +600,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     # ---- Binance-compatible depth ------------------------------------------------------------
 
-    @app.get("/api/v3/depth", tags=["compatibility"], responses=PUBLIC)
+    @app.get("/api/v3/depth", response_model=M.BinanceDepth, tags=["compatibility"], responses=PUBLIC)
     async def binance_depth(symbol: Annotated[str, Query(min_length=1, max_length=40)],
                             limit: Annotated[int, Query(ge=1, le=MAX_DEPTH)] = 100) -> Any:
         instrument(symbol)

@@ -30,13 +30,10 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
 import requests
 import schemathesis
-from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, Phase, given, settings
-from pydantic import TypeAdapter
 from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
@@ -63,82 +60,9 @@ OPERATIONS = [(method.upper(), path, "operator" in op.get("tags", ()),
                bool(op.get("parameters") or op.get("requestBody")))
               for path, methods in _DOC["paths"].items() for method, op in methods.items()]
 
-PLACEHOLDER = {"type": "string"}  # what FastAPI documents for a JSON body it cannot describe
-# Binance's depth answer as API.md gives it (the route declares no model).
-BINANCE_DEPTH = {"type": "object", "required": ["lastUpdateId", "bids", "asks"], "properties": {
-    "lastUpdateId": {"type": "integer"},
-    "bids": {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}},
-    "asks": {"type": "array", "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2}}}}
-
-
-def declared(doc: dict[str, Any]) -> dict[str, Any]:
-    """`doc` with every success response that is documented as the placeholder ``{"type":
-    "string"}`` under application/json replaced by the schema of the route's own response_model
-    (what the document should say, see BUG_SUCCESS_SCHEMA): so that the bodies are still checked
-    against the models the code declares. A route without a model (typing.Any) gets the shape
-    API.md gives (Binance depth), or no constraint at all when API.md gives none."""
-    doc = orjson.loads(orjson.dumps(doc))
-    for route in _APP.routes:
-        if not isinstance(route, APIRoute) or not route.include_in_schema:
-            continue  # not in the document (e.g. the verification page), so nothing to repair
-        for method in route.methods:
-            for status, resp in doc["paths"][route.path][method.lower()]["responses"].items():
-                media = resp.get("content", {}).get("application/json")
-                if not status.startswith("2") or media is None or media.get("schema") != PLACEHOLDER:
-                    continue
-                if route.path == "/api/v3/depth":
-                    media["schema"] = BINANCE_DEPTH
-                elif route.response_model in (None, Any):
-                    media["schema"] = {}
-                else:
-                    schema = TypeAdapter(route.response_model).json_schema(
-                        ref_template="#/components/schemas/{model}", mode="serialization")
-                    for name, sub in schema.pop("$defs", {}).items():
-                        doc["components"]["schemas"].setdefault(name, sub)
-                    media["schema"] = schema
-    return doc
-
-
-# Product bugs schemathesis found, per (document, method, path, mode): marked xfail(strict=True)
-# so that the test starts failing (XPASS) the day the bug is fixed. Product code is not ours to
-# edit here.
-BUG_SUCCESS_SCHEMA = (
-    "BUG: /openapi.json documents every JSON success response (200/201) as {\"type\": \"string\"}: api/rest.py's "
-    "default_response_class JSON subclasses Response, not JSONResponse, so FastAPI drops the response_model "
-    "schema; the JSON object sent does not conform to the documented schema")
-# The cases of the live document that get a JSON success response and so meet that bug (found by
-# running this module; derandomized, so the same every run). Every other case must pass.
-LIVE_FAILS: set[tuple[str, str, str]] = {
-    ("GET", "/v1/health", "positive"),
-    ("GET", "/v1/instruments", "positive"),
-    ("GET", "/v1/instruments/{symbol}", "real"),
-    ("GET", "/v1/book/{symbol}", "real"),
-    ("GET", "/v1/trades/{symbol}", "real"),
-    ("GET", "/v1/ticker/{symbol}", "real"),
-    ("GET", "/v1/candles/{symbol}", "real"),
-    ("GET", "/v1/registry/projects", "positive"),
-    ("GET", "/v1/registry/projects/{code}", "real"),
-    ("GET", "/v1/registry/issuances/{issuance_id}", "positive"),
-    ("GET", "/v1/registry/issuances/{issuance_id}", "real"),
-    ("GET", "/v1/registry/serials/{serial}", "real"),
-    ("GET", "/v1/registry/retirements", "positive"),
-    ("GET", "/v1/registry/retirements", "negative"),
-    ("GET", "/v1/certificates/{code}", "real"),
-    ("GET", "/v1/orders", "positive"),
-    ("GET", "/v1/orders", "negative"),
-    ("DELETE", "/v1/orders", "positive"),
-    ("DELETE", "/v1/orders", "negative"),
-    ("GET", "/v1/orders/{order_id}", "real"),
-    ("GET", "/v1/fills", "positive"),
-    ("GET", "/v1/fills", "negative"),
-    ("GET", "/v1/account", "positive"),
-    ("POST", "/v1/neutrality/estimate", "positive"),
-    ("GET", "/v1/neutrality/factors", "positive"),
-    ("POST", "/v1/accounts", "positive"),
-    ("POST", "/v1/accounts/{code}/deposits", "real"),
-    ("POST", "/v1/instruments/{symbol}/halt", "real"),
-    ("POST", "/v1/instruments/{symbol}/resume", "real"),
-}
+# Product bugs schemathesis finds, per (document, method, path, mode), are marked xfail(strict=True)
+# here so that the test starts failing (XPASS) the day the bug is fixed. (The first run found that
+# every JSON success response was documented as a string: fixed in api/rest.py.)
 BUGS: dict[tuple[str, str, str, str], str] = {}
 
 
@@ -147,12 +71,10 @@ def _params() -> list[Any]:
     for method, path, _is_operator, has_path, has_input in OPERATIONS:
         # Negative data needs something to break: operations without parameters or body get none.
         modes = ["positive"] + ["negative"] * has_input + ["real"] * has_path
-        for doc in ("live", "declared"):
+        for doc in ("live",):
             for mode in modes:
                 marks = []
                 reason = BUGS.get((doc, method, path, mode))
-                if doc == "live" and (method, path, mode) in LIVE_FAILS:
-                    reason = BUG_SUCCESS_SCHEMA
                 if reason:
                     marks.append(pytest.mark.xfail(strict=True, reason=reason))
                 out.append(pytest.param(doc, method, path, mode, id=f"{doc}: {method} {path} [{mode}]", marks=marks))
@@ -167,8 +89,7 @@ class Live:
         self.keys = keys
         self.real = real
         self.doc = requests.get(f"{server.http}/openapi.json", timeout=30).json()
-        self.schemas = {"live": schemathesis.openapi.from_url(f"{server.http}/openapi.json"),
-                        "declared": schemathesis.openapi.from_dict(declared(self.doc))}
+        self.schemas = {"live": schemathesis.openapi.from_url(f"{server.http}/openapi.json")}
         self.session = requests.Session()
 
 
