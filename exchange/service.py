@@ -63,7 +63,7 @@ class ExchangeService:
         self, dsn: str, *, engine: str | None = None, flush_interval: float = 0.001, max_batch: int = 4096,
         snapshot_every: int = 250_000, journal_method: str = "copy", project: bool = True,
         verify_recovery: bool = True, clock: Callable[[], int] = now_us,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None, consumer_delay: float = 0.01,
     ) -> None:
         self.dsn = dsn
         self.engine = engine
@@ -75,6 +75,7 @@ class ExchangeService:
         self.verify_recovery = verify_recovery
         self.clock = clock
         self.progress = progress
+        self.consumer_delay = consumer_delay  # seconds the projector and history let a small backlog grow
         self.core: ExchangeCore = ExchangeCore(engine)
         self.durable_seq = 0
         self.recovered = 0  # journal entries replayed at start
@@ -104,6 +105,8 @@ class ExchangeService:
         self._hist: asyncpg.Connection | None = None  # the history consumer's
         self._history_wake = asyncio.Event()
         self._history_batches: list[history.Batch] = []  # folded, committed, not yet written
+        self._urgent = 0  # callers of caught_up() waiting right now
+        self._urgent_event = asyncio.Event()
         self._registry_lock = asyncio.Lock()  # one operator registry change at a time
         self._pool: asyncpg.Pool | None = None  # look-ups made while serving requests
         self._tasks: list[asyncio.Task] = []
@@ -457,6 +460,7 @@ class ExchangeService:
         try:
             while not self._closing:
                 await self._project_wake.wait()
+                await self._gather(lambda: self.durable_seq - self.projected_seq)
                 self._project_wake.clear()
                 upto = self.durable_seq
                 await projector.catch_up(self._proj, upto=upto)
@@ -467,6 +471,15 @@ class ExchangeService:
         except BaseException as exc:
             log.exception("projecting the journal into the registry and ledger failed; the service stops")
             self._fail(exc, None)
+
+    async def _gather(self, backlog: Callable[[], int]) -> None:
+        """Let a small backlog grow for `consumer_delay` before applying it: each apply costs a few
+        database round trips whatever its size, so at low rates this spends them on many entries
+        at once. Nobody waits for it unless they ask (:meth:`caught_up` cuts the wait short)."""
+        if self.consumer_delay and not self._urgent and not self._closing and backlog() < 1000:
+            self._urgent_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent_event.wait(), self.consumer_delay)
 
     def _queue_history(self, published: list[Entry]) -> None:
         """Hand the tracker's folding of a committed batch to the history writer, as records taken
@@ -487,6 +500,7 @@ class ExchangeService:
         try:
             while not self._closing or self._history_batches:
                 await self._history_wake.wait()
+                await self._gather(lambda: self.durable_seq - self.history_seq)
                 self._history_wake.clear()
                 batches, self._history_batches = self._history_batches, []
                 if not batches:
@@ -518,8 +532,13 @@ class ExchangeService:
             self._progress.clear()
             self._project_wake.set()
             self._history_wake.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), min(left, 0.05))
+            self._urgent += 1
+            self._urgent_event.set()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait(), min(left, 0.05))
+            finally:
+                self._urgent -= 1
 
     def _fail(self, exc: BaseException, fut: asyncio.Future | None) -> None:
         self._failure = self._failure or exc
