@@ -9,8 +9,6 @@ first plays the launch scenario, lists its vintages, and keeps a small simulated
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import time
 from typing import Annotated
 
@@ -21,7 +19,7 @@ from api.server import Exchange
 from exchange import accounts as acc
 from exchange.cli import app
 from exchange.cli.common import DataDir, fail
-from exchange.cli.serve import _Progress, _stdio
+from exchange.cli.serve import _Progress, serve_until_stopped
 from exchange.config import load_settings
 from exchange.database import prepare_database
 from exchange.errors import CarbonxError
@@ -77,19 +75,7 @@ async def _serve(data_dir, host: str, http_port: int, ws_port: int, demo: bool, 
     for who, key in keys:
         say(f"API key for {who}: {key}")
     say("ready")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    worker = asyncio.create_task(_stdio(service, stop)) if stdio else None
-    waiter = asyncio.create_task(stop.wait())
-    watch = [waiter] + ([worker] if worker else [])
-    while not stop.is_set() and service.failure is None:
-        await asyncio.wait(watch, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-    if worker is not None and not worker.done():
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
+    await serve_until_stopped(service, stdio)
     if market is not None:
         await market.stop()
     failure = service.failure

@@ -133,6 +133,25 @@ async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
     stop.set()
 
 
+async def serve_until_stopped(service: ExchangeService, stdio: bool) -> None:
+    """Serve (and read stdin commands with `stdio`) until SIGTERM, Ctrl-C, the end of stdin or
+    a failure of the service."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker = asyncio.create_task(_stdio(service, stop)) if stdio else None
+    waiter = asyncio.create_task(stop.wait())
+    watch = [waiter] + ([worker] if worker else [])
+    while not stop.is_set() and service.failure is None:
+        await asyncio.wait(watch, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+    if worker is not None and not worker.done():
+        worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
+    waiter.cancel()
+
+
 async def _serve(data_dir, stdio: bool, snapshot_every: int, flush_ms: float, book: str | None) -> None:
     settings = load_settings(data_dir)
     dsn = await prepare_database(settings)
@@ -150,19 +169,7 @@ async def _serve(data_dir, stdio: bool, snapshot_every: int, flush_ms: float, bo
                f"{len(core.orders):,} open orders", err=True)
     typer.echo(f"state {core.state_digest()} at seq {core.seq}", err=True)
     typer.echo("ready", err=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    worker = asyncio.create_task(_stdio(service, stop)) if stdio else None
-    waiter = asyncio.create_task(stop.wait())
-    watch = [waiter] + ([worker] if worker else [])
-    while not stop.is_set() and service.failure is None:
-        await asyncio.wait(watch, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
-    if worker is not None and not worker.done():
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
+    await serve_until_stopped(service, stdio)
     failure = service.failure
     await service.stop()
     if failure is not None:
