@@ -1,0 +1,387 @@
+"""The REST API and websocket order entry of API.md, black box: real servers on loopback, httpx and
+websockets clients.
+
+Idempotent order entry by client_order_id (REST and websocket); every documented error code with
+its HTTP status and RFC 9457 body, and a rejected request changes nothing; members see and touch
+only their own orders, fills and account; operator endpoints refuse members and anonymous
+callers; websocket order entry answers after durability with the REST codes and a private
+orders channel; a restart keeps orders, book, fills and account.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from api.auth import Limits
+from exchange.service import now_us
+from tests.api_clients import FeedClient, WsTrader, add_listing, crc, quiesce, rest_book, wait_for
+from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key
+
+PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
+
+
+@pytest.fixture
+def server(db, run):
+    key = run(operator_key(db))
+    with ServerThread(db) as s:
+        s.ops_key = key
+        yield s
+
+
+def problem(r: httpx.Response, status: int, code: str) -> dict:
+    """The response is an RFC 9457 problem with this status and code."""
+    assert r.status_code == status, f"{r.request.method} {r.request.url}: {r.status_code} {r.text}"
+    assert r.headers["content-type"].split(";")[0] == "application/problem+json", r.headers["content-type"]
+    body = r.json()
+    assert set(body) == PROBLEM_KEYS, body
+    assert body["code"] == code and body["status"] == status, body
+    assert isinstance(body["type"], str) and body["type"] and isinstance(body["title"], str) and body["detail"]
+    return body
+
+
+def state(w, codes=("DEV", "BUY", "BUY2"), symbols=(SYMBOL,)) -> dict:
+    """Everything a rejected request must leave alone, as clients see it."""
+    out = {}
+    for code in codes:
+        with w.as_(code) as c:
+            out[code] = (ok(c.get("/v1/account")), ok(c.get("/v1/orders", params={"status": "all"})),
+                         ok(c.get("/v1/fills")))
+    with client(w.base) as anon:
+        for s in symbols:
+            out[s] = ok(anon.get(f"/v1/book/{s}"))
+    return out
+
+
+def limit(side: str, price: str, qty: str, symbol: str = SYMBOL, **kw) -> dict:
+    return {"symbol": symbol, "side": side, "price": price, "quantity": qty, **kw}
+
+
+# ---- 6. idempotency by client_order_id ------------------------------------------------------------
+
+def test_client_order_id_never_creates_a_second_order(server):
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        first = ok(dev.post("/v1/orders", json=limit("sell", "35.10", "10.000", client_order_id="a-1")), 201)
+        again = ok(dev.post("/v1/orders", json=limit("sell", "35.10", "10.000", client_order_id="a-1")))
+        assert again["order_id"] == first["order_id"] and again["client_order_id"] == "a-1"
+        # concurrent resends of a new id: one order
+        body = limit("sell", "35.20", "3.000", client_order_id="race")
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: dev.post("/v1/orders", json=body), range(16)))
+        assert {r.status_code for r in answers} <= {200, 201}, [r.text for r in answers]
+        assert len({r.json()["order_id"] for r in answers}) == 1
+        # the same id on the websocket returns the REST order
+        t = WsTrader(server.ws, w.keys["DEV"], orders_channel=False)
+        try:
+            r = t.request({"op": "order.place", **limit("sell", "35.10", "10.000", client_order_id="a-1")})
+            assert r["type"] == "result" and r["order"]["order_id"] == first["order_id"], r
+            ws1 = t.request({"op": "order.place", **limit("sell", "35.30", "1.000", client_order_id="w-1")})
+            pipelined = [t.send({"op": "order.place", **limit("sell", "35.30", "1.000", client_order_id="w-1")})
+                         for _ in range(5)]
+            ids = {t.wait_id(i)["order"]["order_id"] for i in pipelined}
+            assert ids == {ws1["order"]["order_id"]}
+        finally:
+            t.close()
+        # after the order filled, a resend still returns it (filled), never a new one
+        ok(buy.post("/v1/orders", json=limit("buy", "35.10", "10.000")), 201)
+        filled = ok(dev.post("/v1/orders", json=limit("sell", "35.10", "10.000", client_order_id="a-1")))
+        assert filled["order_id"] == first["order_id"] and filled["status"] == "filled"
+        mine = ok(dev.get("/v1/orders", params={"status": "all"}))
+        assert sorted(o["client_order_id"] for o in mine) == ["a-1", "race", "w-1"]
+        # the same id with different parameters is refused, and changes nothing
+        before = state(w)
+        problem(dev.post("/v1/orders", json=limit("sell", "35.50", "10.000", client_order_id="a-1")), 409,
+                "duplicate_client_order_id")
+        assert state(w) == before
+
+
+# ---- 6. every error code ------------------------------------------------------------------------
+
+def test_every_error_code_with_status_and_problem_body(server):
+    w = build_world(server.http, server.ops_key)
+    keys = dict(w.keys)
+    with client(server.http, server.ops_key) as ops:
+        coarse = add_listing(ops, keys, "COARSE", "DEV2", listing={"tick": "0.05", "lot": "10.000"})
+    w.keys.update(keys)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy, w.as_("DEV2") as dev2, client(server.http) as anon:
+        resting = ok(dev.post("/v1/orders", json=limit("sell", "35.50", "5.000", client_order_id="r1")), 201)
+        ok(buy.post("/v1/orders", json=limit("buy", "34.50", "5.000")), 201)
+        ok(buy.post("/v1/orders", json=limit("buy", "35.50", "1.000")), 201)  # a fill to keep unchanged
+        ok(dev2.post("/v1/orders", json=limit("sell", "36.00", "10.000", coarse)), 201)
+        before = state(w, ("DEV", "BUY", "BUY2", "DEV2"), (SYMBOL, coarse))
+        cases = [
+            (buy.post("/v1/orders", json=limit("buy", "35.00", "50000.000")), 422, "insufficient_funds"),
+            (buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "type": "market", "quantity": "1.000",
+                                          "max_cash": "99999999.00"}), 422, "insufficient_funds"),
+            (buy.post("/v1/orders", json=limit("sell", "35.00", "1.000")), 422, "insufficient_credits"),
+            (dev.post("/v1/orders", json=limit("sell", "35.00", "100000.000")), 422, "insufficient_credits"),
+            (dev.post("/v1/orders", json=limit("sell", "40.00", "1.000")), 422, "price_out_of_band"),
+            (buy.post("/v1/orders", json=limit("buy", "30.00", "1.000")), 422, "price_out_of_band"),
+            (dev2.post("/v1/orders", json=limit("sell", "35.03", "10.000", coarse)), 422, "invalid_tick"),
+            (dev2.post("/v1/orders", json=limit("sell", "35.05", "15.000", coarse)), 422, "invalid_lot"),
+            (dev.post("/v1/orders", json=limit("sell", "35.00", "1.500")), 422, "invalid_lot"),
+            (buy.post("/v1/orders", json=limit("buy", "35.00", "1.000", "NOPE-2020")), 404, "unknown_instrument"),
+            (anon.get("/v1/book/NOPE-2020"), 404, "unknown_instrument"),
+            (dev.post("/v1/orders", json=limit("sell", "35.60", "5.000", client_order_id="r1")), 409,
+             "duplicate_client_order_id"),
+            (buy.get("/v1/orders/999999"), 404, "not_found"),
+            (buy.delete("/v1/orders/999999"), 404, "not_found"),
+            (buy.patch("/v1/orders/999999", json={"quantity": "1.000"}), 404, "not_found"),
+            (buy.delete(f"/v1/orders/{resting['order_id']}"), 404, "not_found"),
+            (buy.post("/v1/accounts", json={"code": "EVIL", "kind": "enterprise"}), 403, "forbidden"),
+            (anon.get("/v1/account"), 401, "unauthorized"),
+            (client(server.http, "cx_not-a-key").get("/v1/account"), 401, "unauthorized"),
+            (anon.post("/v1/orders", json=limit("buy", "35.00", "1.000")), 401, "unauthorized"),
+            (buy.post("/v1/orders", content=b'{"symbol":"' + b"x" * 70_000 + b'"}',
+                      headers={"content-type": "application/json"}), 413, "payload_too_large"),
+            (buy.post("/v1/orders", json={"symbol": SYMBOL, "price": "35.00", "quantity": "1.000"}), 400,
+             "invalid_request"),
+            (buy.post("/v1/orders", json=limit("buy", "35.00", "-1.000")), 400, "invalid_request"),
+            (buy.post("/v1/orders", json=limit("buy", "35.00", "1.000", time_in_force="DAY")), 400, "invalid_request"),
+            (buy.post("/v1/orders", json={**limit("buy", "35.00", "1.000"), "price": 35}), 400, "invalid_request"),
+            (buy.post("/v1/orders", content=b"{not json", headers={"content-type": "application/json"}), 400,
+             "invalid_request"),
+            (buy.post("/v1/orders", json=limit("buy", "35.001", "1.000")), 400, "too_many_decimals"),
+            (buy.post("/v1/orders", json=limit("buy", "35.00", "1.0001")), 400, "too_many_decimals"),
+            (buy.patch(f"/v1/orders/{resting['order_id']}", json={"price": "35.00"}), 404, "not_found"),
+        ]
+        for r, status, code in cases:
+            problem(r, status, code)
+        assert state(w, ("DEV", "BUY", "BUY2", "DEV2"), (SYMBOL, coarse)) == before
+
+
+def test_halted_instrument_refuses_orders_with_code_halted(server):
+    """API.md lists market_closed; a halted instrument answers with its own code, `halted` (409)."""
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, client(server.http, server.ops_key) as ops:
+        ok(dev.post("/v1/orders", json=limit("sell", "35.50", "5.000")), 201)
+        assert ok(ops.post(f"/v1/instruments/{SYMBOL}/halt"))["session"] == "halted"
+        before = state(w)
+        body = problem(dev.post("/v1/orders", json=limit("sell", "35.40", "1.000")), 409, "halted")
+        assert "halt" in body["detail"].lower() or body["title"]
+        assert state(w) == before
+        problem(ops.post(f"/v1/instruments/{SYMBOL}/halt"), 409, "already_halted")
+        assert ok(ops.post(f"/v1/instruments/{SYMBOL}/resume"))["session"] == "open"
+        ok(dev.post("/v1/orders", json=limit("sell", "35.40", "1.000")), 201)
+
+
+def test_market_closed_outside_the_session(db, run):
+    """A listing without always_open refuses orders on a Sunday (Asia/Shanghai) with market_closed."""
+    key = run(operator_key(db))
+    day = 86_400_000_000
+    # shift the service's clock forward to the next Sunday in Shanghai (UTC+8)
+    now = now_us()
+    days = next(k for k in range(7) if ((now + k * day) // 1_000_000 + 8 * 3600) // 86_400 % 7 == 3)
+    with ServerThread(db, service_options={"clock": lambda: now_us() + days * day}) as s:
+        w = build_world(s.http, key, listing={"always_open": False})
+        with w.as_("DEV") as dev:
+            before = state(w)
+            problem(dev.post("/v1/orders", json=limit("sell", "35.00", "1.000")), 409, "market_closed")
+            assert state(w) == before
+
+
+def test_rate_limited_per_api_key(db, run):
+    key = run(operator_key(db))
+    with ServerThread(db) as s:  # the world first, without the tight limit
+        w = build_world(s.http, key)
+    with ServerThread(db, limits=Limits(key_rate=5, key_burst=5)) as s:
+        w.base = s.http
+        with w.as_("BUY") as buy, w.as_("BUY2") as buy2:
+            answers = [buy.get("/v1/account") for _ in range(12)]
+            codes = [r.status_code for r in answers]
+            assert codes[:5] == [200] * 5 and 429 in codes, codes
+            problem(next(r for r in answers if r.status_code == 429), 429, "rate_limited")
+            ok(buy2.get("/v1/account"))  # another key has its own bucket
+            time.sleep(1.2)
+            ok(buy.get("/v1/account"))  # and the bucket refills
+
+
+# ---- 7. isolation between members; operator endpoints --------------------------------------------
+
+def test_members_see_and_touch_only_their_own(server):
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy, w.as_("BUY2") as buy2:
+        sell = ok(dev.post("/v1/orders", json=limit("sell", "35.00", "20.000")), 201)
+        b1 = ok(buy.post("/v1/orders", json=limit("buy", "35.00", "4.000")), 201)
+        b2 = ok(buy2.post("/v1/orders", json=limit("buy", "35.00", "6.000")), 201)
+        open_buy = ok(buy.post("/v1/orders", json=limit("buy", "34.00", "2.000")), 201)
+        before = state(w)
+        for other, oid in ((buy, sell["order_id"]), (buy2, sell["order_id"]), (dev, open_buy["order_id"]),
+                           (buy2, open_buy["order_id"]), (buy2, b1["order_id"])):
+            problem(other.get(f"/v1/orders/{oid}"), 404, "not_found")
+            problem(other.delete(f"/v1/orders/{oid}"), 404, "not_found")
+            problem(other.patch(f"/v1/orders/{oid}", json={"quantity": "1.000"}), 404, "not_found")
+            problem(other.patch(f"/v1/orders/{oid}", json={"price": "34.10"}), 404, "not_found")
+        assert ok(buy2.delete("/v1/orders"))["cancelled"] == []  # cancel-all touches only one's own
+        assert state(w) == before
+        ids = {"DEV": {sell["order_id"]}, "BUY": {b1["order_id"], open_buy["order_id"]}, "BUY2": {b2["order_id"]}}
+        for code, c in (("DEV", dev), ("BUY", buy), ("BUY2", buy2)):
+            assert {f["order_id"] for f in ok(c.get("/v1/fills"))} <= ids[code]
+            assert {o["order_id"] for o in ok(c.get("/v1/orders", params={"status": "all"}))} == ids[code]
+            assert ok(c.get("/v1/account"))["code"] == code
+        assert [f["quantity"] for f in ok(buy.get("/v1/fills"))] == ["4.000"]
+        assert [f["quantity"] for f in ok(buy2.get("/v1/fills"))] == ["6.000"]
+        assert sorted(f["quantity"] for f in ok(dev.get("/v1/fills"))) == ["4.000", "6.000"]
+
+
+OPERATOR_CALLS = [
+    ("POST", "/v1/accounts", {"code": "X1", "kind": "enterprise"}),
+    ("POST", "/v1/accounts/BUY/deposits", {"amount": "100.00", "reference": "r-x"}),
+    ("POST", "/v1/accounts/BUY/withdrawals", {"amount": "100.00", "reference": "w-x"}),
+    ("POST", "/v1/registry/projects", {"code": "P2", "name": "n", "methodology": "forest_carbon_sink",
+                                       "developer": "DEV"}),
+    ("POST", "/v1/registry/issuances", {"project": "FOREST", "vintage": 2023, "quantity": "1.000"}),
+    ("POST", "/v1/registry/freeze", {"serial": "x", "reason": "r"}),
+    ("POST", "/v1/registry/cancel", {"serial": "x", "reason": "r"}),
+    ("POST", "/v1/instruments", {"symbol": "FOREST-2024"}),
+    ("POST", f"/v1/instruments/{SYMBOL}/halt", None),
+    ("POST", f"/v1/instruments/{SYMBOL}/resume", None),
+]
+
+
+def test_operator_endpoints_refuse_members_and_anonymous_callers(server):
+    w = build_world(server.http, server.ops_key)
+    before = state(w)
+    with w.as_("BUY") as buy, client(server.http) as anon, client(server.http, server.ops_key) as ops:
+        for method, path, body in OPERATOR_CALLS:
+            problem(buy.request(method, path, json=body), 403, "forbidden")
+            problem(anon.request(method, path, json=body), 401, "unauthorized")
+        # and the operator does not trade
+        problem(ops.post("/v1/orders", json=limit("buy", "35.00", "1.000")), 403, "forbidden")
+        assert ok(anon.get(f"/v1/instruments/{SYMBOL}"))["session"] == "open"
+    assert state(w) == before
+
+
+# ---- 8. websocket order entry -----------------------------------------------------------------------
+
+def test_websocket_order_entry_answers_after_durability(server, conn, run):
+    w = build_world(server.http, server.ops_key)
+    dev = WsTrader(server.ws, w.keys["DEV"])
+    buy = WsTrader(server.ws, w.keys["BUY"])
+    other = WsTrader(server.ws, w.keys["BUY2"])
+    try:
+        r = dev.request({"op": "order.place", **limit("sell", "35.00", "10.000", client_order_id="s")})
+        assert r["type"] == "result" and set(r) == {"type", "id", "order"}, r
+        sell = r["order"]
+        # durable when answered: the journal row of the order is in the database already
+        assert run(conn.fetchval("SELECT count(*) FROM journal WHERE seq = $1", int(sell["order_id"]))) == 1
+        with w.as_("DEV") as rest_dev:
+            assert ok(rest_dev.get(f"/v1/orders/{sell['order_id']}"))["status"] == "new"
+
+        r = buy.request({"op": "order.place", **limit("buy", "35.00", "4.000")})
+        assert r["order"]["status"] == "filled" and r["order"]["fills"][0]["quantity"] == "4.000", r
+        bought = r["order"]
+        assert run(conn.fetchval("SELECT count(*) FROM journal WHERE seq = $1", int(bought["order_id"]))) == 1
+
+        r = dev.request({"op": "order.amend", "order_id": sell["order_id"], "quantity": "3.000"})
+        assert r["type"] == "result" and r["order"]["remaining_quantity"] == "3.000", r
+        r = dev.request({"op": "order.cancel", "order_id": int(sell["order_id"])})
+        assert r["type"] == "result" and r["order"]["status"] == "cancelled", r
+
+        # errors: the same codes as REST
+        rest_resting = ok(w.as_("DEV").post("/v1/orders", json=limit("sell", "35.80", "2.000")), 201)
+        before = state(w)
+        for t, msg, code in [
+            (buy, {"op": "order.place", **limit("sell", "35.00", "1.000")}, "insufficient_credits"),
+            (buy, {"op": "order.place", **limit("buy", "35.00", "50000.000")}, "insufficient_funds"),
+            (dev, {"op": "order.place", **limit("sell", "99.00", "1.000")}, "price_out_of_band"),
+            (dev, {"op": "order.place", **limit("sell", "35.00", "1.500")}, "invalid_lot"),
+            (dev, {"op": "order.place", **limit("sell", "35.001", "1.000")}, "too_many_decimals"),
+            (dev, {"op": "order.place", **limit("sell", "35.00", "1.000", "NOPE-2020")}, "unknown_instrument"),
+            (dev, {"op": "order.place", "symbol": SYMBOL, "quantity": "1.000"}, "invalid_request"),
+            (dev, {"op": "order.place", **limit("sell", "35.10", "9.000", client_order_id="s")},
+             "duplicate_client_order_id"),
+            (buy, {"op": "order.cancel", "order_id": rest_resting["order_id"]}, "not_found"),
+            (buy, {"op": "order.amend", "order_id": rest_resting["order_id"], "quantity": "1.000"}, "not_found"),
+            (dev, {"op": "order.cancel", "order_id": 999999}, "not_found"),
+        ]:
+            e = t.request(msg)
+            assert e["type"] == "error" and e["code"] == code, (msg, e)
+            assert set(e) == {"type", "id", "code", "detail"}, e
+        assert state(w) == before
+
+        anon = WsTrader.__new__(WsTrader)
+        anon.ws = connect(f"{server.ws}/v1/ws", legacy=True)
+        anon._ids, anon.pending = iter(range(1, 100)), []
+        try:
+            e = anon.request({"op": "order.place", **limit("buy", "35.00", "1.000")})
+            assert e["type"] == "error" and e["code"] == "unauthorized", e
+            e = anon.request({"op": "subscribe", "channels": [{"name": "orders"}]})
+            assert e["type"] == "error" and e["code"] == "unauthorized", e
+            e = anon.request({"op": "auth", "api_key": "cx_wrong"})
+            assert e["type"] == "error" and e["code"] == "unauthorized", e
+            assert anon.request({"op": "auth", "api_key": server.ops_key})["type"] == "ack"
+            e = anon.request({"op": "order.place", **limit("buy", "35.00", "1.000")})
+            assert e["type"] == "error" and e["code"] == "forbidden", e
+        finally:
+            anon.close()
+
+        # the private channel: each sees only its own orders and fills
+        own = {"DEV": {sell["order_id"], rest_resting["order_id"]}, "BUY": {bought["order_id"]}}
+        for code, t in (("DEV", dev), ("BUY", buy)):
+            msgs = [m for m in t.drain(0.5) if m.get("ch") == "orders"]
+            orders = {m["order"]["order_id"] for m in msgs if m["type"] == "order"}
+            fills = [m for m in msgs if m["type"] == "fill"]
+            assert orders == own[code], (code, orders)
+            assert fills and {f["order_id"] for f in fills} <= own[code]
+            assert [f["quantity"] for f in fills] == ["4.000"]
+        assert [m for m in other.drain(0.2) if m.get("ch") == "orders"] == []
+    finally:
+        for t in (dev, buy, other):
+            t.close()
+
+
+# ---- 9. restart ------------------------------------------------------------------------------------
+
+def test_restart_keeps_orders_book_fills_and_account(db, run):
+    key = run(operator_key(db))
+    s = ServerThread(db).start()
+    try:
+        w = build_world(s.http, key)
+        with w.as_("DEV") as dev, w.as_("BUY") as buy, w.as_("BUY2") as buy2:
+            for i in range(6):
+                ok(dev.post("/v1/orders", json=limit("sell", f"{35 + i / 10:.2f}", "5.000")), 201)
+            ok(buy.post("/v1/orders", json=limit("buy", "35.20", "12.000")), 201)
+            ok(buy2.post("/v1/orders", json=limit("buy", "34.50", "3.000")), 201)
+            ok(buy2.post("/v1/orders", json=limit("buy", "34.40", "3.000", client_order_id="keep")), 201)
+            amend = ok(buy2.post("/v1/orders", json=limit("buy", "34.30", "7.000")), 201)
+            ok(buy2.patch(f"/v1/orders/{amend['order_id']}", json={"quantity": "2.000"}))
+        quiesce(s.http, [SYMBOL])
+        before = state(w)
+        with client(s.http) as anon:
+            trades = ok(anon.get(f"/v1/trades/{SYMBOL}"))
+            ticker = ok(anon.get(f"/v1/ticker/{SYMBOL}"))
+    finally:
+        s.stop()
+    with ServerThread(db) as s2:
+        w.base = s2.http
+        assert state(w) == before
+        book = before[SYMBOL]
+        assert crc(book["asks"], book["bids"]) == book["checksum"]
+        with client(s2.http) as anon:
+            assert ok(anon.get(f"/v1/trades/{SYMBOL}")) == trades
+            t2 = ok(anon.get(f"/v1/ticker/{SYMBOL}"))
+            assert {k: t2[k] for k in ("last", "open", "high", "low", "volume", "vwap")} == \
+                {k: ticker[k] for k in ("last", "open", "high", "low", "volume", "vwap")}
+        fc = FeedClient(s2.ws, [SYMBOL], channels=[{"name": "trades", "symbols": [SYMBOL]}]).subscribe()
+        try:
+            wait_for(lambda: fc.state(SYMBOL)[0] == book["seq"], 5, what="snapshot after restart")
+            assert fc.state(SYMBOL)[1:] == (book["bids"][:10], book["asks"][:10])
+            with w.as_("BUY2") as buy2:
+                again = ok(buy2.post("/v1/orders", json=limit("buy", "34.40", "3.000", client_order_id="keep")))
+                assert again["order_id"] in {o["order_id"] for o in before["BUY2"][1]}
+                ok(buy2.post("/v1/orders", json=limit("buy", "35.50", "1.000")), 201)
+            quiesce(s2.http, [SYMBOL])
+            after = rest_book(s2.http, SYMBOL, 10)
+            wait_for(lambda: fc.state(SYMBOL)[0] == after["seq"], 5, what="update after restart")
+            assert fc.gaps == [] and fc.bad_checksums == []
+            new = fc.of(lambda m: m.get("ch") == "trades")
+            assert [int(t["trade_id"]) for t in new] == [int(trades[0]["trade_id"]) + 1]
+        finally:
+            fc.close()
+
