@@ -76,7 +76,7 @@ def assert_client_matches(fc: FeedClient, http: str, symbols: list[str], same_se
 
 # ---- 1. books rebuilt from the feed ----------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", [11])
+@pytest.mark.parametrize("seed", [11, 29])
 def test_rebuilt_books_equal_rest_under_random_trading(server, seed):
     keys, symbols = two_markets(server)
     trader = RandomTrader(server.http, keys, symbols, seed)
