@@ -134,11 +134,9 @@ class BookGroup:
         v = self.view
         if v.last_seq == v.book.seq:
             return None
+        # An update even when nothing the view holds changed (empty bids and asks): the subscriber's
+        # seq then always reaches the book's, as REST and the heartbeat report it.
         first, changes = v.advance()
-        if not changes:
-            # Nothing this view holds changed; the next update's first_seq covers these events.
-            v.last_seq = first - 1
-            return None
         bids = levels(sorted(((p, q) for s, p, q in changes if s == E.BID), reverse=True))
         asks = levels(sorted((p, q) for s, p, q in changes if s == E.ASK))
         n = min(10, v.depth)
@@ -273,6 +271,9 @@ class Feed:
             self.forget(client)
             client.ready.set()
             writer.cancel()
+            # A slow consumer's error and 1008 close are under way: returning now would close 1000.
+            if client.tasks:
+                await asyncio.gather(*client.tasks, return_exceptions=True)
 
     def forget(self, c: Client) -> None:
         self.clients.discard(c)

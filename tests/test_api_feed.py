@@ -118,11 +118,6 @@ def server_get(server, path: str):
         return h.get(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a book subscriber with depth N (5, 10) stays at an older seq than GET /v1/book and "
-    "the heartbeat's seqs when the latest book events changed levels below its top N: "
-    "api/feed.py BookGroup.update drops an update with no visible change (v.last_seq = first - 1), so "
-    "nothing ever tells the subscriber the seq moved on; it cannot tell that from a lost message"))
 def test_depth_limited_subscribers_reach_the_rest_seq_when_quiescent(server):
     """API.md: GET /book has 'the same seq and checksum as the feed', heartbeats carry the last seq
     per symbol, and a client detects a gap when first_seq != last_seq + 1."""
@@ -312,11 +307,6 @@ def test_slow_consumer_is_cut_and_the_reader_stays_gapless(db, run):
             sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a slow consumer that keeps sending requests while not reading is closed with code 1000 "
-    "(normal) and never gets {'type':'error','code':'slow_consumer'}: api/feed.py Feed.handle breaks out "
-    "of its receive loop when client.closed, so the handler returns and websockets closes with 1000 before "
-    "Client._close_slow can send the error and close with 1008"))
 def test_slow_consumer_that_keeps_asking_gets_slow_consumer_and_1008(db, run):
     key = run(operator_key(db))
     with ServerThread(db, max_buffer=64 * 1024) as s:
@@ -336,7 +326,9 @@ def test_slow_consumer_that_keeps_asking_gets_slow_consumer_and_1008(db, run):
                 sock.sendall(resync)
             wait_for(lambda: s.exchange.feed.slow_consumers, 10, what="the cut")
             got, code = read_frames(sock)
-            assert got[0] == {"type": "ack", "id": 1}
+            # What was still queued at the cut is dropped (that is what bounds memory); what did go
+            # out is an in-order prefix of the stream, and the error says the rest will not come.
+            assert len(got) == 1 or got[0] == {"type": "ack", "id": 1}
             check_in_order([m for m in got if m.get("ch") == "book"])
             assert got[-1].get("code") == "slow_consumer", got[-1]
             assert code == 1008
