@@ -247,7 +247,9 @@ class Feed:
         try:
             async for raw in ws:
                 if client.closed:
-                    break
+                    # Cut off: keep reading (and dropping) so a peer blocked in writing to us can
+                    # finish and read the error and the close.
+                    continue
                 try:
                     msg = orjson.loads(raw)
                 except orjson.JSONDecodeError:

@@ -329,7 +329,8 @@ def test_slow_consumer_that_keeps_asking_gets_slow_consumer_and_1008(db, run):
             # What was still queued at the cut is dropped (that is what bounds memory); what did go
             # out is an in-order prefix of the stream, and the error says the rest will not come.
             assert len(got) == 1 or got[0] == {"type": "ack", "id": 1}
-            check_in_order([m for m in got if m.get("ch") == "book"])
+            if any(m.get("ch") == "book" for m in got):
+                check_in_order([m for m in got if m.get("ch") == "book"])
             assert got[-1].get("code") == "slow_consumer", got[-1]
             assert code == 1008
         finally:
