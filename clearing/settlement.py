@@ -70,6 +70,7 @@ class Move:
     qty: int
     cause: str  # encumber | release | trade
     reference: str
+    seq: int = 0  # the journal entry it comes from
 
 
 @dataclass(slots=True)
@@ -118,31 +119,76 @@ def plan(entries: Iterable[tuple[int, int, list]]) -> Plan:
                 _, symbol, tid, _, _, buyer, seller, _, price, qty, value, bfee, sfee = ev
                 t = Trade(seq, ts, symbol, tid, buyer, seller, price, qty, value, bfee, sfee)
                 trades.append(t)
-                moves.append(Move(symbol, seller, ENCUMBERED, buyer, AVAILABLE, qty, "trade", t.reference))
+                moves.append(Move(symbol, seller, ENCUMBERED, buyer, AVAILABLE, qty, "trade", t.reference, seq))
             elif kind == E.EV_ACCEPTED:
                 _, symbol, oid, account, side, _, qty = ev
                 if side == E.ASK:
                     moves.append(Move(symbol, account, AVAILABLE, account, ENCUMBERED, qty, "encumber",
-                                      f"order:{oid}"))
+                                      f"order:{oid}", seq))
             elif kind in (E.EV_CANCELLED, E.EV_EXPIRED):
                 symbol, oid, remaining = ev[1], ev[2], ev[3]
                 account, side = ev[-2], ev[-1]
                 if side == E.ASK and remaining:
                     moves.append(Move(symbol, account, ENCUMBERED, account, AVAILABLE, remaining, "release",
-                                      f"order:{oid}"))
+                                      f"order:{oid}", seq))
             elif kind == E.EV_AMENDED:
                 _, symbol, oid, _, _, account, side, change = ev
                 if side == E.ASK and change > 0:
                     moves.append(Move(symbol, account, AVAILABLE, account, ENCUMBERED, change, "encumber",
-                                      f"order:{oid}"))
+                                      f"order:{oid}", seq))
                 elif side == E.ASK and change < 0:
                     moves.append(Move(symbol, account, ENCUMBERED, account, AVAILABLE, -change, "release",
-                                      f"order:{oid}"))
+                                      f"order:{oid}", seq))
             elif kind in (EV_DEPOSIT, EV_WITHDRAWAL):
                 _, account, amount, ref = ev
                 payments.append(Payment(seq, account, "deposit" if kind == EV_DEPOSIT else "withdrawal",
                                         amount, ref))
     return out
+
+
+def netted(moves: list[Move]) -> list[Move]:
+    """The batch's movements with each account's encumbrances and releases of a symbol netted:
+    net encumbrances first, then the trades in journal order, then net releases.
+
+    Why this order is always possible when the journal order was: take one (symbol, account)
+    with E encumbered and R released in the batch, S sold, C0 encumbered at the start, and net
+    N = E - R. Journal order ends with C0 + N - S >= 0 encumbered. Netted, the encumbered stock
+    before any trade is C0 + max(N, 0) >= C0 + N, and each sale only lowers it, so every trade
+    finds its credits, and the final release of max(-N, 0) leaves C0 + N - S >= 0. The one
+    thing netting can need that journal order did not is *available* credits up front: a net
+    encumbrance of credits the account only receives later in the same batch (bought and resold
+    with T+1 off). The caller then falls back to journal order.
+
+    A netted encumbrance or release that stands for one journal movement keeps its reference
+    (``order:<id>``); one that stands for several is named ``journal:<first seq>-<last seq>``,
+    the range of journal entries whose movements it nets (the orders are in those entries).
+    Movements that net to zero disappear: the credits did not move at the end of the batch.
+    """
+    net: dict[tuple[str, int], list] = {}  # (symbol, account) -> [net qty, first seq, last seq, count, reference]
+    trades: list[Move] = []
+    for m in moves:
+        if m.cause == "trade":
+            trades.append(m)
+            continue
+        q = m.qty if m.cause == "encumber" else -m.qty
+        entry = net.get((m.symbol, m.from_account))
+        if entry is None:
+            net[(m.symbol, m.from_account)] = [q, m.seq, m.seq, 1, m.reference]
+        else:
+            entry[0] += q
+            entry[2] = m.seq
+            entry[3] += 1
+    before: list[Move] = []
+    after: list[Move] = []
+    for (symbol, account), (q, first, last, count, ref) in net.items():
+        if not q:
+            continue
+        reference = ref if count == 1 else f"journal:{first}-{last}"
+        if q > 0:
+            before.append(Move(symbol, account, AVAILABLE, account, ENCUMBERED, q, "encumber", reference, last))
+        else:
+            after.append(Move(symbol, account, ENCUMBERED, account, AVAILABLE, -q, "release", reference, last))
+    return before + trades + after
 
 
 def postings(plan_: Plan, custody: int, fees: int) -> list[tuple[str, str, int, int]]:

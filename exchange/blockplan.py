@@ -242,3 +242,133 @@ class BlockPlan:
         key = (block.issuance_id, block.owner, block.state)
         self._by_holder[key].remove(block.lo)
         self._held[key] -= block.size
+
+
+# --------------------------------------------------------------------------------------------
+# A fast planner for batches of quantity movements (settlement)
+# --------------------------------------------------------------------------------------------
+class QuantityPlan:
+    """Lowest-serials-first movements over whole holdings, for batches of thousands of moves.
+
+    The same rule as `BlockPlan.take`/`put` (the lowest serials of a holder, issuance by
+    issuance), with a cheaper structure for settlement's pattern: each holder
+    (issuance, owner, state) keeps its blocks as a list sorted by serial with a cursor at the
+    first unconsumed one, so taking is a walk from the front; a put appends and marks the holder
+    for re-sorting only when it lands out of order. Only non-final states (available,
+    encumbered, frozen) are handled: settlement never moves retired or cancelled credits.
+    """
+
+    __slots__ = ("_cursor", "_dirty", "_held", "_lists", "_loaded")
+
+    def __init__(self) -> None:
+        self._lists: dict[tuple[int, int, str], list[list[int]]] = {}
+        self._cursor: dict[tuple[int, int, str], int] = {}
+        self._dirty: set[tuple[int, int, str]] = set()
+        self._held: dict[tuple[int, int, str], int] = defaultdict(int)
+        self._loaded: dict[int, tuple] = {}  # row id -> content of the blocks read from the database
+
+    def add_loaded(self, block: Block) -> None:
+        if block.state in FINAL_STATES:
+            raise AssertionError(f"QuantityPlan never loads final blocks: {block}")
+        if block.id in self._loaded:
+            return
+        self._loaded[block.id] = block.content()
+        self._put(block.issuance_id, block.lo, block.hi, block.owner, block.state)
+
+    def held(self, issuance_ids: Sequence[int], owner: int, state: str) -> int:
+        return sum(self._held.get((iss, owner, state), 0) for iss in issuance_ids)
+
+    def take(self, issuance_ids: Sequence[int], owner: int, state: str, qty: int) -> list[Piece]:
+        """Remove `qty` units, lowest serials first; `insufficient_credits` (changing nothing)
+        when fewer are held."""
+        held = self.held(issuance_ids, owner, state)
+        if qty <= 0 or held < qty:
+            raise CarbonxError("insufficient_credits", f"{qty} kg asked for, but only {held} kg are held {state}")
+        pieces: list[Piece] = []
+        need = qty
+        for iss in issuance_ids:
+            key = (iss, owner, state)
+            blocks = self._lists.get(key)
+            if not blocks:
+                continue
+            if key in self._dirty:
+                i = self._cursor[key]
+                blocks[:] = sorted(blocks[i:])
+                self._cursor[key] = 0
+                self._dirty.discard(key)
+            i = self._cursor[key]
+            n_blocks = len(blocks)
+            taken = 0
+            while need and i < n_blocks:
+                b = blocks[i]
+                lo, hi = b
+                if hi - lo <= need:
+                    pieces.append(Piece(iss, lo, hi, owner, state))
+                    need -= hi - lo
+                    taken += hi - lo
+                    i += 1
+                else:
+                    pieces.append(Piece(iss, lo, lo + need, owner, state))
+                    b[0] = lo + need
+                    taken += need
+                    need = 0
+            self._cursor[key] = i
+            self._held[key] -= taken
+            if not need:
+                break
+        return pieces
+
+    def put(self, piece: Piece, owner: int, state: str) -> None:
+        if state in FINAL_STATES:
+            raise AssertionError("QuantityPlan never makes credits final")
+        self._put(piece.issuance_id, piece.lo, piece.hi, owner, state)
+
+    def _put(self, iss: int, lo: int, hi: int, owner: int, state: str) -> None:
+        key = (iss, owner, state)
+        blocks = self._lists.get(key)
+        if blocks is None:
+            blocks = self._lists[key] = []
+            self._cursor[key] = 0
+        elif len(blocks) > self._cursor[key] and blocks[-1][1] > lo:
+            self._dirty.add(key)
+        blocks.append([lo, hi])
+        self._held[key] += hi - lo
+
+    def add_neighbour(self, block: Block) -> None:
+        """A block next to a changed one, read so that the result can merge with it."""
+        self.add_loaded(block)
+
+    def edges(self) -> list[tuple[int, int, int]]:
+        """(issuance, lo, hi) of the blocks that are not as loaded, after merging."""
+        original = set(self._loaded.values())
+        return [(b[0], b[1], b[2]) for b in self.blocks() if b not in original]
+
+    def blocks(self) -> list[tuple]:
+        """The resulting blocks as content tuples (issuance, lo, hi, owner, state, None), each
+        issuance's adjacent blocks of one owner and state merged."""
+        by_iss: dict[int, list[tuple[int, int, int, str]]] = defaultdict(list)
+        for (iss, owner, state), blocks in self._lists.items():
+            out = by_iss[iss]
+            for lo, hi in blocks[self._cursor[(iss, owner, state)]:]:
+                out.append((lo, hi, owner, state))
+        result: list[tuple] = []
+        for iss in sorted(by_iss):
+            run: list | None = None
+            for lo, hi, owner, state in sorted(by_iss[iss]):
+                if run is not None and run[1] == lo and run[2] == owner and run[3] == state:
+                    run[1] = hi
+                    continue
+                if run is not None:
+                    result.append((iss, run[0], run[1], run[2], run[3], None))
+                run = [lo, hi, owner, state]
+            if run is not None:
+                result.append((iss, run[0], run[1], run[2], run[3], None))
+        return result
+
+    def diff(self) -> tuple[list[int], list[Block]]:
+        """(row ids to delete, blocks to insert) that turn the loaded rows into the result."""
+        final = self.blocks()
+        kept = set(final)
+        deletes = sorted(i for i, content in self._loaded.items() if content not in kept)
+        loaded = set(self._loaded.values())
+        return deletes, [Block(*c) for c in final if c not in loaded]

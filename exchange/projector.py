@@ -8,14 +8,27 @@ batch or nothing, and the next run starts from the stored position, so every ent
 in particular — is applied exactly once. The primary key of ``settled_trades`` and the unique
 ``(kind, ref)`` of ledger entries make a second settlement of a trade impossible even for a buggy
 caller.
+
+A batch is written with few statements: one for every ledger entry, posting and settled_trades
+row of its trades (plus two for its payments, if any), and the registry movements as one
+`registry.StepBatch` (one read of the blocks concerned, one DELETE, one COPY of blocks, one COPY
+of transfer rows), planned in Python while the server writes the cash. The registry movements
+are netted per batch (clearing.settlement.netted): each account's encumbrances and releases of
+a symbol become one net encumbrance before the trades or one net release after them; each trade
+keeps its own transfer row ``trade:SYMBOL:ID``. Which serials a trade delivers can therefore
+differ from journal order (the quantities never do). When the netted order finds too few
+credits (credits bought and resold in one batch), the batch is planned again in journal order
+on the same locks; nothing has been written by then, so no savepoint is needed.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import orjson
 
-from clearing.settlement import Plan, plan, postings
+from clearing.settlement import Move, Plan, netted, plan, postings
 from exchange import registry
 from exchange.accounts import SYSTEM_CUSTODY, SYSTEM_FEES
 from exchange.journal import read
@@ -29,8 +42,9 @@ async def position(conn: asyncpg.Connection, name: str = NAME) -> int:
     return await conn.fetchval("SELECT coalesce((SELECT seq FROM journal_consumers WHERE name = $1), 0)", name)
 
 
-async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None = None) -> int:
-    """Apply up to `limit` journal entries past the stored position; returns how many."""
+async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None = None, net: bool = True) -> int:
+    """Apply up to `limit` journal entries past the stored position; returns how many. With `net`
+    False the registry movements are applied in journal order (the reference for netting)."""
     async with conn.transaction():
         await conn.execute("INSERT INTO journal_consumers (name, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
         # The row lock makes concurrent projectors take turns instead of applying twice.
@@ -39,15 +53,15 @@ async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None
         if not rows:
             return 0
         work = plan((r["seq"], r["ts"], orjson.loads(r["events"])) for r in rows)
-        await _apply(conn, work)
+        await _apply(conn, work, net)
         await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, work.last_seq)
         return len(rows)
 
 
-async def catch_up(conn: asyncpg.Connection, upto: int | None = None, limit: int = BATCH) -> int:
+async def catch_up(conn: asyncpg.Connection, upto: int | None = None, limit: int = BATCH, net: bool = True) -> int:
     """Project until the journal (or `upto`) is fully applied; returns the entries applied."""
     done = 0
-    while n := await project(conn, limit, upto):
+    while n := await project(conn, limit, upto, net):
         done += n
     return done
 
@@ -58,42 +72,92 @@ async def _system_ids(conn: asyncpg.Connection) -> tuple[int, int]:
     return ids[SYSTEM_CUSTODY], ids[SYSTEM_FEES]
 
 
-async def _apply(conn: asyncpg.Connection, work: Plan) -> None:
-    if work.payments or work.trades:
-        custody, fees = await _system_ids(conn)
-        cash = postings(work, custody, fees)
-        keys = dict.fromkeys((kind, ref) for kind, ref, _, _ in cash)
-        # Trades whose every posting is zero (a value that rounds to 0 fen) still get an entry.
-        keys.update(dict.fromkeys(("trade", t.reference) for t in work.trades))
-        entry_rows = await conn.fetch(
-            "INSERT INTO ledger_entries (kind, ref) SELECT * FROM unnest($1::text[], $2::text[]) "
-            "RETURNING id, kind, ref",
-            [k for k, _ in keys], [r for _, r in keys])
-        entry_id = {(r["kind"], r["ref"]): r["id"] for r in entry_rows}
-        if cash:
-            await conn.execute(
-                "INSERT INTO postings (entry_id, account_id, amount_fen) "
-                "SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])",
-                [entry_id[(k, r)] for k, r, _, _ in cash], [a for _, _, a, _ in cash], [x for _, _, _, x in cash])
-        if work.payments:
-            p = work.payments
-            await conn.execute(
-                "INSERT INTO payments (account_id, direction, amount_fen, reference, entry_id) "
-                "SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[])",
-                [x.account for x in p], [x.direction for x in p], [x.amount for x in p], [x.reference for x in p],
-                [entry_id[(x.direction, x.reference)] for x in p])
-        if work.trades:
-            t = work.trades
-            await conn.copy_records_to_table(
-                "settled_trades",
-                records=[(x.symbol, x.trade_id, x.seq, x.ts, x.buyer, x.seller, x.price, x.qty, x.value,
-                          x.buyer_fee, x.seller_fee) for x in t],
-                columns=("symbol", "trade_id", "seq", "ts", "buyer_id", "seller_id", "price_fen", "qty_kg",
-                         "value_fen", "buyer_fee_fen", "seller_fee_fen"))
+# One statement for the batch's cash and settled trades: the trades' ledger entries, every
+# posting of the batch (trades' and payments'), and the settled_trades rows. One statement keeps
+# the ledger's rule "balances are checked per statement" exactly as before (the core keeps every
+# balance non-negative at the end of the batch, not necessarily after each part of it).
+_CASH = """
+WITH t AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
+                         $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
+           AS t(symbol, trade_id, seq, ts, buyer, seller, price, qty, value, bfee, sfee)),
+e AS (
+    INSERT INTO ledger_entries (kind, ref) SELECT 'trade', 'trade:' || symbol || ':' || trade_id FROM t
+    RETURNING id, ref),
+s AS (
+    INSERT INTO settled_trades (symbol, trade_id, seq, ts, buyer_id, seller_id, price_fen, qty_kg, value_fen,
+                                buyer_fee_fen, seller_fee_fen)
+    SELECT * FROM t)
+INSERT INTO postings (entry_id, account_id, amount_fen)
+SELECT e.id, x.account, x.amount
+  FROM t JOIN e ON e.ref = 'trade:' || t.symbol || ':' || t.trade_id
+ CROSS JOIN LATERAL (VALUES (t.buyer, -(t.value + t.bfee)), (t.seller, t.value - t.sfee),
+                            ($12::bigint, t.bfee + t.sfee)) AS x(account, amount)
+ WHERE x.amount <> 0
+UNION ALL
+SELECT * FROM unnest($13::bigint[], $14::bigint[], $15::bigint[])
+"""
+
+
+async def _apply(conn: asyncpg.Connection, work: Plan, net: bool = True) -> None:
+    """Write `work`: cash and settled trades in one statement, the registry movements as one
+    `StepBatch`, netted (see clearing.settlement.netted) unless `net` is False or the netted
+    order finds too few credits, in which case journal order is applied instead."""
+    steps: registry.StepBatch | None = None
     if work.moves:
         issuances = {s: tuple(await registry.resolve_issuances(conn, symbol=s)) for s in work.symbols}
-        await registry.apply_movements(conn, [
-            registry.ByQuantity(issuances[m.symbol], m.from_account, m.from_state, m.to_account, m.to_state, m.qty,
-                                m.cause, m.reference)
-            for m in work.moves
-        ])
+        exact = [_step(m, issuances) for m in work.moves]
+        # Lock every holder journal order reads, whichever order is planned, so that falling back
+        # changes no lock and needs no savepoint: nothing is written before a plan has succeeded.
+        steps = registry.StepBatch([_step(m, issuances) for m in netted(work.moves)] if net else exact,
+                                   [(s.from_owner, s.from_state, iss) for s in exact for iss in s.issuance_ids])
+        await steps.lock(conn)
+    cash = None
+    if work.payments or work.trades:
+        cash = asyncio.ensure_future(_apply_cash(conn, work, *await _system_ids(conn)))
+        await asyncio.sleep(0)  # let it send its statements; plan the registry while the server works
+    try:
+        if steps is not None:
+            try:
+                steps.plan()
+            except registry.StepsFailed:
+                if not net:
+                    raise
+                steps.replan(exact)  # e.g. credits bought and resold within the batch (T+1 off)
+    finally:
+        if cash is not None:
+            await cash  # also when planning failed: the connection must be idle before the rollback
+    if steps is not None:
+        await steps.write(conn)
+
+
+async def _apply_cash(conn: asyncpg.Connection, work: Plan, custody: int, fees: int) -> None:
+    pay_entries: list[int] = []
+    pay_accounts: list[int] = []
+    pay_amounts: list[int] = []
+    if work.payments:
+        p = work.payments
+        rows = await conn.fetch(
+            "INSERT INTO ledger_entries (kind, ref) SELECT * FROM unnest($1::text[], $2::text[]) "
+            "RETURNING id, kind, ref", [x.direction for x in p], [x.reference for x in p])
+        entry_id = {(r["kind"], r["ref"]): r["id"] for r in rows}
+        await conn.execute(
+            "INSERT INTO payments (account_id, direction, amount_fen, reference, entry_id) "
+            "SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[])",
+            [x.account for x in p], [x.direction for x in p], [x.amount for x in p], [x.reference for x in p],
+            [entry_id[(x.direction, x.reference)] for x in p])
+        for kind, ref, account, amount in postings(Plan(payments=p), custody, fees):
+            pay_entries.append(entry_id[(kind, ref)])
+            pay_accounts.append(account)
+            pay_amounts.append(amount)
+    t = work.trades
+    await conn.execute(
+        _CASH, [x.symbol for x in t], [x.trade_id for x in t], [x.seq for x in t], [x.ts for x in t],
+        [x.buyer for x in t], [x.seller for x in t], [x.price for x in t], [x.qty for x in t],
+        [x.value for x in t], [x.buyer_fee for x in t], [x.seller_fee for x in t], fees,
+        pay_entries, pay_accounts, pay_amounts)
+
+
+def _step(m: Move, issuances: dict[str, tuple[int, ...]]) -> registry.Step:
+    return registry.Step(issuances[m.symbol], m.from_account, m.from_state, m.to_account, m.to_state, m.qty, m.cause,
+                         m.reference)

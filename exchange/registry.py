@@ -27,6 +27,7 @@ from exchange.blockplan import (
     Block,
     BlockPlan,
     Piece,
+    QuantityPlan,
 )
 from exchange.errors import CarbonxError
 from exchange.serials import SerialRange, format_serial, parse_serial
@@ -255,6 +256,146 @@ async def _write_transfers(
                        $7::text[], $8::text[], $9::text[]) AS x(iss, lo, hi, fo, fs, t, ts, c, r)""",
         *cols,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Settlement batches
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One lowest-serials-first movement of a settlement batch (see `apply_steps`)."""
+
+    issuance_ids: tuple[int, ...]
+    from_owner: int
+    from_state: str
+    to_owner: int
+    to_state: str
+    qty: int
+    cause: str
+    cause_ref: str
+
+
+class StepsFailed(CarbonxError):
+    """A step of `apply_steps` found too few credits; nothing was written."""
+
+
+async def apply_steps(conn: asyncpg.Connection, steps: Sequence[Step],
+                      also_lock: Sequence[tuple[int, str, int]] = ()) -> None:
+    """Apply settlement `steps` in order inside the caller's transaction: the batch form of
+    `apply_movements` for `ByQuantity` moves between non-final states (see `StepBatch`)."""
+    batch = StepBatch(steps, also_lock)
+    await batch.lock(conn)
+    batch.plan()
+    await batch.write(conn)
+
+
+class StepBatch:
+    """Settlement steps applied in three phases, so that a caller can run other statements while
+    the middle one (pure Python) runs.
+
+    Same rules and the same locks as `apply_movements`: `lock` locks the accounts involved FOR NO
+    KEY UPDATE in id order, then reads their blocks FOR UPDATE; `plan` moves the credits in
+    memory (`QuantityPlan`, lowest serials first) and raises `StepsFailed`, having written
+    nothing, when a step finds too few credits; `write` reads the merge neighbours and writes
+    the difference with one DELETE and one COPY, and one COPY of transfer rows, a row per moved
+    range naming its step's cause. `also_lock` names further holders (owner, state, issuance) to
+    lock and read, so that a caller can plan another order of the same work on the same locks
+    (`replan`).
+    """
+
+    def __init__(self, steps: Sequence[Step], also_lock: Sequence[tuple[int, str, int]] = ()) -> None:
+        for st in steps:
+            if not isinstance(st.qty, int) or st.qty <= 0 or not st.issuance_ids:
+                raise CarbonxError("invalid_quantity", f"a settlement step needs a positive quantity: {st!r}")
+            if st.to_state in FINAL_STATES or st.from_state in FINAL_STATES:
+                raise CarbonxError("invalid_state", "settlement never moves final credits")
+        self.steps = list(steps)
+        self.owners = sorted({o for st in steps for o in (st.from_owner, st.to_owner)} | {h[0] for h in also_lock})
+        self.holders = sorted({(st.from_owner, st.from_state, iss) for st in steps for iss in st.issuance_ids}
+                              | set(also_lock))
+        self._rows: list[Block] = []
+        self._plan: QuantityPlan | None = None
+        self._transfers: tuple[list, ...] = ()
+
+    async def lock(self, conn: asyncpg.Connection) -> None:
+        if not self.steps:
+            return
+        await conn.execute("SELECT id FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE",
+                           self.owners)
+        h = self.holders
+        rows = await conn.fetch(
+            f"""SELECT {_BLOCK_COLUMNS} FROM blocks
+                WHERE (owner_account_id, state, issuance_id) IN
+                      (SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[]))
+                ORDER BY id FOR UPDATE""",
+            [x[0] for x in h], [x[1] for x in h], [x[2] for x in h],
+        )
+        self._rows = [_block(r) for r in rows]
+
+    def replan(self, steps: Sequence[Step]) -> None:
+        """Plan `steps` instead, on the blocks already read (their holders must have been locked)."""
+        for st in steps:
+            if any((st.from_owner, st.from_state, iss) not in set(self.holders) for iss in st.issuance_ids):
+                raise AssertionError(f"step {st} reads a holder that was not locked")
+        self.steps = list(steps)
+        self.plan()
+
+    def plan(self) -> None:
+        plan = QuantityPlan()
+        for b in self._rows:
+            plan.add_loaded(b)
+        cols: tuple[list, ...] = ([], [], [], [], [], [], [], [])
+        iss_c, range_c, fo_c, fs_c, to_c, ts_c, cause_c, ref_c = cols
+        steps = self.steps
+        for i, st in enumerate(steps):
+            try:
+                pieces = plan.take(st.issuance_ids, st.from_owner, st.from_state, st.qty)
+            except CarbonxError as e:
+                raise StepsFailed(e.code, f"step {i + 1} of {len(steps)} ({st.cause} {st.cause_ref}): "
+                                          f"{e.message}") from None
+            for p in pieces:
+                plan.put(p, st.to_owner, st.to_state)
+                iss_c.append(p.issuance_id)
+                range_c.append(asyncpg.Range(p.lo, p.hi))
+                fo_c.append(st.from_owner)
+                fs_c.append(st.from_state)
+                to_c.append(st.to_owner)
+                ts_c.append(st.to_state)
+                cause_c.append(st.cause)
+                ref_c.append(st.cause_ref)
+        self._plan, self._transfers = plan, cols
+
+    async def write(self, conn: asyncpg.Connection) -> None:
+        plan = self._plan
+        if plan is None:
+            return
+        edges = plan.edges()
+        if edges:
+            rows = await conn.fetch(
+                f"""SELECT {_BLOCK_COLUMNS} FROM blocks b
+                    WHERE b.id IN (SELECT n.id FROM unnest($1::bigint[], $2::bigint[]) AS e(iss, lo)
+                                   JOIN blocks n ON n.issuance_id = e.iss AND upper(n.serials) = e.lo
+                                   UNION
+                                   SELECT n.id FROM unnest($1::bigint[], $3::bigint[]) AS e(iss, hi)
+                                   JOIN blocks n ON n.issuance_id = e.iss AND lower(n.serials) = e.hi)
+                      AND b.owner_account_id = ANY($4::bigint[]) AND b.state NOT IN ('retired', 'cancelled')
+                    ORDER BY id FOR UPDATE""",
+                [e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges], self.owners,
+            )
+            for r in rows:
+                plan.add_neighbour(_block(r))
+        deletes, inserts = plan.diff()
+        if deletes:
+            await conn.execute("DELETE FROM blocks WHERE id = ANY($1::bigint[])", deletes)
+        if inserts:
+            await conn.copy_records_to_table(
+                "blocks", records=[(b.issuance_id, asyncpg.Range(b.lo, b.hi), b.owner, b.state) for b in inserts],
+                columns=("issuance_id", "serials", "owner_account_id", "state"))
+        if self._transfers and self._transfers[0]:
+            await conn.copy_records_to_table(
+                "transfers", records=zip(*self._transfers, strict=True),
+                columns=("issuance_id", "serials", "from_account_id", "from_state", "to_account_id", "to_state",
+                         "cause", "cause_ref"))
 
 
 # --------------------------------------------------------------------------------------------

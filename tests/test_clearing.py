@@ -173,14 +173,14 @@ def test_settlement_survives_sigkill_mid_batch_exactly_once(db, run, tmp_path):
     async def journal_trades() -> int:
         conn = await asyncpg.connect(db)
         await world(conn)
-        await registry.issue(conn, project="FOREST", vintage=2023, quantity_kg=10_000_000)
+        await registry.issue(conn, project="FOREST", vintage=2023, quantity_kg=20_000_000)
         await conn.close()
         svc = await _started(db, project=False)
         try:
             await svc.list_instrument(SYMBOL, {"rules": {"always_open": True}, "maker_bp": 5, "taker_bp": 10})
             dev, buy = await svc.account("DEV"), await svc.account("BUY")
             await svc.submit({"op": "deposit", "account": buy, "amount": 10**10, "ref": "bank-1"})
-            for _ in range(4):  # many single-lot trades per group commit
+            for _ in range(8):  # many single-lot trades per group commit
                 outs = await asyncio.gather(*[
                     svc.submit(place(dev, E.ASK, 3500 + i % 4, 1000) if i % 2 else place(buy, E.BID, 3504, 1000))
                     for i in range(3000)])
@@ -196,8 +196,8 @@ def test_settlement_survives_sigkill_mid_batch_exactly_once(db, run, tmp_path):
     kills, attempts, progress = 0, 0, []
     while kills < 4 and attempts < 12 and (not progress or progress[-1] < entries):
         attempts += 1
-        delay = 0.5 + 0.1 * attempts  # the import and connect take ~0.5 s; then it is settling
-        proc = subprocess.Popen([sys.executable, "-m", "exchange", "clearing", "settle", "--batch", "700",
+        delay = 0.45 + 0.05 * attempts  # the import and connect take ~0.5 s; then it is settling
+        proc = subprocess.Popen([sys.executable, "-m", "exchange", "clearing", "settle", "--batch", "300",
                                  "--data-dir", str(tmp_path)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
