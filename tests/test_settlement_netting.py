@@ -20,6 +20,7 @@ import urllib.parse
 
 import asyncpg
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -273,3 +274,42 @@ def test_a_batch_that_nets_badly_falls_back_to_journal_order(db, pg_server, run,
         assert holdings[(buy, "available")] == 2000 and (buy2, "encumbered") not in holdings
 
     run(main())
+
+
+def test_keys_checked_per_statement_are_still_enforced(conn, run):
+    """0005 checks the keys of postings, transfers and settled_trades once per statement instead
+    of a foreign key per row: raw SQL naming a missing row is still refused, and an account they
+    name cannot be deleted or renumbered."""
+
+    async def body():
+        iss = await world(conn)
+        dev = await conn.fetchval("SELECT id FROM accounts WHERE code = 'DEV'")
+        custody = await conn.fetchval("SELECT id FROM accounts WHERE code = 'CX-CUSTODY'")
+        entry = await conn.fetchval("INSERT INTO ledger_entries (kind, ref) VALUES ('adjustment', 'k') RETURNING id")
+        bad = [
+            ("INSERT INTO postings (entry_id, account_id, amount_fen) VALUES ($1, $2, 5), ($1, $3, -5)",
+             entry, dev, 10**9),
+            ("INSERT INTO postings (entry_id, account_id, amount_fen) VALUES ($1, $2, 5), ($1, $3, -5)",
+             10**9, dev, custody),
+            ("INSERT INTO transfers (issuance_id, serials, from_account_id, from_state, to_account_id, to_state, "
+             "cause, cause_ref) VALUES ($1, int8range(1, 2), $2, 'available', $3, 'available', 'transfer', 'x')",
+             10**9, dev, dev),
+            ("INSERT INTO transfers (issuance_id, serials, from_account_id, from_state, to_account_id, to_state, "
+             "cause, cause_ref) VALUES ($1, int8range(1, 2), $2, 'available', $3, 'available', 'transfer', 'x')",
+             iss.id, dev, 10**9),
+            ("INSERT INTO settled_trades (symbol, trade_id, seq, ts, buyer_id, seller_id, price_fen, qty_kg, "
+             "value_fen, buyer_fee_fen, seller_fee_fen) VALUES ('X', 1, $1, 0, $2, $3, 1, 1, 0, 0, 0)",
+             10**9, dev, dev),
+        ]
+        for sql, *args in bad:
+            with pytest.raises(asyncpg.ForeignKeyViolationError):
+                await conn.execute(sql, *args)
+        await conn.execute("INSERT INTO postings (entry_id, account_id, amount_fen) VALUES ($1, $2, 5), ($1, $3, -5)",
+                           entry, dev, custody)
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute("DELETE FROM accounts WHERE id = $1", dev)
+        with pytest.raises(asyncpg.PostgresError):
+            await conn.execute("UPDATE accounts SET id = DEFAULT WHERE id = $1", dev)
+        assert await conn.fetchval("SELECT count(*) FROM accounts WHERE id = $1", dev) == 1
+
+    run(body())
