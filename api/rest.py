@@ -23,11 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api import models as M
 from api.auth import Gate, Limits, bearer
 from api.orders import Trading, _units
-from api.wire import checksum, http_status, iso, levels, order_view, problem
+from api.wire import checksum, fill_view, http_status, iso, levels, order_view, problem
 from exchange import accounts as acc
 from exchange import neutrality, offsetting, registry
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
+from exchange.history import order_from_row
 from exchange.marketdata import MarketData
 from exchange.serials import format_serial
 from exchange.service import ExchangeService
@@ -388,7 +389,6 @@ def create_app(ctx: Context) -> FastAPI:
                      symbol: Annotated[str | None, Query(max_length=40)] = None,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
         await service.caught_up(orders=True)
-        from exchange.history import order_from_row
         rows = await service.pool.fetch(
             """SELECT * FROM orders WHERE account_id = $1 AND ($2 OR status IN ('new', 'partially_filled'))
                  AND ($3::text IS NULL OR symbol = $3) ORDER BY order_id DESC LIMIT $4""",
@@ -416,7 +416,6 @@ def create_app(ctx: Context) -> FastAPI:
     @app.get("/v1/fills", response_model=list[M.Fill], responses=MEMBER, tags=["orders"])
     async def fills(who: Member, symbol: Annotated[str | None, Query(max_length=40)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
-        from api.wire import fill_view
         return [fill_view(f) for f in await trading.fills(who.id, symbol=symbol, limit=limit)]
 
     @app.get("/v1/account", response_model=M.AccountView, responses=MEMBER, tags=["account"])

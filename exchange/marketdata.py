@@ -154,7 +154,6 @@ class Published:
     updates: list[BookUpdate] = field(default_factory=list)
     trades: list[Trade] = field(default_factory=list)
     tickers: set[str] = field(default_factory=set)
-    status: list[tuple[str, str]] = field(default_factory=list)  # (symbol, listed|halted|resumed)
 
 
 class MarketData:
@@ -214,11 +213,6 @@ class MarketData:
                     self.books[ev[1]] = L2Book(ev[1])
                     self.tapes[ev[1]] = deque(maxlen=TAPE)
                     self.tickers[ev[1]] = Ticker()
-                    pub.status.append((ev[1], "listed"))
-                elif kind == 31:
-                    pub.status.append((ev[1], "halted"))
-                elif kind == 32:
-                    pub.status.append((ev[1], "resumed"))
             for t in folded.trades:
                 self.tapes[t.symbol].append(t)
                 self.tickers[t.symbol].add(t.ts, t.price, t.qty)
