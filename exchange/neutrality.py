@@ -3,8 +3,9 @@
 `estimate_footprint(activity)` turns activity data (venue electricity by grid region, travel by mode,
 hotel room-nights, meals, materials, waste) into kg CO2e per category and in total, using the versioned
 emission-factor table shipped in `exchange/data/emission_factors.json`; the estimate records the table
-version it used. `quantity_to_offset(total_kg, lot_kg)` is what to buy and retire: the footprint rounded
-up to the instrument's lot.
+version it used, and the table's `history` lists every value an earlier version had, so an estimate made
+with an earlier version can still be explained. `quantity_to_offset(total_kg, lot_kg)` is what to buy and
+retire: the footprint rounded up to the instrument's lot.
 
 Numbers: quantities are ints or decimal strings, never floats, and factors are decimal strings, so every
 product is exact (`fractions.Fraction`). Each reported figure is rounded half-up exactly once from the
@@ -54,6 +55,8 @@ _FACTOR_DECIMAL = re.compile(r"^[0-9]{1,9}(?:\.[0-9]{1,9})?$")
 _FACTOR_FIELDS = {"key", "value", "unit", "activity_unit", "source", "year", "status", "note"}
 _FACTOR_REQUIRED = _FACTOR_FIELDS - {"note"}
 _STATUSES = {"published", "provisional", "checked"}
+_SOURCE_REQUIRED = {"publication", "publisher"}
+_SOURCE_FIELDS = _SOURCE_REQUIRED | {"url"}
 
 
 class ActivityError(CarbonxError):
@@ -79,6 +82,7 @@ class Factor:
     year: int
     status: str
     note: str = ""
+    url: str = ""  # where the publication can be read, when known
 
 
 @dataclass(frozen=True)
@@ -118,13 +122,15 @@ def _parse_table(doc: Any) -> FactorTable:
             raise _table_error(f"factor {key!r} appears twice")
         if not isinstance(value, str) or not _FACTOR_DECIMAL.match(value):
             raise _table_error(f"factor {key!r}: value must be a decimal string, got {value!r}")
-        if not isinstance(src, dict) or set(src) != {"publication", "publisher"} or not all(
+        if not isinstance(src, dict) or not _SOURCE_REQUIRED <= src.keys() <= _SOURCE_FIELDS or not all(
                 isinstance(v, str) and v.strip() for v in src.values()):
-            raise _table_error(f"factor {key!r}: source must name its publication and publisher")
+            raise _table_error(f"factor {key!r}: source must name its publication and publisher (and optionally url)")
+        if "url" in src and not src["url"].startswith("https://"):
+            raise _table_error(f"factor {key!r}: source url must be an https:// address")
         if not isinstance(f["year"], int) or isinstance(f["year"], bool) or f["status"] not in _STATUSES:
             raise _table_error(f"factor {key!r}: year must be an integer and status one of {sorted(_STATUSES)}")
         factors[key] = Factor(key, Fraction(value), value, f["unit"], f["activity_unit"], src["publication"],
-                              src["publisher"], f["year"], f["status"], f.get("note", ""))
+                              src["publisher"], f["year"], f["status"], f.get("note", ""), src.get("url", ""))
     return FactorTable(doc["version"], factors)
 
 
@@ -150,7 +156,8 @@ def describe_factor_table(table: FactorTable | None = None) -> dict[str, Any]:
         "version": table.version,
         "factors": [
             {"key": f.key, "value": f.value_text, "unit": f.unit, "activity_unit": f.activity_unit,
-             "source": {"publication": f.publication, "publisher": f.publisher}, "year": f.year,
+             "source": {"publication": f.publication, "publisher": f.publisher, **({"url": f.url} if f.url else {})},
+             "year": f.year,
              "status": f.status, **({"note": f.note} if f.note else {})}
             for f in table.factors.values()
         ],
