@@ -701,9 +701,10 @@ async def serial_history(conn: asyncpg.Connection, serial: str) -> tuple[Issuanc
     history = await conn.fetch(
         """SELECT t.id, t.created_at, t.cause, t.cause_ref, lower(t.serials) AS lo, upper(t.serials) AS hi,
                   fa.code AS from_account, t.from_state, ta.code AS to_account, t.to_state
-           FROM transfers t LEFT JOIN accounts fa ON fa.id = t.from_account_id
+           FROM carbonx_transfers_overlapping($1, int8range($2, $3)) t
+           LEFT JOIN accounts fa ON fa.id = t.from_account_id
            JOIN accounts ta ON ta.id = t.to_account_id
-           WHERE t.issuance_id = $1 AND t.serials && int8range($2, $3) ORDER BY t.id""",
+           ORDER BY t.id""",
         iss.id, rng.lo, rng.hi,
     )
     now = await conn.fetch(
