@@ -74,6 +74,10 @@ async def _serve(data_dir, host: str, http_port: int, ws_port: int, demo: bool, 
     say(f"binance   {ex.ws_url}/ws   and   {ex.http_url}/api/v3/depth?symbol=…")
     for who, key in keys:
         say(f"API key for {who}: {key}")
+    say(f"web       {ex.http_url}/")
+    if keys:
+        # The fragment never reaches the server; the page takes the organiser's key from it.
+        say(f"open      {ex.http_url}/#key={keys[-1][1]}   (the web page, as the launch event's organiser)")
     say("ready")
     await serve_until_stopped(service, stdio)
     if market is not None:

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import models as M
+from api import web
 from api.auth import Gate, Limits, bearer
 from api.orders import Trading, _units
 from api.wire import checksum, fill_view, http_status, iso, levels, order_view, problem
@@ -608,6 +609,7 @@ def create_app(ctx: Context) -> FastAPI:
         b = market.books[symbol]
         return {"lastUpdateId": b.seq, "bids": levels(b.top(E.BID, limit)), "asks": levels(b.top(E.ASK, limit))}
 
+    web.install(app, ctx)  # the web page at / (api/web.py), not part of /openapi.json
     return app
 
 

@@ -1,0 +1,354 @@
+"""The web page in a real browser: Debian's chromium (/usr/bin/chromium) driven by Playwright,
+against the whole exchange on loopback ports (api/server.py, real PostgreSQL, REST and feed).
+
+What a newcomer does, step by step: watch trades arrive live on the market page; run the
+neutrality wizard for a one-day, 300-person conference through estimate, a refused offset (the
+server's reason shown) and a filled one, download the PDF certificate and verify it on the
+verify view and on /verify/{code}; see an unknown code called not genuine; switch to Chinese;
+and open the address `carbonx serve --demo` prints, key and all, to see the demo market move.
+
+Every request the page makes must go to this exchange (no CDN), and the page must raise no
+JavaScript error. Screenshots of each step go to $CARBONX_SCREENSHOTS (default
+test-artifacts/screenshots/, git-ignored).
+
+The browser is not optional in CI: without /usr/bin/chromium or Playwright these tests fail
+when CI is set (`.ci/run` installs both), and skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, operator_key
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = Path(os.environ.get("CARBONX_SCREENSHOTS") or ROOT / "test-artifacts" / "screenshots")
+WAIT_MS = 15_000
+
+CONFERENCE = {"attendees": 300, "days": 1, "electricity": [{"kwh": "10000", "region": "sichuan", "year": 2022}],
+              "travel": [{"mode": "metro", "people": 150, "km_per_person": "15", "round_trip": True}],
+              "meals": [{"kind": "standard", "count": 300}]}
+
+
+def _missing() -> str | None:
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} is missing: apt-get install -y chromium chromium-driver (.ci/run does this)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is missing: pip install -e '.[test]'"
+    return None
+
+
+@pytest.fixture
+def browser(db) -> Iterator[Any]:
+    """Chromium for one test. Not shared across tests: Playwright's sync API keeps an event loop
+    running on this thread while it is open, and the `db` fixture's set-up and tear-down need
+    the thread's own loop (`run`), so the browser starts after them and closes before."""
+    why = _missing()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser tests cannot run: {why}", pytrace=False)
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A Playwright page that records what a test must not see: requests leaving the exchange
+    and JavaScript errors."""
+
+    def __init__(self, browser: Any, origins: tuple[str, ...], name: str) -> None:
+        self.context = browser.new_context(viewport={"width": 1360, "height": 900}, locale="en-US",
+                                           accept_downloads=True)
+        self.page = self.context.new_page()
+        self.origins = origins
+        self.name = name
+        self.foreign: list[str] = []
+        self.errors: list[str] = []
+        self.page.on("request", self._request)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        # The browser logs every 4xx answer as a console error; those are the exchange's answers,
+        # which the page shows, so they are collected apart (tests check the ones they expect).
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error"
+                     and not m.text.startswith("Failed to load resource") else None)
+        self.refused: list[tuple[int, str]] = []
+        self.allowed: set[tuple[int, str]] = set()  # (status, path without the leading /) a test expects
+        self.page.on("response", lambda r: self.refused.append((r.status, r.url)) if r.status >= 400 else None)
+        self.page.on("websocket", lambda ws: self._check(ws.url))
+        self.page.set_default_timeout(WAIT_MS)
+        self.shots = 0
+
+    def _request(self, request: Any) -> None:
+        self._check(request.url)
+
+    def _check(self, url: str) -> None:
+        if not url.startswith(self.origins) and not url.startswith(("data:", "blob:")):
+            self.foreign.append(url)
+
+    def shot(self, step: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.shots += 1
+        self.page.screenshot(path=str(SHOTS / f"{self.name}-{self.shots:02d}-{step}.png"), full_page=True)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def _origins(http: str, ws: str) -> tuple[str, ...]:
+    return (http + "/", ws + "/")
+
+
+@pytest.fixture
+def server(db, run) -> Iterator[ServerThread]:
+    key = run(operator_key(db))
+    with ServerThread(db) as s:
+        s.ops_key = key
+        yield s
+
+
+@pytest.fixture
+def page(server, browser, request) -> Iterator[Page]:
+    p = Page(browser, _origins(server.http, server.ws), request.node.name.removeprefix("test_"))
+    yield p
+    p.close()
+    assert not p.foreign, f"the page loaded from outside the exchange: {p.foreign}"
+    assert not p.errors, f"the page had errors: {p.errors}"
+    unexpected = [(status, url) for status, url in p.refused if (status, url.split("/", 3)[-1]) not in p.allowed]
+    assert not unexpected, f"the exchange refused requests the test did not expect: {unexpected}"
+
+
+def _expect() -> Any:
+    from playwright.sync_api import expect
+
+    return expect
+
+
+def _rows(page: Any, selector: str) -> list[list[str]]:
+    return page.eval_on_selector_all(selector, "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+
+
+def test_market_shows_trades_live(server: ServerThread, page: Page) -> None:
+    expect = _expect()
+    w = build_world(server.http, server.ops_key)
+    pg = page.page
+    pg.goto(f"{server.http}/#/market/{SYMBOL}")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "market")
+    expect(pg.locator("#feed-status")).to_have_attribute("data-state", "live")
+    expect(pg.locator("#book-seq")).to_contain_text("checksum ok")
+    expect(pg.locator("#trades-body")).to_contain_text("No trades")
+    pg.evaluate("window.__sameDocument = true")  # gone if anything reloads the page
+    page.shot("empty-book")
+
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.00", "quantity": "10.000"}))
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.40", "quantity": "3.000"}))
+        ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "34.50", "quantity": "2.000"}))
+        ask = pg.locator("#book-asks tr[data-price='35.00'] td")
+        expect(ask.nth(1)).to_have_text("10.000")
+        expect(pg.locator("#book-bids tr[data-price='34.50'] td").nth(1)).to_have_text("2.000")
+        page.shot("resting-orders")
+
+        ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "35.50", "quantity": "4.000"}), 201)
+        first = pg.locator("#trades-body tr").first
+        expect(first).to_have_attribute("data-trade-id", "1")
+        expect(first.locator("td").nth(1)).to_have_text("35.00")
+        expect(first.locator("td").nth(2)).to_have_text("4.000")
+        expect(ask.nth(1)).to_have_text("6.000")  # the book changed without a reload
+        expect(pg.locator("#ticker-last")).to_have_text("35.00")
+        expect(pg.locator("#ticker-volume")).to_have_text("4.000")
+        page.shot("trade-arrived")
+
+        # The page's book is the exchange's book, level for level (REST, same seq).
+        book = ok(buy.get(f"/v1/book/{SYMBOL}?depth=10"))
+        expect(pg.locator("#book-seq")).to_contain_text(f"seq {book['seq']} ")
+        shown_asks = [[p, q] for p, q, _ in reversed(_rows(pg, "#book-asks tr[data-price]"))]
+        shown_bids = [[p, q] for p, q, _ in _rows(pg, "#book-bids tr[data-price]")]
+        assert (shown_asks, shown_bids) == (book["asks"], book["bids"])
+    assert pg.evaluate("window.__sameDocument") is True
+
+
+def test_wizard_neutralises_a_conference(server: ServerThread, page: Page) -> None:
+    expect = _expect()
+    w = build_world(server.http, server.ops_key)
+    pg = page.page
+    with httpx.Client(base_url=server.http) as anon:
+        est = ok(anon.post("/v1/neutrality/estimate", json=CONFERENCE))
+    need_kg = int(est["total"].replace(".", ""))
+    buy_t = f"{-(-need_kg // 1000)}.000"  # whole lots of 1 t
+    with w.as_("DEV") as dev:
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.00", "quantity": "1.000"}))
+
+    # A member's key arrives in the fragment (as `carbonx serve --demo` prints it) and leaves the address bar.
+    pg.goto(f"{server.http}/#key={w.keys['BUY']}")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "market")
+    expect(pg.locator("#key-button")).to_have_text("BUY")
+    assert "key=" not in pg.url
+    pg.click("nav a[data-view=neutrality]")
+    expect(pg.locator("#wizard-step-1")).to_be_visible()
+    pg.fill("input[name=event_name]", "Green tech conference")
+    pg.fill("input[name=attendees]", "300")
+    pg.fill("input[name=days]", "1")
+    pg.fill("input[name=electricity-0-kwh]", "10000")
+    pg.select_option("select[name=electricity-0-region]", "sichuan")
+    pg.select_option("select[name=electricity-0-year]", "2022")
+    pg.select_option("select[name=travel-0-mode]", "metro")
+    pg.fill("input[name=travel-0-people]", "150")
+    pg.fill("input[name=travel-0-km]", "15")
+    pg.check("input[name=travel-0-round]")
+    pg.select_option("select[name=meals-0-kind]", "standard")
+    pg.fill("input[name=meals-0-count]", "300")
+    page.shot("activity")
+    pg.click("#estimate-button")
+
+    expect(pg.locator("#estimate-total")).to_have_text(est["total"])
+    for category, tonnes in est["categories"].items():
+        expect(pg.locator(f"tr[data-category={category}] td").nth(1)).to_have_text(tonnes)
+    page.shot("estimate")
+    pg.click("#to-offset")
+    expect(pg.locator("#offset-quantity")).to_have_text(f"{buy_t} t")
+    pg.select_option("select[name=symbol]", SYMBOL)
+    pg.fill("input[name=beneficiary]", "Green tech conference 2026")
+    pg.fill("input[name=purpose]", "Carbon neutrality of a one-day, 300-person conference")
+
+    # Only 1 t offered: refused, nothing bought, and the page shows the server's reason.
+    page.allowed.add((422, "v1/neutrality/offset"))
+    pg.click("#offset-button")
+    alert = pg.locator("#wizard-step-3 .alert.error")
+    expect(alert).to_contain_text("offset_not_filled")
+    expect(alert).to_contain_text("are missing")
+    page.shot("offset-refused")
+
+    with w.as_("DEV") as dev:
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00", "quantity": "5.000"}))
+    pg.click("#offset-button")
+    expect(pg.locator("#offset-result")).to_be_visible()
+    code = pg.locator("#certificate-code").text_content()
+    assert code and code.startswith("CX-")
+    page.shot("certificate")
+
+    with pg.expect_download() as download:
+        pg.click("#download-pdf")
+    pdf = Path(download.value.path()).read_bytes()
+    assert pdf.startswith(b"%PDF") and download.value.suggested_filename.endswith(".pdf")
+
+    with w.as_("BUY") as buy:
+        cert = ok(buy.get(f"/v1/certificates/{code}"))
+    assert cert["quantity"] == buy_t and cert["beneficiary"] == "Green tech conference 2026"
+    pg.click("#verify-here")
+    verdict = pg.locator("[data-verdict=genuine]")
+    expect(verdict).to_contain_text("Genuine certificate")
+    for r in cert["ranges"]:
+        expect(verdict).to_contain_text(r["serial"])
+    page.shot("verified")
+
+    project = SYMBOL.rsplit("-", 1)[0]
+    pg.goto(f"{server.http}/#/projects/{project}")
+    expect(pg.locator("[data-stat=issued] .value")).to_have_text("1,000.000")
+    expect(pg.locator("[data-stat=retired] .value")).to_have_text(buy_t)
+    expect(pg.locator("[data-stat=traded] .value")).to_have_text(buy_t)
+    expect(pg.locator(".view-projects")).to_contain_text(code)
+    page.shot("project")
+
+    pg.goto(f"{server.http}/verify/{code}")
+    expect(pg.locator("body")).to_contain_text("Green tech conference 2026")
+    expect(pg.locator("body")).to_contain_text(cert["ranges"][0]["serial"])
+    page.shot("public-verification")
+
+
+def test_unknown_certificate_and_chinese(server: ServerThread, page: Page) -> None:
+    expect = _expect()
+    build_world(server.http, server.ops_key)
+    pg = page.page
+    page.allowed.add((404, "v1/certificates/CX-FAKE-FAKE-FAKE"))
+    pg.goto(f"{server.http}/#/verify")
+    pg.fill("#verify-code", "CX-FAKE-FAKE-FAKE")
+    pg.click("#verify-button")
+    verdict = pg.locator("[data-verdict=not-genuine]")
+    expect(verdict).to_contain_text("Not genuine")
+    expect(verdict).to_contain_text("CX-FAKE-FAKE-FAKE")
+    page.shot("not-genuine")
+
+    pg.click("button[data-lang=zh]")
+    expect(pg.locator("[data-verdict=not-genuine]")).to_contain_text("证书无效")
+    expect(pg.locator("nav a[data-view=market]")).to_have_text("行情")
+    expect(pg.locator("html")).to_have_attribute("lang", "zh-CN")
+    page.shot("not-genuine-zh")
+
+    # Both languages carry every string, and ?lang= picks the language on a fresh load.
+    assert pg.evaluate("import('/web/i18n.js').then(m => m.missingKeys())") == []
+    pg.goto(f"{server.http}/?lang=zh#/projects")
+    expect(pg.locator(".view-projects h1")).to_have_text("已登记项目")
+    expect(pg.locator("[data-project=FOREST]")).to_contain_text("森林碳汇")
+    page.shot("projects-zh")
+    pg.goto(f"{server.http}/?lang=en#/projects")
+    expect(pg.locator(".view-projects h1")).to_have_text("Registered projects")
+
+
+def test_served_demo_address_opens_a_moving_market(db, browser, tmp_path) -> None:
+    """`carbonx serve --demo` as a newcomer runs it: the printed address opens the page as the
+    launch event's organiser, and the demo market moves on it."""
+    expect = _expect()
+    env = {**os.environ, "DATABASE_URL": db}
+    env.pop("CARBONX_DATA_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "api", "serve", "--demo", "--data-dir", str(tmp_path),
+                             "--http-port", "0", "--ws-port", "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=env, cwd=ROOT)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line.rstrip())
+            if line.strip() == "ready":
+                break
+        said = "\n".join(lines)
+        assert lines and lines[-1] == "ready", f"carbonx serve --demo did not start:\n{said}"
+        found = re.search(r"^open +(http://\S+/#key=(\S+))", said, re.M)
+        assert found, f"no web address with a key in:\n{said}"
+        rest = re.search(r"^REST +(http://\S+)/v1", said, re.M)
+        feed = re.search(r"^feed +(ws://\S+)/v1/ws", said, re.M)
+        assert rest and feed and found.group(2) in said.split("API key for EVENT-ORG (member): ", 1)[1]
+
+        p = Page(browser, _origins(rest.group(1), feed.group(1)), "demo")
+        try:
+            pg = p.page
+            pg.goto(found.group(1))
+            expect(pg.locator("#key-button")).to_have_text("EVENT-ORG")
+            expect(pg.locator("#feed-status")).to_have_attribute("data-state", "live")
+            seq = pg.locator("#book-seq")
+            expect(seq).to_contain_text("checksum ok")
+            before = seq.text_content()
+            # The simulated market places and cancels orders every ~0.4 s on one of four books.
+            expect(seq).not_to_have_text(before or "", timeout=30_000)
+            p.shot("market-moving")
+        finally:
+            p.close()
+        assert not p.foreign and not p.errors, (p.foreign, p.errors)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
