@@ -140,9 +140,16 @@ export class Feed {
     book.seq = null;
     this.resyncs += 1;
     this.handlers.status?.('resync');
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
-      this.ws.send(JSON.stringify({ op: 'resync', ch: 'book', symbol: book.symbol }));
-    }
+    // At most one request a second per book: a client that keeps disagreeing with the server
+    // (a bug) must not turn into a flood of snapshots.
+    const now = Date.now();
+    const wait = Math.max(0, (book.lastResync || 0) + 1000 - now);
+    book.lastResync = now + wait;
+    setTimeout(() => {
+      if (this.books.get(book.symbol) === book && this.ws && this.ws.readyState === WebSocket.OPEN) {
+        this.ws.send(JSON.stringify({ op: 'resync', ch: 'book', symbol: book.symbol }));
+      }
+    }, wait);
   }
 
   message(msg) {
