@@ -183,6 +183,18 @@ def test_market_shows_trades_live(server: ServerThread, page: Page) -> None:
         shown_asks = [[p, q] for p, q, _ in reversed(_rows(pg, "#book-asks tr[data-price]"))]
         shown_bids = [[p, q] for p, q, _ in _rows(pg, "#book-bids tr[data-price]")]
         assert (shown_asks, shown_bids) == (book["asks"], book["bids"])
+        assert pg.evaluate("window.carbonxFeed.resyncs") == 0
+
+        # A book that went wrong (here: tampered with) fails the next checksum; the page asks for
+        # a fresh snapshot and shows the exchange's book again.
+        pg.evaluate(f"window.carbonxFeed.books.get('{SYMBOL}').asks.set('35.40', '99.000')")
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.20", "quantity": "1.000"}))
+        expect(pg.locator("#book-asks tr[data-price='35.20']")).to_have_count(1)
+        expect(pg.locator("#book-asks tr[data-price='35.40'] td").nth(1)).to_have_text("3.000")
+        assert pg.evaluate("window.carbonxFeed.resyncs") == 1
+        book = ok(buy.get(f"/v1/book/{SYMBOL}?depth=10"))
+        expect(pg.locator("#book-seq")).to_contain_text(f"seq {book['seq']} ")
+        assert [[p, q] for p, q, _ in reversed(_rows(pg, "#book-asks tr[data-price]"))] == book["asks"]
     assert pg.evaluate("window.__sameDocument") is True
 
 

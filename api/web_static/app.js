@@ -198,6 +198,7 @@ async function startFeed() {
     ticker: (m) => feedHandlers.ticker?.(m),
   });
   state.feed.start();
+  window.carbonxFeed = state.feed; // for the console (and the browser tests): books, seqs, resyncs
 }
 
 function setFeedStatus(s) {
