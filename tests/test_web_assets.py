@@ -9,7 +9,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from fastapi.testclient import TestClient
+import httpx
 
 from api import web
 from api.rest import Context, create_app
@@ -23,7 +23,7 @@ def _shipped(name: str) -> bool:
     return any(fnmatch.fnmatch(f"{web.STATIC_DIR}/{name}", pattern) for pattern in data.get("api", []))
 
 
-def test_every_referenced_file_is_shipped_and_served() -> None:
+def test_every_referenced_file_is_shipped_and_served(run) -> None:
     files = {p.name for p in STATIC.iterdir()}
     assert all(p.is_file() for p in STATIC.iterdir()), "package data globs do not descend into folders"
     index = (STATIC / "index.html").read_text()
@@ -34,16 +34,21 @@ def test_every_referenced_file_is_shipped_and_served() -> None:
     assert all(_shipped(name) for name in files), [n for n in files if not _shipped(n)]
     assert set(web.load_assets()) == files
 
-    client = TestClient(create_app(Context(None, None, None, None)))  # type: ignore[arg-type]
-    page = client.get("/")
+    app = create_app(Context(None, None, None, None))  # type: ignore[arg-type]
+
+    async def get(path: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://web") as client:
+            return await client.get(path)
+
+    page = run(get("/"))
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in page.headers["content-security-policy"]
     for name in files:
-        r = client.get(f"/web/{name}")
+        r = run(get(f"/web/{name}"))
         assert r.status_code == 200 and r.content == (STATIC / name).read_bytes(), name
-    assert client.get("/web/missing.js").status_code == 404
-    assert client.get("/web/config.json").json() == {"feed_port": None, "feed_path": "/v1/ws", "public_url": ""}
-    paths = client.get("/openapi.json").json()["paths"]
+    assert run(get("/web/missing.js")).status_code == 404
+    assert run(get("/web/config.json")).json() == {"feed_port": None, "feed_path": "/v1/ws", "public_url": ""}
+    paths = run(get("/openapi.json")).json()["paths"]
     assert "/" not in paths and not [p for p in paths if p.startswith("/web")]
 
 

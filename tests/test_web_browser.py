@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,8 @@ def test_wizard_neutralises_a_conference(server: ServerThread, page: Page) -> No
     pg.click("#estimate-button")
 
     expect(pg.locator("#estimate-total")).to_have_text(est["total"])
+    per_kg = Decimal(est["per_attendee_day"]) * 1000  # the page shows kilograms per attendee and day
+    expect(pg.locator("#per-attendee-day")).to_contain_text(f": {per_kg.normalize():f} kg")
     for category, tonnes in est["categories"].items():
         expect(pg.locator(f"tr[data-category={category}] td").nth(1)).to_have_text(tonnes)
     page.shot("estimate")

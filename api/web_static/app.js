@@ -78,6 +78,14 @@ function kgOf(tonnes) {
   const [i, f = ''] = String(tonnes).split('.');
   return Number(i) * 1000 + Number((f + '000').slice(0, 3));
 }
+/** Tonnes with up to 6 decimals as kilograms with up to 3 ("0.006974" -> "6.974"), exactly. */
+function kgText(tonnes) {
+  const [i, f = ''] = String(tonnes).split('.');
+  const padded = (f + '000000').slice(0, 6);
+  const kg = String(Number(i) * 1000 + Number(padded.slice(0, 3)));
+  const frac = padded.slice(3).replace(/0+$/, '');
+  return num(frac ? `${kg}.${frac}` : kg);
+}
 const tonnesOf = (kg) => `${Math.floor(kg / 1000)}.${String(kg % 1000).padStart(3, '0')}`;
 const fenOf = (cny) => { const [i, f = ''] = String(cny).split('.'); return Number(i) * 100 + Number((f + '00').slice(0, 2)); };
 const cnyOf = (fen) => `${Math.floor(fen / 100)}.${String(fen % 100).padStart(2, '0')}`;
@@ -321,18 +329,20 @@ async function viewMarket(root, [symbolArg]) {
     tick.vwap.textContent = num(tk.vwap);
   }
 
-  const [trades, ticker] = await Promise.all([api(`/v1/trades/${symbol}?limit=50`), api(`/v1/ticker/${symbol}`)]);
-  if (!trades.length) tradesBody.append(h('tr', { class: 'empty' }, h('td', { colspan: 3, text: t('no_trades') })));
-  for (const tr of trades) addTrade(tr, false);
-  renderTicker(ticker);
-
+  // Subscribe first, then read the history: a trade in between arrives live (and the history's
+  // copy is skipped by trade id) instead of falling into the gap.
+  let liveTicker = false;
   feedHandlers.book = (book) => { if (book.symbol === symbol) renderBook(book); };
   feedHandlers.trade = (m) => { if (m.symbol === symbol) addTrade(m, true); };
-  feedHandlers.ticker = (m) => { if (m.symbol === symbol) renderTicker(m); };
+  feedHandlers.ticker = (m) => { if (m.symbol === symbol) { liveTicker = true; renderTicker(m); } };
   if (state.feed) {
     const book = state.feed.watch(symbol);
     if (book.seq !== null) renderBook(book);
   }
+  const [trades, ticker] = await Promise.all([api(`/v1/trades/${symbol}?limit=50`), api(`/v1/ticker/${symbol}`)]);
+  for (const tr of trades) addTrade(tr, false);
+  if (!tradesBody.children.length) tradesBody.append(h('tr', { class: 'empty' }, h('td', { colspan: 3, text: t('no_trades') })));
+  if (!liveTicker) renderTicker(ticker);
   return () => {
     feedHandlers.book = feedHandlers.trade = feedHandlers.ticker = null;
     state.feed?.unwatch(symbol);
@@ -535,11 +545,11 @@ function wizardEstimate(body, w, rerender) {
     panel(t('footprint'),
       h('div', { class: 'total' }, h('span', { class: 'label', text: t('total_tco2e') }),
         h('span', { class: 'value huge num', id: 'estimate-total', text: num(e.total) }), h('span', { class: 'unit', text: t('tco2e') })),
-      e.per_attendee_day ? h('p', { class: 'muted', text: `${t('per_attendee_day')}: ${num(e.per_attendee_day)} ${t('tco2e')}` }) : null,
+      e.per_attendee_day ? h('p', { class: 'muted', id: 'per-attendee-day', text: `${t('per_attendee_day')}: ${kgText(e.per_attendee_day)} ${t('co2e_kg')}` }) : null,
       h('p', { class: 'muted small', text: t('factor_version', { version: e.factor_table_version }) })),
     panel(null, table([t('category'), t('tco2e'), ''], rows, { cls: 'categories', numeric: [1] }))),
   h('details', { class: 'panel lines' }, h('summary', { text: t('lines') }),
-    table([t('activity'), t('factor'), t('activity'), t('co2e_kg')], lines, { numeric: [2, 3] }),
+    table([t('entry'), t('factor'), t('activity'), t('co2e_kg')], lines, { numeric: [2, 3] }),
     h('p', { class: 'muted small', text: e.rounding })),
   h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', onclick: () => { w.step = 1; rerender(); }, text: t('back_edit') }),
     h('button', { type: 'button', class: 'primary', id: 'to-offset', onclick: () => { w.step = 3; w.error = null; rerender(); }, text: t('to_offset') })));
