@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from matching import events as E
 from matching.core import EV_DEPOSIT, EV_WITHDRAWAL
@@ -30,8 +31,9 @@ AVAILABLE = "available"
 ENCUMBERED = "encumbered"
 
 
-@dataclass(frozen=True, slots=True)
-class Payment:
+# Named tuples, not frozen dataclasses: a batch makes several per trade, and a frozen dataclass
+# costs ~1 us to build (object.__setattr__ per field) against ~0.3 us for a named tuple.
+class Payment(NamedTuple):
     seq: int
     account: int
     direction: str  # deposit | withdrawal
@@ -39,8 +41,7 @@ class Payment:
     reference: str
 
 
-@dataclass(frozen=True, slots=True)
-class Trade:
+class Trade(NamedTuple):
     seq: int
     ts: int
     symbol: str
@@ -58,8 +59,7 @@ class Trade:
         return f"trade:{self.symbol}:{self.trade_id}"
 
 
-@dataclass(frozen=True, slots=True)
-class Move:
+class Move(NamedTuple):
     """`qty` kg of `symbol` from (`from_account`, `from_state`) to (`to_account`, `to_state`)."""
 
     symbol: str

@@ -276,6 +276,8 @@ class QuantityPlan:
         self._put(block.issuance_id, block.lo, block.hi, block.owner, block.state)
 
     def held(self, issuance_ids: Sequence[int], owner: int, state: str) -> int:
+        if len(issuance_ids) == 1:  # the usual case, without a generator: this runs per step
+            return self._held.get((issuance_ids[0], owner, state), 0)
         return sum(self._held.get((iss, owner, state), 0) for iss in issuance_ids)
 
     def take(self, issuance_ids: Sequence[int], owner: int, state: str, qty: int) -> list[Piece]:

@@ -19,16 +19,26 @@ keeps its own transfer row ``trade:SYMBOL:ID``. Which serials a trade delivers c
 differ from journal order (the quantities never do). When the netted order finds too few
 credits (credits bought and resold in one batch), the batch is planned again in journal order
 on the same locks; nothing has been written by then, so no savepoint is needed.
+
+`catch_up` reads ahead: inside each batch's transaction it also reads the next batch's journal
+rows, and decodes and plans them while the server writes the current batch's cash (the Python
+work and the server's work overlap instead of taking turns). The next transaction uses them only
+if the stored position it locks is the one they were read after and their sequence numbers
+follow it without a gap; otherwise it reads again. Journal rows never change once written, so a
+row read one transaction early is the row the next transaction would read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import asyncpg
 import orjson
 
-from clearing.settlement import Move, Plan, netted, plan, postings
+from clearing.settlement import MalformedEntry, Move, Plan, netted, plan, postings
 from exchange import registry
 from exchange.accounts import SYSTEM_CUSTODY, SYSTEM_FEES
 from exchange.journal import read
@@ -42,28 +52,61 @@ async def position(conn: asyncpg.Connection, name: str = NAME) -> int:
     return await conn.fetchval("SELECT coalesce((SELECT seq FROM journal_consumers WHERE name = $1), 0)", name)
 
 
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """Journal entries read and planned during the previous batch's transaction."""
+
+    after: int  # the position they were read after
+    entries: int
+    work: Plan
+
+
 async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None = None, net: bool = True) -> int:
     """Apply up to `limit` journal entries past the stored position; returns how many. With `net`
     False the registry movements are applied in journal order (the reference for netting)."""
+    return (await _project(conn, limit, upto, net, None, False))[0]
+
+
+async def catch_up(conn: asyncpg.Connection, upto: int | None = None, limit: int = BATCH, net: bool = True) -> int:
+    """Project until the journal (or `upto`) is fully applied; returns the entries applied. Each
+    batch reads the next one ahead (see the module docstring); an empty read ahead ends it."""
+    done = 0
+    ahead: _Ahead | None = None
+    while True:
+        n, ahead, more = await _project(conn, limit, upto, net, ahead, True)
+        done += n
+        if not n or not more:
+            return done
+
+
+async def _project(conn: asyncpg.Connection, limit: int, upto: int | None, net: bool, ahead: _Ahead | None,
+                   read_ahead: bool) -> tuple[int, _Ahead | None, bool]:
+    """One batch: (entries applied, the next batch read and planned ahead or None, whether the
+    read ahead found entries)."""
     async with conn.transaction():
         await conn.execute("INSERT INTO journal_consumers (name, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
         # The row lock makes concurrent projectors take turns instead of applying twice.
         start = await conn.fetchval("SELECT seq FROM journal_consumers WHERE name = $1 FOR UPDATE", NAME)
-        rows = await read(conn, start, limit, upto)
-        if not rows:
-            return 0
-        work = plan((r["seq"], r["ts"], orjson.loads(r["events"])) for r in rows)
-        await _apply(conn, work, net)
+        if ahead is not None and ahead.after == start:
+            n, work = ahead.entries, ahead.work
+        else:
+            rows = await read(conn, start, limit, upto)
+            if not rows:
+                return 0, None, False
+            n, work = len(rows), plan((r["seq"], r["ts"], orjson.loads(r["events"])) for r in rows)
+        following = await read(conn, work.last_seq, limit, upto) if read_ahead else []
+        planned: list[_Ahead] = []
+
+        def plan_following() -> None:
+            # Only a gapless run of entries is kept: the next transaction then reads exactly these.
+            if following and following[-1]["seq"] - work.last_seq == len(following):
+                with contextlib.suppress(MalformedEntry):  # refused in its own batch, which reads it again
+                    planned.append(_Ahead(work.last_seq, len(following), plan(
+                        (r["seq"], r["ts"], orjson.loads(r["events"])) for r in following)))
+
+        await _apply(conn, work, net, plan_following)
         await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, work.last_seq)
-        return len(rows)
-
-
-async def catch_up(conn: asyncpg.Connection, upto: int | None = None, limit: int = BATCH, net: bool = True) -> int:
-    """Project until the journal (or `upto`) is fully applied; returns the entries applied."""
-    done = 0
-    while n := await project(conn, limit, upto, net):
-        done += n
-    return done
+        return n, (planned[0] if planned else None), bool(following)
 
 
 async def _system_ids(conn: asyncpg.Connection) -> tuple[int, int]:
@@ -99,18 +142,20 @@ SELECT * FROM unnest($13::bigint[], $14::bigint[], $15::bigint[])
 """
 
 
-async def _apply(conn: asyncpg.Connection, work: Plan, net: bool = True) -> None:
+async def _apply(conn: asyncpg.Connection, work: Plan, net: bool = True,
+                 meanwhile: Callable[[], None] | None = None) -> None:
     """Write `work`: cash and settled trades in one statement, the registry movements as one
     `StepBatch`, netted (see clearing.settlement.netted) unless `net` is False or the netted
-    order finds too few credits, in which case journal order is applied instead."""
+    order finds too few credits, in which case journal order is applied instead. `meanwhile`
+    (Python only, no database) runs while the server writes the cash."""
     steps: registry.StepBatch | None = None
     if work.moves:
         issuances = {s: tuple(await registry.resolve_issuances(conn, symbol=s)) for s in work.symbols}
-        exact = [_step(m, issuances) for m in work.moves]
         # Lock every holder journal order reads, whichever order is planned, so that falling back
         # changes no lock and needs no savepoint: nothing is written before a plan has succeeded.
-        steps = registry.StepBatch([_step(m, issuances) for m in netted(work.moves)] if net else exact,
-                                   [(s.from_owner, s.from_state, iss) for s in exact for iss in s.issuance_ids])
+        holders = {(m.from_account, m.from_state, iss) for m in work.moves for iss in issuances[m.symbol]}
+        steps = registry.StepBatch([_step(m, issuances) for m in (netted(work.moves) if net else work.moves)],
+                                   sorted(holders))
         await steps.lock(conn)
     cash = None
     if work.payments or work.trades:
@@ -123,7 +168,10 @@ async def _apply(conn: asyncpg.Connection, work: Plan, net: bool = True) -> None
             except registry.StepsFailed:
                 if not net:
                     raise
-                steps.replan(exact)  # e.g. credits bought and resold within the batch (T+1 off)
+                # e.g. credits bought and resold within the batch (T+1 off)
+                steps.replan([_step(m, issuances) for m in work.moves])
+        if meanwhile is not None:
+            meanwhile()
     finally:
         if cash is not None:
             await cash  # also when planning failed: the connection must be idle before the rollback

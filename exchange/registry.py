@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import asyncpg
 
@@ -261,8 +262,7 @@ async def _write_transfers(
 # --------------------------------------------------------------------------------------------
 # Settlement batches
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Step:
+class Step(NamedTuple):  # not a frozen dataclass: cheaper to build by the thousand
     """One lowest-serials-first movement of a settlement batch (see `apply_steps`)."""
 
     issuance_ids: tuple[int, ...]
@@ -334,8 +334,9 @@ class StepBatch:
 
     def replan(self, steps: Sequence[Step]) -> None:
         """Plan `steps` instead, on the blocks already read (their holders must have been locked)."""
+        locked = set(self.holders)
         for st in steps:
-            if any((st.from_owner, st.from_state, iss) not in set(self.holders) for iss in st.issuance_ids):
+            if any((st.from_owner, st.from_state, iss) not in locked for iss in st.issuance_ids):
                 raise AssertionError(f"step {st} reads a holder that was not locked")
         self.steps = list(steps)
         self.plan()
