@@ -124,13 +124,14 @@ async function loadInstruments() {
 // ---- the API key ---------------------------------------------------------------------------
 
 function takeKeyFromFragment() {
-  const m = location.hash.match(/(?:^#|[&?])key=([^&]+)/);
+  const m = location.hash.match(/(?:^#|[&?])key=([^&#/]+)/);
   if (!m) return;
   state.key = decodeURIComponent(m[1]);
   sessionStorage.setItem(KEY_STORE, state.key);
-  const rest = location.hash.replace(/(^#|[&?])key=[^&]+&?/, '$1').replace(/^#$/, '');
-  // The key must not stay in the address bar (screenshots, shared links).
-  history.replaceState(null, '', location.pathname + location.search + (rest && rest !== '#' ? rest : '#/market'));
+  // "#key=K", "#key=K#/neutrality" and "#/neutrality&key=K" all leave the route without the key:
+  // the key must not stay in the address bar (screenshots, shared links).
+  const rest = location.hash.replace(/(^#|[&?])key=[^&#/]+&?/, '$1').replace(/^#+/, '').replace(/[&?]$/, '');
+  history.replaceState(null, '', location.pathname + location.search + (rest ? `#${rest}` : '#/market'));
 }
 
 async function checkKey() {
@@ -549,7 +550,7 @@ function wizardEstimate(body, w, rerender) {
       h('p', { class: 'muted small', text: t('factor_version', { version: e.factor_table_version }) })),
     panel(null, table([t('category'), t('tco2e'), ''], rows, { cls: 'categories', numeric: [1] }))),
   h('details', { class: 'panel lines' }, h('summary', { text: t('lines') }),
-    table([t('entry'), t('factor'), t('activity'), t('co2e_kg')], lines, { numeric: [2, 3] }),
+    table([t('entry'), t('factor'), t('activity'), t('tco2e')], lines, { numeric: [2, 3] }),
     h('p', { class: 'muted small', text: e.rounding })),
   h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', onclick: () => { w.step = 1; rerender(); }, text: t('back_edit') }),
     h('button', { type: 'button', class: 'primary', id: 'to-offset', onclick: () => { w.step = 3; w.error = null; rerender(); }, text: t('to_offset') })));
