@@ -211,6 +211,12 @@ async function startFeed() {
 }
 
 function setFeedStatus(s) {
+  // Back after an outage: trades while the feed was away are only in the REST history.
+  if (s === 'offline') state.feedWasDown = true;
+  if (s === 'live' && state.feedWasDown) {
+    state.feedWasDown = false;
+    if (document.body.dataset.ready === 'market') route();
+  }
   state.feedStatus = s;
   const pill = document.getElementById('feed-status');
   pill.textContent = t({ live: 'feed_live', connecting: 'feed_connecting', offline: 'feed_offline',
