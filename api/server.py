@@ -15,9 +15,10 @@ from typing import Any
 import uvicorn
 
 from api.auth import Gate, Limits
+from api.fastpath import FastOrders
 from api.feed import Feed
 from api.orders import Trading
-from api.rest import Context, Guard, create_app
+from api.rest import Context, Guard, create_app, problem_response
 from exchange import certificates
 from exchange.history import Trade
 from exchange.marketdata import WINDOW_US, MarketData
@@ -49,7 +50,7 @@ class Exchange:
 
     def __init__(self, dsn: str, *, host: str = "127.0.0.1", http_port: int = 8700, ws_port: int = 8701,
                  limits: Limits | None = None, max_buffer: int = 4 << 20, heartbeat: float = 1.0,
-                 service_options: dict[str, Any] | None = None) -> None:
+                 service_options: dict[str, Any] | None = None, fast_orders: bool = True) -> None:
         self.dsn = dsn
         self.host = host
         self.http_port = http_port
@@ -57,7 +58,10 @@ class Exchange:
         self.limits = limits or Limits()
         self.max_buffer = max_buffer
         self.heartbeat = heartbeat
-        self.service = ExchangeService(dsn, **(service_options or {}))
+        self.fast_orders = fast_orders  # POST /v1/orders below FastAPI (api/fastpath.py)
+        self.orders_path: FastOrders | None = None
+        # The journal consumers get a process of their own: this loop serves orders and the feed.
+        self.service = ExchangeService(dsn, **{"consumers": "process", **(service_options or {})})
         self.market = MarketData()
         self.feed: Feed | None = None
         self._http: _Uvicorn | None = None
@@ -87,7 +91,10 @@ class Exchange:
         await self.feed.start(self.host, self.ws_port)
         self.ws_port = self.feed.port
         ctx = Context(service, self.market, gate, trading, renderers=_renderers(), feed=self.feed)
-        app = Guard(create_app(ctx), gate)
+        app = create_app(ctx)
+        if self.fast_orders:
+            app = self.orders_path = FastOrders(app, gate, trading, problem_response)
+        app = Guard(app, gate)
         config = uvicorn.Config(app, host=self.host, port=self.http_port, log_level="warning", lifespan="off",
                                 access_log=False, loop="none", timeout_graceful_shutdown=5)
         self._http = _Uvicorn(config)

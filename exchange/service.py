@@ -15,6 +15,11 @@ then compare member cash and credits in the database with the core, and journal 
 made from outside while the service was stopped as an ``adjust`` command, so that replay sees it
 too. While the service runs it is the only writer of member cash and credits; the command line
 refuses to change them (:func:`refuse_while_serving`).
+
+The projector and the order-history writer follow the durable journal either as tasks on the
+service's own event loop (``consumers="task"``, the default) or in a process of their own
+(``consumers="process"``, exchange/consumers.py), which the network server uses so that its one
+event loop is left to order entry and the feed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,7 +70,10 @@ class ExchangeService:
         snapshot_every: int = 250_000, journal_method: str = "copy", project: bool = True,
         verify_recovery: bool = True, clock: Callable[[], int] = now_us,
         progress: Callable[[int, int], None] | None = None, consumer_delay: float = 0.01,
+        consumers: str = "task",
     ) -> None:
+        if consumers not in ("task", "process"):
+            raise ValueError(f"consumers must be 'task' or 'process', not {consumers!r}")
         self.dsn = dsn
         self.engine = engine
         self.flush_interval = flush_interval
@@ -76,6 +85,11 @@ class ExchangeService:
         self.clock = clock
         self.progress = progress
         self.consumer_delay = consumer_delay  # seconds the projector and history let a small backlog grow
+        # Where the projector and the history writer run while serving: tasks on this event loop,
+        # or a process of their own (exchange/consumers.py) that leaves this loop to the orders.
+        self.consumers = consumers
+        self._child: asyncio.subprocess.Process | None = None
+        self._child_task: asyncio.Task | None = None
         self.core: ExchangeCore = ExchangeCore(engine)
         self.durable_seq = 0
         self.recovered = 0  # journal entries replayed at start
@@ -142,9 +156,13 @@ class ExchangeService:
         await self.orders.load(self._hist)
         self._running = True
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="carbonx-journal"))
-        self._tasks.append(asyncio.create_task(self._history_loop(), name="carbonx-history"))
+        if self.consumers == "process":
+            await self._start_child()
+        else:
+            self._tasks.append(asyncio.create_task(self._history_loop(), name="carbonx-history"))
+            if self.project:
+                self._tasks.append(asyncio.create_task(self._project_loop(), name="carbonx-projector"))
         if self.project:
-            self._tasks.append(asyncio.create_task(self._project_loop(), name="carbonx-projector"))
             await self._adjust_for_outside_changes()
 
     async def stop(self, snapshot: bool = True) -> None:
@@ -159,6 +177,7 @@ class ExchangeService:
         self._history_wake.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self._stop_child()
         if self._failure is None:
             if self.project:
                 await projector.catch_up(self._proj)
@@ -435,7 +454,10 @@ class ExchangeService:
                 # tracker, and the feed never shows an event after the answer that caused it.
                 tracker = self.orders
                 published = [(seq, ts, cmd, evs, tracker.apply(seq, ts, cmd, evs)) for seq, ts, cmd, evs in entries]
-                self._queue_history(published)
+                if self._child is None:
+                    self._queue_history(published)
+                else:
+                    self._tell_child(str(self.durable_seq))
                 for listener in self.listeners:
                     try:
                         listener(published)
@@ -514,6 +536,60 @@ class ExchangeService:
             log.exception("projecting the journal into the order history failed; the service stops")
             self._fail(exc, None)
 
+    # ---- the consumers' process ---------------------------------------------------------------
+
+    async def _start_child(self) -> None:
+        args = [sys.executable, "-m", "exchange.consumers", self.dsn, "--delay", str(self.consumer_delay)]
+        if not self.project:
+            args.append("--no-project")
+        # stderr is inherited: a consumer's failure is logged where the service's own logs go.
+        self._child = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        line = await asyncio.wait_for(self._child.stdout.readline(), 60)
+        if line.strip() != b"ready":
+            code = await self._child.wait()
+            self._child = None
+            raise RuntimeError(f"the journal consumers process did not start (exit status {code})")
+        self._child_task = asyncio.create_task(self._child_reports(self._child), name="carbonx-consumers")
+
+    def _tell_child(self, line: str) -> None:
+        child = self._child
+        if child is not None and child.returncode is None and not child.stdin.is_closing():
+            child.stdin.write(line.encode() + b"\n")
+
+    async def _child_reports(self, child: asyncio.subprocess.Process) -> None:
+        """Follow the child's positions; its end before we asked for it stops the service."""
+        while line := await child.stdout.readline():
+            name, _, seq = line.decode().partition(" ")
+            if name == "projector":
+                self.projected_seq = max(self.projected_seq, int(seq))
+            elif name == "history":
+                self.history_seq = max(self.history_seq, int(seq))
+            self._progress.set()
+        code = await child.wait()
+        if not self._closing or code != 0:
+            log.error("the journal consumers process ended (exit status %s); the service stops", code)
+            self._fail(RuntimeError(f"the journal consumers process ended with status {code}"), None)
+
+    async def _stop_child(self) -> None:
+        """Let the child apply everything journaled, then end it (and never leave it behind)."""
+        child, self._child = self._child, None
+        if child is None:
+            return
+        if child.returncode is None:
+            with contextlib.suppress(ConnectionError):
+                child.stdin.write(f"{self.durable_seq}\nstop\n".encode())
+                child.stdin.close()
+            try:
+                await asyncio.wait_for(child.wait(), 120)
+            except TimeoutError:
+                log.error("the journal consumers process did not stop in time; killing it")
+                child.kill()
+                await child.wait()
+        task, self._child_task = self._child_task, None
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
     async def caught_up(self, seq: int | None = None, *, registry: bool = False, orders: bool = False,
                         timeout: float = 30.0) -> None:
         """Wait until the registry and ledger (`registry`) and/or the history tables (`orders`)
@@ -532,6 +608,7 @@ class ExchangeService:
             self._progress.clear()
             self._project_wake.set()
             self._history_wake.set()
+            self._tell_child("hurry")
             self._urgent += 1
             self._urgent_event.set()
             try:

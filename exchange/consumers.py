@@ -1,0 +1,145 @@
+"""The journal consumers in a process of their own: the projector (registry and cash ledger) and
+the order-history writer follow the journal beside a serving exchange instead of inside it.
+
+Both only read the journal and write their own tables with their position in the same
+transaction (exchange/projector.py, exchange/history.py), so where they run changes nothing they
+write. Inside the serving process they took a fifth to a quarter of its one event loop (py-spy
+on the network bench); here they use the machine's other core and leave the loop to order entry.
+
+The parent (:class:`ExchangeService` with ``consumers="process"``) talks over pipes, one line per
+message:
+
+- parent to child, on stdin: ``<seq>`` (the journal is durable up to seq), ``hurry`` (someone
+  waits: apply the backlog now rather than letting it grow for ``--delay``), ``stop`` (apply
+  everything announced, then exit). End of input — the parent died, even by SIGKILL — means stop.
+- child to parent, on stdout: ``ready`` once connected, then ``projector <seq>`` and ``history <seq>``
+  each time one of them has committed its position.
+
+Errors go to stderr and end the process with a non-zero status; the parent then stops serving,
+as it does when a consumer fails in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+import asyncpg
+
+from exchange import history, projector
+
+log = logging.getLogger("carbonx.consumers")
+BACKLOG_NOW = 1000  # entries that are applied at once, without waiting for more
+
+
+class Consumers:
+    """Follows announced journal positions with the projector and the history writer."""
+
+    def __init__(self, dsn: str, *, delay: float, project: bool, say: callable) -> None:
+        self.dsn = dsn
+        self.delay = delay
+        self.project = project
+        self.say = say
+        self.durable = 0
+        self.stopping = False
+        self.wake = {"projector": asyncio.Event(), "history": asyncio.Event()}
+        self.hurry = asyncio.Event()
+
+    def announce(self, seq: int) -> None:
+        self.durable = max(self.durable, seq)
+        for e in self.wake.values():
+            e.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.hurry.set()
+        for e in self.wake.values():
+            e.set()
+
+    async def follow(self, name: str, apply) -> None:
+        """Apply the journal up to each announced position, letting small backlogs gather."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            done = await projector.position(conn, name)
+            wake = self.wake[name]
+            while True:
+                await wake.wait()
+                wake.clear()
+                if self.durable <= done:
+                    if self.stopping:
+                        return
+                    continue
+                if self.delay and not self.stopping and self.durable - done < BACKLOG_NOW:
+                    self.hurry.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.hurry.wait(), self.delay)
+                upto = self.durable
+                await apply(conn, upto=upto)
+                done = upto
+                self.say(f"{name} {done}")
+                wake.set()  # look again: more may have been announced meanwhile
+        finally:
+            await conn.close()
+
+
+async def run(dsn: str, delay: float, project: bool) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout
+
+    def say(line: str) -> None:
+        try:
+            out.write(line + "\n")
+            out.flush()
+        except BrokenPipeError:  # the parent is gone: nobody to tell, the work goes on to the end
+            c.stop()
+
+    c = Consumers(dsn, delay=delay, project=project, say=say)
+    tasks = [asyncio.create_task(c.follow("history", history.catch_up))]
+    if project:
+        tasks.append(asyncio.create_task(c.follow("projector", projector.catch_up)))
+    say("ready")
+
+    async def listen() -> None:
+        while line := (await reader.readline()).strip():
+            if line == b"stop":
+                break
+            if line == b"hurry":
+                c.hurry.set()
+            else:
+                c.announce(int(line))
+        c.stop()
+
+    listener = asyncio.create_task(listen())
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    listener.cancel()
+    for t in tasks:
+        if t.done() and t.exception() is not None:
+            # End now, without unwinding the other consumer: the server rolls back whatever
+            # transaction it had open, and its position says where to start again.
+            log.error("a journal consumer failed", exc_info=t.exception())
+            logging.shutdown()
+            os._exit(1)
+    await asyncio.gather(*tasks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m exchange.consumers", description=__doc__.splitlines()[0])
+    p.add_argument("dsn")
+    p.add_argument("--delay", type=float, default=0.01, help="seconds a small backlog may gather")
+    p.add_argument("--no-project", dest="project", action="store_false", help="history only")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="carbonx consumers: %(message)s")
+    try:
+        asyncio.run(run(args.dsn, args.delay, args.project))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
