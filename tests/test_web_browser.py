@@ -328,6 +328,7 @@ def test_unknown_certificate_and_chinese(server: ServerThread, page: Page) -> No
     pg.goto(f"{server.http}/?lang=zh#/projects")
     expect(pg.locator(".view-projects h1")).to_have_text("已登记项目")
     expect(pg.locator("[data-project=FOREST]")).to_contain_text("森林碳汇")
+    expect(pg.locator("[data-project=FOREST] .badge")).to_have_text("有效")
     page.shot("projects-zh")
     pg.goto(f"{server.http}/?lang=en#/projects")
     expect(pg.locator(".view-projects h1")).to_have_text("Registered projects")

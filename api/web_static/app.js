@@ -97,7 +97,9 @@ function clock(when) {
 function day(when) {
   return new Date(when).toLocaleString(lang() === 'zh' ? 'zh-CN' : 'en-GB', { dateStyle: 'medium', timeStyle: 'short' });
 }
-const methodology = (m) => { const k = `m_${m}`; const s = t(k); return s === k ? m : s; };
+/** A value the server names by a key, in the visitor's language when the page knows it. */
+const label = (prefix, v) => { const k = `${prefix}_${v}`; const s = t(k); return s === k ? v : s; };
+const methodology = (m) => label('m', m);
 
 function problemBox(err) {
   return h('div', { class: 'alert error', role: 'alert' },
@@ -364,9 +366,9 @@ async function viewProjects(root, [code]) {
   const details = await Promise.all(list.map((p) => api(`/v1/registry/projects/${encodeURIComponent(p.code)}`)));
   root.append(h('div', { class: 'page-head' }, h('h1', { text: t('projects_title') }), h('p', { class: 'lead', text: t('projects_lead') })));
   const cards = details.map((p) => h('a', { class: 'project-card', href: `#/projects/${p.code}`, 'data-project': p.code },
-    h('div', { class: 'card-top' }, h('span', { class: 'sym', text: p.code }), h('span', { class: `badge ${p.status}`, text: p.status })),
+    h('div', { class: 'card-top' }, h('span', { class: 'sym', text: p.code }), h('span', { class: `badge ${p.status}`, text: label('st', p.status) })),
     h('h3', { text: p.name }),
-    h('p', { class: 'muted', text: `${methodology(p.methodology)} · ${p.region}` }),
+    h('p', { class: 'muted', text: [methodology(p.methodology), p.region].filter(Boolean).join(' · ') }),
     h('div', { class: 'trio' }, [['issued', p.issued], ['traded', p.traded], ['retired', p.retired]].map(([k, v]) =>
       h('div', {}, h('span', { class: 'label', text: t(k) }), h('span', { class: 'value num', text: num(v) }))))));
   root.append(h('div', { class: 'cards' }, cards.length ? cards : h('p', { class: 'muted', text: t('none_yet') })));
@@ -380,7 +382,8 @@ async function viewProject(root, code) {
   const listed = new Set(instruments.map((i) => i.symbol));
   root.append(h('a', { class: 'back', href: '#/projects', text: t('back_projects') }),
     h('div', { class: 'page-head' }, h('h1', {}, p.name, ' ', h('span', { class: 'sym', text: p.code })),
-      h('p', { class: 'lead', text: `${methodology(p.methodology)} · ${p.region} · ${t('developer')}: ${p.developer}` })),
+      h('p', { class: 'lead', text: [methodology(p.methodology), p.region, `${t('developer')}: ${p.developer}`,
+        label('st', p.status)].filter(Boolean).join(' · ') })),
     h('div', { class: 'stat-cards', id: 'project-stats' }, [['issued', p.issued], ['traded', p.traded], ['retired', p.retired]].map(([k, v]) =>
       h('div', { class: 'stat-card', 'data-stat': k }, h('span', { class: 'label', text: t(k) }), h('span', { class: 'value big num', text: num(v) })))));
   const issRows = p.issuances.map((i) => {
