@@ -6,7 +6,8 @@ Run:  python -m pytest bench/bench_clearing.py --benchmark-only -s
 Set-up (not timed): a seller holding max(10,000, N + 1,000) t and a funded buyer trade single lots
 through the exchange service with projection switched off, so the journal holds N trades (each
 with the sell order's encumbrance) and nothing is settled; the database is then copied. Timed:
-the projector settling the whole journal — per trade one ledger entry with its postings, one
+the projector settling the whole journal (``projector.catch_up``, which reads and plans each next
+batch while the server writes the current one) — per trade one ledger entry with its postings, one
 ``settled_trades`` row and one registry transfer from the seller's encumbered blocks to the
 buyer, plus the encumbrances, in batches of B journal entries per transaction — once with the
 registry movements netted per batch (the default) and, on the copy, once in journal order
