@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -398,7 +398,7 @@ class Feed:
         account = c.account.id
         try:
             if op == "order.place":
-                out, durable = self.trading.place_now(account, OrderRequest.model_validate(fields))
+                out, durable = self.trading.place_now(account, OrderRequest.model_validate(fields), shared=True)
             else:
                 order_id = fields.pop("order_id", None)
                 if isinstance(order_id, str) and order_id.isdigit():
@@ -408,20 +408,48 @@ class Feed:
                 if op == "order.cancel":
                     if fields:
                         raise CarbonxError("invalid_request", f"unknown fields {sorted(fields)}")
-                    out, durable = self.trading.cancel_now(account, order_id)
+                    out, durable = self.trading.cancel_now(account, order_id, shared=True)
                 else:
-                    out, durable = self.trading.amend_now(account, order_id, AmendRequest.model_validate(fields))
+                    out, durable = self.trading.amend_now(account, order_id, AmendRequest.model_validate(fields),
+                                                          shared=True)
         except ValidationError as e:
             first = e.errors()[0]
             raise CarbonxError("invalid_request",
                                f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-        task = asyncio.get_running_loop().create_task(self._answer(c, ident, account, out, durable))
+        # One callback per order on the commit's shared future, not a task and a future per
+        # order: at pipelined rates those were a tenth of the server's time (py-spy).
+        if durable is None:
+            self._respond(c, ident, account, out)
+        else:
+            durable.add_done_callback(functools.partial(self._durable, c, ident, account, out))
+
+    def _durable(self, c: Client, ident: Any, account: int, out: Any, commit: asyncio.Future) -> None:
+        if commit.cancelled() or commit.exception() is not None:
+            e = commit.exception() if not commit.cancelled() else None
+            if isinstance(e, CarbonxError):
+                self._error(c, ident, e.code, e.message)
+            else:
+                self._error(c, ident, "unavailable", "the exchange stopped before the command was durable")
+            return
+        self._respond(c, ident, account, out)
+
+    def _respond(self, c: Client, ident: Any, account: int, out: Any) -> None:
+        try:
+            order = self.trading.answer_now(account, out)
+        except CarbonxError as e:
+            self._error(c, ident, e.code, e.message)
+            return
+        if order is not None:
+            c.push(orjson.dumps({"type": "result", "id": ident, "order": order}))
+            return
+        task = asyncio.get_running_loop().create_task(self._answer(c, ident, account, out))
         c.tasks.add(task)
         task.add_done_callback(c.tasks.discard)
 
-    async def _answer(self, c: Client, ident: Any, account: int, out: Any, durable: Awaitable[None]) -> None:
+    async def _answer(self, c: Client, ident: Any, account: int, out: Any) -> None:
+        """An answer that needs the history tables (fills from before this process)."""
         try:
-            order = await self.trading.answer(account, out, durable)
+            order = await self.trading.order(account, out.order_id)
         except CarbonxError as e:
             self._error(c, ident, e.code, e.message)
             return

@@ -107,14 +107,19 @@ class Trading:
 
     # ---- sequencing now, answering later ----------------------------------------------------
 
-    def place_now(self, account: int, req: OrderRequest) -> tuple[Outcome, Awaitable[None]]:
-        out, durable = self.service.apply(place_command(account, req))
-        return out, durable
+    # With `shared`, the awaitable is the commit's future shared by all its commands, or None
+    # (ExchangeService.apply_shared): for answering by callback, never to be awaited bare.
 
-    def cancel_now(self, account: int, order_id: int) -> tuple[Outcome, Awaitable[None]]:
-        return self.service.apply({"op": "cancel", "account": account, "order_id": order_id})
+    def place_now(self, account: int, req: OrderRequest, shared: bool = False) -> tuple[Outcome, Any]:
+        apply = self.service.apply_shared if shared else self.service.apply
+        return apply(place_command(account, req))
 
-    def amend_now(self, account: int, order_id: int, req: AmendRequest) -> tuple[Outcome, Awaitable[None]]:
+    def cancel_now(self, account: int, order_id: int, shared: bool = False) -> tuple[Outcome, Any]:
+        apply = self.service.apply_shared if shared else self.service.apply
+        return apply({"op": "cancel", "account": account, "order_id": order_id})
+
+    def amend_now(self, account: int, order_id: int, req: AmendRequest, shared: bool = False
+                  ) -> tuple[Outcome, Any]:
         if req.quantity is None and req.price is None:
             raise CarbonxError("invalid_request", "give a new quantity, a new price, or both")
         o = self.service.core.orders.get(order_id)
@@ -122,14 +127,26 @@ class Trading:
             raise CarbonxError("not_found", f"no open order {order_id}")
         qty = _units(parse_tonnes, req.quantity, "quantity") if req.quantity is not None else o[O_REMAINING]
         price = _units(parse_price, req.price, "price") if req.price is not None else o[O_PRICE]
-        return self.service.apply({"op": "amend", "account": account, "order_id": order_id, "price": price,
-                                   "qty": qty})
+        apply = self.service.apply_shared if shared else self.service.apply
+        return apply({"op": "amend", "account": account, "order_id": order_id, "price": price, "qty": qty})
 
     async def answer(self, account: int, out: Outcome, durable: Awaitable[None]) -> dict[str, Any]:
         """The order's view once the command is durable (raises the rejection, if any)."""
         await durable
         refused(out)
         return await self.order(account, out.order_id)
+
+    def answer_now(self, account: int, out: Outcome) -> dict[str, Any] | None:
+        """:meth:`answer` for a durable command without I/O: the view from the tracker, the
+        rejection raised, or None when only the history tables can tell (then use :meth:`order`)."""
+        refused(out)
+        return self._tracked(account, out.order_id)
+
+    def _tracked(self, account: int, order_id: int | None) -> dict[str, Any] | None:
+        o = self.service.orders.get(order_id) if order_id is not None else None
+        if o is not None and o.account == account and sum(f.qty for f in o.fills) == o.filled:
+            return order_view(o)
+        return None
 
     # ---- whole requests ------------------------------------------------------------------------
 
@@ -167,9 +184,9 @@ class Trading:
         """An order of `account` (another account's order is "not found")."""
         if order_id is None:
             raise CarbonxError("not_found", "no such order")
-        o = self.service.orders.get(order_id)
-        if o is not None and o.account == account and sum(f.qty for f in o.fills) == o.filled:
-            return order_view(o)
+        view = self._tracked(account, order_id)
+        if view is not None:
+            return view
         # Older than this process, or with fills from before it: the history tables have them all.
         await self.service.caught_up(orders=True)
         row = await self.service.pool.fetchrow(

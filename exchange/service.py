@@ -225,6 +225,17 @@ class ExchangeService:
         """Sequence `command` now, synchronously, and return its outcome with an awaitable that
         completes once it (and everything before it) is durable. Callers that must keep their own
         arrival order (a connection's commands) call this in that order and await afterwards."""
+        return self._apply(command), self._waiter()
+
+    def apply_shared(self, command: dict) -> tuple[Outcome, asyncio.Future | None]:
+        """:meth:`apply` without a future of its own: the future returned is the one of the
+        commit the command is in, shared by every command of it (None: durable already). Never
+        await it bare (a cancelled awaiter would cancel it for all): add a done callback. For
+        callers that answer many commands at once (a websocket connection's pipelined orders)."""
+        out = self._apply(command)
+        return out, (self._future if self._rows else self._inflight)
+
+    def _apply(self, command: dict) -> Outcome:
         if not self._running:
             raise CarbonxError("unavailable", "the exchange service is not running") from self._failure
         core = self.core
@@ -236,7 +247,7 @@ class ExchangeService:
         out = core.apply(command, ts)
         if out.seq is not None:
             self._journal(command, out, ts)
-        return out, self._waiter()
+        return out
 
     async def _sequence(self, command: dict) -> Outcome:
         out, durable = self.apply(command)
