@@ -567,6 +567,7 @@ function wizardEstimate(body, w, rerender) {
 
 async function wizardOffset(body, w, rerender) {
   const instruments = await loadInstruments();
+  if (!instruments.length) { body.append(h('p', { class: 'muted', text: t('no_instruments') })); return; }
   const o = w.offset;
   if (!instruments.some((i) => i.symbol === o.symbol)) o.symbol = instruments[0]?.symbol;
   const inst = instruments.find((i) => i.symbol === o.symbol);
@@ -615,7 +616,7 @@ async function wizardOffset(body, w, rerender) {
     h('button', { type: 'button', class: 'secondary', onclick: openKeyPanel, text: t('set_key') })),
   state.account ? h('p', { class: 'muted small', text: t('key_ok', { code: state.account.code, role: state.account.role, cash: num(state.account.cash_available) }) }) : null,
   w.error ? problemBox(w.error) : null,
-  h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', onclick: () => { w.step = 2; w.error = null; rerender(); }, text: t('back_edit') }), submit));
+  h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', onclick: () => { w.step = 2; w.error = null; rerender(); }, text: t('back_estimate') }), submit));
   body.append(form);
 }
 
