@@ -151,11 +151,12 @@ async def _apply(conn: asyncpg.Connection, work: Plan, net: bool = True,
     steps: registry.StepBatch | None = None
     if work.moves:
         issuances = {s: tuple(await registry.resolve_issuances(conn, symbol=s)) for s in work.symbols}
-        # Lock every holder journal order reads, whichever order is planned, so that falling back
-        # changes no lock and needs no savepoint: nothing is written before a plan has succeeded.
-        holders = {(m.from_account, m.from_state, iss) for m in work.moves for iss in issuances[m.symbol]}
-        steps = registry.StepBatch([_step(m, issuances) for m in (netted(work.moves) if net else work.moves)],
-                                   sorted(holders))
+        # Lock every holder and account journal order touches, whichever order is planned (netting
+        # only combines movements of one holder), so that falling back changes no lock and needs
+        # no savepoint: nothing is written before a plan has succeeded. The steps themselves are
+        # built later, while the server writes the cash.
+        steps = registry.StepBatch((), [(m.from_account, m.from_state, iss) for m in work.moves
+                                        for iss in issuances[m.symbol]], {m.to_account for m in work.moves})
         await steps.lock(conn)
     cash = None
     if work.payments or work.trades:
@@ -164,7 +165,7 @@ async def _apply(conn: asyncpg.Connection, work: Plan, net: bool = True,
     try:
         if steps is not None:
             try:
-                steps.plan()
+                steps.plan([_step(m, issuances) for m in (netted(work.moves) if net else work.moves)])
             except registry.StepsFailed:
                 if not net:
                     raise

@@ -12,7 +12,7 @@ overlapping blocks, uncovered issuances and changes to retired or cancelled bloc
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -279,6 +279,14 @@ class StepsFailed(CarbonxError):
     """A step of `apply_steps` found too few credits; nothing was written."""
 
 
+def _check_steps(steps: Sequence[Step]) -> None:
+    for st in steps:
+        if not isinstance(st.qty, int) or st.qty <= 0 or not st.issuance_ids:
+            raise CarbonxError("invalid_quantity", f"a settlement step needs a positive quantity: {st!r}")
+        if st.to_state in FINAL_STATES or st.from_state in FINAL_STATES:
+            raise CarbonxError("invalid_state", "settlement never moves final credits")
+
+
 async def apply_steps(conn: asyncpg.Connection, steps: Sequence[Step],
                       also_lock: Sequence[tuple[int, str, int]] = ()) -> None:
     """Apply settlement `steps` in order inside the caller's transaction: the batch form of
@@ -299,18 +307,17 @@ class StepBatch:
     nothing, when a step finds too few credits; `write` reads the merge neighbours and writes
     the difference with one DELETE and one COPY, and one COPY of transfer rows, a row per moved
     range naming its step's cause. `also_lock` names further holders (owner, state, issuance) to
-    lock and read, so that a caller can plan another order of the same work on the same locks
-    (`replan`).
+    lock and read, and `also_owners` further accounts to lock, so that a caller can lock first
+    and give the steps to `plan` later (e.g. built while the server does other work), or plan
+    another order of the same work on the same locks (`replan`).
     """
 
-    def __init__(self, steps: Sequence[Step], also_lock: Sequence[tuple[int, str, int]] = ()) -> None:
-        for st in steps:
-            if not isinstance(st.qty, int) or st.qty <= 0 or not st.issuance_ids:
-                raise CarbonxError("invalid_quantity", f"a settlement step needs a positive quantity: {st!r}")
-            if st.to_state in FINAL_STATES or st.from_state in FINAL_STATES:
-                raise CarbonxError("invalid_state", "settlement never moves final credits")
+    def __init__(self, steps: Sequence[Step], also_lock: Sequence[tuple[int, str, int]] = (),
+                 also_owners: Iterable[int] = ()) -> None:
+        _check_steps(steps)
         self.steps = list(steps)
-        self.owners = sorted({o for st in steps for o in (st.from_owner, st.to_owner)} | {h[0] for h in also_lock})
+        self.owners = sorted({o for st in steps for o in (st.from_owner, st.to_owner)} | {h[0] for h in also_lock}
+                             | set(also_owners))
         self.holders = sorted({(st.from_owner, st.from_state, iss) for st in steps for iss in st.issuance_ids}
                               | set(also_lock))
         self._rows: list[Block] = []
@@ -318,7 +325,7 @@ class StepBatch:
         self._transfers: tuple[list, ...] = ()
 
     async def lock(self, conn: asyncpg.Connection) -> None:
-        if not self.steps:
+        if not self.holders:
             return
         await conn.execute("SELECT id FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE",
                            self.owners)
@@ -333,15 +340,20 @@ class StepBatch:
         self._rows = [_block(r) for r in rows]
 
     def replan(self, steps: Sequence[Step]) -> None:
-        """Plan `steps` instead, on the blocks already read (their holders must have been locked)."""
-        locked = set(self.holders)
-        for st in steps:
-            if any((st.from_owner, st.from_state, iss) not in locked for iss in st.issuance_ids):
-                raise AssertionError(f"step {st} reads a holder that was not locked")
-        self.steps = list(steps)
-        self.plan()
+        """Plan `steps` instead, on the blocks already read (a fallback after `StepsFailed`)."""
+        self.plan(steps)
 
-    def plan(self) -> None:
+    def plan(self, steps: Sequence[Step] | None = None) -> None:
+        """Plan the steps, or `steps` instead if given (their holders and accounts must have been
+        locked); raises `StepsFailed`, having written nothing, when a step finds too few credits."""
+        if steps is not None:
+            _check_steps(steps)
+            locked, owners = set(self.holders), set(self.owners)
+            for st in steps:
+                if st.from_owner not in owners or st.to_owner not in owners or any(
+                        (st.from_owner, st.from_state, iss) not in locked for iss in st.issuance_ids):
+                    raise AssertionError(f"step {st} reads a holder or moves to an account that was not locked")
+            self.steps = list(steps)
         plan = QuantityPlan()
         for b in self._rows:
             plan.add_loaded(b)

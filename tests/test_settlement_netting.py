@@ -313,3 +313,28 @@ def test_keys_checked_per_statement_are_still_enforced(conn, run):
         assert await conn.fetchval("SELECT count(*) FROM accounts WHERE id = $1", dev) == 1
 
     run(body())
+
+
+def test_steps_given_after_the_lock_must_stay_within_it(conn, run):
+    """The projector locks a batch's holders and accounts first and builds its steps while the
+    server writes the cash: steps reading an unlocked holder or moving to an unlocked account are
+    refused, steps within the lock are planned and written."""
+
+    async def body():
+        iss = await world(conn)
+        dev, buy, ops = [await conn.fetchval("SELECT id FROM accounts WHERE code = $1", c)
+                         for c in ("DEV", "BUY", "OPS")]
+        async with conn.transaction():
+            batch = registry.StepBatch((), [(dev, "available", iss.id)], {buy})
+            await batch.lock(conn)
+            for bad in (registry.Step((iss.id,), buy, "available", dev, "available", 1000, "transfer", "x"),
+                        registry.Step((iss.id,), dev, "available", ops, "available", 1000, "transfer", "x")):
+                with pytest.raises(AssertionError):
+                    batch.plan([bad])
+            batch.plan([registry.Step((iss.id,), dev, "available", buy, "available", 1000, "transfer", "ok")])
+            await batch.write(conn)
+        assert await conn.fetch("SELECT cause_ref, upper(serials) - lower(serials) AS kg, to_account_id FROM transfers "
+                                "WHERE cause_ref = 'ok'") == [("ok", 1000, buy)]
+        assert await cover_violations(conn) == []
+
+    run(body())
