@@ -199,12 +199,11 @@ async def _apply_cash(conn: asyncpg.Connection, work: Plan, custody: int, fees: 
             pay_entries.append(entry_id[(kind, ref)])
             pay_accounts.append(account)
             pay_amounts.append(amount)
-    t = work.trades
-    await conn.execute(
-        _CASH, [x.symbol for x in t], [x.trade_id for x in t], [x.seq for x in t], [x.ts for x in t],
-        [x.buyer for x in t], [x.seller for x in t], [x.price for x in t], [x.qty for x in t],
-        [x.value for x in t], [x.buyer_fee for x in t], [x.seller_fee for x in t], fees,
-        pay_entries, pay_accounts, pay_amounts)
+    # Trades are named tuples: one transposition gives every column (fields in Trade's order).
+    seq, ts, symbol, trade_id, buyer, seller, price, qty, value, bfee, sfee = (
+        zip(*work.trades, strict=True) if work.trades else ((),) * 11)
+    await conn.execute(_CASH, symbol, trade_id, seq, ts, buyer, seller, price, qty, value, bfee, sfee, fees,
+                       pay_entries, pay_accounts, pay_amounts)
 
 
 def _step(m: Move, issuances: dict[str, tuple[int, ...]]) -> registry.Step:
