@@ -130,10 +130,13 @@ async def run(dsn: str, delay: float, project: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m exchange.consumers", description=__doc__.splitlines()[0])
-    p.add_argument("dsn")
+    p.add_argument("--dsn", default=os.environ.get("CARBONX_CONSUMERS_DSN"),
+                   help="the database (default: $CARBONX_CONSUMERS_DSN, which keeps a password off the command line)")
     p.add_argument("--delay", type=float, default=0.01, help="seconds a small backlog may gather")
     p.add_argument("--no-project", dest="project", action="store_false", help="history only")
     args = p.parse_args(argv)
+    if not args.dsn:
+        p.error("no database: give --dsn or set CARBONX_CONSUMERS_DSN")
     logging.basicConfig(level=logging.WARNING, format="carbonx consumers: %(message)s")
     try:
         asyncio.run(run(args.dsn, args.delay, args.project))

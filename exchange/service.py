@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -550,12 +551,15 @@ class ExchangeService:
     # ---- the consumers' process ---------------------------------------------------------------
 
     async def _start_child(self) -> None:
-        args = [sys.executable, "-m", "exchange.consumers", self.dsn, "--delay", str(self.consumer_delay)]
+        args = [sys.executable, "-m", "exchange.consumers", "--delay", str(self.consumer_delay)]
         if not self.project:
             args.append("--no-project")
-        # stderr is inherited: a consumer's failure is logged where the service's own logs go.
+        # The DSN goes in the environment, not the command line that every local user can read
+        # (it may hold a password). stderr is inherited: a consumer's failure is logged where the
+        # service's own logs go.
         self._child = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "CARBONX_CONSUMERS_DSN": self.dsn})
         line = await asyncio.wait_for(self._child.stdout.readline(), 60)
         if line.strip() != b"ready":
             code = await self._child.wait()
