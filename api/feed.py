@@ -294,9 +294,7 @@ class Feed:
     def forget(self, c: Client) -> None:
         self.clients.discard(c)
         for symbol, (depth, interval) in c.books.items():
-            g = self.groups.get((symbol, depth, interval))
-            if g is not None:
-                g.clients.discard(c)
+            self._leave((symbol, depth, interval), c)
         for key in c.channels:
             if key[0] == "binance":
                 for g in self.binance.values():
@@ -373,13 +371,11 @@ class Feed:
         if name == "book":
             old = c.books.get(symbol)
             if old is not None:
-                self.groups[(symbol, *old)].clients.discard(c)
+                self._leave((symbol, *old), c)
             key = (symbol, depth, interval)
             g = self.groups.get(key)
             if g is None:
                 g = self.groups[key] = BookGroup(DepthView(self.market.books[symbol], depth), interval)
-            elif not g.clients:  # nobody kept it current: start from the book as it is now
-                g.view = DepthView(self.market.books[symbol], depth)
             g.clients.add(c)
             c.books[symbol] = (depth, interval)
             return g.snapshot(now_us())
@@ -390,11 +386,20 @@ class Feed:
         c.channels.add(key)
         return None
 
+    def _leave(self, key: tuple[str, int, int], c: Client) -> None:
+        """`c` leaves a depth view; the last one out drops it. Each (symbol, depth, interval) a
+        client ever asked for would otherwise stay, and every commit walks them all."""
+        g = self.groups.get(key)
+        if g is not None:
+            g.clients.discard(c)
+            if not g.clients:
+                del self.groups[key]
+
     def _unsubscribe(self, c: Client, name: str, symbol: str, depth: int, interval: int) -> None:
         if name == "book":
             old = c.books.pop(symbol, None)
             if old is not None:
-                self.groups[(symbol, *old)].clients.discard(c)
+                self._leave((symbol, *old), c)
             return
         if name == "orders" and c.account is not None:
             self.orders.get(c.account.id, set()).discard(c)
@@ -583,6 +588,9 @@ class Feed:
         while True:
             await asyncio.sleep(0.01)
             now, ts = loop.time(), now_us()
+            if len(due) > 2 * (len(self.groups) + len(self.binance)) + 64:  # dropped groups' entries
+                alive = {id(g) for g in (*self.groups.values(), *self.binance.values())}
+                due = {k: v for k, v in due.items() if k in alive}
             for g in list(self.groups.values()):
                 if g.interval_ms and g.clients and now >= due.get(id(g), 0):
                     due[id(g)] = now + g.interval_ms / 1000
