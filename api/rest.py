@@ -26,7 +26,7 @@ from api.auth import Gate, Limits, bearer
 from api.orders import Trading, _units
 from api.wire import checksum, fill_view, http_status, iso, levels, order_view, problem
 from exchange import accounts as acc
-from exchange import neutrality, offsetting, registry
+from exchange import certificates, neutrality, offsetting, registry
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
 from exchange.history import order_from_row
@@ -359,7 +359,10 @@ def create_app(ctx: Context) -> FastAPI:
     async def verify_page(code: CertCode) -> Response:
         """The public verification page a certificate's QR code points to."""
         try:
-            return await rendered(code, "html", "text/html; charset=utf-8")
+            data = await certificate_data(code)
+            return Response(certificates.render_certificate_html(
+                data, certificates.verification_url(ctx.public_url, data["certificate_code"]), verified=True),
+                media_type="text/html; charset=utf-8")
         except CarbonxError as e:
             if e.code != "not_found":
                 raise

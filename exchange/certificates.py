@@ -125,6 +125,10 @@ def qr_svg(url: str, *, scale: int = 4) -> str:
 # --------------------------------------------------------------------------------------------
 _CSS = """
 @page { size: A4; margin: 16mm; }
+.verdict { max-width: 210mm; margin: 12px auto 0; padding: 10px 16px; background: #e3f4e6; border: 1px solid #2e7d3e;
+  color: #1f5c2c; font-weight: 600; }
+.verdict .en { display: block; font-weight: 400; font-size: 0.9em; }
+@media print { .verdict { display: none; } }
 * { box-sizing: border-box; }
 body { margin: 0; background: #eef2ee; color: #1d2a1f;
        font-family: "PingFang SC", "Noto Sans CJK SC", "Source Han Sans SC", "Microsoft YaHei", "Hiragino Sans GB",
@@ -156,8 +160,16 @@ def _label(zh: str, en: str) -> str:
     return f'{zh} <span class="en" lang="en">{en}</span>'
 
 
-def render_certificate_html(cert: Mapping[str, Any], verify_url: str) -> str:
-    """A self-contained HTML page for a retirement record (`registry.retirement_by_code`)."""
+def _verdict(code: str) -> str:
+    return ('<p class="verdict" role="status">✓ 真实有效：本登记簿签发了证书 ' + code + '，下列序列号均已注销。'
+            '<span class="en" lang="en">Genuine: this registry issued certificate ' + code + ' and the serial '
+            'ranges below are retired.</span></p>\n')
+
+
+def render_certificate_html(cert: Mapping[str, Any], verify_url: str, verified: bool = False) -> str:
+    """A self-contained HTML page for a retirement record (`registry.retirement_by_code`). With
+    `verified`, as the public verification page shows it: a verdict first, that the registry holds
+    this certificate and its serial ranges are retired."""
     cert = _checked(cert)
     url = _check_url(verify_url)
     e = html.escape
@@ -184,7 +196,7 @@ def render_certificate_html(cert: Mapping[str, Any], verify_url: str) -> str:
 <style>{_CSS}</style>
 </head>
 <body>
-<main>
+{_verdict(code) if verified else ""}<main>
 <h1>碳中和证书<span class="en" lang="en">Carbon Neutrality Certificate</span></h1>
 <dl>
 <dt>{_label('受益方', 'Beneficiary')}</dt><dd>{e(str(cert['beneficiary']))}</dd>

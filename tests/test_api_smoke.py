@@ -109,5 +109,8 @@ def test_verification_page(server):
                                                    "purpose": "零碳景区 2026"}), 201)
         page = buy.get(f"/verify/{ret['certificate_code']}")
         assert page.status_code == 200 and "西岭雪山景区" in page.text and ret["serials"][0] in page.text
+        assert f"Genuine: this registry issued certificate {ret['certificate_code']}" in page.text
+        plain = buy.get(f"/v1/certificates/{ret['certificate_code']}.html")  # the printable one has no verdict
+        assert plain.status_code == 200 and "Genuine:" not in plain.text
         fake = buy.get("/verify/CX-FAKE-FAKE-FAKE")
         assert fake.status_code == 404 and "not genuine" in fake.text
