@@ -194,14 +194,23 @@ def test_settlement_survives_sigkill_mid_batch_exactly_once(db, run, tmp_path):
     assert trades > 3000
     env = {**os.environ, "DATABASE_URL": db}
     kills, attempts, progress = 0, 0, []
+    rng = random.Random(5)
     while kills < 4 and attempts < 12 and (not progress or progress[-1] < entries):
         attempts += 1
-        delay = 0.45 + 0.05 * attempts  # the import and connect take ~0.5 s; then it is settling
+        before = progress[-1] if progress else 0
         proc = subprocess.Popen([sys.executable, "-m", "exchange", "clearing", "settle", "--batch", "300",
                                  "--data-dir", str(tmp_path)],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            time.sleep(delay)
+            # Kill once it has committed a batch (a fixed delay raced the start-up on a loaded
+            # machine: four kills before any work), a little later each time, so the kill lands
+            # at different points of the next batches.
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                if run(_ask(db, projector.position)) > before:
+                    break
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
