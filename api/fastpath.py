@@ -49,7 +49,7 @@ class FastOrders:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PATH:
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        headers = dict(reversed(scope["headers"]))  # the first of repeated headers, as starlette reads them
         body = b""
         while True:  # the whole body (Guard, in front, limits its size)
             msg = await receive()

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -39,10 +40,9 @@ BACKLOG_NOW = 1000  # entries that are applied at once, without waiting for more
 class Consumers:
     """Follows announced journal positions with the projector and the history writer."""
 
-    def __init__(self, dsn: str, *, delay: float, project: bool, say: callable) -> None:
+    def __init__(self, dsn: str, *, delay: float, say: Callable[[str], None]) -> None:
         self.dsn = dsn
         self.delay = delay
-        self.project = project
         self.say = say
         self.durable = 0
         self.stopping = False
@@ -60,7 +60,7 @@ class Consumers:
         for e in self.wake.values():
             e.set()
 
-    async def follow(self, name: str, apply) -> None:
+    async def follow(self, name: str, apply: Callable[..., Awaitable[int]]) -> None:
         """Apply the journal up to each announced position, letting small backlogs gather."""
         conn = await asyncpg.connect(self.dsn)
         try:
@@ -99,7 +99,7 @@ async def run(dsn: str, delay: float, project: bool) -> None:
         except BrokenPipeError:  # the parent is gone: nobody to tell, the work goes on to the end
             c.stop()
 
-    c = Consumers(dsn, delay=delay, project=project, say=say)
+    c = Consumers(dsn, delay=delay, say=say)
     tasks = [asyncio.create_task(c.follow("history", history.catch_up))]
     if project:
         tasks.append(asyncio.create_task(c.follow("projector", projector.catch_up)))

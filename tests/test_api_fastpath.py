@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ from tests.api_helpers import SYMBOL, ServerThread, build_world, operator_key
 TIME = re.compile(r'"(time|created_at|updated_at)":"[^"]*"')
 
 
-def requests(keys: dict[str, str]) -> list[tuple[str, dict[str, str], bytes]]:
+def requests(keys: dict[str, str]) -> list[tuple[str, Any, bytes]]:
     """(name, headers, body) of the requests both servers get, in this order."""
     member = {"authorization": f"Bearer {keys['BUY']}", "content-type": "application/json"}
     seller = {"authorization": f"Bearer {keys['DEV']}", "content-type": "application/json"}
@@ -60,6 +61,8 @@ def requests(keys: dict[str, str]) -> list[tuple[str, dict[str, str], bytes]]:
          b'{"symbol":"%s","side":"buy","price":"35.00","quantity":"1.000"}' % SYMBOL.encode()),
         ("operator", ops, b'{"symbol":"%s","side":"buy","price":"35.00","quantity":"1.000"}' % SYMBOL.encode()),
         ("bad key and bad body", {"authorization": "Bearer nope", "content-type": "application/json"}, b"{"),
+        ("two keys, the first unknown", [("authorization", "Bearer cx_not_a_key"), *member.items()],
+         b'{"symbol":"%s","side":"buy","price":"33.00","quantity":"1.000"}' % SYMBOL.encode()),
     ]
 
 
@@ -103,6 +106,7 @@ def test_fast_path_answers_exactly_as_the_fastapi_route(two_worlds, run):
     assert statuses["crossing bid"] == statuses["coid resend"] == 201
     assert statuses["bad json"] == statuses["missing side"] == 400
     assert statuses["no key"] == statuses["unknown key"] == 401 and statuses["operator"] == 403
+    assert statuses["two keys, the first unknown"] == 401
     assert statuses["no funds"] == 422 and statuses["no content type"] == 400
     # Answered by the fast path itself: every request from the member with a well-formed body.
     plain = {"crossing bid", "coid resend", "resting bid, charset", "market buy",
