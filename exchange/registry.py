@@ -223,8 +223,16 @@ async def _load_neighbours(conn: asyncpg.Connection, plan: BlockPlan, owners: se
     edges = [(b.issuance_id, b.lo, b.hi) for b in plan.blocks() if b.id is None and b.state not in FINAL_STATES]
     if not edges:
         return
+    for r in await _lock_neighbours(conn, edges, sorted(owners)):
+        plan.add_loaded(_block(r))
+
+
+async def _lock_neighbours(conn: asyncpg.Connection, edges: list[tuple[int, int, int]],
+                           owners: list[int]) -> list[asyncpg.Record]:
+    """Lock and read the live blocks of `owners` that touch an edge (issuance, lo, hi) from
+    outside: ending at lo or starting at hi."""
     # Two index probes (blocks_by_upper, blocks_by_lower) rather than one OR, which scans the table.
-    rows = await conn.fetch(
+    return await conn.fetch(
         f"""SELECT {_BLOCK_COLUMNS} FROM blocks b
             WHERE b.id IN (SELECT n.id FROM unnest($1::bigint[], $2::bigint[]) AS e(iss, lo)
                            JOIN blocks n ON n.issuance_id = e.iss AND upper(n.serials) = e.lo
@@ -233,10 +241,8 @@ async def _load_neighbours(conn: asyncpg.Connection, plan: BlockPlan, owners: se
                            JOIN blocks n ON n.issuance_id = e.iss AND lower(n.serials) = e.hi)
               AND b.owner_account_id = ANY($4::bigint[]) AND b.state NOT IN ('retired', 'cancelled')
             ORDER BY id FOR UPDATE""",
-        [e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges], sorted(owners),
+        [e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges], owners,
     )
-    for r in rows:
-        plan.add_loaded(_block(r))
 
 
 async def _write_transfers(
@@ -386,18 +392,7 @@ class StepBatch:
             return
         edges = plan.edges()
         if edges:
-            rows = await conn.fetch(
-                f"""SELECT {_BLOCK_COLUMNS} FROM blocks b
-                    WHERE b.id IN (SELECT n.id FROM unnest($1::bigint[], $2::bigint[]) AS e(iss, lo)
-                                   JOIN blocks n ON n.issuance_id = e.iss AND upper(n.serials) = e.lo
-                                   UNION
-                                   SELECT n.id FROM unnest($1::bigint[], $3::bigint[]) AS e(iss, hi)
-                                   JOIN blocks n ON n.issuance_id = e.iss AND lower(n.serials) = e.hi)
-                      AND b.owner_account_id = ANY($4::bigint[]) AND b.state NOT IN ('retired', 'cancelled')
-                    ORDER BY id FOR UPDATE""",
-                [e[0] for e in edges], [e[1] for e in edges], [e[2] for e in edges], self.owners,
-            )
-            for r in rows:
+            for r in await _lock_neighbours(conn, edges, self.owners):
                 plan.add_neighbour(_block(r))
         deletes, inserts = plan.diff()
         if deletes:
