@@ -118,24 +118,27 @@ async def _system_ids(conn: asyncpg.Connection) -> tuple[int, int]:
 # One statement for the batch's cash and settled trades: the trades' ledger entries, every
 # posting of the batch (trades' and payments'), and the settled_trades rows. One statement keeps
 # the ledger's rule "balances are checked per statement" exactly as before (the core keeps every
-# balance non-negative at the end of the batch, not necessarily after each part of it).
+# balance non-negative at the end of the batch, not necessarily after each part of it). Each
+# trade's entry id is drawn from the entries' own sequence before the rows are written, so its
+# postings name it directly (before, the entries' RETURNING rows were joined back by reference,
+# a sort of both sides per batch).
 _CASH = """
-WITH t AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
-                         $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
+WITH t AS MATERIALIZED (
+    SELECT nextval('ledger_entries_id_seq') AS entry, *
+      FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
+                  $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
            AS t(symbol, trade_id, seq, ts, buyer, seller, price, qty, value, bfee, sfee)),
 e AS (
-    INSERT INTO ledger_entries (kind, ref) SELECT 'trade', 'trade:' || symbol || ':' || trade_id FROM t
-    RETURNING id, ref),
+    INSERT INTO ledger_entries (id, kind, ref) OVERRIDING SYSTEM VALUE
+    SELECT entry, 'trade', 'trade:' || symbol || ':' || trade_id FROM t),
 s AS (
     INSERT INTO settled_trades (symbol, trade_id, seq, ts, buyer_id, seller_id, price_fen, qty_kg, value_fen,
                                 buyer_fee_fen, seller_fee_fen)
-    SELECT * FROM t)
+    SELECT symbol, trade_id, seq, ts, buyer, seller, price, qty, value, bfee, sfee FROM t)
 INSERT INTO postings (entry_id, account_id, amount_fen)
-SELECT e.id, x.account, x.amount
-  FROM t JOIN e ON e.ref = 'trade:' || t.symbol || ':' || t.trade_id
- CROSS JOIN LATERAL (VALUES (t.buyer, -(t.value + t.bfee)), (t.seller, t.value - t.sfee),
-                            ($12::bigint, t.bfee + t.sfee)) AS x(account, amount)
+SELECT t.entry, x.account, x.amount
+  FROM t CROSS JOIN LATERAL (VALUES (t.buyer, -(t.value + t.bfee)), (t.seller, t.value - t.sfee),
+                                    ($12::bigint, t.bfee + t.sfee)) AS x(account, amount)
  WHERE x.amount <> 0
 UNION ALL
 SELECT * FROM unnest($13::bigint[], $14::bigint[], $15::bigint[])

@@ -278,8 +278,9 @@ def test_a_batch_that_nets_badly_falls_back_to_journal_order(db, pg_server, run,
 
 def test_keys_checked_per_statement_are_still_enforced(conn, run):
     """0005 checks the keys of postings, transfers and settled_trades once per statement instead
-    of a foreign key per row: raw SQL naming a missing row is still refused, and an account they
-    name cannot be deleted or renumbered."""
+    of a foreign key per row (0007: without locking rows of append-only tables): raw SQL naming a
+    missing row is still refused, naming the key, and an account they name cannot be deleted or
+    renumbered."""
 
     async def body():
         iss = await world(conn)
@@ -302,8 +303,13 @@ def test_keys_checked_per_statement_are_still_enforced(conn, run):
              10**9, dev, dev),
         ]
         for sql, *args in bad:
-            with pytest.raises(asyncpg.ForeignKeyViolationError):
+            with pytest.raises(asyncpg.ForeignKeyViolationError, match="1000000000"):
                 await conn.execute(sql, *args)
+        # 0007 checks keys into append-only tables without locking them: those tables must then
+        # refuse TRUNCATE as well as UPDATE and DELETE.
+        for table in ("ledger_entries", "journal", "issuances", "settled_trades", "payments", "postings"):
+            with pytest.raises(asyncpg.CheckViolationError, match="append-only"):
+                await conn.execute(f"TRUNCATE {table} CASCADE")
         await conn.execute("INSERT INTO postings (entry_id, account_id, amount_fen) VALUES ($1, $2, 5), ($1, $3, -5)",
                            entry, dev, custody)
         with pytest.raises(asyncpg.ForeignKeyViolationError):
