@@ -19,7 +19,7 @@ from api.fastpath import FastOrders
 from api.feed import Feed
 from api.orders import Trading
 from api.rest import Context, Guard, create_app, problem_response
-from exchange import certificates
+from exchange import certificates, gcpolicy
 from exchange.history import Trade
 from exchange.marketdata import WINDOW_US, MarketData
 from exchange.service import ExchangeService, now_us
@@ -50,7 +50,8 @@ class Exchange:
 
     def __init__(self, dsn: str, *, host: str = "127.0.0.1", http_port: int = 8700, ws_port: int = 8701,
                  limits: Limits | None = None, max_buffer: int = 4 << 20, heartbeat: float = 1.0,
-                 service_options: dict[str, Any] | None = None, fast_orders: bool = True) -> None:
+                 service_options: dict[str, Any] | None = None, fast_orders: bool = True,
+                 gc_policy: bool = True) -> None:
         self.dsn = dsn
         self.host = host
         self.http_port = http_port
@@ -58,6 +59,7 @@ class Exchange:
         self.limits = limits or Limits()
         self.max_buffer = max_buffer
         self.heartbeat = heartbeat
+        self.gc_policy = gc_policy  # exchange/gcpolicy.py, process-wide
         self.fast_orders = fast_orders  # POST /v1/orders below FastAPI (api/fastpath.py)
         self.orders_path: FastOrders | None = None
         # The journal consumers get a process of their own: this loop serves orders and the feed.
@@ -106,6 +108,8 @@ class Exchange:
             await asyncio.sleep(0.01)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
         ctx.public_url = self.http_url
+        if self.gc_policy:
+            gcpolicy.apply()  # the recovered core and the loaded views are start-up's: freeze them
 
     async def stop(self) -> None:
         if self.feed is not None:

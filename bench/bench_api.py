@@ -14,8 +14,9 @@ Run:  python -m pytest bench/bench_api.py --benchmark-only -s
    more connection places orders open loop at each of CARBONX_BENCH_FANOUT_RATES orders/s; deliveries/s and the
    delay from each message's ``ts`` (the time the exchange sequenced the order) to its receipt.
 Baseline, measured in the same run: ``ExchangeService.submit`` in process, durable (the same
-measure as bench_service.py's durable throughput, project off), so every rate is also reported
-as a ratio to it.
+measure as bench_service.py's durable throughput, project off), under the server's garbage-
+collector policy (exchange/gcpolicy.py; it is process-wide and the server runs in this process),
+so every rate is also reported as a ratio to it.
 
 The resting asks the crossing buys need are placed before each timed phase by the seller (DEV)
 through loadgen itself (``ws --side sell --cross-fraction 0``), untimed.
@@ -49,6 +50,7 @@ import pytest
 from bench_service import SUBMITTERS, Flow, _summary, drive, open_market
 
 from api.auth import Limits
+from exchange import gcpolicy
 from exchange.database import drop_database, ensure_database, with_database
 from matching.core import ExchangeCore
 from tests.api_helpers import SYMBOL, ServerThread, build_world, operator_key
@@ -136,8 +138,11 @@ def _goal(ok: bool) -> str:
 
 
 def test_baseline_submit(benchmark, request, db, run):
-    """In-process ExchangeService.submit, durable, SUBMITTERS concurrent submitters (bench_service)."""
+    """In-process ExchangeService.submit, durable, SUBMITTERS concurrent submitters (bench_service),
+    under the garbage-collector policy the server applies (exchange/gcpolicy.py), so that the
+    ratios compare like with like."""
     market = run(open_market(db))
+    gcpolicy.apply()
     service = market.service
     try:
         flow = Flow(ExchangeCore.restore(service.core.snapshot()), market.buyers, market.sellers)

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from exchange import history, projector
+from exchange import gcpolicy, history, projector
 
 log = logging.getLogger("carbonx.consumers")
 BACKLOG_NOW = 1000  # entries that are applied at once, without waiting for more
@@ -103,6 +103,7 @@ async def run(dsn: str, delay: float, project: bool) -> None:
     tasks = [asyncio.create_task(c.follow("history", history.catch_up))]
     if project:
         tasks.append(asyncio.create_task(c.follow("projector", projector.catch_up)))
+    gcpolicy.apply()
     say("ready")
 
     async def listen() -> None:
