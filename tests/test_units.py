@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from matching.units import (
     UnitError,
     fee_fen,
+    format_decimal,
     format_price,
     format_tonnes,
     parse_cash,
@@ -42,6 +43,13 @@ def test_round_trips(n):
     assert parse_tonnes(format_tonnes(n)) == n
     assert parse_price(format_price(n)) == n
     assert parse_cash(format_price(n)) == n
+
+
+@given(st.integers(-10**20, 10**20), st.integers(0, 20))
+def test_format_decimal_is_the_exact_decimal(n, places):
+    """The %-format fast path and the general path agree with Decimal's own rendering."""
+    expected = f"{Decimal(n).scaleb(-places):.{places}f}"
+    assert format_decimal(n, places) == expected
 
 
 def test_formats():
