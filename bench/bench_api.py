@@ -71,6 +71,7 @@ SUBSCRIBERS = int(os.environ.get("CARBONX_BENCH_SUBSCRIBERS", "1000"))
 FANOUT_RATES = [float(x) for x in os.environ.get("CARBONX_BENCH_FANOUT_RATES", "100,1000").split(",")]
 
 GOAL_WS, GOAL_REST, GOAL_FAN, GOAL_FAN_P99_MS = 20_000, 3_000, 50_000, 100.0
+GOAL_FAN_RATE = 100.0  # orders/s: the fan-out goal's load; higher rates measure capacity
 CROSS = 0.5  # share of the orders that trade
 ASK_QTY = 10  # tonnes per seeded ask; crossing buys take 1 t each
 LOADGEN = Path(__file__).with_name("loadgen.py")
@@ -229,6 +230,7 @@ def test_fanout(benchmark, request, live, rate):
              f"fan-out to {SUBSCRIBERS:,} subscribers, {rate:,.0f} orders/s offered for {FANOUT_S:g} s: "
              f"{per_s:,} deliveries/s ({out['book_updates']:,} book updates + {out['trade_messages']:,} trades); "
              f"delay from ts p50 {out['delay_p50_ms']:.1f} ms, p99 {p99:.1f} ms, max {out['delay_max_ms']:.1f} ms "
-             f"(loadgen CPU {out['loadgen_cpu_s']} s); "
-             f"{_goal(per_s >= GOAL_FAN and p99 <= GOAL_FAN_P99_MS)} >= {GOAL_FAN:,}/s with p99 <= "
-             f"{GOAL_FAN_P99_MS:g} ms")
+             f"(loadgen CPU {out['loadgen_cpu_s']} s); " + (
+                 f"{_goal(per_s >= GOAL_FAN and p99 <= GOAL_FAN_P99_MS)} >= {GOAL_FAN:,}/s with p99 <= "
+                 f"{GOAL_FAN_P99_MS:g} ms" if rate <= GOAL_FAN_RATE else
+                 "capacity: more is offered than the goal's load, and the delay is the backlog"))
