@@ -69,7 +69,7 @@ def parse_tonnes(text: str, what: str = "quantity") -> int:
 
 def format_tonnes(kg: int) -> str:
     """Kilograms → tonnes with 3 decimals: 1200 → "1.200"."""
-    return format_decimal(kg, 3)
+    return "%d.%03d" % divmod(kg, 1000) if kg >= 0 else format_decimal(kg, 3)  # noqa: UP031 (format_decimal says why)
 
 
 def parse_price(text: str, what: str = "price") -> int:
@@ -79,7 +79,7 @@ def parse_price(text: str, what: str = "price") -> int:
 
 def format_price(fen_per_tonne: int) -> str:
     """Fen per tonne → CNY per tonne with 2 decimals: 1389 → "13.89"."""
-    return format_decimal(fen_per_tonne, 2)
+    return "%d.%02d" % divmod(fen_per_tonne, 100) if fen_per_tonne >= 0 else format_decimal(fen_per_tonne, 2)  # noqa: UP031 (format_decimal says why)
 
 
 def parse_cash(text: str, what: str = "amount") -> int:
@@ -89,7 +89,7 @@ def parse_cash(text: str, what: str = "amount") -> int:
 
 def format_cash(fen: int) -> str:
     """Fen → CNY with 2 decimals."""
-    return format_decimal(fen, 2)
+    return "%d.%02d" % divmod(fen, 100) if fen >= 0 else format_decimal(fen, 2)  # noqa: UP031 (format_decimal says why)
 
 
 def trade_value_fen(price_fen_per_tonne: int, qty_kg: int) -> int:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from matching.units import (
     UnitError,
     fee_fen,
+    format_cash,
     format_decimal,
     format_price,
     format_tonnes,
@@ -50,6 +51,10 @@ def test_format_decimal_is_the_exact_decimal(n, places):
     """The %-format fast path and the general path agree with Decimal's own rendering."""
     expected = f"{Decimal(n).scaleb(-places):.{places}f}"
     assert format_decimal(n, places) == expected
+    if places == 3:
+        assert format_tonnes(n) == expected
+    if places == 2:
+        assert format_price(n) == format_cash(n) == expected
 
 
 def test_formats():
