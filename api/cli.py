@@ -97,7 +97,7 @@ def serve(
     demo: Annotated[bool, typer.Option("--demo", help="Seed the launch scenario and simulate a market.")] = False,
     stdio: Annotated[bool, typer.Option("--stdio", help="Also take JSON-line commands on stdin.")] = False,
     snapshot_every: Annotated[int, typer.Option(min=1, help="Snapshot the core every N journal entries.")] = 250_000,
-    flush_ms: Annotated[float, typer.Option(min=0.0, max=100.0, help="Group-commit wait in milliseconds.")] = 1.0,
+    flush_ms: Annotated[float, typer.Option(min=0.0, max=100.0, help="Group-commit wait in milliseconds.")] = 0.3,
     book: Annotated[str | None, typer.Option(help="Order book implementation: cython or reference.")] = None,
     rate_limit: Annotated[float, typer.Option(min=1.0, help="Requests per second per API key.")] = 50_000.0,
 ) -> None:

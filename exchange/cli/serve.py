@@ -181,7 +181,7 @@ def serve(
     data_dir: DataDir = None,
     stdio: Annotated[bool, typer.Option("--stdio", help="Take JSON-line commands on stdin, answer on stdout.")] = False,
     snapshot_every: Annotated[int, typer.Option(min=1, help="Snapshot the core every N journal entries.")] = 250_000,
-    flush_ms: Annotated[float, typer.Option(min=0.0, max=100.0, help="Group-commit wait in milliseconds.")] = 1.0,
+    flush_ms: Annotated[float, typer.Option(min=0.0, max=100.0, help="Group-commit wait in milliseconds.")] = 0.3,
     book: Annotated[str | None, typer.Option(help="Order book implementation: cython or reference.")] = None,
 ) -> None:
     """Run the exchange: recover from the journal, then accept commands until stopped."""
