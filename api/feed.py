@@ -45,6 +45,7 @@ log = logging.getLogger("carbonx.feed")
 MAX_DEPTH = 1000
 MAX_INTERVAL_MS = 10_000
 BINANCE_INTERVALS = {"": 1000, "@100ms": 100, "@1000ms": 1000}
+ORDER_OPS = frozenset(("order.place", "order.cancel", "order.amend"))
 
 
 def now_us() -> int:
@@ -272,14 +273,17 @@ class Feed:
                 if not isinstance(msg, dict):
                     self._error(client, None, "invalid_request", "messages are JSON objects")
                     continue
+                ident = msg.get("id")  # before order entry takes it out of the message
                 try:
                     self.gate.admit(client.address, client.key)
                     if client.binance:
                         self._binance_message(client, msg)
+                    elif msg.get("op") in ORDER_OPS:  # without a coroutine per order
+                        self._order(client, msg["op"], ident, msg)
                     else:
                         await self._message(client, msg)
                 except CarbonxError as e:
-                    self._error(client, msg.get("id"), e.code, e.message)
+                    self._error(client, ident, e.code, e.message)
         except ConnectionClosed:
             pass
         finally:
@@ -337,7 +341,7 @@ class Feed:
             c.account = await self.gate.account(key if isinstance(key, str) else None)
             c.key = key
             self._send(c, {"type": "ack", "id": ident, "account": c.account.code, "role": c.account.role})
-        elif op in ("order.place", "order.cancel", "order.amend"):
+        elif op in ORDER_OPS:
             self._order(c, op, ident, msg)
         elif op == "ping":
             self._send(c, {"type": "pong", "id": ident, "ts": now_us()})
@@ -413,7 +417,9 @@ class Feed:
             raise CarbonxError("unauthorized", "send {\"op\":\"auth\",\"api_key\":...} first")
         if c.account.role != "member":
             raise CarbonxError("forbidden", "only member accounts trade")
-        fields = {k: v for k, v in msg.items() if k not in ("op", "id")}
+        fields = msg  # the message is this call's own (parsed for it): take op and id out of it
+        fields.pop("op", None)
+        fields.pop("id", None)
         account = c.account.id
         try:
             if op == "order.place":

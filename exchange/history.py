@@ -102,12 +102,11 @@ def new_order(seq: int, ts: int, command: dict, accepted: tuple) -> OrderState:
     _, symbol, oid, account, side, price, qty = accepted
     tif = command.get("tif", E.GTC)
     kind = command.get("kind", E.LIMIT)
-    return OrderState(
-        order_id=oid, account=account, symbol=symbol, side=side, kind=kind, tif=tif,
-        post_only=bool(command.get("post_only", False)), price=price, quantity=qty, remaining=qty,
-        max_cash=command.get("cash_cap"), expire_ts=command.get("expire_ts") if tif == E.GTD else None,
-        client_order_id=command.get("coid"), created_ts=ts, updated_ts=ts,
-    )
+    # Positional, in OrderState's field order: one of these per accepted order, and keywords
+    # cost a third more.
+    return OrderState(oid, account, symbol, side, kind, tif, bool(command.get("post_only", False)), price, qty, qty,
+                      0, 0, 0, command.get("cash_cap"), command.get("expire_ts") if tif == E.GTD else None,
+                      command.get("coid"), "new", None, ts, ts, [])
 
 
 def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[int, OrderState],
