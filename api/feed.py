@@ -45,7 +45,9 @@ log = logging.getLogger("carbonx.feed")
 MAX_DEPTH = 1000
 MAX_INTERVAL_MS = 10_000
 BINANCE_INTERVALS = {"": 1000, "@100ms": 100, "@1000ms": 1000}
-ORDER_OPS = frozenset(("order.place", "order.cancel", "order.amend"))
+# A tuple, not a set: `op` is whatever JSON the client sent, and an unhashable one (a list) must
+# get "unknown op", not a TypeError that closes the connection.
+ORDER_OPS = ("order.place", "order.cancel", "order.amend")
 
 
 def now_us() -> int:

@@ -4,7 +4,8 @@ Books rebuilt from snapshot + updates under long seeded random trading on two in
 reconnects, depth 5 and 10, a coalescing subscription) always equal GET /v1/book and every
 checksum; the Binance-compatible depth procedure holds the true book; trades, tickers, heartbeats
 and the registry channel; a slow consumer is cut with slow_consumer + 1008 while a reader stays
-gapless; a planned stop says server_shutdown before closing.
+gapless; a planned stop says server_shutdown before closing; malformed messages get errors and
+leave the connection working.
 """
 
 from __future__ import annotations
@@ -358,3 +359,28 @@ def test_server_shutdown_precedes_the_close(db, run):
         while True:
             got.append(orjson.loads(bc.recv(5)))
     assert got and got[-1]["type"] == "server_shutdown"
+
+
+def test_malformed_messages_get_errors_and_the_connection_stays(server):
+    """Whatever JSON a client sends on the feed, it gets an error naming its id (when it had one)
+    and the connection keeps working: not JSON, not an object, an op that is no string (a list
+    is unhashable: it must be an unknown op, not a dropped connection), an unknown op, order
+    entry before auth."""
+    with connect(f"{server.ws}/v1/ws") as ws:
+        cases = [
+            (b"{not json", None, "invalid_json"),
+            (b"[1, 2]", None, "invalid_request"),
+            (orjson.dumps({"op": [], "id": 1}), 1, "invalid_request"),
+            (orjson.dumps({"op": {"place": 1}, "id": "two"}), "two", "invalid_request"),
+            (orjson.dumps({"op": None, "id": 3}), 3, "invalid_request"),
+            (orjson.dumps({"op": "nope", "id": [4]}), [4], "invalid_request"),
+            (orjson.dumps({"op": "order.place", "id": 5, "symbol": SYMBOL}), 5, "unauthorized"),
+            (orjson.dumps({"op": "order.cancel", "id": 6, "order_id": 1}), 6, "unauthorized"),
+        ]
+        for raw, ident, code in cases:
+            ws.send(raw.decode())
+            e = orjson.loads(ws.recv(5))
+            assert (e["type"], e["id"], e["code"]) == ("error", ident, code), (raw, e)
+        ws.send(orjson.dumps({"op": "ping", "id": 9}).decode())
+        pong = orjson.loads(ws.recv(5))
+        assert (pong["type"], pong["id"]) == ("pong", 9)
