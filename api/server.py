@@ -60,6 +60,7 @@ class Exchange:
         self.max_buffer = max_buffer
         self.heartbeat = heartbeat
         self.gc_policy = gc_policy  # exchange/gcpolicy.py, process-wide
+        self._gc_before: tuple[int, int, int] | None = None  # the thresholds to restore on stop
         self.fast_orders = fast_orders  # POST /v1/orders below FastAPI (api/fastpath.py)
         self.orders_path: FastOrders | None = None
         # The journal consumers get a process of their own: this loop serves orders and the feed.
@@ -109,16 +110,21 @@ class Exchange:
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
         ctx.public_url = self.http_url
         if self.gc_policy:
-            gcpolicy.apply()  # the recovered core and the loaded views are start-up's: freeze them
+            self._gc_before = gcpolicy.apply()  # the recovered core and loaded views are start-up's: freeze
 
     async def stop(self) -> None:
-        if self.feed is not None:
-            await self.feed.stop()
-        if self._http is not None:
-            self._http.should_exit = True
-            if self._http_task is not None:
-                await asyncio.gather(self._http_task, return_exceptions=True)
-        await self.service.stop()
+        try:
+            if self.feed is not None:
+                await self.feed.stop()
+            if self._http is not None:
+                self._http.should_exit = True
+                if self._http_task is not None:
+                    await asyncio.gather(self._http_task, return_exceptions=True)
+            await self.service.stop()
+        finally:
+            if self._gc_before is not None:
+                gcpolicy.undo(self._gc_before)
+                self._gc_before = None
 
     async def __aenter__(self) -> Exchange:
         await self.start()

@@ -29,9 +29,19 @@ MIDDLE = 20
 OLD = 10
 
 
-def apply() -> None:
-    """Collect and freeze what is alive now, then raise the young generation's threshold. Call
-    it once start-up is done; calling it again freezes what start-up added since."""
+def apply() -> tuple[int, int, int]:
+    """Collect and freeze what is alive now, then raise the young generation's threshold; return
+    the thresholds it replaced (for :func:`undo`). Call it once start-up is done."""
+    previous = gc.get_threshold()
     gc.collect()
     gc.freeze()
     gc.set_threshold(YOUNG, MIDDLE, OLD)
+    return previous
+
+
+def undo(previous: tuple[int, int, int]) -> None:
+    """Back to `previous` thresholds, with the frozen objects collectable again: for a process
+    that goes on after its exchange stopped (tests run many in one process), so that what the
+    stopped exchange held can be freed."""
+    gc.unfreeze()
+    gc.set_threshold(*previous)
