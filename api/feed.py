@@ -316,6 +316,7 @@ class Feed:
         self._send(c, {"type": "error", "id": ident, "code": code, "detail": detail})
 
     async def _message(self, c: Client, msg: dict[str, Any]) -> None:
+        """Every op but order entry (:meth:`handle` sends those to :meth:`_order` directly)."""
         op, ident = msg.get("op"), msg.get("id")
         if op == "subscribe" or op == "unsubscribe":
             channels = msg.get("channels")
@@ -343,8 +344,6 @@ class Feed:
             c.account = await self.gate.account(key if isinstance(key, str) else None)
             c.key = key
             self._send(c, {"type": "ack", "id": ident, "account": c.account.code, "role": c.account.role})
-        elif op in ORDER_OPS:
-            self._order(c, op, ident, msg)
         elif op == "ping":
             self._send(c, {"type": "pong", "id": ident, "ts": now_us()})
         else:
