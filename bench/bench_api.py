@@ -143,7 +143,8 @@ def test_baseline_submit(benchmark, request, db, run):
     under the garbage-collector policy the server applies (exchange/gcpolicy.py), so that the
     ratios compare like with like."""
     market = run(open_market(db))
-    gcpolicy.apply()
+    gc_before = gcpolicy.apply()
+    request.addfinalizer(lambda: gcpolicy.undo(gc_before))
     service = market.service
     try:
         flow = Flow(ExchangeCore.restore(service.core.snapshot()), market.buyers, market.sellers)

@@ -14,8 +14,9 @@ registry movements netted per batch (the default) and, on the copy, once in jour
 (``net=False``). Baselines, in the same run: journal order, and planning the same entries in
 memory (clearing/settlement.py, no database), which shows how much of the cost is the database.
 The projector runs under the garbage-collector policy of the consumers process it runs in
-(exchange/gcpolicy.py). Also reported: the CPU the database backend (read from /proc, when the server is local) and this
-process spent per trade while settling netted -- steadier than rates on a shared machine.
+(exchange/gcpolicy.py). Also reported: the CPU the database backend (read from /proc, when the
+server is local) and this process spent per trade while settling netted -- steadier than rates
+on a shared machine.
 Aim (issue #5): >= 20,000 settled trades/s. Reported, never asserted; what is asserted is that
 afterwards every trade is settled exactly once, reconcile passes on both copies, and both hold
 the same settled trades, balances and credits per account and state.
@@ -67,7 +68,7 @@ async def _journal_trades(dsn: str, n: int) -> int:
 
 
 @pytest.mark.parametrize("batch", [1000, 5000])
-def test_settle_journaled_trades(benchmark, db, pg_server, run, batch):
+def test_settle_journaled_trades(benchmark, request, db, pg_server, run, batch):
     trades = run(_journal_trades(db, TRADES))
 
     async def entries() -> list:
@@ -78,7 +79,8 @@ def test_settle_journaled_trades(benchmark, db, pg_server, run, batch):
             await conn.close()
 
     rows = run(entries())
-    gcpolicy.apply()  # the collector policy of the consumers process, where the projector runs
+    gc_before = gcpolicy.apply()  # the collector policy of the consumers process, where the projector runs
+    request.addfinalizer(lambda: gcpolicy.undo(gc_before))
     t0 = time.perf_counter()
     planned = plan(rows)
     plan_s = time.perf_counter() - t0
