@@ -177,12 +177,18 @@ _ORDER_TYPES = ("bigint", "bigint", "text", "text", "text", "text", "boolean", "
                 "bigint", "bigint", "bigint", "bigint", "text", "text", "text", "bigint", "bigint")
 _MUTABLE = ("price_fen", "quantity_kg", "remaining_kg", "filled_kg", "value_fen", "fee_fen", "status", "reason",
             "updated_ts")
-_UPSERT = (
-    f"INSERT INTO orders ({', '.join(_ORDER_COLUMNS)}) SELECT * FROM unnest("
-    + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_ORDER_TYPES))
-    + ") ON CONFLICT (order_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _MUTABLE)
+# An order is written once when placed (COPY, the cheap path) and updated when it changes: its id
+# is the journal seq of the command that placed it, so among the orders a write touches those
+# with ids from the write's first entry on are new, and all others are rows already there (the
+# position moves with the rows, in one transaction). The upsert this replaced encoded and
+# decoded all 20 columns of every touched order as arrays: 15 us per journal entry.
+_UPDATE = (
+    "UPDATE orders o SET " + ", ".join(f"{c} = u.{c}" for c in _MUTABLE)
+    + " FROM unnest($1::bigint[], "
+    + ", ".join(f"${i + 2}::{_ORDER_TYPES[_ORDER_COLUMNS.index(c)]}[]" for i, c in enumerate(_MUTABLE))
+    + f") AS u(order_id, {', '.join(_MUTABLE)}) WHERE o.order_id = u.order_id"
 )
+_MUTABLE_AT = tuple(_ORDER_COLUMNS.index(c) for c in _MUTABLE)
 
 
 def order_record(o: OrderState) -> tuple:
@@ -236,14 +242,22 @@ async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None
         out = Folded()
         for seq, ts, command, evs in entries:
             fold(seq, ts, command, evs, orders, out)
-        await _write(conn, [order_record(o) for o in out.orders.values()], out.fills, out.trades)
+        await _write(conn, entries[0][0], [order_record(o) for o in out.orders.values()], out.fills, out.trades)
         await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, entries[-1][0])
         return len(rows)
 
 
-async def _write(conn: asyncpg.Connection, orders: list[tuple], fills: list[Fill], trades: list[Trade]) -> None:
-    if orders:
-        await conn.execute(_UPSERT, *[list(col) for col in zip(*orders, strict=True)])
+async def _write(conn: asyncpg.Connection, first: int, orders: list[tuple], fills: list[Fill],
+                 trades: list[Trade]) -> None:
+    """Write what entries `first`.. did: `orders` as records (order_record), fills and trades."""
+    placed = [r for r in orders if r[0] >= first]
+    changed = [[r[0], *(r[i] for i in _MUTABLE_AT)] for r in orders if r[0] < first]
+    if placed:
+        await conn.copy_records_to_table("orders", columns=_ORDER_COLUMNS, records=placed)
+    if changed:
+        status = await conn.execute(_UPDATE, *[list(col) for col in zip(*changed, strict=True)])
+        if status != f"UPDATE {len(changed)}":  # a changed order must be there: never skip one silently
+            raise RuntimeError(f"history: {len(changed)} orders to update before entry {first}, {status}")
     if fills:
         await conn.copy_records_to_table(
             "fills", columns=("symbol", "trade_id", "order_id", "account_id", "side", "liquidity", "price_fen",
@@ -286,7 +300,7 @@ async def write_folded(conn: asyncpg.Connection, batches: list[Batch]) -> None:
                 orders.update(b.orders)
                 fills.extend(b.fills)
                 trades.extend(b.trades)
-            await _write(conn, list(orders.values()), fills, trades)
+            await _write(conn, first, list(orders.values()), fills, trades)
             await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, last)
             return
     if start < last:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import asyncpg
+import pytest
 
 from exchange import history
 from exchange.service import ExchangeService
@@ -71,7 +72,10 @@ async def _random_trading(dsn: str, seed: int, n: int) -> None:
         await svc.stop()
 
 
-def test_history_from_memory_equals_history_from_journal(db, run):
+@pytest.mark.parametrize("limit", [history.BATCH, 7])
+def test_history_from_memory_equals_history_from_journal(db, run, limit):
+    """Also when folded from the journal a few entries at a time, where most orders change in a
+    later batch than the one that placed them (an update, not a new row)."""
     run(_random_trading(db, seed=7, n=600))
 
     async def compare() -> None:
@@ -82,7 +86,7 @@ def test_history_from_memory_equals_history_from_journal(db, run):
             async with conn.transaction():
                 await conn.execute("DELETE FROM fills; DELETE FROM trades; DELETE FROM orders")
                 await conn.execute("UPDATE journal_consumers SET seq = 0 WHERE name = $1", history.NAME)
-            await history.catch_up(conn)
+            await history.catch_up(conn, limit=limit)
             again = await _tables(conn)
             for a, b in zip(live, again, strict=True):
                 assert [dict(r) for r in a] == [dict(r) for r in b]
@@ -97,3 +101,42 @@ def test_history_from_memory_equals_history_from_journal(db, run):
             await conn.close()
 
     run(compare())
+
+
+def test_history_account_keys_are_checked_per_statement(conn, run):
+    """0008 checks orders' and fills' account keys once per statement instead of a foreign key per
+    row: a missing account is still refused (by INSERT and by COPY), an account never changes,
+    and an account an order or a fill names cannot be deleted or renumbered."""
+
+    async def body():
+        await world(conn)
+        dev = await conn.fetchval("SELECT id FROM accounts WHERE code = 'DEV'")
+        lone = await conn.fetchval("INSERT INTO accounts (code, name, kind, role) "
+                                   "VALUES ('LONE', 'Lone', 'enterprise', 'member') RETURNING id")
+        order = (1, lone, SYMBOL, "sell", "limit", "GTC", False, 3500, 1000, 1000, 0, 0, 0, None, None, None,
+                 "new", None, 1, 1)
+        fill = (SYMBOL, 1, 1, lone, "sell", "maker", 3500, 1000, 3500, 0, 1, 1)
+        fill_columns = ("symbol", "trade_id", "order_id", "account_id", "side", "liquidity", "price_fen", "qty_kg",
+                        "value_fen", "fee_fen", "ts", "seq")
+        missing = 10**9
+        for table, row, columns in (("orders", order, history._ORDER_COLUMNS), ("fills", fill, fill_columns)):
+            other = {"account_id": missing, "order_id" if table == "orders" else "trade_id": 2}
+            bad = tuple(other.get(c, v) for c, v in zip(columns, row, strict=True))
+            with pytest.raises(asyncpg.ForeignKeyViolationError, match=f"{table}.account_id .*{missing}"):
+                await conn.copy_records_to_table(table, columns=columns, records=[row, bad])
+            with pytest.raises(asyncpg.ForeignKeyViolationError, match=str(missing)):
+                await conn.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                                   f"({', '.join(f'${i + 1}' for i in range(len(columns)))})", *bad)
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0
+            await conn.copy_records_to_table(table, columns=columns, records=[row])
+            with pytest.raises(asyncpg.ForeignKeyViolationError, match="never changes"):
+                await conn.execute(f"UPDATE {table} SET account_id = $1", dev)
+            await conn.execute(f"UPDATE {table} SET account_id = account_id, ts = ts" if table == "fills"
+                               else "UPDATE orders SET status = 'cancelled', remaining_kg = 0")
+            for change in ("DELETE FROM accounts WHERE id = $1", "UPDATE accounts SET id = DEFAULT WHERE id = $1"):
+                with pytest.raises(asyncpg.ForeignKeyViolationError, match="orders or fills"):
+                    await conn.execute(change, lone)
+            await conn.execute(f"DELETE FROM {table}")
+        await conn.execute("DELETE FROM accounts WHERE id = $1", lone)  # named by nothing now
+
+    run(body())
