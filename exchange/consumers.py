@@ -29,9 +29,8 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 
-import asyncpg
-
 from exchange import gcpolicy, history, projector
+from exchange.database import connect_consumer
 
 log = logging.getLogger("carbonx.consumers")
 BACKLOG_NOW = 1000  # entries that are applied at once, without waiting for more
@@ -62,7 +61,7 @@ class Consumers:
 
     async def follow(self, name: str, apply: Callable[..., Awaitable[int]]) -> None:
         """Apply the journal up to each announced position, letting small backlogs gather."""
-        conn = await asyncpg.connect(self.dsn)
+        conn = await connect_consumer(self.dsn)
         try:
             done = await projector.position(conn, name)
             wake = self.wake[name]

@@ -37,6 +37,7 @@ import asyncpg
 import orjson
 
 from exchange import history, journal, projector, registry
+from exchange.database import connect_consumer
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
@@ -145,8 +146,8 @@ class ExchangeService:
         if not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SERVICE_LOCK_KEY):
             await self._conn.close()
             raise CarbonxError("service_running", "another carbonx exchange service is running on this database")
-        self._proj = await asyncpg.connect(self.dsn)
-        self._hist = await asyncpg.connect(self.dsn)
+        self._proj = await connect_consumer(self.dsn)
+        self._hist = await connect_consumer(self.dsn)
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
         began = time.perf_counter()
         self.core = await journal.recover(self._conn, engine=self.engine, verify=self.verify_recovery,

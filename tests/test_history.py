@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from exchange import history
+from exchange.database import connect_consumer
 from exchange.service import ExchangeService
 from matching import events as E
 from tests.registry_helpers import world
@@ -140,3 +141,29 @@ def test_history_account_keys_are_checked_per_statement(conn, run):
         await conn.execute("DELETE FROM accounts WHERE id = $1", lone)  # named by nothing now
 
     run(body())
+
+
+def test_consumer_connections_plan_each_batch_for_its_arguments(db, run):
+    """The history writer's statements run once per batch on a table that grows by a batch each
+    time: on a consumer connection they are planned for their arguments every time, never by a
+    cached generic plan made while the table was nearly empty (on a plain connection the same
+    run settles on generic plans)."""
+    run(_random_trading(db, seed=3, n=300))
+
+    async def replay(connect) -> tuple[int, int]:
+        conn = await connect(db)
+        try:
+            async with conn.transaction():
+                await conn.execute("DELETE FROM fills; DELETE FROM trades; DELETE FROM orders")
+                await conn.execute("UPDATE journal_consumers SET seq = 0 WHERE name = $1", history.NAME)
+            await history.catch_up(conn, limit=5)
+            return tuple(await conn.fetchrow(  # the statements with arguments (the rest have one plan)
+                "SELECT sum(generic_plans), sum(custom_plans) FROM pg_prepared_statements "
+                "WHERE cardinality(parameter_types) > 0"))
+        finally:
+            await conn.close()
+
+    generic, custom = run(replay(connect_consumer))
+    assert generic == 0 and custom > 50
+    generic, _ = run(replay(asyncpg.connect))
+    assert generic > 0, "a plain connection should have cached generic plans (else this test shows nothing)"
