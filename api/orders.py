@@ -47,6 +47,8 @@ def parse_time(text: str, what: str = "expire_time") -> int:
         raise CarbonxError("invalid_request", f"{what} must be an ISO 8601 time, got {text!r}") from None
     if dt.tzinfo is None:
         raise CarbonxError("invalid_request", f"{what} needs a time zone (e.g. Z)")
+    if dt < _EPOCH:  # the exchange counts time from the epoch; earlier is no time it can name
+        raise CarbonxError("invalid_request", f"{what} must not be before 1970-01-01T00:00:00Z, got {text!r}")
     return (dt - _EPOCH) // timedelta(microseconds=1)
 
 
@@ -86,6 +88,10 @@ def place_command(account: int, req: OrderRequest) -> dict[str, Any]:
     elif req.expire_time is not None:
         raise CarbonxError("invalid_request", "expire_time is only for GTD orders")
     if req.post_only:
+        # Post-only means "rest, never take": an IOC order never rests and a FOK order must take,
+        # so either would only ever be cancelled or refused.
+        if tif in ("IOC", "FOK"):
+            raise CarbonxError("invalid_request", f"a post-only order rests on the book: GTC or GTD, not {tif}")
         cmd["post_only"] = True
     if req.client_order_id is not None:
         if not req.client_order_id.isprintable():
