@@ -60,7 +60,7 @@ class FastOrders:
                 break
         account, req = await self._plainly_valid(headers, body)
         if req is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
             return
         self.answered += 1
         try:
@@ -97,7 +97,7 @@ class FastOrders:
             return None, None
 
 
-def _replay(body: bytes, receive: Callable) -> Callable:
+def replay(body: bytes, receive: Callable) -> Callable:
     """A receive() that gives the already-read body once, then whatever the server says next."""
     sent = False
 

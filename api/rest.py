@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api import models as M
 from api import web
 from api.auth import Gate, Limits, bearer
+from api.fastpath import replay
 from api.orders import Trading, _units
 from api.wire import checksum, fill_view, http_status, iso, levels, order_view, problem
 from exchange import accounts as acc
@@ -634,22 +635,52 @@ class Guard:
         except CarbonxError as e:
             await _send_problem(send, e.code, e.message)
             return
-        length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        headers = scope.get("headers", ())
+        length = next((v for k, v in headers if k == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > limits.max_body):
-            await _send_problem(send, "payload_too_large", f"request bodies are limited to {limits.max_body} bytes")
+            await _too_large(send, limits)
             return
-        seen = 0
+        if length is None and any(k == b"transfer-encoding" for k, _ in headers):
+            # A chunked body announces no size: read it here, so that one too large is refused
+            # like any other instead of failing inside the app's receive() (a 500 on the order
+            # path, a 400 from FastAPI's body parsing elsewhere).
+            try:
+                body = await _read_body(receive, limits.max_body)
+            except _TooLarge:
+                await _too_large(send, limits)
+                return
+            if body is None:
+                return  # the client went away
+            receive = replay(body, receive)
+        # With a Content-Length the server delivers no more than it says; without either header
+        # there is no body.
+        await self.app(scope, receive, send)
 
-        async def limited() -> dict:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limits.max_body:
-                    raise CarbonxError("payload_too_large", f"request bodies are limited to {limits.max_body} bytes")
-            return msg
 
-        await self.app(scope, limited, send)
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Callable, limit: int) -> bytes | None:
+    """The whole request body (None if the client went away); raises _TooLarge once it passes
+    `limit` bytes, leaving the rest unread."""
+    parts: list[bytes] = []
+    seen = 0
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return None
+        part = msg.get("body", b"")
+        seen += len(part)
+        if seen > limit:
+            raise _TooLarge
+        parts.append(part)
+        if not msg.get("more_body"):
+            return b"".join(parts)
+
+
+async def _too_large(send: Callable, limits: Limits) -> None:
+    await _send_problem(send, "payload_too_large", f"request bodies are limited to {limits.max_body} bytes")
 
 
 async def _send_problem(send: Callable, code: str, detail: str) -> None:

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import orjson
 import pytest
 from websockets.sync.client import connect
 
@@ -385,3 +386,30 @@ def test_restart_keeps_orders_book_fills_and_account(db, run):
         finally:
             fc.close()
 
+
+
+# ---- audit findings ---------------------------------------------------------------------------------
+
+def _chunks(body: bytes, size: int = 8192):
+    """A body httpx sends with Transfer-Encoding: chunked (an iterator: no Content-Length)."""
+    return (body[i:i + size] for i in range(0, len(body), size))
+
+
+def test_chunked_body_is_limited_like_one_with_a_length(server):
+    """A body without Content-Length (chunked) over 64 KiB is 413 payload_too_large on the order path
+    and elsewhere, and changes nothing; a chunked body within the limit is served as usual."""
+    w = build_world(server.http, server.ops_key)
+    json_type = {"content-type": "application/json"}
+    with w.as_("BUY") as buy, w.as_("DEV") as dev:
+        before = state(w)
+        order = b'{"symbol":"' + b"x" * 70_000 + b'","side":"buy","price":"35.00","quantity":"1.000"}'
+        retire = (b'{"symbol":"' + SYMBOL.encode() + b'","quantity":"1.000","beneficiary":"' + b"x" * 70_000 +
+                  b'","purpose":"p"}')
+        for path, body in (("/v1/orders", order), ("/v1/retirements", retire)):
+            r = buy.post(path, content=_chunks(body), headers=json_type)
+            assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+            problem(r, 413, "payload_too_large")
+        assert state(w) == before
+        sell = ok(dev.post("/v1/orders", content=_chunks(orjson.dumps(limit("sell", "35.00", "2.000")), 7),
+                           headers=json_type), 201)
+        assert sell["status"] == "new" and sell["quantity"] == "2.000"
