@@ -7,12 +7,31 @@ API.md says; api/orders.py turns them into integers.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 Decimal = str  # a decimal string such as "13.89" or "1.200"
 _DEC = r"^[0-9]+(\.[0-9]+)?$"
+Id = Annotated[str, Field(description="an id of the exchange: a string of decimal digits")]
+MAX_ID = 2**62
+
+
+def _id_input(value: Any) -> Any:
+    """API.md sends ids as strings; a client sends one back as it got it. An integer (the form
+    of ids before they were strings) is still taken, so that older clients keep working."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit() and len(value) <= 19):
+            raise ValueError(f"an id is a string of decimal digits such as \"12\", got {value[:40]!r}")
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError("an id is a string of decimal digits such as \"12\"")
+
+
+IdInput = Annotated[int, BeforeValidator(_id_input), Field(ge=1, le=MAX_ID), WithJsonSchema({
+    "anyOf": [{"type": "string", "pattern": "^[0-9]{1,19}$"}, {"type": "integer", "minimum": 1, "maximum": MAX_ID}],
+    "description": "an id as the exchange sent it (a string of digits); an integer is accepted too"})]
 
 
 class Strict(BaseModel):
@@ -173,6 +192,13 @@ class Candle(BaseModel):
     trades: int
 
 
+class IssuanceSummary(BaseModel):
+    id: Id
+    vintage: int
+    serial: str
+    quantity: Decimal
+
+
 class ProjectView(BaseModel):
     code: str
     scheme: str
@@ -184,7 +210,7 @@ class ProjectView(BaseModel):
     issued: Decimal | None = None
     retired: Decimal | None = None
     traded: Decimal | None = None
-    issuances: list[dict[str, str | int]] | None = None
+    issuances: list[IssuanceSummary] | None = None
 
 
 class Block(BaseModel):
@@ -196,7 +222,7 @@ class Block(BaseModel):
 
 
 class IssuanceView(BaseModel):
-    id: int
+    id: Id
     project: str
     vintage: int
     serial: str
@@ -219,13 +245,13 @@ class Movement(BaseModel):
 
 class SerialView(BaseModel):
     serial: str
-    issuance_id: int
+    issuance_id: Id
     history: list[Movement]
     holders: list[Block]
 
 
 class RetirementView(BaseModel):
-    id: int
+    id: Id
     certificate_code: str
     account: str
     beneficiary: str
@@ -248,7 +274,7 @@ class Certificate(BaseModel):
 
 class RetireRequest(Strict):
     symbol: str | None = Field(default=None, min_length=1, max_length=40)
-    issuance_id: int | None = Field(default=None, ge=1, le=2**62)
+    issuance_id: IdInput | None = None
     quantity: Decimal = Field(pattern=_DEC, max_length=24)
     beneficiary: str = Field(min_length=1, max_length=200)
     purpose: str = Field(min_length=1, max_length=500)

@@ -252,7 +252,7 @@ def create_app(ctx: Context) -> FastAPI:
                    WHERE symbol LIKE $1 || '-____'""", p.code)
             iss = await registry.list_issuances(conn, p.id)
             out.update(issued=format_tonnes(issued), retired=format_tonnes(retired), traded=format_tonnes(traded),
-                       issuances=[{"id": i.id, "vintage": i.vintage, "serial": i.serial,
+                       issuances=[{"id": str(i.id), "vintage": i.vintage, "serial": i.serial,
                                    "quantity": format_tonnes(i.quantity)} for i in iss])
         return out
 
@@ -282,7 +282,7 @@ def create_app(ctx: Context) -> FastAPI:
             iss = await registry.get_issuance(conn, issuance_id)
             to = await conn.fetchval("SELECT code FROM accounts WHERE id = $1", iss.issued_to_account_id)
             blocks = await registry.issuance_blocks(conn, issuance_id)
-            return {"id": iss.id, "project": iss.project_code, "vintage": iss.vintage, "serial": iss.serial,
+            return {"id": str(iss.id), "project": iss.project_code, "vintage": iss.vintage, "serial": iss.serial,
                     "quantity": format_tonnes(iss.quantity), "issued_to": to,
                     "blocks": [block_view(iss, b) for b in blocks]}
         return await db(q)
@@ -292,7 +292,7 @@ def create_app(ctx: Context) -> FastAPI:
         async def q(conn: asyncpg.Connection) -> Any:
             iss, rng, hist, now = await registry.serial_history(conn, serial)
             return {"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, rng.lo, rng.hi),
-                    "issuance_id": iss.id,
+                    "issuance_id": str(iss.id),
                     "history": [{"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, h["lo"], h["hi"]),
                                  "quantity": format_tonnes(h["hi"] - h["lo"]), "from_account": h["from_account"],
                                  "from_state": h["from_state"], "to_account": h["to_account"],
@@ -312,7 +312,7 @@ def create_app(ctx: Context) -> FastAPI:
                 """SELECT p.scheme, p.code, i.vintage, lower(b.serials) AS lo, upper(b.serials) AS hi
                    FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
                    WHERE b.retirement_id = $1 ORDER BY i.id, lower(b.serials)""", r["id"])
-            out.append({"id": r["id"], "certificate_code": r["certificate_code"], "account": r["account"],
+            out.append({"id": str(r["id"]), "certificate_code": r["certificate_code"], "account": r["account"],
                         "beneficiary": r["beneficiary"], "purpose": r["purpose"],
                         "quantity": format_tonnes(r["quantity_kg"]), "time": r["created_at"].isoformat(),
                         "serials": [format_serial(x["scheme"], x["code"], x["vintage"], x["lo"], x["hi"])

@@ -413,3 +413,39 @@ def test_chunked_body_is_limited_like_one_with_a_length(server):
         sell = ok(dev.post("/v1/orders", content=_chunks(orjson.dumps(limit("sell", "35.00", "2.000")), 7),
                            headers=json_type), 201)
         assert sell["status"] == "new" and sell["quantity"] == "2.000"
+
+
+def test_registry_ids_are_strings_and_are_taken_back_as_strings(server):
+    """API.md: the exchange's ids are strings. Issuance and retirement ids, wherever they are sent,
+    and /openapi.json says so; retiring by issuance_id takes the string (an integer too, for older
+    clients) and refuses anything else with a clear invalid_request."""
+    w = build_world(server.http, server.ops_key)
+    project = SYMBOL.rsplit("-", 1)[0]
+    with client(server.http) as anon, client(server.http, server.ops_key) as ops, w.as_("DEV") as dev:
+        issued = ok(ops.post("/v1/registry/issuances", json={"project": project, "vintage": 2023,
+                                                              "quantity": "5.000", "to_account": "DEV"}), 201)
+        listed = ok(anon.get(f"/v1/registry/projects/{project}"))["issuances"]
+        by_id = ok(anon.get(f"/v1/registry/issuances/{issued['id']}"))
+        ret = ok(dev.post("/v1/retirements", json={"issuance_id": issued["id"], "quantity": "1.000",
+                                                   "beneficiary": "b", "purpose": "p"}), 201)
+        ret_int = ok(dev.post("/v1/retirements", json={"issuance_id": int(issued["id"]), "quantity": "1.000",
+                                                       "beneficiary": "b", "purpose": "p"}), 201)
+        serial = ok(anon.get(f"/v1/registry/serials/{ret['serials'][0]}"))
+        public = ok(anon.get("/v1/registry/retirements"))
+        ids = [i["id"] for i in listed] + [issued["id"], by_id["id"], ret["id"], ret_int["id"],
+                                          serial["issuance_id"]] + [r["id"] for r in public]
+        assert all(isinstance(i, str) and i.isdigit() for i in ids), ids
+        assert by_id["id"] == issued["id"] == serial["issuance_id"] == listed[-1]["id"]
+        assert {r["id"] for r in public} == {ret["id"], ret_int["id"]}
+        assert ret["serials"][0].split("-")[:3] == ["CDHF", project, "2023"]
+        before = state(w)
+        for bad in ("abc", "1.5", "-1", "0", " 1", ""):
+            body = problem(dev.post("/v1/retirements", json={"issuance_id": bad, "quantity": "1.000",
+                                                             "beneficiary": "b", "purpose": "p"}), 400,
+                           "invalid_request")
+            assert "issuance_id" in body["detail"], body
+        assert state(w) == before
+        doc = ok(anon.get("/openapi.json"))["components"]["schemas"]
+        for model, field in (("IssuanceSummary", "id"), ("IssuanceView", "id"), ("SerialView", "issuance_id"),
+                             ("RetirementView", "id")):
+            assert doc[model]["properties"][field]["type"] == "string", (model, doc[model]["properties"][field])
