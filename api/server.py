@@ -21,7 +21,7 @@ from api.orders import Trading
 from api.rest import Context, Guard, create_app, problem_response
 from exchange import certificates, gcpolicy
 from exchange.history import Trade
-from exchange.marketdata import WINDOW_US, MarketData
+from exchange.marketdata import TAPE, WINDOW_US, MarketData
 from exchange.service import ExchangeService, now_us
 
 log = logging.getLogger("carbonx.server")
@@ -43,6 +43,25 @@ def _renderers() -> dict[str, Any]:
         "pdf": lambda data, base: certificates.render_certificate_pdf(
             data, certificates.verification_url(base, data["certificate_code"])),
     }
+
+
+# Per instrument, the trades the tape keeps (the last TAPE, however old: the trade history must
+# not vanish with a restart) and those the ticker's 24 h window needs (maybe more than TAPE).
+_RECENT_TRADES = """
+    SELECT t.* FROM unnest($1::text[]) AS s(symbol), LATERAL (
+        (SELECT symbol, trade_id, price_fen, qty_kg, taker_side, ts, seq FROM trades
+         WHERE symbol = s.symbol ORDER BY trade_id DESC LIMIT $2)
+        UNION
+        (SELECT symbol, trade_id, price_fen, qty_kg, taker_side, ts, seq FROM trades
+         WHERE symbol = s.symbol AND ts > $3)) AS t
+    ORDER BY t.seq, t.trade_id"""
+
+
+async def _recent_trades(service: ExchangeService, symbols: list[str]) -> list[Trade]:
+    """The trades market data starts from, oldest first."""
+    rows = await service.pool.fetch(_RECENT_TRADES, symbols, TAPE, now_us() - WINDOW_US)
+    return [Trade(r["symbol"], r["trade_id"], r["price_fen"], r["qty_kg"], 0 if r["taker_side"] == "buy" else 1,
+                  r["ts"], r["seq"]) for r in rows]
 
 
 class Exchange:
@@ -81,12 +100,7 @@ class Exchange:
     async def start(self) -> None:
         service = self.service
         await service.start()
-        since = now_us() - WINDOW_US
-        rows = await service.pool.fetch(
-            "SELECT symbol, trade_id, price_fen, qty_kg, taker_side, ts, seq FROM trades WHERE ts > $1 "
-            "ORDER BY seq, trade_id", since)
-        self.market.load(service.core, [Trade(r["symbol"], r["trade_id"], r["price_fen"], r["qty_kg"],
-                                              0 if r["taker_side"] == "buy" else 1, r["ts"], r["seq"]) for r in rows])
+        self.market.load(service.core, await _recent_trades(service, list(service.core.listings)))
         service.listeners.append(self.market.on_commit)
         gate = Gate(service.pool, self.limits)
         trading = Trading(service)

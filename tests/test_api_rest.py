@@ -449,3 +449,25 @@ def test_registry_ids_are_strings_and_are_taken_back_as_strings(server):
         for model, field in (("IssuanceSummary", "id"), ("IssuanceView", "id"), ("SerialView", "issuance_id"),
                              ("RetirementView", "id")):
             assert doc[model]["properties"][field]["type"] == "string", (model, doc[model]["properties"][field])
+
+
+def test_trade_history_survives_a_restart_after_a_quiet_day(db, run):
+    """GET /v1/trades shows an instrument's last trades after a restart even when they are older than
+    the ticker's 24 h window, and the ticker reads as it did before."""
+    key = run(operator_key(db))
+    two_days = 2 * 86_400_000_000
+    with ServerThread(db, service_options={"clock": lambda: now_us() - two_days}) as s:
+        w = build_world(s.http, key)
+        with w.as_("DEV") as dev, w.as_("BUY") as buy:
+            ok(dev.post("/v1/orders", json=limit("sell", "35.00", "3.000")), 201)
+            for _ in range(3):
+                ok(buy.post("/v1/orders", json=limit("buy", "35.00", "1.000")), 201)
+        with client(s.http) as anon:
+            trades = ok(anon.get(f"/v1/trades/{SYMBOL}"))
+            ticker = ok(anon.get(f"/v1/ticker/{SYMBOL}"))
+    assert [t["trade_id"] for t in trades] == ["3", "2", "1"] and ticker["volume"] == "0.000"
+    with ServerThread(db) as s2, client(s2.http) as anon:
+        assert ok(anon.get(f"/v1/trades/{SYMBOL}")) == trades
+        assert ok(anon.get(f"/v1/trades/{SYMBOL}", params={"limit": 2})) == trades[:2]
+        after = ok(anon.get(f"/v1/ticker/{SYMBOL}"))
+        assert {k: v for k, v in after.items() if k != "time"} == {k: v for k, v in ticker.items() if k != "time"}
