@@ -30,7 +30,7 @@ from exchange import accounts as acc
 from exchange import certificates, neutrality, offsetting, registry
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
-from exchange.history import order_from_row
+from exchange.history import SIDE, Fill, order_from_row
 from exchange.marketdata import MarketData
 from exchange.serials import format_serial
 from exchange.service import ExchangeService
@@ -394,11 +394,25 @@ def create_app(ctx: Context) -> FastAPI:
                      symbol: Annotated[str | None, Query(max_length=40)] = None,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
         await service.caught_up(orders=True)
-        rows = await service.pool.fetch(
-            """SELECT * FROM orders WHERE account_id = $1 AND ($2 OR status IN ('new', 'partially_filled'))
-                 AND ($3::text IS NULL OR symbol = $3) ORDER BY order_id DESC LIMIT $4""",
-            who.id, status == "all", symbol, limit)
-        return [order_view(order_from_row(r), []) for r in rows]
+        async with service.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            rows = await conn.fetch(
+                """SELECT * FROM orders WHERE account_id = $1 AND ($2 OR status IN ('new', 'partially_filled'))
+                     AND ($3::text IS NULL OR symbol = $3) ORDER BY order_id DESC LIMIT $4""",
+                who.id, status == "all", symbol, limit)
+            fills = await fills_of(conn, who.id, [r["order_id"] for r in rows])
+        return [order_view(order_from_row(r), fills.get(r["order_id"], [])) for r in rows]
+
+    async def fills_of(conn: asyncpg.Connection, account: int, order_ids: list[int]) -> dict[int, list[Fill]]:
+        """The fills of these orders of `account`, each order's oldest first, in one query."""
+        out: dict[int, list[Fill]] = {}
+        if not order_ids:
+            return out
+        rows = await conn.fetch(
+            """SELECT * FROM fills WHERE account_id = $1 AND order_id = ANY($2::bigint[])
+               ORDER BY seq, trade_id""", account, order_ids)
+        for r in rows:
+            out.setdefault(r["order_id"], []).append(fill_from_row(r))
+        return out
 
     OrderId = Annotated[int, Path(ge=1, le=2**62)]
 
@@ -615,6 +629,12 @@ def create_app(ctx: Context) -> FastAPI:
 
     web.install(app, ctx)  # the web page at / (api/web.py), not part of /openapi.json
     return app
+
+
+def fill_from_row(r: asyncpg.Record) -> Fill:
+    """A fill as the history tables keep it (api/orders.py's Trading.fills reads them alike)."""
+    return Fill(r["symbol"], r["trade_id"], r["order_id"], r["account_id"], SIDE.index(r["side"]),
+                r["liquidity"] == "maker", r["price_fen"], r["qty_kg"], r["value_fen"], r["fee_fen"], r["ts"], r["seq"])
 
 
 class Guard:

@@ -471,3 +471,23 @@ def test_trade_history_survives_a_restart_after_a_quiet_day(db, run):
         assert ok(anon.get(f"/v1/trades/{SYMBOL}", params={"limit": 2})) == trades[:2]
         after = ok(anon.get(f"/v1/ticker/{SYMBOL}"))
         assert {k: v for k, v in after.items() if k != "time"} == {k: v for k, v in ticker.items() if k != "time"}
+
+
+def test_order_list_carries_each_orders_fills(server):
+    """GET /v1/orders lists every order with its fills, as GET /v1/orders/{id} shows it."""
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        for price in ("35.00", "35.10"):
+            ok(dev.post("/v1/orders", json=limit("sell", price, "2.000")), 201)
+        taken = ok(buy.post("/v1/orders", json=limit("buy", "35.10", "3.000")), 201)
+        assert taken["status"] == "filled" and len(taken["fills"]) == 2
+        partly = ok(buy.post("/v1/orders", json=limit("buy", "35.10", "4.000")), 201)
+        resting = ok(buy.post("/v1/orders", json=limit("buy", "34.00", "1.000")), 201)
+        assert partly["status"] == "partially_filled" and len(partly["fills"]) == 1
+        listed = ok(buy.get("/v1/orders", params={"status": "all"}))
+        assert [o["order_id"] for o in listed] == [resting["order_id"], partly["order_id"], taken["order_id"]]
+        for o in listed:
+            assert o == ok(buy.get(f"/v1/orders/{o['order_id']}"))
+        assert [len(o["fills"]) for o in listed] == [0, 1, 2]
+        assert ok(buy.get("/v1/orders")) == listed[:2]  # open ones, fills and all
+        assert [len(o["fills"]) for o in ok(dev.get("/v1/orders", params={"status": "all"}))] == [2, 1]
