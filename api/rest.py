@@ -197,8 +197,8 @@ def create_app(ctx: Context) -> FastAPI:
         instrument(symbol)
         b = market.books[symbol]
         bids, asks = levels(b.top(E.BID, depth)), levels(b.top(E.ASK, depth))
-        top_b, top_a = levels(b.top(E.BID, 10)), levels(b.top(E.ASK, 10))
-        return {"symbol": symbol, "seq": b.seq, "bids": bids, "asks": asks, "checksum": checksum(top_a, top_b)}
+        # Over the top min(10, depth) levels, as the feed's depth-N messages (api/README.md).
+        return {"symbol": symbol, "seq": b.seq, "bids": bids, "asks": asks, "checksum": checksum(asks, bids)}
 
     def trade_view(t: Any) -> dict[str, Any]:
         return {"symbol": t.symbol, "trade_id": str(t.trade_id), "price": format_price(t.price),

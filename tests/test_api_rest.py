@@ -491,3 +491,25 @@ def test_order_list_carries_each_orders_fills(server):
         assert [len(o["fills"]) for o in listed] == [0, 1, 2]
         assert ok(buy.get("/v1/orders")) == listed[:2]  # open ones, fills and all
         assert [len(o["fills"]) for o in ok(dev.get("/v1/orders", params={"status": "all"}))] == [2, 1]
+
+
+def test_rest_book_checksum_at_a_depth_below_ten_equals_the_feeds(server):
+    """GET /v1/book?depth=N has the feed's seq and checksum for a depth-N subscription: over the top
+    min(10, N) levels sent."""
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        for i in range(7):
+            ok(dev.post("/v1/orders", json=limit("sell", f"{35.5 + i / 10:.2f}", "1.000")), 201)
+            ok(buy.post("/v1/orders", json=limit("buy", f"{34.5 - i / 10:.2f}", "1.000")), 201)
+    quiesce(server.http, [SYMBOL])
+    for depth in (1, 5, 10, 100):
+        rest = rest_book(server.http, SYMBOL, depth)
+        assert len(rest["bids"]) == len(rest["asks"]) == min(7, depth)
+        assert rest["checksum"] == crc(rest["asks"], rest["bids"])
+        with connect(f"{server.ws}/v1/ws") as ws:
+            ws.send(orjson.dumps({"op": "subscribe", "id": 1, "channels": [
+                {"name": "book", "symbols": [SYMBOL], "depth": depth}]}).decode())
+            assert orjson.loads(ws.recv(5)) == {"type": "ack", "id": 1}
+            snap = orjson.loads(ws.recv(5))
+        assert snap["type"] == "snapshot" and (snap["bids"], snap["asks"]) == (rest["bids"], rest["asks"])
+        assert (snap["seq"], snap["checksum"]) == (rest["seq"], rest["checksum"]), (depth, snap, rest)
