@@ -488,6 +488,18 @@ def create_app(ctx: Context) -> FastAPI:
     async def factors() -> Any:
         return neutrality.describe_factor_table()
 
+    def offset_quantity(est: dict[str, Any] | None, quantity: str | None, lot: int) -> int:
+        """Kilograms to buy and retire. A footprint is rounded up to whole lots (it is a need, not an
+        order size); an explicit quantity is an order size, so one finer than the lot is refused,
+        never rounded (API.md)."""
+        if est is not None:
+            return neutrality.quantity_to_offset(est["total_kg"], lot)
+        kg = _units(parse_tonnes, quantity, "quantity")
+        if kg % lot:
+            raise CarbonxError("invalid_lot", f"quantity {quantity} is not a whole number of lots of "
+                                              f"{format_tonnes(lot)} t")
+        return kg
+
     @app.post("/v1/neutrality/offset", status_code=201, response_model=M.OffsetResult, responses=MEMBER,
               tags=["neutrality"])
     async def offset(req: M.OffsetRequest, who: Member) -> Any:
@@ -495,8 +507,7 @@ def create_app(ctx: Context) -> FastAPI:
         if (req.activity is None) == (req.quantity is None):
             raise CarbonxError("invalid_request", "give exactly one of activity or quantity")
         est = neutrality.estimate_footprint(req.activity) if req.activity is not None else None
-        need = est["total_kg"] if est else _units(parse_tonnes, req.quantity, "quantity")
-        kg = neutrality.quantity_to_offset(need, listing.rules.lot)
+        kg = offset_quantity(est, req.quantity, listing.rules.lot)
         if kg <= 0:
             raise CarbonxError("invalid_request", "nothing to offset: the footprint is zero")
         done = await offsetting.offset(service, account=who.code, symbol=req.symbol, quantity_kg=kg,

@@ -513,3 +513,17 @@ def test_rest_book_checksum_at_a_depth_below_ten_equals_the_feeds(server):
             snap = orjson.loads(ws.recv(5))
         assert snap["type"] == "snapshot" and (snap["bids"], snap["asks"]) == (rest["bids"], rest["asks"])
         assert (snap["seq"], snap["checksum"]) == (rest["seq"], rest["checksum"]), (depth, snap, rest)
+
+
+def test_offset_quantity_finer_than_the_lot_is_refused_not_rounded(server):
+    """API.md: input with more decimals than the instrument allows is rejected, never rounded. An
+    explicit quantity is an order size; only a footprint from activity data is rounded up to lots."""
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        ok(dev.post("/v1/orders", json=limit("sell", "35.00", "5.000")), 201)
+        before = state(w)
+        body = {"symbol": SYMBOL, "quantity": "1.500", "max_cash": "200.00", "beneficiary": "B", "purpose": "p"}
+        problem(buy.post("/v1/neutrality/offset", json=body), 422, "invalid_lot")
+        assert state(w) == before
+        done = ok(buy.post("/v1/neutrality/offset", json={**body, "quantity": "2.000"}), 201)
+        assert done["quantity"] == done["retirement"]["quantity"] == "2.000"
