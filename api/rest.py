@@ -393,6 +393,8 @@ def create_app(ctx: Context) -> FastAPI:
     async def orders(who: Member, status: Annotated[str, Query(pattern="^(open|all)$")] = "open",
                      symbol: Annotated[str | None, Query(max_length=40)] = None,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
+        if symbol is not None:
+            instrument(symbol)  # as DELETE /v1/orders?symbol= does
         await service.caught_up(orders=True)
         async with service.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
@@ -435,6 +437,8 @@ def create_app(ctx: Context) -> FastAPI:
     @app.get("/v1/fills", response_model=list[M.Fill], responses=MEMBER, tags=["orders"])
     async def fills(who: Member, symbol: Annotated[str | None, Query(max_length=40)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
+        if symbol is not None:
+            instrument(symbol)
         return [fill_view(f) for f in await trading.fills(who.id, symbol=symbol, limit=limit)]
 
     @app.get("/v1/account", response_model=M.AccountView, responses=MEMBER, tags=["account"])

@@ -527,3 +527,17 @@ def test_offset_quantity_finer_than_the_lot_is_refused_not_rounded(server):
         assert state(w) == before
         done = ok(buy.post("/v1/neutrality/offset", json={**body, "quantity": "2.000"}), 201)
         assert done["quantity"] == done["retirement"]["quantity"] == "2.000"
+
+
+def test_unknown_symbol_filters_are_unknown_instruments(server):
+    """GET /v1/orders, GET /v1/fills and DELETE /v1/orders answer an unlisted symbol alike: 404."""
+    w = build_world(server.http, server.ops_key)
+    with w.as_("BUY") as buy:
+        ok(buy.post("/v1/orders", json=limit("buy", "34.00", "1.000")), 201)
+        before = state(w)
+        for r in (buy.get("/v1/orders", params={"symbol": "NOPE-1"}), buy.get("/v1/fills", params={"symbol": "NOPE-1"}),
+                  buy.delete("/v1/orders", params={"symbol": "NOPE-1"})):
+            problem(r, 404, "unknown_instrument")
+        assert state(w) == before
+        assert len(ok(buy.get("/v1/orders", params={"symbol": SYMBOL}))) == 1
+        assert ok(buy.get("/v1/fills", params={"symbol": SYMBOL})) == []
