@@ -36,6 +36,7 @@ from exchange.serials import format_serial
 from exchange.service import ExchangeService
 from matching import events as E
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, Listing
+from matching.engine import InstrumentRules
 from matching.units import (
     format_cash,
     format_decimal,
@@ -49,6 +50,7 @@ from matching.units import (
 log = logging.getLogger("carbonx.api")
 PROBLEM = "application/problem+json"
 MAX_DEPTH = 5000
+MAX_PRICE = InstrumentRules().max_price  # fen per tonne: the books' bound, which listings cannot change
 
 
 @dataclass
@@ -603,14 +605,8 @@ def create_app(ctx: Context) -> FastAPI:
         code, vintage = registry.split_symbol(req.symbol)
         if req.symbol != f"{code}-{vintage}":
             raise CarbonxError("invalid_symbol", f"write the symbol as {code}-{vintage}")
+        rules = listing_rules(req)
         await db(lambda conn: registry.get_project(conn, code))
-        rules: dict[str, Any] = {
-            "tick": _units(parse_price, req.tick, "tick"), "lot": _units(parse_tonnes, req.lot, "lot"),
-            "band_bp": _units(parse_price, req.band_percent, "band_percent", positive=False),
-            "always_open": req.always_open}
-        rules["min_qty"] = _units(parse_tonnes, req.min_quantity, "min_quantity") if req.min_quantity else rules["lot"]
-        if req.reference_price is not None:
-            rules["reference_price"] = _units(parse_price, req.reference_price, "reference_price")
         out = await service.list_instrument(req.symbol, {"rules": rules, "maker_bp": req.maker_fee_bp,
                                                          "taker_bp": req.taker_fee_bp, "t1": req.resale_rule == "T+1"})
         if out.code is not None:
@@ -650,6 +646,30 @@ def fill_from_row(r: asyncpg.Record) -> Fill:
     """A fill as the history tables keep it (api/orders.py's Trading.fills reads them alike)."""
     return Fill(r["symbol"], r["trade_id"], r["order_id"], r["account_id"], SIDE.index(r["side"]),
                 r["liquidity"] == "maker", r["price_fen"], r["qty_kg"], r["value_fen"], r["fee_fen"], r["ts"], r["seq"])
+
+
+def listing_rules(req: M.ListingRequest) -> dict[str, Any]:
+    """The core's rules for a listing request, refused when no order could ever trade under them.
+
+    These checks are the API's, not the core's: journals already written replay under the
+    core's rules as they were, so the core keeps accepting what it accepted before."""
+    rules: dict[str, Any] = {
+        "tick": _units(parse_price, req.tick, "tick"), "lot": _units(parse_tonnes, req.lot, "lot"),
+        "band_bp": _units(parse_price, req.band_percent, "band_percent"), "always_open": req.always_open}
+    rules["min_qty"] = _units(parse_tonnes, req.min_quantity, "min_quantity") if req.min_quantity else rules["lot"]
+    tick = rules["tick"]
+    if tick > MAX_PRICE:
+        raise CarbonxError("invalid_rules", f"tick {req.tick} is above the highest price the book takes, "
+                                            f"{format_price(MAX_PRICE)}")
+    if req.reference_price is not None:
+        ref = rules["reference_price"] = _units(parse_price, req.reference_price, "reference_price")
+        if tick > ref:
+            raise CarbonxError("invalid_rules", f"tick {req.tick} is larger than the reference price "
+                                                f"{req.reference_price}")
+        if ref % tick:
+            raise CarbonxError("invalid_rules", f"reference price {req.reference_price} is not on the tick grid "
+                                                f"of {req.tick}")
+    return rules
 
 
 class Guard:

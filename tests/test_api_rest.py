@@ -541,3 +541,25 @@ def test_unknown_symbol_filters_are_unknown_instruments(server):
         assert state(w) == before
         assert len(ok(buy.get("/v1/orders", params={"symbol": SYMBOL}))) == 1
         assert ok(buy.get("/v1/fills", params={"symbol": SYMBOL})) == []
+
+
+def test_listings_no_order_could_trade_under_are_refused(server):
+    """A tick above the reference price (or above any price the book takes), a reference price off
+    the tick grid and a zero price band are refused with a 4xx problem, and list nothing."""
+    build_world(server.http, server.ops_key)
+    with client(server.http, server.ops_key) as ops, client(server.http) as anon:
+        before = ok(anon.get("/v1/instruments"))
+        for i, (extra, code) in enumerate([
+            ({"tick": "1000000.00"}, "invalid_rules"),
+            ({"tick": "50.00"}, "invalid_rules"),
+            ({"tick": "1000000.00", "reference_price": None}, "invalid_rules"),
+            ({"tick": "0.05", "reference_price": "35.03"}, "invalid_rules"),
+            ({"band_percent": "0"}, "invalid_request"),
+            ({"band_percent": "0.00"}, "invalid_request"),
+        ]):
+            body = {"symbol": f"FOREST-{2040 + i}", "reference_price": "35.00", "always_open": True, **extra}
+            problem(ops.post("/v1/instruments", json=body), 400, code)
+        assert ok(anon.get("/v1/instruments")) == before
+        fine = ok(ops.post("/v1/instruments", json={"symbol": "FOREST-2050", "tick": "0.05", "reference_price": "35.05",
+                                                    "band_percent": "0.50", "always_open": True}), 201)
+        assert (fine["tick"], fine["price_band"]) == ("0.05", {"low": "34.88", "high": "35.22"})
