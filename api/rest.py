@@ -544,9 +544,12 @@ def create_app(ctx: Context) -> FastAPI:
         out = await service.submit(cmd)
         if out.code is not None:
             raise CarbonxError(out.code, out.detail or out.code)
+        seq = out.seq
+        if out.duplicate:  # the payment made the first time, not what this request says
+            _account, _direction, amount, seq = service.core.payments[req.reference]
         return JSON({"account": code, "direction": "deposit" if op == "deposit" else "withdrawal",
-                               "amount": req.amount, "reference": req.reference, "seq": out.seq,
-                               "duplicate": out.duplicate}, status_code=201 if not out.duplicate else 200)
+                     "amount": format_cash(amount), "reference": req.reference, "seq": seq,
+                     "duplicate": out.duplicate}, status_code=201 if not out.duplicate else 200)
 
     Code = Annotated[str, Path(min_length=1, max_length=40)]
     PAYMENT = {**MEMBER, 200: {"model": M.PaymentView, "description": "a repeat of an earlier payment"}}

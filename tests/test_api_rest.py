@@ -563,3 +563,18 @@ def test_listings_no_order_could_trade_under_are_refused(server):
         fine = ok(ops.post("/v1/instruments", json={"symbol": "FOREST-2050", "tick": "0.05", "reference_price": "35.05",
                                                     "band_percent": "0.50", "always_open": True}), 201)
         assert (fine["tick"], fine["price_band"]) == ("0.05", {"low": "34.88", "high": "35.22"})
+
+
+def test_repeated_payment_answers_with_the_original_payment(server):
+    """A repeat of a payment reference answers 200 with the payment that was made (its amount, as a
+    2-decimal string, and its seq), whatever form the repeat wrote the amount in."""
+    w = build_world(server.http, server.ops_key)
+    with client(server.http, server.ops_key) as ops, w.as_("BUY") as buy:
+        first = ok(ops.post("/v1/accounts/BUY/deposits", json={"amount": "100", "reference": "dep-1"}), 201)
+        assert (first["amount"], first["duplicate"]) == ("100.00", False) and isinstance(first["seq"], int)
+        cash = ok(buy.get("/v1/account"))["cash_available"]
+        again = ok(ops.post("/v1/accounts/BUY/deposits", json={"amount": "100.0", "reference": "dep-1"}), 200)
+        assert again == {**first, "duplicate": True}, (first, again)
+        problem(ops.post("/v1/accounts/BUY/deposits", json={"amount": "250.00", "reference": "dep-1"}), 409,
+                "duplicate_reference")
+        assert ok(buy.get("/v1/account"))["cash_available"] == cash
