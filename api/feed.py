@@ -354,8 +354,10 @@ class Feed:
             raise CarbonxError("invalid_request", "a channel is an object with a name")
         name = ch.get("name")
         if name in ("registry", "orders"):
-            if name == "orders" and (c.account is None or c.account.role != "member"):
+            if name == "orders" and c.account is None:
                 raise CarbonxError("unauthorized", "the orders channel needs auth with a member's API key first")
+            if name == "orders" and c.account.role != "member":
+                raise CarbonxError("forbidden", "only member accounts have orders")
             return name, [""], 0, 0
         if name not in ("book", "trades", "ticker"):
             raise CarbonxError("invalid_request", f"unknown channel {name!r}")
@@ -389,7 +391,17 @@ class Feed:
         key = (name, symbol)
         self.subs.setdefault(key, set()).add(c)
         c.channels.add(key)
+        if name == "ticker":
+            return self._current_ticker(symbol)
         return None
+
+    def _current_ticker(self, symbol: str) -> bytes | None:
+        """What a new ticker subscriber starts from (as a book subscriber starts from a snapshot):
+        otherwise it knows nothing until the next trade, which on a quiet instrument is hours. None
+        for an instrument that never traded."""
+        ts = now_us()
+        v = self.market.ticker(symbol, ts)
+        return None if v["last"] is None else self._ticker_message(symbol, v, ts)
 
     def _leave(self, key: tuple[str, int, int], c: Client) -> None:
         """`c` leaves a depth view; the last one out drops it. Each (symbol, depth, interval) a
@@ -561,7 +573,10 @@ class Feed:
                     self._fan(subs, orjson.dumps({"ch": "orders", "type": "order", "order": order_view(o, [])}))
 
     def _ticker(self, symbol: str, ts: int) -> bytes:
-        v = self.market.ticker(symbol, ts)
+        return self._ticker_message(symbol, self.market.ticker(symbol, ts), ts)
+
+    @staticmethod
+    def _ticker_message(symbol: str, v: dict[str, int | None], ts: int) -> bytes:
         return orjson.dumps({"ch": "ticker", "symbol": symbol,
                              **{k: format_price(v[k]) if v[k] is not None else None
                                 for k in ("last", "open", "high", "low", "vwap")},
@@ -571,7 +586,7 @@ class Feed:
         subs = self.subs.get(("registry", ""))
         if not subs:
             return
-        body = {"ch": "registry", "type": kind, "id": d["id"], "symbol": d.get("symbol"),
+        body = {"ch": "registry", "type": kind, "id": str(d["id"]), "symbol": d.get("symbol"),
                 "quantity": format_tonnes(d["quantity_kg"]), "ts": now_us()}
         if kind == "issuance":
             body["serial"] = d["serial"]

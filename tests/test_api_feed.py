@@ -5,12 +5,14 @@ reconnects, depth 5 and 10, a coalescing subscription) always equal GET /v1/book
 checksum; the Binance-compatible depth procedure holds the true book; trades, tickers, heartbeats
 and the registry channel; a slow consumer is cut with slow_consumer + 1008 while a reader stays
 gapless; a planned stop says server_shutdown before closing; malformed messages get errors and
-leave the connection working.
+leave the connection working. On one shared server: registry ids are strings, an operator asking
+for orders is forbidden, and a ticker subscriber starts from the current ticker.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 import time
 from decimal import Decimal
@@ -20,6 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from exchange.database import drop_database, ensure_database, with_database
 from tests.api_clients import (
     BinanceDepthClient,
     FeedClient,
@@ -228,7 +231,8 @@ def test_trades_ticker_heartbeat_and_registry(server):
         reg = fc.of(lambda m: m.get("ch") == "registry")
         issuances = [m for m in reg if m["type"] == "issuance"]
         retirements = [m for m in reg if m["type"] == "retirement"]
-        assert [(m["id"], m["quantity"], m["serial"]) for m in issuances] == [(iss["id"], "12.000", iss["serial"])]
+        assert [(m["id"], m["quantity"], m["serial"]) for m in issuances] == \
+            [(str(iss["id"]), "12.000", iss["serial"])]
         assert len(retirements) == 1
         r = retirements[0]
         assert (r["quantity"], r["beneficiary"], r["purpose"], r["certificate_code"]) == \
@@ -384,3 +388,94 @@ def test_malformed_messages_get_errors_and_the_connection_stays(server):
         ws.send(orjson.dumps({"op": "ping", "id": 9}).decode())
         pong = orjson.loads(ws.recv(5))
         assert (pong["type"], pong["id"]) == ("pong", 9)
+
+
+# ---- 6. one shared server: auth on the socket, private streams, subscriptions' bookkeeping ----------
+
+@pytest.fixture(scope="module")
+def market(pg_server, template_db, run):
+    """One server and world for the tests below, which keep to accounts and prices of their own: a
+    server and world per test would cost a second or more each."""
+    name = f"cx_feed_shared_{os.getpid()}"
+    run(ensure_database(pg_server, name, template=template_db))
+    dsn = with_database(pg_server, name)
+    try:
+        key = run(operator_key(dsn))
+        with ServerThread(dsn) as s:
+            s.ops_key, s.dsn = key, dsn
+            s.world = build_world(s.http, key, buyers=("BUY", "BUY2", "BUY3"))
+            with client(s.http, key) as ops:
+                add_listing(ops, s.world.keys, "BIOGAS", "DEV2")  # SYMBOL2: never traded here
+            yield s
+    finally:
+        run(drop_database(pg_server, name))
+
+
+@pytest.fixture
+def shared(market):
+    """The shared server; orders a test leaves resting are cancelled after it."""
+    yield market
+    for code in ("DEV", "BUY", "BUY2"):
+        with market.world.as_(code) as h:
+            ok(h.delete("/v1/orders", params={"symbol": SYMBOL}))
+
+
+def ask(ws, msg: dict, timeout: float = 5) -> dict:
+    """Send `msg` and return its answer (the message with its id), skipping anything else."""
+    ws.send(orjson.dumps(msg).decode())
+    end = time.monotonic() + timeout
+    while True:
+        m = orjson.loads(ws.recv(max(0.01, end - time.monotonic())))
+        if m.get("id") == msg["id"]:
+            return m
+
+
+def limit(side: str, price: str, quantity: str = "1.000") -> dict:
+    return {"symbol": SYMBOL, "side": side, "price": price, "quantity": quantity}
+
+
+def test_registry_events_carry_ids_as_strings(shared):
+    """API.md: the exchange's ids are strings — on the feed too, the same id REST gives."""
+    w = shared.world
+    fc = FeedClient(shared.ws, channels=[{"name": "registry"}]).subscribe()
+    try:
+        with client(shared.http, shared.ops_key) as ops, w.as_("DEV") as dev:
+            iss = ok(ops.post("/v1/registry/issuances", json={"project": "FOREST", "vintage": 2023,
+                                                              "quantity": "2.000"}), 201)
+            ret = ok(dev.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "Feed",
+                                                       "purpose": "ids"}), 201)
+        events = wait_for(lambda: len(got := fc.of(lambda m: m.get("ch") == "registry")) == 2 and got, 3,
+                          what="an issuance and a retirement on the feed")
+        assert [(m["type"], m["id"]) for m in events] == [("issuance", str(iss["id"])), ("retirement", str(ret["id"]))]
+    finally:
+        fc.close()
+
+
+def test_orders_channel_is_forbidden_to_an_operator_and_unauthorized_without_auth(shared):
+    """API.md's codes: unauthorized without a key, forbidden with a key of the wrong role."""
+    with connect(f"{shared.ws}/v1/ws") as ws:
+        orders = [{"name": "orders"}]
+        e = ask(ws, {"op": "subscribe", "id": 1, "channels": orders})
+        assert (e["type"], e["code"]) == ("error", "unauthorized"), e
+        assert ask(ws, {"op": "auth", "id": 2, "api_key": shared.ops_key})["role"] == "operator"
+        e = ask(ws, {"op": "subscribe", "id": 3, "channels": orders})
+        assert (e["type"], e["code"]) == ("error", "forbidden"), e
+
+
+def test_a_ticker_subscriber_starts_from_the_current_ticker(shared):
+    """As a book subscriber starts from a snapshot, a ticker subscriber gets the current ticker of
+    each instrument that has one right after the ack (SYMBOL2 never traded: none for it)."""
+    w = shared.world
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        ok(dev.post("/v1/orders", json=limit("sell", "35.00")), 201)
+        assert ok(buy.post("/v1/orders", json=limit("buy", "35.00")), 201)["status"] == "filled"
+    with client(shared.http) as anon:
+        rest = ok(anon.get(f"/v1/ticker/{SYMBOL}"))
+    with connect(f"{shared.ws}/v1/ws") as ws:
+        ws.send(orjson.dumps({"op": "subscribe", "id": 1, "channels": [{"name": "ticker",
+                                                                        "symbols": [SYMBOL2, SYMBOL]}]}).decode())
+        assert orjson.loads(ws.recv(5)) == {"type": "ack", "id": 1}
+        first = orjson.loads(ws.recv(5))
+    fields = ("symbol", "last", "open", "high", "low", "volume", "vwap")
+    assert first.get("ch") == "ticker", first
+    assert {k: first[k] for k in fields} == {k: rest[k] for k in fields}
