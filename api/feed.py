@@ -54,6 +54,11 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+def binance_stream(symbol: str, interval_ms: int) -> str:
+    """The stream's name as LIST_SUBSCRIPTIONS gives it (`@depth` and `@depth@1000ms` are one stream)."""
+    return f"{symbol.lower()}@depth" + ("@100ms" if interval_ms == 100 else "")
+
+
 class Client:
     """One connection: its subscriptions and its bounded, ordered outgoing queue."""
 
@@ -68,8 +73,10 @@ class Client:
         self.closed = False
         self.account: Account | None = None
         self.key: str | None = None
+        self.private: int | None = None  # the account whose order updates this connection receives
         self.books: dict[str, tuple[int, int]] = {}  # symbol -> (depth, interval_ms)
-        self.channels: set[tuple[str, str]] = set()  # (trades|ticker|binance, symbol), (registry|orders, "")
+        self.channels: set[tuple[str, str]] = set()  # (trades|ticker, symbol), (registry, "")
+        self.streams: set[tuple[str, int]] = set()  # Binance depth streams: (symbol, interval_ms)
         self.tasks: set[asyncio.Task] = set()  # answers waiting for durability (strong references)
 
     def push(self, data: bytes) -> None:
@@ -298,16 +305,40 @@ class Feed:
                 await asyncio.gather(*client.tasks, return_exceptions=True)
 
     def forget(self, c: Client) -> None:
+        """Take a closed connection out of every fan-out set it is in: anything left behind is
+        memory held for good and a push to nobody on every batch. Safe to call twice (a cut
+        connection is forgotten when cut and again when its handler ends)."""
         self.clients.discard(c)
         for symbol, (depth, interval) in c.books.items():
             self._leave((symbol, depth, interval), c)
+        c.books.clear()
         for key in c.channels:
-            if key[0] == "binance":
-                for g in self.binance.values():
-                    g.clients.discard(c)
-            self.subs.get(key, set()).discard(c)
-        if c.account is not None:
-            self.orders.get(c.account.id, set()).discard(c)
+            self._drop(self.subs, key, c)
+        c.channels.clear()
+        for stream in c.streams:
+            self._leave_binance(stream, c)
+        c.streams.clear()
+        self._unwatch_orders(c)
+
+    @staticmethod
+    def _drop(sets: dict[Any, set[Client]], key: Any, c: Client) -> None:
+        """`c` leaves the fan-out set under `key`; an emptied set goes, so that the map stays as
+        small as what is watched (and on_entries' `if not self.orders` shortcut keeps working)."""
+        members = sets.get(key)
+        if members is not None:
+            members.discard(c)
+            if not members:
+                del sets[key]
+
+    def _watch_orders(self, c: Client) -> None:
+        self._unwatch_orders(c)
+        self.orders.setdefault(c.account.id, set()).add(c)
+        c.private = c.account.id
+
+    def _unwatch_orders(self, c: Client) -> None:
+        if c.private is not None:
+            self._drop(self.orders, c.private, c)
+            c.private = None
 
     def _send(self, c: Client, obj: dict[str, Any]) -> None:
         c.push(orjson.dumps(obj))
@@ -341,13 +372,29 @@ class Feed:
             c.push(self.groups[(symbol, depth, interval)].snapshot(now_us()))
         elif op == "auth":
             key = msg.get("api_key")
-            c.account = await self.gate.account(key if isinstance(key, str) else None)
-            c.key = key
-            self._send(c, {"type": "ack", "id": ident, "account": c.account.code, "role": c.account.role})
+            await self._auth(c, ident, key if isinstance(key, str) else None)
         elif op == "ping":
             self._send(c, {"type": "pong", "id": ident, "ts": now_us()})
         else:
             raise CarbonxError("invalid_request", f"unknown op {op!r}")
+
+    async def _auth(self, c: Client, ident: Any, key: str | None) -> None:
+        """Auth replaces the connection's identity. The old account's private stream ends when the
+        account changes (it would otherwise go on to whoever holds the socket now), and a refused
+        key leaves no identity at all rather than silently keeping the previous one."""
+        try:
+            account = await self.gate.account(key)
+        except CarbonxError:
+            self._deauth(c)
+            raise
+        if c.private is not None and c.private != account.id:
+            self._unwatch_orders(c)
+        c.account, c.key = account, key
+        self._send(c, {"type": "ack", "id": ident, "account": account.code, "role": account.role})
+
+    def _deauth(self, c: Client) -> None:
+        self._unwatch_orders(c)
+        c.account, c.key = None, None
 
     def _channel(self, c: Client, ch: Any) -> tuple[str, list[str], int, int]:
         if not isinstance(ch, dict):
@@ -387,7 +434,8 @@ class Feed:
             c.books[symbol] = (depth, interval)
             return g.snapshot(now_us())
         if name == "orders":
-            self.orders.setdefault(c.account.id, set()).add(c)
+            self._watch_orders(c)
+            return None
         key = (name, symbol)
         self.subs.setdefault(key, set()).add(c)
         c.channels.add(key)
@@ -418,9 +466,10 @@ class Feed:
             if old is not None:
                 self._leave((symbol, *old), c)
             return
-        if name == "orders" and c.account is not None:
-            self.orders.get(c.account.id, set()).discard(c)
-        self.subs.get((name, symbol), set()).discard(c)
+        if name == "orders":
+            self._unwatch_orders(c)
+            return
+        self._drop(self.subs, (name, symbol), c)
         c.channels.discard((name, symbol))
 
     # ---- order entry on the socket -----------------------------------------------------------
@@ -498,8 +547,7 @@ class Feed:
     def _binance_message(self, c: Client, msg: dict[str, Any]) -> None:
         method, params, ident = msg.get("method"), msg.get("params", []), msg.get("id")
         if method == "LIST_SUBSCRIPTIONS":
-            self._send(c, {"result": sorted(f"{s.lower()}@depth" for k, s in c.channels if k == "binance"),
-                           "id": ident})
+            self._send(c, {"result": sorted(binance_stream(s, i) for s, i in c.streams), "id": ident})
             return
         if method not in ("SUBSCRIBE", "UNSUBSCRIBE") or not isinstance(params, list):
             self._send(c, {"error": {"code": 2, "msg": "Invalid request: method must be SUBSCRIBE or UNSUBSCRIBE"},
@@ -513,18 +561,30 @@ class Feed:
                 self._send(c, {"error": {"code": 2, "msg": f"Invalid stream {p!r}"}, "id": ident})
                 return
             wanted.append((symbol, BINANCE_INTERVALS[rest]))
-        for symbol, interval in wanted:
-            key = (symbol, interval)
+        for key in wanted:
             if method == "SUBSCRIBE":
-                g = self.binance.get(key)
-                if g is None:
-                    g = self.binance[key] = BinanceGroup(symbol, interval, self.market.books[symbol].seq)
-                g.clients.add(c)
-                c.channels.add(("binance", symbol))
-            elif key in self.binance:
-                self.binance[key].clients.discard(c)
-                c.channels.discard(("binance", symbol))
+                self._join_binance(key, c)
+            else:
+                self._leave_binance(key, c)
+                c.streams.discard(key)
         self._send(c, {"result": None, "id": ident})
+
+    def _join_binance(self, key: tuple[str, int], c: Client) -> None:
+        g = self.binance.get(key)
+        if g is None:
+            symbol, interval = key
+            g = self.binance[key] = BinanceGroup(symbol, interval, self.market.books[symbol].seq)
+        g.clients.add(c)
+        c.streams.add(key)
+
+    def _leave_binance(self, key: tuple[str, int], c: Client) -> None:
+        """`c` leaves one (symbol, interval) stream, and only that one; the last one out drops the
+        group, which a later subscriber starts afresh from the book's current seq."""
+        g = self.binance.get(key)
+        if g is not None:
+            g.clients.discard(c)
+            if not g.clients:
+                del self.binance[key]
 
     # ---- fan-out -----------------------------------------------------------------------------
 

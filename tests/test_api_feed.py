@@ -5,8 +5,10 @@ reconnects, depth 5 and 10, a coalescing subscription) always equal GET /v1/book
 checksum; the Binance-compatible depth procedure holds the true book; trades, tickers, heartbeats
 and the registry channel; a slow consumer is cut with slow_consumer + 1008 while a reader stays
 gapless; a planned stop says server_shutdown before closing; malformed messages get errors and
-leave the connection working. On one shared server: registry ids are strings, an operator asking
-for orders is forbidden, and a ticker subscriber starts from the current ticker.
+leave the connection working. On one shared server: re-auth ends the previous account's private
+stream, closed connections leave nothing in the fan-out sets, Binance intervals are separate
+streams, registry ids are strings, an operator asking for orders is forbidden, and a ticker
+subscriber starts from the current ticker.
 """
 
 from __future__ import annotations
@@ -432,6 +434,77 @@ def ask(ws, msg: dict, timeout: float = 5) -> dict:
 
 def limit(side: str, price: str, quantity: str = "1.000") -> dict:
     return {"symbol": SYMBOL, "side": side, "price": price, "quantity": quantity}
+
+
+def private(t: WsTrader, seconds: float = 0.4) -> list[dict]:
+    """The orders-channel messages `t` got, waiting `seconds` for stragglers."""
+    return [m for m in t.drain(seconds) if m.get("ch") == "orders"]
+
+
+def test_reauth_as_another_member_ends_the_first_accounts_private_stream(shared):
+    """API.md: the orders channel is the caller's own orders. After auth as BUY2 on a socket that
+    had BUY's orders channel, BUY's orders no longer arrive there; BUY2's do once it subscribes."""
+    w = shared.world
+    t = WsTrader(shared.ws, w.keys["BUY"])
+    try:
+        ack = t.request({"op": "auth", "api_key": w.keys["BUY2"]})
+        assert (ack["type"], ack["account"]) == ("ack", "BUY2"), ack
+        assert t.request({"op": "subscribe", "channels": [{"name": "orders"}]})["type"] == "ack"
+        t.pending.clear()
+        with w.as_("BUY") as buy, w.as_("BUY2") as buy2:
+            theirs = ok(buy.post("/v1/orders", json=limit("buy", "33.50")), 201)
+            mine = ok(buy2.post("/v1/orders", json=limit("buy", "33.25")), 201)
+        got = {m["order"]["order_id"] for m in private(t) if m["type"] == "order"}
+        assert mine["order_id"] in got and theirs["order_id"] not in got, (mine["order_id"], theirs["order_id"], got)
+    finally:
+        t.close()
+
+
+def test_binance_unsubscribing_one_interval_keeps_the_other(shared):
+    s = SYMBOL.lower()
+    with connect(f"{shared.ws}/ws") as ws:
+        sub = {"method": "SUBSCRIBE", "params": [f"{s}@depth@100ms", f"{s}@depth"], "id": 1}
+        assert ask(ws, sub) == {"result": None, "id": 1}
+        assert ask(ws, {"method": "UNSUBSCRIBE", "params": [f"{s}@depth"], "id": 2}) == {"result": None, "id": 2}
+        assert ask(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 3}) == {"result": [f"{s}@depth@100ms"], "id": 3}
+        with shared.world.as_("DEV") as dev:
+            ok(dev.post("/v1/orders", json=limit("sell", "38.00")), 201)
+        event = orjson.loads(ws.recv(3))  # the 100 ms stream goes on
+        assert event["e"] == "depthUpdate" and ["38.00", "1.000"] in event["a"], event
+
+
+async def _fanout(feed) -> dict[str, int]:
+    """How many entries each fan-out map of the feed holds, and how many closed connections they hold."""
+    sets = {"orders": list(feed.orders.values()), "subs": list(feed.subs.values()),
+            "binance": [g.clients for g in feed.binance.values()], "books": [g.clients for g in feed.groups.values()]}
+    return {**{k: len(v) for k, v in sets.items()},
+            "closed": sum(1 for v in sets.values() for members in v for c in members if c.closed)}
+
+
+def test_closed_connections_leave_nothing_in_the_fanout_sets(shared):
+    """API.md: never unbounded memory. Once every connection is closed, whatever they subscribed
+    to — orders before and after a re-auth, one of two Binance intervals left, public channels —
+    the feed's fan-out maps are empty."""
+    w, feed = shared.world, shared.exchange.feed
+    t = WsTrader(shared.ws, w.keys["BUY"])
+    fc = FeedClient(shared.ws, [SYMBOL], channels=[{"name": "trades", "symbols": [SYMBOL]},
+                                                   {"name": "ticker", "symbols": [SYMBOL]}, {"name": "registry"}])
+    bc = connect(f"{shared.ws}/ws", legacy=True)
+    try:
+        assert t.request({"op": "auth", "api_key": w.keys["BUY2"]})["type"] == "ack"
+        assert t.request({"op": "subscribe", "channels": [{"name": "orders"}]})["type"] == "ack"
+        fc.subscribe()
+        s = SYMBOL.lower()
+        ask(bc, {"method": "SUBSCRIBE", "params": [f"{s}@depth@100ms", f"{s}@depth@1000ms"], "id": 1})
+        ask(bc, {"method": "UNSUBSCRIBE", "params": [f"{s}@depth@100ms"], "id": 2})
+        held = shared.call(_fanout(feed))
+        assert all(held[k] for k in ("orders", "subs", "binance", "books")), held
+    finally:
+        t.close()
+        fc.close()
+        bc.close()
+    empty = {"orders": 0, "subs": 0, "binance": 0, "books": 0, "closed": 0}
+    wait_for(lambda: shared.call(_fanout(feed)) == empty, 3, what=f"empty fan-out maps ({shared.call(_fanout(feed))})")
 
 
 def test_registry_events_carry_ids_as_strings(shared):
