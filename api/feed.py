@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections import deque
 from typing import Any
@@ -29,6 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from api import auth
 from api.auth import Gate
 from api.models import AmendRequest, OrderRequest
 from api.orders import Trading
@@ -73,6 +75,8 @@ class Client:
         self.closed = False
         self.account: Account | None = None
         self.key: str | None = None
+        # When the key must be asked about again before it is used (monotonic; never while unauthenticated).
+        self.key_expires = math.inf
         self.private: int | None = None  # the account whose order updates this connection receives
         self.books: dict[str, tuple[int, int]] = {}  # symbol -> (depth, interval_ms)
         self.channels: set[tuple[str, str]] = set()  # (trades|ticker, symbol), (registry, "")
@@ -230,7 +234,8 @@ class Feed:
         self.server = await serve(self.handle, host, port, process_request=self._route, max_size=64 * 1024,
                                   max_queue=64, compression=None, ping_interval=20, ping_timeout=20)
         self._tasks = [asyncio.create_task(self._heartbeats(), name="carbonx-heartbeat"),
-                       asyncio.create_task(self._coalesce(), name="carbonx-coalesce")]
+                       asyncio.create_task(self._coalesce(), name="carbonx-coalesce"),
+                       asyncio.create_task(self._key_checks(), name="carbonx-key-checks")]
         return self.server
 
     @property
@@ -285,6 +290,8 @@ class Feed:
                 ident = msg.get("id")  # before order entry takes it out of the message
                 try:
                     self.gate.admit(client.address, client.key)
+                    if time.monotonic() >= client.key_expires:  # one comparison per order otherwise
+                        await self._recheck(client)
                     if client.binance:
                         self._binance_message(client, msg)
                     elif msg.get("op") in ORDER_OPS:  # without a coroutine per order
@@ -389,12 +396,54 @@ class Feed:
             raise
         if c.private is not None and c.private != account.id:
             self._unwatch_orders(c)
-        c.account, c.key = account, key
+        c.account, c.key, c.key_expires = account, key, self._key_expiry(key)
         self._send(c, {"type": "ack", "id": ident, "account": account.code, "role": account.role})
+
+    def _key_expiry(self, key: str) -> float:
+        """When the gate's answer about `key` goes stale. Counting KEY_TTL from now instead would
+        let a revoked key work on a socket for up to twice KEY_TTL (the gate's answer may already be
+        that old), where auth.py promises KEY_TTL, as REST has it."""
+        hit = self.gate._cache.get(key)  # auth.Gate has no public way to say when it last checked
+        checked = hit[1] if hit is not None else time.monotonic()
+        return checked + auth.KEY_TTL
+
+    async def _recheck(self, c: Client) -> None:
+        """Ask the gate about the connection's key again (the database only when the gate's own
+        answer is stale too); a revoked key de-authenticates the connection."""
+        key = c.key
+        if key is None:  # de-authenticated meanwhile
+            return
+        try:
+            account = await self.gate.account(key)
+        except CarbonxError:
+            if c.key == key:  # not re-authenticated meanwhile
+                self._deauth(c)
+                self._error(c, None, "unauthorized",
+                            "the API key was revoked: this connection is no longer authenticated and its orders "
+                            "channel has ended; send auth with a valid key")
+            return
+        except Exception as e:
+            log.warning("could not check an API key: %r", e)
+            raise CarbonxError("unavailable", "the API key could not be checked; try again") from None
+        if c.key == key:
+            c.account, c.key_expires = account, self._key_expiry(key)
 
     def _deauth(self, c: Client) -> None:
         self._unwatch_orders(c)
-        c.account, c.key = None, None
+        c.account, c.key, c.key_expires = None, None, math.inf
+
+    async def _key_checks(self) -> None:
+        """A connection that only listens to its orders channel sends nothing that would make it
+        check its key: check such keys when they go stale, so that a revoked key's private stream
+        stops within KEY_TTL plus this loop's period. One gate call per key, not per connection
+        (the gate caches the answer for the others)."""
+        while True:
+            await asyncio.sleep(min(1.0, auth.KEY_TTL / 4))
+            now = time.monotonic()
+            due = [c for c in self.clients if c.private is not None and now >= c.key_expires]
+            for c in due:
+                with contextlib.suppress(CarbonxError):  # logged; the next round tries again
+                    await self._recheck(c)
 
     def _channel(self, c: Client, ch: Any) -> tuple[str, list[str], int, int]:
         if not isinstance(ch, dict):

@@ -5,10 +5,10 @@ reconnects, depth 5 and 10, a coalescing subscription) always equal GET /v1/book
 checksum; the Binance-compatible depth procedure holds the true book; trades, tickers, heartbeats
 and the registry channel; a slow consumer is cut with slow_consumer + 1008 while a reader stays
 gapless; a planned stop says server_shutdown before closing; malformed messages get errors and
-leave the connection working. On one shared server: re-auth ends the previous account's private
-stream, closed connections leave nothing in the fan-out sets, Binance intervals are separate
-streams, registry ids are strings, an operator asking for orders is forbidden, and a ticker
-subscriber starts from the current ticker.
+leave the connection working. On one shared server: a revoked key stops working on a socket that
+authenticated before, re-auth ends the previous account's private stream, closed connections leave
+nothing in the fan-out sets, Binance intervals are separate streams, registry ids are strings, an
+operator asking for orders is forbidden, and a ticker subscriber starts from the current ticker.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ import socket
 import time
 from decimal import Decimal
 
+import asyncpg
 import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from api import auth
 from exchange.database import drop_database, ensure_database, with_database
 from tests.api_clients import (
     BinanceDepthClient,
@@ -439,6 +441,48 @@ def limit(side: str, price: str, quantity: str = "1.000") -> dict:
 def private(t: WsTrader, seconds: float = 0.4) -> list[dict]:
     """The orders-channel messages `t` got, waiting `seconds` for stragglers."""
     return [m for m in t.drain(seconds) if m.get("ch") == "orders"]
+
+
+async def revoke(dsn: str, code: str) -> None:
+    """Revoke every key of an account, as an operator would in the database (no endpoint does)."""
+    c = await asyncpg.connect(dsn)
+    try:
+        await c.execute("UPDATE api_keys SET revoked_at = now() WHERE account_id = "
+                        "(SELECT id FROM accounts WHERE code = $1)", code)
+    finally:
+        await c.close()
+
+
+def test_a_revoked_key_stops_working_on_a_socket_authenticated_before(shared, run, monkeypatch):
+    """auth.py: a revoked key stops working within KEY_TTL seconds (shortened here), as REST has it.
+    A socket that only listens to its orders channel is told and its stream ends; one that enters
+    orders gets unauthorized for them."""
+    monkeypatch.setattr(auth, "KEY_TTL", 0.3)
+    w = shared.world
+    listener = WsTrader(shared.ws, w.keys["BUY3"])
+    trader = WsTrader(shared.ws, w.keys["BUY3"], orders_channel=False)
+    try:
+        placed = trader.request({"op": "order.place", **limit("buy", "33.00")})
+        assert placed["type"] == "result", placed
+        assert private(listener, 0.2), "the orders channel works before the revocation"
+        run(revoke(shared.dsn, "BUY3"))
+        notices = wait_for(lambda: [m for m in listener.drain(0.05) if m.get("type") == "error"], 3,
+                           what="the revoked key's listener to be told")
+        assert [(m["code"], m["id"]) for m in notices] == [("unauthorized", None)], notices
+        listener.pending.clear()
+        with w.as_("DEV") as dev:  # fills BUY3's resting bid: a private fill nobody may receive now
+            sold = ok(dev.post("/v1/orders", json=limit("sell", "33.00")), 201)
+        assert sold["status"] == "filled", sold
+        assert private(listener) == []
+        refused = trader.request({"op": "order.place", **limit("buy", "33.00")})
+        assert (refused["type"], refused["code"]) == ("error", "unauthorized"), refused
+        refused = listener.request({"op": "order.cancel", "order_id": placed["order"]["order_id"]})
+        assert (refused["type"], refused["code"]) == ("error", "unauthorized"), refused
+        with w.as_("BUY3") as rest:
+            assert rest.get("/v1/account").status_code == 401
+    finally:
+        listener.close()
+        trader.close()
 
 
 def test_reauth_as_another_member_ends_the_first_accounts_private_stream(shared):
