@@ -79,6 +79,12 @@ class Gate:
         if key is not None and not self.by_key.take(key[:16]):
             raise CarbonxError("rate_limited", "too many requests with this API key; slow down")
 
+    def fresh_until(self, key: str) -> float:
+        """When the gate's answer about `key` goes stale (time.monotonic): a connection that keeps
+        its account between requests must ask again by then to honour KEY_TTL."""
+        hit = self._cache.get(key)
+        return (hit[1] if hit is not None else time.monotonic()) + KEY_TTL
+
     async def account(self, key: str | None) -> Account:
         """The account of an API key; `unauthorized` without a valid one."""
         if not key:

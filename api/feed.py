@@ -174,6 +174,12 @@ class BookGroup:
                              "checksum": checksum(top_a, top_b)})
 
 
+def binance_levels(pairs: list[tuple[int, int]]) -> list[list[str]]:
+    """Levels as the Binance adapter sends them: a deleted level's size is "0" (API.md), where the
+    native feed sends "0.000"."""
+    return [[format_price(p), format_tonnes(q) if q else "0"] for p, q in pairs]
+
+
 class BinanceGroup:
     """Full-depth changes of one instrument for Binance-style clients, every `interval_ms`."""
 
@@ -196,8 +202,8 @@ class BinanceGroup:
         if self.first is None:
             return None
         ch = self.changes
-        bids = levels(sorted(((p, q) for (s, p), q in ch.items() if s == E.BID), reverse=True))
-        asks = levels(sorted((p, q) for (s, p), q in ch.items() if s == E.ASK))
+        bids = binance_levels(sorted(((p, q) for (s, p), q in ch.items() if s == E.BID), reverse=True))
+        asks = binance_levels(sorted((p, q) for (s, p), q in ch.items() if s == E.ASK))
         msg = orjson.dumps({"e": "depthUpdate", "E": time.time_ns() // 1_000_000, "s": self.symbol,
                             "U": self.first, "u": self.last, "b": bids, "a": asks})
         self.first, self.changes = None, {}
@@ -403,9 +409,7 @@ class Feed:
         """When the gate's answer about `key` goes stale. Counting KEY_TTL from now instead would
         let a revoked key work on a socket for up to twice KEY_TTL (the gate's answer may already be
         that old), where auth.py promises KEY_TTL, as REST has it."""
-        hit = self.gate._cache.get(key)  # auth.Gate has no public way to say when it last checked
-        checked = hit[1] if hit is not None else time.monotonic()
-        return checked + auth.KEY_TTL
+        return self.gate.fresh_until(key)
 
     async def _recheck(self, c: Client) -> None:
         """Ask the gate about the connection's key again (the database only when the gate's own
