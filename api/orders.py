@@ -19,7 +19,7 @@ from typing import Any
 from api.models import AmendRequest, OrderRequest
 from api.wire import order_view
 from exchange.errors import CarbonxError
-from exchange.history import SIDE, Fill, order_from_row
+from exchange.history import Fill, fill_from_row, order_from_row
 from exchange.service import ExchangeService
 from matching import events as E
 from matching.core import O_ACCOUNT, O_PRICE, O_REMAINING, O_SYMBOL, Outcome
@@ -210,7 +210,5 @@ class Trading:
             """SELECT * FROM fills WHERE account_id = $1 AND ($2::bigint IS NULL OR order_id = $2)
                  AND ($3::text IS NULL OR symbol = $3) ORDER BY seq DESC, trade_id DESC LIMIT $4""",
             account, order_id, symbol, limit)
-        out = [Fill(r["symbol"], r["trade_id"], r["order_id"], r["account_id"], SIDE.index(r["side"]),
-                    r["liquidity"] == "maker", r["price_fen"], r["qty_kg"], r["value_fen"], r["fee_fen"], r["ts"],
-                    r["seq"]) for r in rows]
+        out = [fill_from_row(r) for r in rows]
         return out[::-1] if order_id is not None else out

@@ -30,7 +30,7 @@ from exchange import accounts as acc
 from exchange import certificates, neutrality, offsetting, registry
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
-from exchange.history import SIDE, Fill, order_from_row
+from exchange.history import Fill, fill_from_row, order_from_row
 from exchange.marketdata import MarketData
 from exchange.serials import format_serial
 from exchange.service import ExchangeService
@@ -643,12 +643,6 @@ def create_app(ctx: Context) -> FastAPI:
 
     web.install(app, ctx)  # the web page at / (api/web.py), not part of /openapi.json
     return app
-
-
-def fill_from_row(r: asyncpg.Record) -> Fill:
-    """A fill as the history tables keep it (api/orders.py's Trading.fills reads them alike)."""
-    return Fill(r["symbol"], r["trade_id"], r["order_id"], r["account_id"], SIDE.index(r["side"]),
-                r["liquidity"] == "maker", r["price_fen"], r["qty_kg"], r["value_fen"], r["fee_fen"], r["ts"], r["seq"])
 
 
 def listing_rules(req: M.ListingRequest) -> dict[str, Any]:

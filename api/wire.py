@@ -38,12 +38,23 @@ def problem(code: str, detail: str, status: int | None = None) -> dict[str, Any]
             "detail": detail, "code": code}
 
 
+_last_iso: tuple[int, str] = (-1, "")
+
+
 def iso(ts_us: int | None) -> str | None:
     """UTC microseconds as ISO 8601 with a Z."""
+    global _last_iso
     if ts_us is None:
         return None
+    # An order view names one time three times or more (created, updated, each fill of one
+    # command): the last one formatted is usually the one asked for.
+    last = _last_iso
+    if last[0] == ts_us:
+        return last[1]
     seconds, micros = divmod(ts_us, 1_000_000)
-    return "%s.%06dZ" % (_seconds(seconds), micros)  # noqa: UP031 (a %-format is the cheapest here)
+    text = "%s.%06dZ" % (_seconds(seconds), micros)  # noqa: UP031 (a %-format is the cheapest here)
+    _last_iso = (ts_us, text)
+    return text
 
 
 @functools.lru_cache(maxsize=4096)

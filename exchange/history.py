@@ -207,6 +207,11 @@ def order_from_row(r: asyncpg.Record) -> OrderState:
         updated_ts=r["updated_ts"])
 
 
+def fill_from_row(r: asyncpg.Record) -> Fill:
+    return Fill(r["symbol"], r["trade_id"], r["order_id"], r["account_id"], SIDE.index(r["side"]),
+                r["liquidity"] == "maker", r["price_fen"], r["qty_kg"], r["value_fen"], r["fee_fen"], r["ts"], r["seq"])
+
+
 async def position(conn: asyncpg.Connection | asyncpg.Pool) -> int:
     return await conn.fetchval("SELECT coalesce((SELECT seq FROM journal_consumers WHERE name = $1), 0)", NAME)
 
@@ -331,7 +336,7 @@ class OrderTracker:
     def apply(self, seq: int, ts: int, command: dict, events: list) -> Folded:
         out = fold(seq, ts, command, events, self.open, keep_fills=True)
         for oid, o in out.orders.items():
-            if not o.is_open:
+            if o.status not in OPEN:  # is_open, inline: this runs for every order the exchange touches
                 self.open.pop(oid, None)
                 self.recent[oid] = o
         while len(self.recent) > RECENT:

@@ -63,8 +63,6 @@ class LocalBook:
         for side, levels in ((self.bids, msg["bids"]), (self.asks, msg["asks"])):
             for p, q in levels:
                 if Decimal(q) == 0:
-                    if q != "0":  # API.md: "0" deletes (the native feed's "0.000" is not the adapter's)
-                        self.problems.append(f"deletion of {p} sent as {q!r}, not \"0\"")
                     side.pop(p, None)
                 else:
                     side[p] = q

@@ -79,3 +79,19 @@ def test_rounding_edges():
     assert fee_fen(10_000, 5) == 5                  # 5 bp of 100 CNY = 0.05 CNY
     assert fee_fen(1000, 5) == 1                    # 0.5 fen rounds up
     assert fee_fen(999, 5) == 0
+
+
+@given(st.lists(st.integers(min_value=0, max_value=253_402_300_799_999_999), min_size=1, max_size=20), st.data())
+def test_iso_times_equal_datetimes_formatting_repeated_or_not(stamps, data):
+    """api.wire.iso (a %-format of a divmod, remembering the last time it formatted) against
+    datetime's own ISO formatting, over times asked for again and in any order."""
+    from datetime import UTC, datetime, timedelta
+
+    from api.wire import iso
+
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    asked = stamps + [data.draw(st.sampled_from(stamps)) for _ in range(len(stamps))]
+    for ts in asked:
+        want = (epoch + timedelta(microseconds=ts)).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        assert iso(ts) == want
+    assert iso(None) is None
