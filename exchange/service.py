@@ -37,6 +37,7 @@ import asyncpg
 import orjson
 
 from exchange import history, journal, projector, registry
+from exchange.consumers import DELAY as CONSUMER_DELAY
 from exchange.database import connect_consumer
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
@@ -78,7 +79,7 @@ class ExchangeService:
         self, dsn: str, *, engine: str | None = None, flush_interval: float = FLUSH_INTERVAL, max_batch: int = 4096,
         snapshot_every: int = 250_000, journal_method: str = "copy", project: bool = True,
         verify_recovery: bool = True, clock: Callable[[], int] = now_us,
-        progress: Callable[[int, int], None] | None = None, consumer_delay: float = 0.01,
+        progress: Callable[[int, int], None] | None = None, consumer_delay: float = CONSUMER_DELAY,
         consumers: str = "task",
     ) -> None:
         if consumers not in ("task", "process"):
@@ -146,8 +147,8 @@ class ExchangeService:
         if not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SERVICE_LOCK_KEY):
             await self._conn.close()
             raise CarbonxError("service_running", "another carbonx exchange service is running on this database")
-        self._proj = await connect_consumer(self.dsn)
-        self._hist = await connect_consumer(self.dsn)
+        self._proj = await connect_consumer(self.dsn, "projector")
+        self._hist = await connect_consumer(self.dsn, "history")
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
         began = time.perf_counter()
         self.core = await journal.recover(self._conn, engine=self.engine, verify=self.verify_recovery,

@@ -4,6 +4,7 @@ already there."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import asyncpg
@@ -163,7 +164,7 @@ def test_consumer_connections_plan_each_batch_for_its_arguments(db, run):
         finally:
             await conn.close()
 
-    generic, custom = run(replay(connect_consumer))
+    generic, custom = run(replay(functools.partial(connect_consumer, name="history")))
     assert generic == 0 and custom > 50
     generic, _ = run(replay(asyncpg.connect))
     assert generic > 0, "a plain connection should have cached generic plans (else this test shows nothing)"
