@@ -25,7 +25,7 @@ from api import web
 from api.auth import Gate, Limits, bearer
 from api.fastpath import replay
 from api.orders import Trading, _units
-from api.wire import checksum, fill_view, http_status, iso, levels, order_view, problem
+from api.wire import checksum, fill_view, http_status, iso, iso_datetime, levels, order_view, problem
 from exchange import accounts as acc
 from exchange import certificates, neutrality, offsetting, registry
 from exchange.accounts import Account
@@ -299,7 +299,7 @@ def create_app(ctx: Context) -> FastAPI:
                                  "quantity": format_tonnes(h["hi"] - h["lo"]), "from_account": h["from_account"],
                                  "from_state": h["from_state"], "to_account": h["to_account"],
                                  "to_state": h["to_state"], "cause": h["cause"], "reference": h["cause_ref"],
-                                 "time": h["created_at"].isoformat()} for h in hist],
+                                 "time": iso_datetime(h["created_at"])} for h in hist],
                     "holders": [block_view(iss, b) for b in now]}
         return await db(q)
 
@@ -316,7 +316,7 @@ def create_app(ctx: Context) -> FastAPI:
                    WHERE b.retirement_id = $1 ORDER BY i.id, lower(b.serials)""", r["id"])
             out.append({"id": str(r["id"]), "certificate_code": r["certificate_code"], "account": r["account"],
                         "beneficiary": r["beneficiary"], "purpose": r["purpose"],
-                        "quantity": format_tonnes(r["quantity_kg"]), "time": r["created_at"].isoformat(),
+                        "quantity": format_tonnes(r["quantity_kg"]), "time": iso_datetime(r["created_at"]),
                         "serials": [format_serial(x["scheme"], x["code"], x["vintage"], x["lo"], x["hi"])
                                     for x in ranges]})
         return out
@@ -379,7 +379,7 @@ def create_app(ctx: Context) -> FastAPI:
         data = await certificate_data(code)
         return {"certificate_code": data["certificate_code"], "beneficiary": data["beneficiary"],
                 "purpose": data["purpose"], "quantity": format_tonnes(data["quantity_kg"]),
-                "account": data["account"], "time": data["created_at"].isoformat(),
+                "account": data["account"], "time": iso_datetime(data["created_at"]),
                 "ranges": [{"serial": r["serial"], "project": r["project"], "project_name": r["project_name"],
                             "methodology": r["methodology"], "vintage": r["vintage"],
                             "quantity": format_tonnes(r["hi"] - r["lo"])} for r in data["ranges"]],

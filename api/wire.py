@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from exchange.history import KIND, SIDE, TIF, OrderState, average_price
@@ -55,6 +55,15 @@ def iso(ts_us: int | None) -> str | None:
     text = "%s.%06dZ" % (_seconds(seconds), micros)  # noqa: UP031 (a %-format is the cheapest here)
     _last_iso = (ts_us, text)
     return text
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def iso_datetime(dt: datetime) -> str:
+    """A database time (timestamptz) on the wire exactly as iso() writes times: UTC, microseconds, Z
+    (datetime.isoformat would say +00:00 and drop the microseconds when they are zero)."""
+    return iso((dt - _EPOCH) // timedelta(microseconds=1))
 
 
 @functools.lru_cache(maxsize=4096)

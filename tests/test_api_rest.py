@@ -578,3 +578,21 @@ def test_repeated_payment_answers_with_the_original_payment(server):
         problem(ops.post("/v1/accounts/BUY/deposits", json={"amount": "250.00", "reference": "dep-1"}), 409,
                 "duplicate_reference")
         assert ok(buy.get("/v1/account"))["cash_available"] == cash
+
+
+def test_registry_times_have_the_one_wire_form(server):
+    """API.md: times in REST are ISO 8601 UTC strings. The registry's times (a serial's history, the
+    public retirements, a certificate) are written as order times are: microseconds and a Z (they
+    were datetime.isoformat's +00:00, without microseconds when those were zero)."""
+    import re
+
+    form = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+    w = build_world(server.http, server.ops_key)
+    with client(server.http) as anon, w.as_("DEV") as dev:
+        ret = ok(dev.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "b",
+                                                   "purpose": "p"}), 201)
+        times = [h["time"] for h in ok(anon.get(f"/v1/registry/serials/{ret['serials'][0]}"))["history"]]
+        times += [r["time"] for r in ok(anon.get("/v1/registry/retirements"))]
+        times.append(ok(anon.get(f"/v1/certificates/{ret['certificate_code']}"))["time"])
+        times.append(ret["time"])
+    assert len(times) >= 4 and all(form.match(t) for t in times), times
