@@ -20,21 +20,16 @@
 ALTER TABLE orders DROP CONSTRAINT orders_account_id_fkey;
 ALTER TABLE fills DROP CONSTRAINT fills_account_id_fkey;
 
-CREATE FUNCTION carbonx_orders_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+-- One function for both tables: their triggers name the new rows alike.
+CREATE FUNCTION carbonx_history_account_keys() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM carbonx_keys_exist('accounts', 'id', ARRAY(SELECT account_id FROM new_rows), 'orders.account_id');
+    PERFORM carbonx_keys_exist('accounts', 'id', ARRAY(SELECT account_id FROM new_rows), TG_TABLE_NAME || '.account_id');
     RETURN NULL;
 END $$;
 CREATE TRIGGER orders_keys AFTER INSERT ON orders REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION carbonx_orders_keys();
-
-CREATE FUNCTION carbonx_fills_keys() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM carbonx_keys_exist('accounts', 'id', ARRAY(SELECT account_id FROM new_rows), 'fills.account_id');
-    RETURN NULL;
-END $$;
+    FOR EACH STATEMENT EXECUTE FUNCTION carbonx_history_account_keys();
 CREATE TRIGGER fills_keys AFTER INSERT ON fills REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION carbonx_fills_keys();
+    FOR EACH STATEMENT EXECUTE FUNCTION carbonx_history_account_keys();
 
 CREATE FUNCTION carbonx_account_fixed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
