@@ -73,10 +73,6 @@ class OrderState:
     updated_ts: int = 0
     fills: list[Fill] = field(default_factory=list)  # only those folded in this process
 
-    @property
-    def is_open(self) -> bool:
-        return self.status in OPEN
-
 
 @dataclass(slots=True)
 class Trade:
@@ -336,7 +332,7 @@ class OrderTracker:
     def apply(self, seq: int, ts: int, command: dict, events: list) -> Folded:
         out = fold(seq, ts, command, events, self.open, keep_fills=True)
         for oid, o in out.orders.items():
-            if o.status not in OPEN:  # is_open, inline: this runs for every order the exchange touches
+            if o.status not in OPEN:
                 self.open.pop(oid, None)
                 self.recent[oid] = o
         while len(self.recent) > RECENT:
