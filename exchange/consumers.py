@@ -52,7 +52,14 @@ class Consumers:
         self.durable = 0
         self.stopping = False
         self.wake = {"projector": asyncio.Event(), "history": asyncio.Event()}
-        self.hurry = asyncio.Event()
+        # One per consumer: a hurry is spent by the apply that covers what was announced before
+        # it, and one consumer's apply must not spend the other's.
+        self.hurry = {"projector": asyncio.Event(), "history": asyncio.Event()}
+
+    def hurry_up(self) -> None:
+        """Someone waits for what has been announced: apply it without gathering more."""
+        for e in self.hurry.values():
+            e.set()
 
     def announce(self, seq: int) -> None:
         self.durable = max(self.durable, seq)
@@ -61,7 +68,7 @@ class Consumers:
 
     def stop(self) -> None:
         self.stopping = True
-        self.hurry.set()
+        self.hurry_up()
         for e in self.wake.values():
             e.set()
 
@@ -70,7 +77,7 @@ class Consumers:
         conn = await connect_consumer(self.dsn, name)
         try:
             done = await projector.position(conn, name)
-            wake = self.wake[name]
+            wake, hurry = self.wake[name], self.hurry[name]
             while True:
                 await wake.wait()
                 wake.clear()
@@ -78,10 +85,14 @@ class Consumers:
                     if self.stopping:
                         return
                     continue
-                if self.delay and not self.stopping and self.durable - done < BACKLOG_NOW:
-                    self.hurry.clear()
+                if self.delay and not self.stopping and self.durable - done < BACKLOG_NOW and not hurry.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.hurry.wait(), self.delay)
+                        await asyncio.wait_for(hurry.wait(), self.delay)
+                # Spent here, with no await before reading the position: the parent announces a
+                # position before it hurries for it, so this apply covers what the hurry was for.
+                # (Clearing it before the gathering lost a hurry read together with its position:
+                # every caught_up then waited the whole delay.)
+                hurry.clear()
                 upto = self.durable
                 await apply(conn, upto=upto)
                 done = upto
@@ -116,7 +127,7 @@ async def run(dsn: str, delay: float, project: bool) -> None:
             if line == b"stop":
                 break
             if line == b"hurry":
-                c.hurry.set()
+                c.hurry_up()
             else:
                 c.announce(int(line))
         c.stop()

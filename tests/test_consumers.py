@@ -21,6 +21,7 @@ import time
 import asyncpg
 import pytest
 
+from exchange import consumers
 from exchange.errors import CarbonxError
 from exchange.service import ExchangeService
 from matching import events as E
@@ -211,3 +212,37 @@ def _running(pid: int) -> bool:
 def positions_at_least(got: dict[str, int], seq: int) -> bool:
     assert got.get("projector", 0) >= seq and got.get("history", 0) >= seq, (got, seq)
     return True
+
+
+def test_a_hurry_read_together_with_its_position_is_not_lost(db, run):
+    """The parent announces a position and then hurries for it; the child often reads both lines
+    before its followers run again. Each follower must then apply at once, not gather for the
+    whole delay (clearing the hurry when the gathering began lost it, and every caught_up in
+    process mode waited a full delay). Each follower spends its own hurry."""
+
+    async def main():
+        applied: dict[str, float] = {}
+
+        def recorder(name: str):
+            async def apply(conn, upto: int) -> int:
+                applied.setdefault(name, time.perf_counter())
+                return upto
+            return apply
+
+        c = consumers.Consumers(db, delay=5.0, say=lambda line: None)
+        tasks = [asyncio.create_task(c.follow(name, recorder(name))) for name in ("projector", "history")]
+        await asyncio.sleep(0.3)  # both followers connected and waiting for an announcement
+        t = time.perf_counter()
+        c.announce(5)
+        c.hurry_up()
+        for _ in range(200):
+            if len(applied) == 2:
+                break
+            await asyncio.sleep(0.01)
+        c.stop()
+        await asyncio.gather(*tasks)
+        return {name: at - t for name, at in applied.items()}
+
+    took = run(main())
+    assert set(took) == {"projector", "history"}, took
+    assert max(took.values()) < 1.0, f"a hurry was lost: applied after {took} s with a 5 s delay"
