@@ -695,13 +695,9 @@ class ExchangeService:
         problems = self.core.check_invariants()
         if not self.project:
             return problems
-        # Wait for the projector task to reach this point rather than racing it on its connection.
-        while await self._pool.fetchval("SELECT coalesce((SELECT seq FROM journal_consumers WHERE name = $1), 0)",
-                                        projector.NAME) < self.durable_seq:
-            if self._failure is not None:
-                raise CarbonxError("unavailable", f"the projector failed: {self._failure}")
-            self._project_wake.set()
-            await asyncio.sleep(0.005)
+        # Wait for the projector to reach this point (hurrying it past its gathering delay, in
+        # process or out) rather than racing it on its connection.
+        await self.caught_up(self.durable_seq, registry=True)
         problems.extend(await compare_with_database(self._pool, self.core))
         return problems
 
