@@ -541,7 +541,9 @@ class Feed:
                 out, durable = self.trading.place_now(account, OrderRequest.model_validate(fields), shared=True)
             else:
                 order_id = fields.pop("order_id", None)
-                if isinstance(order_id, str) and order_id.isdigit():
+                # ASCII digits, at most 19 (REST's ids likewise): str.isdigit() also takes "²",
+                # and int() of either refuses with ValueError, which would drop the connection.
+                if isinstance(order_id, str) and order_id.isascii() and order_id.isdigit() and len(order_id) <= 19:
                     order_id = int(order_id)
                 if type(order_id) is not int or not 0 < order_id < 2**62:
                     raise CarbonxError("invalid_request", "order_id must be an order id")

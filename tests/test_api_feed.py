@@ -596,3 +596,17 @@ def test_a_ticker_subscriber_starts_from_the_current_ticker(shared):
     fields = ("symbol", "last", "open", "high", "low", "volume", "vwap")
     assert first.get("ch") == "ticker", first
     assert {k: first[k] for k in fields} == {k: rest[k] for k in fields}
+
+
+def test_order_ids_no_integer_can_be_made_of_get_errors_and_the_connection_stays(shared):
+    """An order_id that str.isdigit() takes but int() refuses ("²", 5,000 digits) is an
+    invalid_request like any other bad id, and the connection goes on (it was dropped)."""
+    with connect(f"{shared.ws}/v1/ws") as ws:
+        ws.send(orjson.dumps({"op": "auth", "id": 0, "api_key": shared.world.keys["BUY"]}).decode())
+        assert orjson.loads(ws.recv(5))["type"] == "ack"
+        for i, bad in enumerate(("\u00b2", "1" * 5000, "\u0661", "12345678901234567890", "-1", "")):
+            ws.send(orjson.dumps({"op": "order.cancel", "id": i + 1, "order_id": bad}).decode())
+            e = orjson.loads(ws.recv(5))
+            assert (e["type"], e["id"], e["code"]) == ("error", i + 1, "invalid_request"), (bad[:20], e)
+        ws.send(orjson.dumps({"op": "ping", "id": 99}).decode())
+        assert orjson.loads(ws.recv(5))["id"] == 99
