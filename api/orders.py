@@ -27,6 +27,7 @@ from matching.units import UnitError, parse_cash, parse_price, parse_tonnes
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIFS = {"GTC": E.GTC, "IOC": E.IOC, "FOK": E.FOK, "GTD": E.GTD}
+ORDER_FILLS = 100  # the newest fills an order view carries, however it is read (all of them: GET /v1/fills)
 
 
 def _units(fn: Any, text: str, what: str, positive: bool = True) -> int:
@@ -151,7 +152,7 @@ class Trading:
     def _tracked(self, account: int, order_id: int | None) -> dict[str, Any] | None:
         o = self.service.orders.get(order_id) if order_id is not None else None
         if o is not None and o.account == account and sum(f.qty for f in o.fills) == o.filled:
-            return order_view(o)
+            return order_view(o, o.fills[-ORDER_FILLS:] if len(o.fills) > ORDER_FILLS else None)
         return None
 
     # ---- whole requests ------------------------------------------------------------------------
@@ -199,7 +200,7 @@ class Trading:
             "SELECT * FROM orders WHERE order_id = $1 AND account_id = $2", order_id, account)
         if row is None:
             raise CarbonxError("not_found", f"no order {order_id}")
-        fills = await self.fills(account, order_id=order_id)
+        fills = await self.fills(account, order_id=order_id, limit=ORDER_FILLS)
         return order_view(order_from_row(row), fills)
 
     async def fills(self, account: int, order_id: int | None = None, symbol: str | None = None,

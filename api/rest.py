@@ -24,7 +24,7 @@ from api import models as M
 from api import web
 from api.auth import Gate, Limits, bearer
 from api.fastpath import replay
-from api.orders import Trading, _units
+from api.orders import ORDER_FILLS, Trading, _units
 from api.wire import checksum, fill_view, http_status, iso, iso_datetime, levels, order_view, problem
 from exchange import accounts as acc
 from exchange import certificates, neutrality, offsetting, registry
@@ -407,13 +407,17 @@ def create_app(ctx: Context) -> FastAPI:
         return [order_view(order_from_row(r), fills.get(r["order_id"], [])) for r in rows]
 
     async def fills_of(conn: asyncpg.Connection, account: int, order_ids: list[int]) -> dict[int, list[Fill]]:
-        """The fills of these orders of `account`, each order's oldest first, in one query."""
+        """The fills of these orders of `account`, in one query: each order's newest ORDER_FILLS,
+        oldest first, as GET /v1/orders/{id} shows them (one busy order must not make the list
+        unbounded)."""
         out: dict[int, list[Fill]] = {}
         if not order_ids:
             return out
         rows = await conn.fetch(
-            """SELECT * FROM fills WHERE account_id = $1 AND order_id = ANY($2::bigint[])
-               ORDER BY seq, trade_id""", account, order_ids)
+            """SELECT * FROM (SELECT f.*, row_number() OVER (PARTITION BY order_id
+                                                             ORDER BY seq DESC, trade_id DESC) AS n
+                                FROM fills f WHERE account_id = $1 AND order_id = ANY($2::bigint[])) newest
+               WHERE n <= $3 ORDER BY seq, trade_id""", account, order_ids, ORDER_FILLS)
         for r in rows:
             out.setdefault(r["order_id"], []).append(fill_from_row(r))
         return out

@@ -596,3 +596,25 @@ def test_registry_times_have_the_one_wire_form(server):
         times.append(ok(anon.get(f"/v1/certificates/{ret['certificate_code']}"))["time"])
         times.append(ret["time"])
     assert len(times) >= 4 and all(form.match(t) for t in times), times
+
+
+def test_an_order_view_carries_its_newest_fills_wherever_it_is_read(server):
+    """An order that traded more than ORDER_FILLS times shows its newest ORDER_FILLS fills, oldest
+    first, alike in its own view and in the order list (one busy order must not make the list
+    unbounded)."""
+    from api.orders import ORDER_FILLS
+
+    n = ORDER_FILLS + 5
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, w.as_("BUY") as buy:
+        sell = ok(dev.post("/v1/orders", json=limit("sell", "35.00", f"{n}.000")), 201)
+        for _ in range(n):
+            ok(buy.post("/v1/orders", json=limit("buy", "35.00", "1.000")), 201)
+        one = ok(dev.get(f"/v1/orders/{sell['order_id']}"))
+        listed = [o for o in ok(dev.get("/v1/orders", params={"status": "all"})) if o["order_id"] == sell["order_id"]]
+        every = [f for f in ok(dev.get("/v1/fills", params={"limit": 1000})) if f["order_id"] == sell["order_id"]]
+    assert one["status"] == "filled" and one["filled_quantity"] == f"{n}.000"
+    assert len(every) == n
+    newest = sorted(every, key=lambda f: int(f["trade_id"]))[-ORDER_FILLS:]
+    assert [f["trade_id"] for f in one["fills"]] == [f["trade_id"] for f in newest]
+    assert listed == [one]
