@@ -139,6 +139,11 @@ def test_history_account_keys_are_checked_per_statement(conn, run):
                 with pytest.raises(asyncpg.ForeignKeyViolationError, match="orders or fills"):
                     await conn.execute(change, lone)
             await conn.execute(f"DELETE FROM {table}")
+        # A snapshot older than a reference committed meanwhile would miss it: not under READ COMMITTED.
+        for isolation in ("repeatable_read", "serializable"):
+            with pytest.raises(asyncpg.ForeignKeyViolationError, match="READ COMMITTED"):
+                async with conn.transaction(isolation=isolation):
+                    await conn.execute("DELETE FROM accounts WHERE id = $1", lone)
         await conn.execute("DELETE FROM accounts WHERE id = $1", lone)  # named by nothing now
 
     run(body())

@@ -11,7 +11,9 @@
 -- An order's or a fill's account never changes (the history writer updates an order's progress
 -- only), so a changed account_id is refused outright rather than checked; and an account named
 -- by an order or a fill joins those that accounts_referenced keeps from being deleted or
--- renumbered, looked up through orders_by_account and fills_by_account.
+-- renumbered, looked up through orders_by_account and fills_by_account. accounts_referenced also
+-- refuses to run under REPEATABLE READ or SERIALIZABLE, where its look-ups could miss a reference
+-- committed after the transaction's snapshot (found in review; 0005's tables had the same hole).
 --
 -- Measured on the 40,002-entry journal of 20,000 trades that bench_clearing builds, written with
 -- history.catch_up 500 entries at a time (database CPU per entry from the backend's /proc stat,
@@ -45,6 +47,15 @@ CREATE OR REPLACE FUNCTION carbonx_account_referenced() RETURNS trigger LANGUAGE
 BEGIN
     IF TG_OP = 'UPDATE' AND NEW.id = OLD.id THEN
         RETURN NEW;
+    END IF;
+    -- A foreign key looks for references with a snapshot taken now; these look-ups use the
+    -- statement's. Under REPEATABLE READ or SERIALIZABLE that snapshot can be older than a
+    -- reference committed meanwhile (its writer's lock on the account is only FOR KEY SHARE), so
+    -- such a transaction may not delete or renumber an account at all.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'account %: % needs READ COMMITTED isolation (references are checked against the latest rows)',
+            OLD.id, TG_OP
+            USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'accounts_referenced';
     END IF;
     IF EXISTS (SELECT 1 FROM postings WHERE account_id = OLD.id)
        OR EXISTS (SELECT 1 FROM transfers WHERE from_account_id = OLD.id OR to_account_id = OLD.id)
