@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from exchange.journal import read
+from exchange.journal import lock_position, read
 from matching import events as E
 
 NAME = "history"
@@ -227,8 +227,7 @@ def _order_ids(events: list) -> set[int]:
 async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None = None) -> int:
     """Fold up to `limit` journal entries past the stored position into the history tables."""
     async with conn.transaction():
-        await conn.execute("INSERT INTO journal_consumers (name, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
-        start = await conn.fetchval("SELECT seq FROM journal_consumers WHERE name = $1 FOR UPDATE", NAME)
+        start = await lock_position(conn, NAME)
         rows = await read(conn, start, limit, upto)
         if not rows:
             return 0
@@ -291,8 +290,7 @@ async def write_folded(conn: asyncpg.Connection, batches: list[Batch]) -> None:
         return
     first, last = batches[0].first, batches[-1].last
     async with conn.transaction():
-        await conn.execute("INSERT INTO journal_consumers (name, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
-        start = await conn.fetchval("SELECT seq FROM journal_consumers WHERE name = $1 FOR UPDATE", NAME)
+        start = await lock_position(conn, NAME)
         if start == first - 1:
             orders: dict[int, tuple] = {}
             fills: list[Fill] = []

@@ -42,6 +42,15 @@ async def append(conn: asyncpg.Connection, rows: Sequence[Row], method: str = "c
         raise ValueError(f"unknown journal write method {method!r}")
 
 
+async def lock_position(conn: asyncpg.Connection, consumer: str) -> int:
+    """The consumer's position, its row locked until the caller's transaction ends (created at 0
+    the first time), in one round trip: the lock makes two instances of a consumer take turns
+    instead of applying a batch twice."""
+    return await conn.fetchval(
+        "INSERT INTO journal_consumers (name, seq) VALUES ($1, 0) "
+        "ON CONFLICT (name) DO UPDATE SET seq = journal_consumers.seq RETURNING seq", consumer)
+
+
 async def last_seq(conn: asyncpg.Connection) -> int:
     return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM journal")
 

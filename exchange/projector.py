@@ -41,7 +41,7 @@ import orjson
 from clearing.settlement import MalformedEntry, Move, Plan, netted, plan, postings
 from exchange import registry
 from exchange.accounts import SYSTEM_CUSTODY, SYSTEM_FEES
-from exchange.journal import read
+from exchange.journal import lock_position, read
 
 NAME = "projector"
 BATCH = 5_000
@@ -84,9 +84,7 @@ async def _project(conn: asyncpg.Connection, limit: int, upto: int | None, net: 
     """One batch: (entries applied, the next batch read and planned ahead or None, whether the
     read ahead found entries)."""
     async with conn.transaction():
-        await conn.execute("INSERT INTO journal_consumers (name, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING", NAME)
-        # The row lock makes concurrent projectors take turns instead of applying twice.
-        start = await conn.fetchval("SELECT seq FROM journal_consumers WHERE name = $1 FOR UPDATE", NAME)
+        start = await lock_position(conn, NAME)
         if ahead is not None and ahead.after == start:
             n, work = ahead.entries, ahead.work
         else:
