@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,10 +108,20 @@ async def _project(conn: asyncpg.Connection, limit: int, upto: int | None, net: 
         return n, (planned[0] if planned else None), bool(following)
 
 
+# The system accounts' ids, looked up once per connection (so per database) rather than per batch:
+# the migrations create them, and accounts_referenced refuses to renumber or delete an account
+# once ledger rows name it.
+_SYSTEM_IDS: weakref.WeakKeyDictionary[asyncpg.Connection, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
 async def _system_ids(conn: asyncpg.Connection) -> tuple[int, int]:
-    rows = await conn.fetch("SELECT code, id FROM accounts WHERE code = ANY($1::text[])", [SYSTEM_CUSTODY, SYSTEM_FEES])
-    ids = {r["code"]: r["id"] for r in rows}
-    return ids[SYSTEM_CUSTODY], ids[SYSTEM_FEES]
+    known = _SYSTEM_IDS.get(conn)
+    if known is None:
+        rows = await conn.fetch("SELECT code, id FROM accounts WHERE code = ANY($1::text[])",
+                                [SYSTEM_CUSTODY, SYSTEM_FEES])
+        ids = {r["code"]: r["id"] for r in rows}
+        known = _SYSTEM_IDS[conn] = (ids[SYSTEM_CUSTODY], ids[SYSTEM_FEES])
+    return known
 
 
 # One statement for the batch's cash and settled trades: the trades' ledger entries, every
