@@ -565,10 +565,13 @@ class ExchangeService:
             args.append("--no-project")
         # The DSN goes in the environment, not the command line that every local user can read
         # (it may hold a password). stderr is inherited: a consumer's failure is logged where the
-        # service's own logs go.
+        # service's own logs go. A session of its own: Ctrl-C in a terminal signals the whole
+        # foreground group, and the child takes its orders from us (stop, or the end of its
+        # input when we die), never from the terminal; it used to die of the Ctrl-C first, and
+        # the service reported its consumers as failed while it was stopping cleanly.
         self._child = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "CARBONX_CONSUMERS_DSN": self.dsn})
+            env={**os.environ, "CARBONX_CONSUMERS_DSN": self.dsn}, start_new_session=True)
         line = await asyncio.wait_for(self._child.stdout.readline(), 60)
         if line.strip() != b"ready":
             code = await self._child.wait()
