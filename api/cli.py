@@ -78,8 +78,7 @@ async def _serve(data_dir, host: str, http_port: int, ws_port: int, demo: bool, 
     if keys:
         # The fragment never reaches the server; the page takes the organiser's key from it.
         say(f"open      {ex.http_url}/#key={keys[-1][1]}   (the web page, as the launch event's organiser)")
-    say("ready")
-    await serve_until_stopped(service, stdio)
+    await serve_until_stopped(service, stdio, ready=lambda: say("ready"))
     if market is not None:
         await market.stop()
     failure = service.failure

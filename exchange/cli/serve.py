@@ -25,7 +25,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -133,13 +133,16 @@ async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve_until_stopped(service: ExchangeService, stdio: bool) -> None:
+async def serve_until_stopped(service: ExchangeService, stdio: bool, ready: Callable[[], None] | None = None) -> None:
     """Serve (and read stdin commands with `stdio`) until SIGTERM, Ctrl-C, the end of stdin or
-    a failure of the service."""
+    a failure of the service. `ready` is called once a signal stops it cleanly: a "ready" said
+    before that would let an early Ctrl-C end the process with a traceback."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready()
     worker = asyncio.create_task(_stdio(service, stop)) if stdio else None
     waiter = asyncio.create_task(stop.wait())
     watch = [waiter] + ([worker] if worker else [])
@@ -168,8 +171,7 @@ async def _serve(data_dir, stdio: bool, snapshot_every: int, flush_ms: float, bo
                f"{time.perf_counter() - began:.2f} s; {len(core.listings)} instruments, "
                f"{len(core.orders):,} open orders", err=True)
     typer.echo(f"state {core.state_digest()} at seq {core.seq}", err=True)
-    typer.echo("ready", err=True)
-    await serve_until_stopped(service, stdio)
+    await serve_until_stopped(service, stdio, ready=lambda: typer.echo("ready", err=True))
     failure = service.failure
     await service.stop()
     if failure is not None:
