@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from exchange.journal import lock_position, read
+from exchange.journal import lock_position, read, save_position
 from matching import events as E
 
 NAME = "history"
@@ -208,10 +208,6 @@ def fill_from_row(r: asyncpg.Record) -> Fill:
                 r["liquidity"] == "maker", r["price_fen"], r["qty_kg"], r["value_fen"], r["fee_fen"], r["ts"], r["seq"])
 
 
-async def position(conn: asyncpg.Connection | asyncpg.Pool) -> int:
-    return await conn.fetchval("SELECT coalesce((SELECT seq FROM journal_consumers WHERE name = $1), 0)", NAME)
-
-
 def _order_ids(events: list) -> set[int]:
     ids: set[int] = set()
     for ev in events:
@@ -243,7 +239,7 @@ async def project(conn: asyncpg.Connection, limit: int = BATCH, upto: int | None
         for seq, ts, command, evs in entries:
             fold(seq, ts, command, evs, orders, out)
         await _write(conn, entries[0][0], [order_record(o) for o in out.orders.values()], out.fills, out.trades)
-        await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, entries[-1][0])
+        await save_position(conn, NAME, entries[-1][0])
         return len(rows)
 
 
@@ -300,7 +296,7 @@ async def write_folded(conn: asyncpg.Connection, batches: list[Batch]) -> None:
                 fills.extend(b.fills)
                 trades.extend(b.trades)
             await _write(conn, first, list(orders.values()), fills, trades)
-            await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, last)
+            await save_position(conn, NAME, last)
             return
     if start < last:
         await catch_up(conn, upto=last)

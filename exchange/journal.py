@@ -51,6 +51,11 @@ async def lock_position(conn: asyncpg.Connection, consumer: str) -> int:
         "ON CONFLICT (name) DO UPDATE SET seq = journal_consumers.seq RETURNING seq", consumer)
 
 
+async def save_position(conn: asyncpg.Connection, consumer: str, seq: int) -> None:
+    """Move the consumer's position to `seq`, in the transaction that wrote what it applied."""
+    await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", consumer, seq)
+
+
 async def last_seq(conn: asyncpg.Connection) -> int:
     return await conn.fetchval("SELECT coalesce(max(seq), 0) FROM journal")
 

@@ -42,7 +42,7 @@ import orjson
 from clearing.settlement import MalformedEntry, Move, Plan, netted, plan, postings
 from exchange import registry
 from exchange.accounts import SYSTEM_CUSTODY, SYSTEM_FEES
-from exchange.journal import lock_position, read
+from exchange.journal import lock_position, read, save_position
 
 NAME = "projector"
 BATCH = 5_000
@@ -104,7 +104,7 @@ async def _project(conn: asyncpg.Connection, limit: int, upto: int | None, net: 
                         (r["seq"], r["ts"], orjson.loads(r["events"])) for r in following)))
 
         await _apply(conn, work, net, plan_following)
-        await conn.execute("UPDATE journal_consumers SET seq = $2 WHERE name = $1", NAME, work.last_seq)
+        await save_position(conn, NAME, work.last_seq)
         return n, (planned[0] if planned else None), bool(following)
 
 
