@@ -81,7 +81,8 @@ class Gate:
 
     def fresh_until(self, key: str) -> float:
         """When the gate's answer about `key` goes stale (time.monotonic): a connection that keeps
-        its account between requests must ask again by then to honour KEY_TTL."""
+        its account between requests must ask again by then to honour KEY_TTL. Counting KEY_TTL
+        from its own auth instead would let a revoked key work for up to twice KEY_TTL."""
         hit = self._cache.get(key)
         return (hit[1] if hit is not None else time.monotonic()) + KEY_TTL
 

@@ -32,7 +32,7 @@ from websockets.protocol import State
 
 from api import auth
 from api.auth import Gate
-from api.models import AmendRequest, OrderRequest
+from api.models import AmendRequest, OrderRequest, id_input
 from api.orders import Trading
 from api.wire import checksum, fill_view, levels, order_view
 from exchange.accounts import Account
@@ -402,14 +402,8 @@ class Feed:
             raise
         if c.private is not None and c.private != account.id:
             self._unwatch_orders(c)
-        c.account, c.key, c.key_expires = account, key, self._key_expiry(key)
+        c.account, c.key, c.key_expires = account, key, self.gate.fresh_until(key)
         self._send(c, {"type": "ack", "id": ident, "account": account.code, "role": account.role})
-
-    def _key_expiry(self, key: str) -> float:
-        """When the gate's answer about `key` goes stale. Counting KEY_TTL from now instead would
-        let a revoked key work on a socket for up to twice KEY_TTL (the gate's answer may already be
-        that old), where auth.py promises KEY_TTL, as REST has it."""
-        return self.gate.fresh_until(key)
 
     async def _recheck(self, c: Client) -> None:
         """Ask the gate about the connection's key again (the database only when the gate's own
@@ -430,7 +424,7 @@ class Feed:
             log.warning("could not check an API key: %r", e)
             raise CarbonxError("unavailable", "the API key could not be checked; try again") from None
         if c.key == key:
-            c.account, c.key_expires = account, self._key_expiry(key)
+            c.account, c.key_expires = account, self.gate.fresh_until(key)
 
     def _deauth(self, c: Client) -> None:
         self._unwatch_orders(c)
@@ -540,12 +534,11 @@ class Feed:
             if op == "order.place":
                 out, durable = self.trading.place_now(account, OrderRequest.model_validate(fields), shared=True)
             else:
-                order_id = fields.pop("order_id", None)
-                # ASCII digits, at most 19 (REST's ids likewise): str.isdigit() also takes "²",
-                # and int() of either refuses with ValueError, which would drop the connection.
-                if isinstance(order_id, str) and order_id.isascii() and order_id.isdigit() and len(order_id) <= 19:
-                    order_id = int(order_id)
-                if type(order_id) is not int or not 0 < order_id < 2**62:
+                try:  # REST's rule for ids: "²" or 5,000 digits must not reach int() and drop the connection
+                    order_id = id_input(fields.pop("order_id", None))
+                except ValueError:
+                    order_id = None
+                if order_id is None or not 0 < order_id < 2**62:
                     raise CarbonxError("invalid_request", "order_id must be an order id")
                 if op == "order.cancel":
                     if fields:

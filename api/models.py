@@ -17,7 +17,7 @@ Id = Annotated[str, Field(description="an id of the exchange: a string of decima
 MAX_ID = 2**62
 
 
-def _id_input(value: Any) -> Any:
+def id_input(value: Any) -> Any:
     """API.md sends ids as strings; a client sends one back as it got it. An integer (the form
     of ids before they were strings) is still taken, so that older clients keep working."""
     if isinstance(value, str):
@@ -29,7 +29,7 @@ def _id_input(value: Any) -> Any:
     raise ValueError("an id is a string of decimal digits such as \"12\"")
 
 
-IdInput = Annotated[int, BeforeValidator(_id_input), Field(ge=1, le=MAX_ID), WithJsonSchema({
+IdInput = Annotated[int, BeforeValidator(id_input), Field(ge=1, le=MAX_ID), WithJsonSchema({
     "anyOf": [{"type": "string", "pattern": "^[0-9]{1,19}$"}, {"type": "integer", "minimum": 1, "maximum": MAX_ID}],
     "description": "an id as the exchange sent it (a string of digits); an integer is accepted too"})]
 

@@ -13,11 +13,11 @@ they arrived even though their answers are awaited concurrently.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from api.models import AmendRequest, OrderRequest
-from api.wire import order_view
+from api.wire import EPOCH, order_view
 from exchange.errors import CarbonxError
 from exchange.history import Fill, fill_from_row, order_from_row
 from exchange.service import ExchangeService
@@ -25,7 +25,6 @@ from matching import events as E
 from matching.core import O_ACCOUNT, O_PRICE, O_REMAINING, O_SYMBOL, Outcome
 from matching.units import UnitError, parse_cash, parse_price, parse_tonnes
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIFS = {"GTC": E.GTC, "IOC": E.IOC, "FOK": E.FOK, "GTD": E.GTD}
 ORDER_FILLS = 100  # the newest fills an order view carries, however it is read (all of them: GET /v1/fills)
 
@@ -48,9 +47,9 @@ def parse_time(text: str, what: str = "expire_time") -> int:
         raise CarbonxError("invalid_request", f"{what} must be an ISO 8601 time, got {text!r}") from None
     if dt.tzinfo is None:
         raise CarbonxError("invalid_request", f"{what} needs a time zone (e.g. Z)")
-    if dt < _EPOCH:  # the exchange counts time from the epoch; earlier is no time it can name
+    if dt < EPOCH:  # the exchange counts time from the epoch; earlier is no time it can name
         raise CarbonxError("invalid_request", f"{what} must not be before 1970-01-01T00:00:00Z, got {text!r}")
-    return (dt - _EPOCH) // timedelta(microseconds=1)
+    return (dt - EPOCH) // timedelta(microseconds=1)
 
 
 def place_command(account: int, req: OrderRequest) -> dict[str, Any]:

@@ -57,13 +57,13 @@ def iso(ts_us: int | None) -> str | None:
     return text
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def iso_datetime(dt: datetime) -> str:
     """A database time (timestamptz) on the wire exactly as iso() writes times: UTC, microseconds, Z
     (datetime.isoformat would say +00:00 and drop the microseconds when they are zero)."""
-    return iso((dt - _EPOCH) // timedelta(microseconds=1))
+    return iso((dt - EPOCH) // timedelta(microseconds=1))
 
 
 @functools.lru_cache(maxsize=4096)
