@@ -285,7 +285,16 @@ def test_wizard_neutralises_a_conference(server: ServerThread, page: Page) -> No
 
     with w.as_("DEV") as dev:
         ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00", "quantity": "5.000"}))
+    # While the retry is on its way the last refusal is gone: it would read as the retry's answer.
+    held: list[Any] = []
+    pg.route("**/v1/neutrality/offset", lambda route: held.append(route))
     pg.click("#offset-button")
+    expect(alert).to_have_count(0)
+    expect(pg.locator("#offset-button")).to_be_disabled()
+    while not held:
+        pg.wait_for_timeout(20)
+    held[0].continue_()
+    pg.unroute("**/v1/neutrality/offset")
     expect(pg.locator("#offset-result")).to_be_visible()
     code = pg.locator("#certificate-code").text_content()
     assert code and code.startswith("CX-")

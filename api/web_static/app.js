@@ -585,11 +585,15 @@ async function wizardOffset(body, w, rerender) {
 
   const symbolSel = select(o, 'symbol', instruments.map((i) => i.symbol), { name: 'symbol',
     labels: (s) => { const i = instruments.find((x) => x.symbol === s); return `${s} · ${i.project_name || ''}`; } });
-  symbolSel.addEventListener('change', () => { o.maxCash = ''; rerender(); });
+  // Another instrument: the last refusal was about the one before, so it goes too.
+  symbolSel.addEventListener('change', () => { o.maxCash = ''; w.error = null; rerender(); });
   const submit = h('button', { type: 'submit', class: 'primary', id: 'offset-button', text: t('offset_btn'), disabled: !state.key });
+  const refusal = w.error ? problemBox(w.error) : null;
   const form = h('form', { class: 'offset', id: 'offset-form', onsubmit: async (ev) => {
     ev.preventDefault();
     submit.disabled = true; submit.textContent = t('offsetting');
+    // While a retry is on its way, the last refusal would read as its answer.
+    refusal?.remove();
     w.error = null;
     try {
       w.result = await api('/v1/neutrality/offset', { method: 'POST', auth: true, body: {
@@ -615,7 +619,7 @@ async function wizardOffset(body, w, rerender) {
   state.key ? null : h('div', { class: 'alert info' }, h('p', { text: t('need_key') }),
     h('button', { type: 'button', class: 'secondary', onclick: openKeyPanel, text: t('set_key') })),
   state.account ? h('p', { class: 'muted small', text: t('key_ok', { code: state.account.code, role: state.account.role, cash: num(state.account.cash_available) }) }) : null,
-  w.error ? problemBox(w.error) : null,
+  refusal,
   h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', onclick: () => { w.step = 2; w.error = null; rerender(); }, text: t('back_estimate') }), submit));
   body.append(form);
 }
