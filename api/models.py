@@ -7,6 +7,8 @@ API.md says; api/orders.py turns them into integers.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -32,6 +34,46 @@ def id_input(value: Any) -> Any:
 IdInput = Annotated[int, BeforeValidator(id_input), Field(ge=1, le=MAX_ID), WithJsonSchema({
     "anyOf": [{"type": "string", "pattern": "^[0-9]{1,19}$"}, {"type": "integer", "minimum": 1, "maximum": MAX_ID}],
     "description": "an id as the exchange sent it (a string of digits); an integer is accepted too"})]
+
+
+@dataclass(frozen=True, slots=True)
+class FillCursor:
+    """Where a page of a member's fills ends: the last fill's place in their order, newest first by
+    (seq, symbol, trade_id, side) descending. The fills table's key is (symbol, trade_id, side),
+    so the order is total: one command (one seq) may fill many times, and one account could be on
+    both sides of a trade; a page boundary inside either skips and repeats nothing."""
+
+    seq: int
+    symbol: str
+    trade_id: int
+    side: str
+
+    def __str__(self) -> str:
+        # The symbol goes last because it is the one part whose characters the cursor does not
+        # choose; the rest are digits and a word, so the string splits back unambiguously.
+        return f"{self.seq}.{self.trade_id}.{self.side}.{self.symbol}"
+
+
+_CURSOR = re.compile(r"([1-9][0-9]{0,18})\.([1-9][0-9]{0,18})\.(buy|sell)\.(.{1,40})")
+CURSOR_PATTERN = r"^[1-9][0-9]{0,18}\.[1-9][0-9]{0,18}\.(buy|sell)\..{1,40}$"
+
+
+def fill_cursor(text: str) -> FillCursor:
+    """A cursor as GET /v1/fills wrote it in a Link header, exactly: one spelling per fill (no
+    leading zeros, signs or spaces), so that a cursor is either the server's or refused. The
+    symbol is checked against the listings by the route, which knows them. ValueError if not."""
+    m = _CURSOR.fullmatch(text)
+    if m is None or int(m[1]) > MAX_ID or int(m[2]) > MAX_ID:
+        raise ValueError(f"not a fills cursor: give the before= of a Link header of GET /v1/fills unchanged, "
+                         f"got {text[:60]!r}")
+    return FillCursor(int(m[1]), m[4], int(m[2]), m[3])
+
+
+# The query parameter is a plain string for FastAPI (which takes no dataclass there); the route
+# parses it with fill_cursor so that a malformed cursor gets a detail saying what a cursor is.
+CursorText = Annotated[str, WithJsonSchema({
+    "type": "string", "pattern": CURSOR_PATTERN, "maxLength": 85,
+    "description": "an opaque cursor: the before= of the previous page's Link header"})]
 
 
 class Strict(BaseModel):

@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import Any
 
-from api.models import AmendRequest, OrderRequest
+from api.models import AmendRequest, FillCursor, OrderRequest
 from api.wire import EPOCH, order_view
 from exchange.errors import CarbonxError
 from exchange.history import Fill, fill_from_row, order_from_row
@@ -27,6 +27,9 @@ from matching.units import UnitError, parse_cash, parse_price, parse_tonnes
 
 TIFS = {"GTC": E.GTC, "IOC": E.IOC, "FOK": E.FOK, "GTD": E.GTD}
 ORDER_FILLS = 100  # the newest fills an order view carries, however it is read (all of them: GET /v1/fills)
+# A member's fills, newest first, in a total order (FillCursor): the key (symbol, trade_id, side)
+# breaks ties between the fills of one command.
+FILL_ORDER = "seq DESC, symbol DESC, trade_id DESC, side DESC"
 
 
 def _units(fn: Any, text: str, what: str, positive: bool = True) -> int:
@@ -200,15 +203,33 @@ class Trading:
         if row is None:
             raise CarbonxError("not_found", f"no order {order_id}")
         fills = await self.fills(account, order_id=order_id, limit=ORDER_FILLS)
-        return order_view(order_from_row(row), fills)
+        return order_view(order_from_row(row), fills[::-1])
 
     async def fills(self, account: int, order_id: int | None = None, symbol: str | None = None,
-                    limit: int = 100) -> list[Fill]:
-        """The account's fills, newest first (an order's own fills oldest first)."""
+                    limit: int = 100, before: FillCursor | None = None) -> list[Fill]:
+        """The account's fills, newest first, after `before` when given (GET /v1/fills's pages)."""
         await self.service.caught_up(orders=True)
-        rows = await self.service.pool.fetch(
-            """SELECT * FROM fills WHERE account_id = $1 AND ($2::bigint IS NULL OR order_id = $2)
-                 AND ($3::text IS NULL OR symbol = $3) ORDER BY seq DESC, trade_id DESC LIMIT $4""",
-            account, order_id, symbol, limit)
-        out = [fill_from_row(r) for r in rows]
-        return out[::-1] if order_id is not None else out
+        if before is None:
+            rows = await self.service.pool.fetch(
+                f"""SELECT * FROM fills WHERE account_id = $1 AND ($2::bigint IS NULL OR order_id = $2)
+                      AND ($3::text IS NULL OR symbol = $3) ORDER BY {FILL_ORDER} LIMIT $4""",
+                account, order_id, symbol, limit)
+        else:
+            # `seq <= $5` repeats what the row comparison implies, so that the account's index on
+            # (account_id, seq DESC) bounds the scan; the row comparison alone it cannot use.
+            rows = await self.service.pool.fetch(
+                f"""SELECT * FROM fills WHERE account_id = $1 AND ($2::bigint IS NULL OR order_id = $2)
+                      AND ($3::text IS NULL OR symbol = $3) AND seq <= $5
+                      AND (seq, symbol, trade_id, side) < ($5, $6::text, $7, $8::text)
+                    ORDER BY {FILL_ORDER} LIMIT $4""",
+                account, order_id, symbol, limit, before.seq, before.symbol, before.trade_id, before.side)
+        return [fill_from_row(r) for r in rows]
+
+    async def owns(self, account: int, order_id: int) -> bool:
+        """Whether `order_id` is an order of `account` (placed and acknowledged: the history has it)."""
+        o = self.service.orders.get(order_id)
+        if o is not None:
+            return o.account == account
+        await self.service.caught_up(orders=True)
+        return bool(await self.service.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM orders WHERE order_id = $1 AND account_id = $2)", order_id, account))

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import asyncpg
 import orjson
@@ -30,7 +31,7 @@ from exchange import accounts as acc
 from exchange import certificates, neutrality, offsetting, registry
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
-from exchange.history import Fill, fill_from_row, order_from_row
+from exchange.history import SIDE, Fill, fill_from_row, order_from_row
 from exchange.marketdata import MarketData
 from exchange.serials import format_serial
 from exchange.service import ExchangeService
@@ -80,6 +81,20 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
 COMMON = (400, 413, 429, 503)
 PUBLIC = _problems(*COMMON, 404, 422)
 MEMBER = _problems(*COMMON, 401, 403, 404, 409, 422)
+
+
+def paged(what: str) -> dict[int | str, dict[str, Any]]:
+    """MEMBER's problems plus the Link header of a paged list's 200 (RFC 8288)."""
+    return {**MEMBER, 200: {"description": f"a page of the caller's {what}, newest first", "headers": {"Link": {
+        "description": f'<the same path and query with before=CURSOR>; rel="next" when older {what} follow; '
+                       "absent on the last page", "schema": {"type": "string", "pattern": '^<[^>]+>; rel="next"$'}}}}}
+
+
+def link_next(request: Request, response: Response, cursor: str) -> None:
+    """RFC 8288 rel="next": this request again with before= the cursor. The target is relative
+    (resolved against the request's own URL), so it names this server however it was reached."""
+    query = [(k, v) for k, v in request.query_params.multi_items() if k != "before"] + [("before", cursor)]
+    response.headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
 
 
 def problem_response(code: str, detail: str, status: int | None = None) -> Response:
@@ -391,19 +406,28 @@ def create_app(ctx: Context) -> FastAPI:
     async def place(req: M.OrderRequest, who: Member) -> Any:
         return JSON(await trading.place(who.id, req), status_code=201)
 
-    @app.get("/v1/orders", response_model=list[M.Order], responses=MEMBER, tags=["orders"])
-    async def orders(who: Member, status: Annotated[str, Query(pattern="^(open|all)$")] = "open",
+    @app.get("/v1/orders", response_model=list[M.Order], responses=paged("orders"), tags=["orders"])
+    async def orders(request: Request, response: Response, who: Member,
+                     status: Annotated[str, Query(pattern="^(open|all)$")] = "open",
                      symbol: Annotated[str | None, Query(max_length=40)] = None,
-                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                     before: Annotated[M.IdInput | None, Query(
+                         description="only orders with a smaller order_id (older): the next page's cursor, "
+                                     "as the Link header of the previous page gives it")] = None) -> Any:
         if symbol is not None:
             instrument(symbol)  # as DELETE /v1/orders?symbol= does
         await service.caught_up(orders=True)
         async with service.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            # One more than the page: a next page exists exactly when it comes back.
             rows = await conn.fetch(
                 """SELECT * FROM orders WHERE account_id = $1 AND ($2 OR status IN ('new', 'partially_filled'))
-                     AND ($3::text IS NULL OR symbol = $3) ORDER BY order_id DESC LIMIT $4""",
-                who.id, status == "all", symbol, limit)
+                     AND ($3::text IS NULL OR symbol = $3) AND ($5::bigint IS NULL OR order_id < $5)
+                   ORDER BY order_id DESC LIMIT $4""",
+                who.id, status == "all", symbol, limit + 1, before)
+            rows, more = rows[:limit], len(rows) > limit
             fills = await fills_of(conn, who.id, [r["order_id"] for r in rows])
+        if more:
+            link_next(request, response, str(rows[-1]["order_id"]))
         return [order_view(order_from_row(r), fills.get(r["order_id"], [])) for r in rows]
 
     async def fills_of(conn: asyncpg.Connection, account: int, order_ids: list[int]) -> dict[int, list[Fill]]:
@@ -440,12 +464,34 @@ def create_app(ctx: Context) -> FastAPI:
     async def amend(order_id: OrderId, req: M.AmendRequest, who: Member) -> Any:
         return await trading.amend(who.id, order_id, req)
 
-    @app.get("/v1/fills", response_model=list[M.Fill], responses=MEMBER, tags=["orders"])
-    async def fills(who: Member, symbol: Annotated[str | None, Query(max_length=40)] = None,
-                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
+    @app.get("/v1/fills", response_model=list[M.Fill], responses=paged("fills"), tags=["orders"])
+    async def fills(request: Request, response: Response, who: Member,
+                    symbol: Annotated[str | None, Query(max_length=40)] = None,
+                    order_id: Annotated[M.IdInput | None, Query(
+                        description="only the fills of this order of the caller's (404 for any other)")] = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                    before: Annotated[M.CursorText | None, Query(
+                        description="only fills older than this cursor: the next page's, as the Link header "
+                                    "of the previous page gives it; opaque")] = None) -> Any:
         if symbol is not None:
             instrument(symbol)
-        return [fill_view(f) for f in await trading.fills(who.id, symbol=symbol, limit=limit)]
+        cursor = None
+        if before is not None:
+            try:
+                cursor = M.fill_cursor(before)
+            except ValueError as e:
+                raise CarbonxError("invalid_request", f"query.before: {e}") from None
+            if cursor.symbol not in service.core.listings:  # a fill's symbol is always listed
+                raise CarbonxError("invalid_request", f"query.before: not a fills cursor of this exchange, "
+                                                      f"got {before[:60]!r}")
+        if order_id is not None and not await trading.owns(who.id, order_id):
+            raise CarbonxError("not_found", f"no order {order_id}")  # as GET /v1/orders/{order_id}
+        page = await trading.fills(who.id, order_id=order_id, symbol=symbol, limit=limit + 1, before=cursor)
+        if len(page) > limit:
+            page = page[:limit]
+            last = page[-1]
+            link_next(request, response, str(M.FillCursor(last.seq, last.symbol, last.trade_id, SIDE[last.side])))
+        return [fill_view(f) for f in page]
 
     @app.get("/v1/account", response_model=M.AccountView, responses=MEMBER, tags=["account"])
     async def account(who: Annotated[Account, Depends(caller)]) -> Any:
