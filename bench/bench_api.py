@@ -51,9 +51,8 @@ from bench_service import SUBMITTERS, Flow, _summary, drive, open_market
 
 from api.auth import Limits
 from exchange import gcpolicy
-from exchange.database import drop_database, ensure_database, with_database
 from matching.core import ExchangeCore
-from tests.api_helpers import SYMBOL, ServerThread, build_world, operator_key
+from tests.api_helpers import SYMBOL, ServerThread, build_world, own_server
 
 pytestmark = pytest.mark.timeout(3600)
 
@@ -111,18 +110,11 @@ def live(pg_server: str, template_db: str, run) -> Iterator[Live]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the server holds one socket per subscriber
     if soft < SUBSCRIBERS + 1000:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, SUBSCRIBERS + 2000), hard))
-    name = f"cx_bench_api_{os.getpid()}"
-    run(ensure_database(pg_server, name, template=template_db))
-    dsn = with_database(pg_server, name)
-    try:
-        key = run(operator_key(dsn))
-        with ServerThread(dsn, limits=UNLIMITED) as server:
-            w = build_world(server.http, key, issue_tonnes="1000000.000", cash="100000000.00")
-            yield Live(server, w.keys)
-            assert server.exchange.service.failure is None
-            assert server.exchange.service.core.check_invariants() == []
-    finally:
-        run(drop_database(pg_server, name))
+    with own_server(pg_server, template_db, run, "bench_api", limits=UNLIMITED) as server:
+        w = build_world(server.http, server.ops_key, issue_tonnes="1000000.000", cash="100000000.00")
+        yield Live(server, w.keys)
+        assert server.exchange.service.failure is None
+        assert server.exchange.service.core.check_invariants() == []
 
 
 def _ratio(rate: float) -> str:

@@ -8,7 +8,10 @@ Tests talk to it only as clients do: HTTP with httpx, websockets with the websoc
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +20,7 @@ import httpx
 
 from api.server import Exchange
 from exchange import accounts as acc
+from exchange.database import drop_database, ensure_database, with_database
 
 SYMBOL = "FOREST-2023"
 
@@ -26,6 +30,7 @@ class ServerThread:
 
     def __init__(self, dsn: str, **options: Any) -> None:
         self.dsn = dsn
+        self.ops_key: str | None = None  # the operator's, when a fixture made one
         self.options = {"http_port": 0, "ws_port": 0, **options}
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="carbonx-test-server")
@@ -60,6 +65,25 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def own_server(pg_server: str, template_db: str, run: Callable[[Any], Any], label: str,
+               **options: Any) -> Iterator[ServerThread]:
+    """A database of its own (from the migrated template) served by the whole exchange, for a
+    module's tests to share: a server and world per test would cost a second or more each. The
+    server carries its operator key and database URL (`ops_key`, `dsn`); the database is dropped
+    after."""
+    name = f"cx_{label}_{os.getpid()}"
+    run(ensure_database(pg_server, name, template=template_db))
+    dsn = with_database(pg_server, name)
+    try:
+        key = run(operator_key(dsn))
+        with ServerThread(dsn, **options) as server:
+            server.ops_key, server.dsn = key, dsn
+            yield server
+    finally:
+        run(drop_database(pg_server, name))
 
 
 async def operator_key(dsn: str, code: str = "OPS") -> str:

@@ -14,7 +14,6 @@ operator asking for orders is forbidden, and a ticker subscriber starts from the
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 import time
 from decimal import Decimal
@@ -26,7 +25,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from api import auth
-from exchange.database import drop_database, ensure_database, with_database
 from tests.api_clients import (
     BinanceDepthClient,
     FeedClient,
@@ -41,7 +39,7 @@ from tests.api_clients import (
     wait_for,
     ws_frame,
 )
-from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key
+from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key, own_server
 
 SYMBOL2 = "BIOGAS-2024"
 
@@ -400,19 +398,11 @@ def test_malformed_messages_get_errors_and_the_connection_stays(server):
 def market(pg_server, template_db, run):
     """One server and world for the tests below, which keep to accounts and prices of their own: a
     server and world per test would cost a second or more each."""
-    name = f"cx_feed_shared_{os.getpid()}"
-    run(ensure_database(pg_server, name, template=template_db))
-    dsn = with_database(pg_server, name)
-    try:
-        key = run(operator_key(dsn))
-        with ServerThread(dsn) as s:
-            s.ops_key, s.dsn = key, dsn
-            s.world = build_world(s.http, key, buyers=("BUY", "BUY2", "BUY3"))
-            with client(s.http, key) as ops:
-                add_listing(ops, s.world.keys, "BIOGAS", "DEV2")  # SYMBOL2: never traded here
-            yield s
-    finally:
-        run(drop_database(pg_server, name))
+    with own_server(pg_server, template_db, run, "feed_shared") as s:
+        s.world = build_world(s.http, s.ops_key, buyers=("BUY", "BUY2", "BUY3"))
+        with client(s.http, s.ops_key) as ops:
+            add_listing(ops, s.world.keys, "BIOGAS", "DEV2")  # SYMBOL2: never traded here
+        yield s
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import orjson
 import pytest
 from websockets.sync.client import connect
 
-from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key
+from tests.api_helpers import SYMBOL, build_world, client, ok, own_server
 
 BAD = [
     ("expire_time before the epoch", {"time_in_force": "GTD", "expire_time": "1969-12-31T23:59:59Z"},
@@ -20,17 +20,8 @@ BAD = [
 
 @pytest.fixture(scope="module")
 def world(pg_server, template_db, run):
-    from exchange.database import drop_database, ensure_database, with_database
-
-    name = "cx_order_input"
-    run(ensure_database(pg_server, name, template=template_db))
-    dsn = with_database(pg_server, name)
-    try:
-        key = run(operator_key(dsn))
-        with ServerThread(dsn) as server:
-            yield server, build_world(server.http, key)
-    finally:
-        run(drop_database(pg_server, name))
+    with own_server(pg_server, template_db, run, "order_input") as server:
+        yield server, build_world(server.http, server.ops_key)
 
 
 def _order(extra: dict) -> dict:

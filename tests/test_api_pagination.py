@@ -11,7 +11,6 @@ parameter.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -32,9 +31,8 @@ from schemathesis.checks import (
 )
 
 from api.orders import ORDER_FILLS
-from exchange.database import drop_database, ensure_database, with_database
 from tests.api_clients import add_listing
-from tests.api_helpers import SYMBOL, ServerThread, World, build_world, client, ok, operator_key
+from tests.api_helpers import SYMBOL, ServerThread, World, build_world, client, ok, own_server
 
 LINK = re.compile(r'<([^>]+)>; rel="next"')
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
@@ -94,44 +92,37 @@ def traded(pg_server: str, template_db: str, run) -> Iterator[Traded]:
     - BUY takes BIG resting one-tonne sells of DEV's with one buy: one order, one seq, BIG
       fills (DEV has BIG fills in that seq too, one per order); DEV then rests a few sells.
     """
-    name = f"cx_test_pagination_{os.getpid()}"
-    run(ensure_database(pg_server, name, template=template_db))
-    dsn = with_database(pg_server, name)
-    try:
-        key = run(operator_key(dsn))
-        with ServerThread(dsn) as server:
-            w = build_world(server.http, key)
-            with client(server.http, key) as ops:
-                other = add_listing(ops, w.keys, "BIOGAS", "DEV2")
-            with w.as_("DEV") as dev, w.as_("DEV2") as dev2, w.as_("BUY") as buy, w.as_("BUY2") as buy2:
-                for price, qty in (("35.10", "1.000"), ("35.20", "2.000"), ("35.20", "1.000"), ("35.30", "1.000"),
-                                   ("35.40", "1.000")):
-                    ok(dev.post("/v1/orders", json=limit("sell", price, qty)), 201)
-                sweep = ok(buy2.post("/v1/orders", json=limit("buy", "35.40", "6.000")), 201)
-                assert len(sweep["fills"]) == 5, sweep
-                resting = ok(buy2.post("/v1/orders", json=limit("buy", "34.90", "2.000")), 201)
-                for _ in range(2):
-                    ok(dev.post("/v1/orders", json=limit("sell", "34.90", "1.000")), 201)
-                assert ok(buy2.get(f"/v1/orders/{resting['order_id']}"))["status"] == "filled"
-                quiet = ok(buy2.post("/v1/orders", json=limit("buy", "33.00", "1.000")), 201)
-                for price in ("33.10", "33.20", "33.30", "33.40"):
-                    gone = ok(buy2.post("/v1/orders", json=limit("buy", price, "1.000")), 201)
-                    ok(buy2.delete(f"/v1/orders/{gone['order_id']}"))
-                for price in ("35.00", "35.05", "35.10"):
-                    ok(dev2.post("/v1/orders", json=limit("sell", price, "2.000", other)), 201)
-                ok(buy2.post("/v1/orders", json=limit("buy", "35.10", "6.000", other)), 201)
-                for price in ("34.80", "34.90", "35.00"):
-                    ok(dev2.post("/v1/orders", json=limit("buy", price, "1.000", other)), 201)
-                ok(buy2.post("/v1/orders", json=limit("sell", "34.80", "3.000", other)), 201)
-                for _ in range(BIG):
-                    ok(dev.post("/v1/orders", json=limit("sell", "36.00", "1.000")), 201)
-                big = ok(buy.post("/v1/orders", json=limit("buy", "36.00", f"{BIG}.000")), 201)
-                assert big["status"] == "filled", big
-                for price in ("37.50", "37.60", "37.70"):  # open orders of DEV's to page through
-                    ok(dev.post("/v1/orders", json=limit("sell", price, "1.000")), 201)
-            yield Traded(server, w, dsn, other, big["order_id"], quiet["order_id"], run)
-    finally:
-        run(drop_database(pg_server, name))
+    with own_server(pg_server, template_db, run, "test_pagination") as server:
+        w = build_world(server.http, server.ops_key)
+        with client(server.http, server.ops_key) as ops:
+            other = add_listing(ops, w.keys, "BIOGAS", "DEV2")
+        with w.as_("DEV") as dev, w.as_("DEV2") as dev2, w.as_("BUY") as buy, w.as_("BUY2") as buy2:
+            for price, qty in (("35.10", "1.000"), ("35.20", "2.000"), ("35.20", "1.000"), ("35.30", "1.000"),
+                               ("35.40", "1.000")):
+                ok(dev.post("/v1/orders", json=limit("sell", price, qty)), 201)
+            sweep = ok(buy2.post("/v1/orders", json=limit("buy", "35.40", "6.000")), 201)
+            assert len(sweep["fills"]) == 5, sweep
+            resting = ok(buy2.post("/v1/orders", json=limit("buy", "34.90", "2.000")), 201)
+            for _ in range(2):
+                ok(dev.post("/v1/orders", json=limit("sell", "34.90", "1.000")), 201)
+            assert ok(buy2.get(f"/v1/orders/{resting['order_id']}"))["status"] == "filled"
+            quiet = ok(buy2.post("/v1/orders", json=limit("buy", "33.00", "1.000")), 201)
+            for price in ("33.10", "33.20", "33.30", "33.40"):
+                gone = ok(buy2.post("/v1/orders", json=limit("buy", price, "1.000")), 201)
+                ok(buy2.delete(f"/v1/orders/{gone['order_id']}"))
+            for price in ("35.00", "35.05", "35.10"):
+                ok(dev2.post("/v1/orders", json=limit("sell", price, "2.000", other)), 201)
+            ok(buy2.post("/v1/orders", json=limit("buy", "35.10", "6.000", other)), 201)
+            for price in ("34.80", "34.90", "35.00"):
+                ok(dev2.post("/v1/orders", json=limit("buy", price, "1.000", other)), 201)
+            ok(buy2.post("/v1/orders", json=limit("sell", "34.80", "3.000", other)), 201)
+            for _ in range(BIG):
+                ok(dev.post("/v1/orders", json=limit("sell", "36.00", "1.000")), 201)
+            big = ok(buy.post("/v1/orders", json=limit("buy", "36.00", f"{BIG}.000")), 201)
+            assert big["status"] == "filled", big
+            for price in ("37.50", "37.60", "37.70"):  # open orders of DEV's to page through
+                ok(dev.post("/v1/orders", json=limit("sell", price, "1.000")), 201)
+        yield Traded(server, w, server.dsn, other, big["order_id"], quiet["order_id"], run)
 
 
 def walk(c: httpx.Client, path: str, params: dict[str, Any]) -> list[list[dict]]:

@@ -44,8 +44,7 @@ from schemathesis.checks import (
 
 from api.auth import Limits
 from api.rest import Context, create_app
-from exchange.database import drop_database, ensure_database, with_database
-from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, operator_key
+from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, own_server
 
 MAX_EXAMPLES = int(os.environ.get("CARBONX_SCHEMA_EXAMPLES", "12"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -95,33 +94,26 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(pg_server: str, template_db: str, run) -> Iterator[Live]:
-    name = f"cx_test_schema_{os.getpid()}"
-    run(ensure_database(pg_server, name, template=template_db))
-    dsn = with_database(pg_server, name)
-    try:
-        key = run(operator_key(dsn))
-        with ServerThread(dsn, limits=FAST) as server:
-            w = build_world(server.http, key)
-            with w.as_("DEV") as dev, w.as_("BUY") as buy:
-                # A resting sell, a trade against it, a resting buy of BUY's, and a retirement.
-                ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00",
-                                                "quantity": "50.000"}), 201)
-                ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "36.00",
-                                                "quantity": "10.000"}), 201)
-                resting = ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "34.00",
-                                                          "quantity": "5.000", "client_order_id": "rest-1"}), 201)
-                ret = ok(buy.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.000",
-                                                           "beneficiary": "Schema test", "purpose": "neutrality"}),
-                         201)
-                project = SYMBOL.rsplit("-", 1)[0]
-                issuance_id = ok(buy.get(f"/v1/registry/projects/{project}"))["issuances"][0]["id"]
-                real = {"symbol": SYMBOL, "code": ret["certificate_code"], "issuance_id": issuance_id,
-                        "order_id": int(resting["order_id"]), "serial": ret["serials"][0]}
-            live = Live(server, w.keys, real)
-            yield live
-            live.session.close()
-    finally:
-        run(drop_database(pg_server, name))
+    with own_server(pg_server, template_db, run, "test_schema", limits=FAST) as server:
+        w = build_world(server.http, server.ops_key)
+        with w.as_("DEV") as dev, w.as_("BUY") as buy:
+            # A resting sell, a trade against it, a resting buy of BUY's, and a retirement.
+            ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00",
+                                            "quantity": "50.000"}), 201)
+            ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "36.00",
+                                            "quantity": "10.000"}), 201)
+            resting = ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "34.00",
+                                                      "quantity": "5.000", "client_order_id": "rest-1"}), 201)
+            ret = ok(buy.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.000",
+                                                       "beneficiary": "Schema test", "purpose": "neutrality"}),
+                     201)
+            project = SYMBOL.rsplit("-", 1)[0]
+            issuance_id = ok(buy.get(f"/v1/registry/projects/{project}"))["issuances"][0]["id"]
+            real = {"symbol": SYMBOL, "code": ret["certificate_code"], "issuance_id": issuance_id,
+                    "order_id": int(resting["order_id"]), "serial": ret["serials"][0]}
+        live = Live(server, w.keys, real)
+        yield live
+        live.session.close()
 
 
 def _path_values(live: Live, path: str) -> dict[str, Any]:
