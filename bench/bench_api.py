@@ -8,7 +8,7 @@ Run:  python -m pytest bench/bench_api.py --benchmark-only -s
    pipelined (up to CARBONX_BENCH_WINDOW unanswered), answers matched by id; half the orders
    cross resting asks (trades), half rest. p50/p99 of answer time minus send time.
 2. Orders over REST (goal >= 3,000 orders/s): ``POST /v1/orders`` from CARBONX_BENCH_CONNECTIONS
-   concurrent HTTP/1.1 keep-alive connections (httpx.AsyncClient); p50/p99.
+   concurrent HTTP/1.1 keep-alive connections (loadgen's minimal client); p50/p99.
 3. Feed fan-out (goal >= 50,000 deliveries/s with p99 <= 100 ms): CARBONX_BENCH_SUBSCRIBERS
    (1,000) websocket subscribers of the book (depth 10) and trades of one instrument, while one
    more connection places orders open loop at each of CARBONX_BENCH_FANOUT_RATES orders/s; deliveries/s and the

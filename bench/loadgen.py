@@ -18,8 +18,11 @@ Modes:
   ``--duration`` seconds. Counted: book updates and trades received by the subscribers
   (deliveries), sequence gaps (``first_seq != last seq + 1``; trade ids not contiguous), errors
   and closes. Delay is receipt time minus the message's ``ts`` (server clock, microseconds; the
-  same machine's clock here). The subscribers use a minimal websocket client (an asyncio
-  Protocol parsing frames) so that 1,000 of them fit in one process.
+  same machine's clock here).
+
+The ``ws`` connection and the fan-out's subscribers use a minimal websocket client (an asyncio
+Protocol parsing frames, ``RawWebsocket``): the websockets library's client cost several times the
+CPU per message, and the load generator shares the machine's two cores with the server it measures.
 
 The order flow (seeded, the same every run): a fraction ``--cross-fraction`` of the orders are
 limit orders at ``--cross-price`` (they trade against resting liquidity on the other side when
@@ -90,68 +93,225 @@ def tally(order: dict[str, Any], statuses: Counter, counts: Counter) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# a minimal websocket client
+# ------------------------------------------------------------------------------------------------
+def masked_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """One final client frame: a client masks what it sends (RFC 6455 5.3), with a fresh key."""
+    mask = os.urandom(4)
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+    # XOR as one big integer: a byte at a time costs about 50 ns a byte in Python.
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+    return head + mask + (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
+
+
+class RawWebsocket(asyncio.Protocol):
+    """A minimal websocket client: the upgrade, then unmasked server frames parsed in place (text,
+    ping answered with pong, close). Subclasses say what to send once open (`opened`), what a
+    message means (`message`), and what to do after each read (`received`). The websockets
+    library's client costs several times the CPU per message, and the load generator shares the
+    machine with the server it measures."""
+
+    def __init__(self, host: str, path: str) -> None:
+        self.host, self.path = host, path
+        self.buf = bytearray()
+        self.upgraded = False
+        self.fragments = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.now = 0.0  # perf_counter at the read being parsed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.transport.write(
+            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+
+    def send_frame(self, payload: bytes, opcode: int = 1) -> None:
+        self.transport.write(masked_frame(payload, opcode))
+
+    def opened(self) -> None:
+        """The upgrade succeeded."""
+
+    def received(self) -> None:
+        """Every complete message of one read has been handled."""
+
+    def message(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def fail(self, why: str) -> None:
+        raise NotImplementedError
+
+    def closed(self, code: int | str) -> None:
+        """The server sent a close frame."""
+
+    def data_received(self, data: bytes) -> None:
+        self.now = time.perf_counter()
+        buf = self.buf
+        buf += data
+        pos = 0
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self.fail(f"upgrade refused: {bytes(buf[:60])!r}")
+                return
+            self.upgraded = True
+            pos = end + 4
+            self.opened()
+        size = len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            n = b1 & 0x7F
+            off = pos + 2
+            if n == 126:
+                if size - pos < 4:
+                    break
+                n = struct.unpack_from(">H", buf, off)[0]
+                off += 2
+            elif n == 127:
+                if size - pos < 10:
+                    break
+                n = struct.unpack_from(">Q", buf, off)[0]
+                off += 8
+            if size - off < n:
+                break
+            payload = bytes(buf[off:off + n])
+            pos = off + n
+            opcode = b0 & 0x0F
+            if not b0 & 0x80:  # a fragment: keep until the final frame
+                self.fragments += payload
+                continue
+            if opcode == 0:
+                payload, self.fragments = bytes(self.fragments + payload), bytearray()
+                opcode = 1
+            if opcode in (1, 2):
+                self.message(payload)
+            elif opcode == 9:
+                self.send_frame(payload, 10)
+            elif opcode == 8:
+                self.closed(struct.unpack_from(">H", payload)[0] if len(payload) >= 2 else "")
+        del buf[:pos]
+        self.received()
+
+
+# ------------------------------------------------------------------------------------------------
 # ws: pipelined order entry over one websocket
 # ------------------------------------------------------------------------------------------------
-async def auth(ws: Any, key: str) -> None:
-    await ws.send(orjson.dumps({"op": "auth", "id": "auth", "api_key": key}).decode())
-    while True:
-        msg = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
-        if msg.get("id") == "auth":
-            if msg.get("type") != "ack":
-                raise SystemExit(f"auth refused: {msg}")
+class OrderEntry:
+    """The ``ws`` mode's connection: ``auth``, then the pre-built ``order.place`` frames, up to
+    ``window`` unanswered, each further one sent as an answer frees its place. Answers that arrive
+    together free their places together, and the frames those places admit go in one write."""
+
+    def __init__(self, frames: list[bytes], window: int) -> None:
+        self.frames, self.window = frames, window
+        n = len(frames)
+        self.sent = [0.0] * n
+        self.latency = [0.0] * n
+        self.next = self.in_flight = 0
+        self.left = n
+        self.statuses: Counter = Counter()
+        self.counts: Counter = Counter()
+        self.errors: Counter = Counter()
+        self.done = asyncio.get_running_loop().create_future()
+        self.t0 = 0.0
+
+    def authed(self, ws: RawWebsocket) -> None:
+        self.t0 = time.perf_counter()
+        self.pump(ws)
+
+    def answer(self, msg: dict[str, Any], now: float) -> None:
+        kind = msg.get("type")
+        if kind == "result":
+            tally(msg["order"], self.statuses, self.counts)
+        elif kind == "error" and isinstance(msg.get("id"), int):
+            self.errors[msg.get("code")] += 1
+        else:
+            return  # heartbeats
+        i = msg["id"]
+        self.latency[i] = now - self.sent[i]
+        self.in_flight -= 1
+        self.left -= 1
+        if not self.left and not self.done.done():
+            self.done.set_result(time.perf_counter())
+
+    def pump(self, ws: RawWebsocket) -> None:
+        k = min(self.window - self.in_flight, len(self.frames) - self.next)
+        if k <= 0:
             return
+        start, now = self.next, time.perf_counter()
+        sent = self.sent
+        for i in range(start, start + k):
+            sent[i] = now
+        ws.transport.write(b"".join(self.frames[start:start + k]))
+        self.next += k
+        self.in_flight += k
+
+
+class OrderConnection(RawWebsocket):
+    """A RawWebsocket that authenticates and then feeds an OrderEntry."""
+
+    def __init__(self, host: str, path: str, key: str, entry: OrderEntry) -> None:
+        super().__init__(host, path)
+        self.key, self.entry = key, entry
+        self.is_authed = False
+
+    def opened(self) -> None:
+        self.send_frame(orjson.dumps({"op": "auth", "id": "auth", "api_key": self.key}))
+
+    def received(self) -> None:
+        if self.is_authed:
+            self.entry.pump(self)
+
+    def message(self, payload: bytes) -> None:
+        msg = orjson.loads(payload)
+        if self.is_authed:
+            self.entry.answer(msg, self.now)
+        elif msg.get("id") == "auth":
+            if msg.get("type") != "ack":
+                self.fail(f"auth refused: {msg}")
+                return
+            self.is_authed = True
+            self.entry.authed(self)
+
+    def fail(self, why: str) -> None:
+        if not self.entry.done.done():
+            self.entry.done.set_exception(ConnectionError(why))
+        self.transport.close()
+
+    def closed(self, code: int | str) -> None:
+        self.fail(f"the server closed the connection ({code})")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.entry.done.done():
+            self.entry.done.set_exception(ConnectionError(f"connection lost: {exc}"))
 
 
 async def ws_orders(args: argparse.Namespace) -> dict[str, Any]:
     flow = Flow(args)
     n = args.orders
-    bodies = [orjson.dumps({"op": "order.place", "id": i, **flow.order()}).decode() for i in range(n)]
-    sent = [0.0] * n
-    latency = [0.0] * n
-    statuses: Counter = Counter()
-    counts: Counter = Counter()
-    errors: Counter = Counter()
-    window = asyncio.Semaphore(args.window)
-    clock = time.perf_counter
-    async with connect(f"{args.ws}/v1/ws", max_size=None, compression=None, max_queue=None) as ws:
-        await auth(ws, args.key)
-        done = asyncio.get_running_loop().create_future()
-        left = [n]
-
-        async def sender() -> None:
-            for i, body in enumerate(bodies):
-                await window.acquire()
-                sent[i] = clock()
-                await ws.send(body)
-
-        async def receiver() -> None:
-            async for raw in ws:
-                now = clock()
-                msg = orjson.loads(raw)
-                kind = msg.get("type")
-                if kind == "result":
-                    tally(msg["order"], statuses, counts)
-                elif kind == "error" and isinstance(msg.get("id"), int):
-                    errors[msg.get("code")] += 1
-                else:
-                    continue  # heartbeats
-                i = msg["id"]
-                latency[i] = now - sent[i]
-                window.release()
-                left[0] -= 1
-                if not left[0]:
-                    done.set_result(None)
-                    return
-
-        t0 = clock()
-        tasks = [asyncio.create_task(sender()), asyncio.create_task(receiver())]
-        await asyncio.wait_for(done, args.timeout)
-        elapsed = clock() - t0
-        for t in tasks:
-            t.cancel()
+    # Built before the clock starts, as a client that has its orders ready would.
+    frames = [masked_frame(orjson.dumps({"op": "order.place", "id": i, **flow.order()})) for i in range(n)]
+    url = urlsplit(args.ws)
+    host, port = url.hostname, url.port or 80
+    entry = OrderEntry(frames, args.window)
+    transport, _ = await asyncio.get_running_loop().create_connection(
+        lambda: OrderConnection(f"{host}:{port}", "/v1/ws", args.key, entry), host, port)
+    try:
+        end = await asyncio.wait_for(entry.done, args.timeout)
+    finally:
+        transport.close()
+    elapsed = end - entry.t0
     return {"mode": "ws", "orders": n, "window": args.window, "seconds": round(elapsed, 3),
-            "orders_per_s": round(n / elapsed), **latency_summary(latency), "statuses": dict(statuses),
-            "errors": dict(errors), **counts}
+            "orders_per_s": round(n / elapsed), **latency_summary(entry.latency), "statuses": dict(entry.statuses),
+            "errors": dict(entry.errors), **entry.counts}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,89 +408,22 @@ class FanStats:
         self.counting = False
 
 
-class Subscriber(asyncio.Protocol):
-    """A minimal websocket client: the upgrade, one subscribe message, then unmasked server frames
-    parsed in place (text, ping answered with pong, close)."""
+class Subscriber(RawWebsocket):
+    """A fan-out subscriber: one subscribe message, then book updates and trades counted."""
 
     def __init__(self, host: str, path: str, subscribe: bytes, stats: FanStats) -> None:
-        self.host, self.path, self.subscribe, self.stats = host, path, subscribe, stats
-        self.buf = bytearray()
-        self.upgraded = False
+        super().__init__(host, path)
+        self.subscribe, self.stats = subscribe, stats
         self.ready = asyncio.get_running_loop().create_future()  # acked and snapshot seen
         self.acked = False
         self.last_seq: int | None = None
         self.last_trade: int | None = None
-        self.fragments = bytearray()
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.transport.write(
-            f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    def opened(self) -> None:
+        self.send_frame(self.subscribe)
 
-    def send_frame(self, payload: bytes, opcode: int = 1) -> None:
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([0x80 | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
-        self.transport.write(head + mask + masked)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
-        if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            if not buf.startswith(b"HTTP/1.1 101"):
-                self.fail(f"upgrade refused: {bytes(buf[:60])!r}")
-                return
-            self.upgraded = True
-            pos = end + 4
-            self.send_frame(self.subscribe)
-        size = len(buf)
-        while size - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            n = b1 & 0x7F
-            off = pos + 2
-            if n == 126:
-                if size - pos < 4:
-                    break
-                n = struct.unpack_from(">H", buf, off)[0]
-                off += 2
-            elif n == 127:
-                if size - pos < 10:
-                    break
-                n = struct.unpack_from(">Q", buf, off)[0]
-                off += 8
-            if size - off < n:
-                break
-            payload = bytes(buf[off:off + n])
-            pos = off + n
-            opcode = b0 & 0x0F
-            if not b0 & 0x80:  # a fragment: keep until the final frame
-                self.fragments += payload
-                continue
-            if opcode == 0:
-                payload, self.fragments = bytes(self.fragments + payload), bytearray()
-                opcode = 1
-            if opcode in (1, 2):
-                self.message(payload)
-            elif opcode == 9:
-                self.send_frame(payload, 10)
-            elif opcode == 8:
-                code = struct.unpack_from(">H", payload)[0] if len(payload) >= 2 else ""
-                self.stats.errors[f"close:{code}"] += 1
-        del buf[:pos]
+    def closed(self, code: int | str) -> None:
+        self.stats.errors[f"close:{code}"] += 1
 
     def message(self, payload: bytes) -> None:
         now = time.time_ns() // 1000
@@ -379,6 +472,17 @@ class Subscriber(asyncio.Protocol):
         self.stats.closed += 1
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"closed before the snapshot: {exc}"))
+
+
+async def auth(ws: Any, key: str) -> None:
+    """Authenticate the fan-out's order connection (the websockets library: it sends 100 orders/s)."""
+    await ws.send(orjson.dumps({"op": "auth", "id": "auth", "api_key": key}).decode())
+    while True:
+        msg = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        if msg.get("id") == "auth":
+            if msg.get("type") != "ack":
+                raise SystemExit(f"auth refused: {msg}")
+            return
 
 
 async def fanout(args: argparse.Namespace) -> dict[str, Any]:
