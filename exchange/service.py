@@ -42,8 +42,26 @@ from exchange.database import connect_consumer
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
+from matching.units import format_cash, format_tonnes
 
 log = logging.getLogger("carbonx.service")
+
+SUMMARY_ITEMS = 8  # changes named in adjustment_summary's line; the rest are counted
+
+
+def adjustment_summary(seq: int | None, cash: list, credits: list, codes: dict[int, str]) -> str:
+    """One line, in the API's units, for what an `adjust` took in at start-up: cash per account
+    ([account, fen]) and credits per instrument and account ([symbol, account, kg]) changed in the
+    database while the service was stopped (payments, issuances or transfers made there)."""
+    def signed(n: int, text: str) -> str:
+        return ("+" if n > 0 else "-") + text
+
+    items = [f"{codes.get(a, a)} {signed(d, format_cash(abs(d)))} CNY" for a, d in cash]
+    items += [f"{codes.get(a, a)} {signed(d, format_tonnes(abs(d)))} t {s}" for s, a, d in credits]
+    more = len(items) - SUMMARY_ITEMS
+    named = ", ".join(items[:SUMMARY_ITEMS]) + (f" and {more} more" if more > 0 else "")
+    return (f"carbonx exchange: took in changes made in the database while the service was not running "
+            f"(journal entry {seq}): {named}")
 Entry = tuple[int, int, dict, list, history.Folded]
 
 SERVICE_LOCK_KEY = 0x0CA2B1  # pg advisory lock held by the running service for its whole life
@@ -688,7 +706,10 @@ class ExchangeService:
         cash = [x for x in cash if x[1]]
         if cash or credits:
             out = await self._sequence({"op": "adjust", "cash": cash, "credits": credits})
-            log.warning("journaled changes made while the service was stopped: %s", out.events)
+            ids = sorted({a for a, _ in cash} | {a for _, a, _ in credits})
+            codes = {r["id"]: r["code"] for r in await self._pool.fetch(
+                "SELECT id, code FROM accounts WHERE id = ANY($1::bigint[])", ids)}
+            log.warning("%s", adjustment_summary(out.seq, cash, credits, codes))
 
     # ---- checks ------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import pytest
 
 from exchange import journal, ledger, projector, registry
 from exchange.errors import CarbonxError
-from exchange.service import SERVICE_LOCK_KEY, ExchangeService, refuse_while_serving
+from exchange.service import SERVICE_LOCK_KEY, SUMMARY_ITEMS, ExchangeService, adjustment_summary, refuse_while_serving
 from matching import events as E
 from matching.engine import local_ts
 from tests.registry_helpers import cover_violations, fingerprint, world
@@ -217,7 +217,7 @@ def test_one_service_per_database_and_the_command_line_keeps_off(db, run):
     run(main())
 
 
-def test_changes_made_while_stopped_are_journaled_at_start(db, run):
+def test_changes_made_while_stopped_are_journaled_at_start(db, run, caplog):
     async def main():
         svc, dev, buy = await _listed(db)
         await svc.submit({"op": "deposit", "account": buy, "amount": 50_000, "ref": "bank-1"})
@@ -234,6 +234,10 @@ def test_changes_made_while_stopped_are_journaled_at_start(db, run):
             assert last["op"] == "adjust"
             assert last["cash"] == [[buy, 1_000]]
             assert sorted(last["credits"]) == sorted([[SYMBOL, dev, 5_000], [SYMBOL, buy, 2_000]])
+            # The operator reads it in the API's units, by account code.
+            said = [r.getMessage() for r in caplog.records if r.name == "carbonx.service"]
+            assert any("BUY +10.00 CNY" in m and f"DEV +5.000 t {SYMBOL}" in m and f"BUY +2.000 t {SYMBOL}" in m
+                       for m in said), said
             assert again.core.cash[buy][0] == 51_000
             assert await again.reconcile() == []
             sold = await again.submit(place(buy, E.ASK, 3500, 2_000))  # the gift can be sold now
@@ -244,6 +248,14 @@ def test_changes_made_while_stopped_are_journaled_at_start(db, run):
             await conn.close()
 
     run(main())
+
+
+def test_adjustment_summary_names_changes_in_api_units_and_counts_the_rest():
+    codes = {1: "TONGWEI", 2: "DEV"}
+    line = adjustment_summary(10, [[1, 5_000_000], [3, -1]], [["LQS-FS-2023", 2, -1_500_500]], codes)
+    assert line.endswith("(journal entry 10): TONGWEI +50000.00 CNY, 3 -0.01 CNY, DEV -1500.500 t LQS-FS-2023")
+    many = adjustment_summary(11, [[a, 100] for a in range(SUMMARY_ITEMS + 3)], [], {})
+    assert many.count(" CNY") == SUMMARY_ITEMS and many.endswith(" and 3 more")
 
 
 def test_gtd_orders_expire_through_a_journaled_command(db, run):
