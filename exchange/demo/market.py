@@ -4,8 +4,9 @@ After the launch scenario (exchange/demo/scenario.py) has run, :func:`open_demo_
 each issued vintage (always open, reference price from the scenario, ±10 % band, T+0 so the
 simulated buyers can also sell) and funds the buyers through the service. :class:`DemoMarket`
 then places and cancels orders at a gentle pace, through the same service commands as any
-member, from the developers (selling what they were issued) and the buyers: a random walk around
-the reference price that trades now and then. Nothing about it is special-cased in the exchange.
+member, from the developers (selling what they were issued) and the buyers other than the launch
+event's organiser (the newcomer's account): a random walk around the reference price that trades
+now and then. Nothing about it is special-cased in the exchange.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from exchange.demo.scenario import load_scenario
 from exchange.errors import CarbonxError
 from exchange.service import ExchangeService
 from matching import events as E
-from matching.core import O_ACCOUNT
+from matching.core import O_ACCOUNT, O_SYMBOL
 from matching.units import parse_price
 
 DEMO_CASH = 50_000_000  # fen (500,000 CNY) per buyer, deposited once by reference
@@ -45,7 +46,10 @@ async def open_demo_market(service: ExchangeService) -> list[str]:
 
 
 class DemoMarket:
-    """Places and cancels orders for the demo accounts every `pace` seconds."""
+    """Places and cancels orders for the demo accounts every `pace` seconds. The launch event's
+    organiser is left out: its key is the one `carbonx serve --demo` hands the newcomer, whose
+    account must show only what the newcomer did. Only the simulation's own participants' orders
+    are tidied away, never an order someone placed through the API."""
 
     def __init__(self, service: ExchangeService, symbols: list[str], pace: float = 0.4, seed: int | None = None):
         self.service = service
@@ -59,7 +63,9 @@ class DemoMarket:
         sc = load_scenario()
         self.sellers = {f"{p['code']}-{i['vintage']}": await self.service.account(p["developer"]["code"])
                         for p in sc["projects"] for i in p["issuances"]}
-        self.buyers = [await self.service.account(b["code"]) for b in sc["buyers"]]
+        organiser = sc["event"]["organiser"]
+        self.buyers = [await self.service.account(b["code"]) for b in sc["buyers"] if b["code"] != organiser]
+        self.traders = set(self.buyers) | set(self.sellers.values())
         self.task = asyncio.create_task(self._run(), name="carbonx-demo-market")
 
     async def stop(self) -> None:
@@ -82,7 +88,7 @@ class DemoMarket:
         low, high = listing.rules.band()
         mid = (low + high) // 2
         # Tidy up now and then so the book stays readable.
-        mine = [oid for oid, o in core.orders.items() if o[0] == symbol]
+        mine = [oid for oid, o in core.orders.items() if o[O_SYMBOL] == symbol and o[O_ACCOUNT] in self.traders]
         if len(mine) > 40 or (mine and rng.random() < 0.2):
             oid = rng.choice(mine)
             self.service.apply({"op": "cancel", "account": core.orders[oid][O_ACCOUNT], "order_id": oid})
