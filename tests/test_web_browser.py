@@ -293,6 +293,13 @@ def test_wizard_neutralises_a_conference(server: ServerThread, page: Page) -> No
     expect(pg.locator("#offset-button")).to_be_disabled()
     while not held:
         pg.wait_for_timeout(20)
+    # A re-render meanwhile (here two language switches) keeps it so: no second offset for the
+    # same event, and the instrument it is for stays shown.
+    for lang in ("zh", "en"):
+        pg.click(f"button[data-lang={lang}]")
+        expect(pg.locator("#offset-button")).to_be_disabled()
+        expect(pg.locator("select[name=symbol]")).to_be_disabled()
+    expect(pg.locator("select[name=symbol]")).to_have_value(SYMBOL)
     held[0].continue_()
     pg.unroute("**/v1/neutrality/offset")
     expect(pg.locator("#offset-result")).to_be_visible()

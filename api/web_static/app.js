@@ -414,7 +414,7 @@ const SAMPLE = {
 function newWizard() {
   return { step: 1, form: { name: '', attendees: '', days: '', hotel: '', electricity: [{}], travel: [{}], meals: [{}],
     materials: [], waste: [] }, estimate: null, offset: { symbol: null, maxCash: '', beneficiary: '', purpose: '' },
-  result: null, error: null, busy: false };
+  result: null, error: null, busy: false, pending: null };
 }
 
 /** The activity object of exchange/neutrality.py from the form; empty rows are left out. */
@@ -586,12 +586,18 @@ async function wizardOffset(body, w, rerender) {
   const symbolSel = select(o, 'symbol', instruments.map((i) => i.symbol), { name: 'symbol',
     labels: (s) => { const i = instruments.find((x) => x.symbol === s); return `${s} · ${i.project_name || ''}`; } });
   // Another instrument: the last refusal was about the one before, so it goes too.
+  // An offset on its way survives a re-render (language, back and forth): its instrument stays
+  // shown and nothing can send a second one for the same event.
+  symbolSel.disabled = !!w.pending;
   symbolSel.addEventListener('change', () => { o.maxCash = ''; w.error = null; rerender(); });
-  const submit = h('button', { type: 'submit', class: 'primary', id: 'offset-button', text: t('offset_btn'), disabled: !state.key });
+  const submit = h('button', { type: 'submit', class: 'primary', id: 'offset-button',
+    text: w.pending ? t('offsetting') : t('offset_btn'), disabled: !state.key || !!w.pending });
   const refusal = w.error ? problemBox(w.error) : null;
   const form = h('form', { class: 'offset', id: 'offset-form', onsubmit: async (ev) => {
     ev.preventDefault();
-    submit.disabled = true; submit.textContent = t('offsetting');
+    if (w.pending) return;
+    const mine = w.pending = {};
+    submit.disabled = true; symbolSel.disabled = true; submit.textContent = t('offsetting');
     // While a retry is on its way, the last refusal would read as its answer.
     refusal?.remove();
     w.error = null;
@@ -601,7 +607,7 @@ async function wizardOffset(body, w, rerender) {
         purpose: o.purpose.trim() } });
       w.step = 4;
       checkKey();
-    } catch (e) { w.error = e; }
+    } catch (e) { w.error = e; } finally { if (w.pending === mine) w.pending = null; }
     rerender();
   } },
   h('div', { class: 'offset-facts' },
