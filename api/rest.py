@@ -91,10 +91,11 @@ def paged(what: str) -> dict[int | str, dict[str, Any]]:
 
 
 def link_next(request: Request, response: Response, cursor: str) -> None:
-    """RFC 8288 rel="next": this request again with before= the cursor. The target is relative
-    (resolved against the request's own URL), so it names this server however it was reached."""
+    """RFC 8288 rel="next": this request again with before= the cursor, as an absolute URL (as
+    GitHub sends it: clients such as requests' `response.links` follow it as it is), built from
+    the request's own URL, so it names this server as the client reached it."""
     query = [(k, v) for k, v in request.query_params.multi_items() if k != "before"] + [("before", cursor)]
-    response.headers["Link"] = f'<{request.url.path}?{urlencode(query)}>; rel="next"'
+    response.headers["Link"] = f'<{request.url.replace(query=urlencode(query))}>; rel="next"'
 
 
 def problem_response(code: str, detail: str, status: int | None = None) -> Response:

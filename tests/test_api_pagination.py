@@ -141,11 +141,12 @@ def walk(c: httpx.Client, path: str, params: dict[str, Any]) -> list[list[dict]]
         m = LINK.fullmatch(link)
         assert m, link
         url = httpx.URL(m[1])
+        assert url.is_absolute_url and url.copy_with(path="/", query=None) == c.base_url.copy_with(path="/"), link
         assert url.path == path, link
         query = dict(url.params)
         assert {k: v for k, v in query.items() if k != "before"} == {k: str(v) for k, v in params.items()}, link
         assert len(page) == params["limit"], (link, page)
-        r = c.get(m[1])  # relative: resolved against the client's base, as against the request's URL
+        r = c.get(m[1])
         assert ok(r), f"{link} led to an empty page"
 
 
