@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -74,8 +75,11 @@ def own_server(pg_server: str, template_db: str, run: Callable[[Any], Any], labe
     module's tests to share: a server and world per test would cost a second or more each. The
     server carries its operator key and database URL (`ops_key`, `dsn`); the database is dropped
     after."""
-    name = f"cx_{label}_{os.getpid()}"
-    run(ensure_database(pg_server, name, template=template_db))
+    # The process id alone may repeat (a killed run's database left on a shared DATABASE_URL
+    # server, in a container that reuses small ids): a leftover must never be served as fresh.
+    name = f"cx_{label}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    if not run(ensure_database(pg_server, name, template=template_db)):
+        raise RuntimeError(f"database {name} exists already")
     dsn = with_database(pg_server, name)
     try:
         key = run(operator_key(dsn))
