@@ -111,6 +111,15 @@ def masked_frame(payload: bytes, opcode: int = 1) -> bytes:
     return head + mask + (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
 
 
+def ws_address(base: str, path: str) -> tuple[str, int, str]:
+    """Host, port and request path of `path` under the feed's base URL (plain ws:// only: the
+    minimal client speaks no TLS)."""
+    url = urlsplit(base)
+    if url.scheme != "ws" or not url.hostname:
+        raise SystemExit(f"--ws must be a ws://host:port URL, got {base!r}")
+    return url.hostname, url.port or 80, url.path.rstrip("/") + path
+
+
 class RawWebsocket(asyncio.Protocol):
     """A minimal websocket client: the upgrade, then unmasked server frames parsed in place (text,
     ping answered with pong, close). Subclasses say what to send once open (`opened`), what a
@@ -197,6 +206,7 @@ class RawWebsocket(asyncio.Protocol):
             elif opcode == 9:
                 self.send_frame(payload, 10)
             elif opcode == 8:
+                self.transport.write(masked_frame(payload[:2], 8))  # the closing handshake's answer
                 self.closed(struct.unpack_from(">H", payload)[0] if len(payload) >= 2 else "")
         del buf[:pos]
         self.received()
@@ -299,11 +309,10 @@ async def ws_orders(args: argparse.Namespace) -> dict[str, Any]:
     n = args.orders
     # Built before the clock starts, as a client that has its orders ready would.
     frames = [masked_frame(orjson.dumps({"op": "order.place", "id": i, **flow.order()})) for i in range(n)]
-    url = urlsplit(args.ws)
-    host, port = url.hostname, url.port or 80
+    host, port, path = ws_address(args.ws, "/v1/ws")
     entry = OrderEntry(frames, args.window)
     transport, _ = await asyncio.get_running_loop().create_connection(
-        lambda: OrderConnection(f"{host}:{port}", "/v1/ws", args.key, entry), host, port)
+        lambda: OrderConnection(f"{host}:{port}", path, args.key, entry), host, port)
     try:
         end = await asyncio.wait_for(entry.done, args.timeout)
     finally:
@@ -490,15 +499,14 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
     if soft < args.subscribers + 100:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.subscribers + 1000), hard))
     loop = asyncio.get_running_loop()
-    url = urlsplit(args.ws)
-    host, port = url.hostname, url.port or 80
+    host, port, path = ws_address(args.ws, "/v1/ws")
     subscribe = orjson.dumps({"op": "subscribe", "id": 1, "channels": [
         {"name": "book", "symbols": [args.symbol], "depth": 10}, {"name": "trades", "symbols": [args.symbol]}]})
     stats = FanStats()
     subs: list[Subscriber] = []
     t_connect = time.perf_counter()
     for k in range(0, args.subscribers, 100):  # in steps, not to overflow the listen backlog
-        batch = [loop.create_connection(lambda: Subscriber(f"{host}:{port}", "/v1/ws", subscribe, stats), host, port)
+        batch = [loop.create_connection(lambda: Subscriber(f"{host}:{port}", path, subscribe, stats), host, port)
                  for _ in range(min(100, args.subscribers - k))]
         for _transport, proto in await asyncio.gather(*batch):
             subs.append(proto)
@@ -566,6 +574,13 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
             **counts}
 
 
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("mode", choices=["ws", "rest", "fanout"])
@@ -574,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--key", required=True, help="a member's API key (places the orders)")
     p.add_argument("--symbol", default="FOREST-2023")
     p.add_argument("--orders", type=int, default=10_000, help="ws, rest: orders to place")
-    p.add_argument("--window", type=int, default=2_000, help="ws: most unanswered orders at a time")
+    p.add_argument("--window", type=positive, default=2_000, help="ws: most unanswered orders at a time")
     p.add_argument("--connections", type=int, default=16, help="rest: concurrent keep-alive connections")
     p.add_argument("--subscribers", type=int, default=1_000, help="fanout: subscriber connections")
     p.add_argument("--duration", type=float, default=5.0, help="fanout: seconds of order flow")
