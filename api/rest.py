@@ -6,6 +6,7 @@ every route documents the problems it can send, so /openapi.json describes exact
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations, some of them local.
+import hashlib
 import html
 import logging
 import time
@@ -16,7 +17,7 @@ from urllib.parse import urlencode
 
 import asyncpg
 import orjson
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -88,6 +89,28 @@ def paged(what: str) -> dict[int | str, dict[str, Any]]:
     return {**MEMBER, 200: {"description": f"a page of the caller's {what}, newest first", "headers": {"Link": {
         "description": f'<the same path and query with before=CURSOR>; rel="next" when older {what} follow; '
                        "absent on the last page", "schema": {"type": "string", "pattern": '^<[^>]+>; rel="next"$'}}}}}
+
+
+# Retirements are for good: a retry of a request that may have reached the server must find what
+# it made, not retire again (the IETF's Idempotency-Key header; Stripe's convention).
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=48, pattern=r"^[!-~]+$",
+    description="makes a retry safe: a repeat with the same key answers with what the first made "
+                "(Idempotent-Replayed: true) and changes nothing; the same key with another request is "
+                "422 idempotency_key_reused. 1-48 visible ASCII characters, per account, kept for good")]
+REPLAYED = {"Idempotent-Replayed": {"description": "true when the answer is the one an earlier request with the "
+                                                   "same Idempotency-Key made", "schema": {"type": "string",
+                                                                                           "enum": ["true"]}}}
+
+
+def request_digest(*parts: Any) -> bytes:
+    """What identifies a request under an idempotency key: its parsed values, so that "1.0" and
+    "1.000" tonnes are the same request."""
+    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+def created(body: Any, replayed: bool) -> JSONResponse:
+    return JSON(body, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 def link_next(request: Request, response: Response, cursor: str) -> None:
@@ -515,16 +538,18 @@ def create_app(ctx: Context) -> FastAPI:
                 "retired": [{"symbol": f"{r['code']}-{r['vintage']}", "quantity": format_tonnes(r["kg"])}
                             for r in rows]}
 
-    @app.post("/v1/retirements", status_code=201, response_model=M.RetirementView, responses=MEMBER,
-              tags=["registry"])
-    async def retire(req: M.RetireRequest, who: Member) -> Any:
+    @app.post("/v1/retirements", status_code=201, response_model=M.RetirementView,
+              responses={**MEMBER, 201: {"description": "the retirement", "headers": REPLAYED}}, tags=["registry"])
+    async def retire(req: M.RetireRequest, who: Member, key: IdempotencyKey = None) -> Any:
         if (req.symbol is None) == (req.issuance_id is None):
             raise CarbonxError("invalid_request", "give exactly one of symbol or issuance_id")
         kg = _units(parse_tonnes, req.quantity, "quantity")
+        request = (key, request_digest("retire", req.symbol, req.issuance_id, kg, req.beneficiary.strip(),
+                                       req.purpose.strip())) if key is not None else None
         r = await service.retire(account=who.code, quantity_kg=kg, beneficiary=req.beneficiary,
-                                 purpose=req.purpose, symbol=req.symbol, issuance_id=req.issuance_id)
+                                 purpose=req.purpose, symbol=req.symbol, issuance_id=req.issuance_id, request=request)
         views = await db(lambda conn: retirement_views(conn, "r.id = $1", r.id))
-        return JSON(views[0], status_code=201)
+        return created(views[0], r.replayed)
 
     # ---- neutrality --------------------------------------------------------------------------
 
@@ -557,9 +582,10 @@ def create_app(ctx: Context) -> FastAPI:
                                               f"{format_tonnes(lot)} t")
         return kg
 
-    @app.post("/v1/neutrality/offset", status_code=201, response_model=M.OffsetResult, responses=MEMBER,
+    @app.post("/v1/neutrality/offset", status_code=201, response_model=M.OffsetResult,
+              responses={**MEMBER, 201: {"description": "what was bought and retired", "headers": REPLAYED}},
               tags=["neutrality"])
-    async def offset(req: M.OffsetRequest, who: Member) -> Any:
+    async def offset(req: M.OffsetRequest, who: Member, key: IdempotencyKey = None) -> Any:
         listing = instrument(req.symbol)
         if (req.activity is None) == (req.quantity is None):
             raise CarbonxError("invalid_request", "give exactly one of activity or quantity")
@@ -567,14 +593,17 @@ def create_app(ctx: Context) -> FastAPI:
         kg = offset_quantity(est, req.quantity, listing.rules.lot)
         if kg <= 0:
             raise CarbonxError("invalid_request", "nothing to offset: the footprint is zero")
+        cap = _units(parse_cash, req.max_cash, "max_cash")
+        request = (key, request_digest("offset", req.symbol, req.activity, kg, cap, req.beneficiary.strip(),
+                                       req.purpose.strip())) if key is not None else None
         done = await offsetting.offset(service, account=who.code, symbol=req.symbol, quantity_kg=kg,
-                                       max_cash_fen=_units(parse_cash, req.max_cash, "max_cash"),
-                                       beneficiary=req.beneficiary, purpose=req.purpose)
+                                       max_cash_fen=cap, beneficiary=req.beneficiary, purpose=req.purpose,
+                                       request=request)
         views = await db(lambda conn: retirement_views(conn, "r.id = $1", done.retirement.id))
         code = done.retirement.certificate_code
-        return JSON({"estimate": estimate_view(est) if est else None, "quantity": format_tonnes(kg),
-                     "order_id": str(done.order_id), "cost": format_cash(done.cost_fen), "retirement": views[0],
-                     "certificate_url": f"{ctx.public_url}/v1/certificates/{code}.pdf"}, status_code=201)
+        return created({"estimate": estimate_view(est) if est else None, "quantity": format_tonnes(kg),
+                        "order_id": str(done.order_id), "cost": format_cash(done.cost_fen), "retirement": views[0],
+                        "certificate_url": f"{ctx.public_url}/v1/certificates/{code}.pdf"}, done.retirement.replayed)
 
     # ---- operator ------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ STATUS = {
     "instrument_exists": 409, "already_halted": 409, "not_halted": 409, "market_closed": 409, "halted": 409,
     "insufficient_funds": 422, "insufficient_credits": 422, "post_only_would_take": 422, "fok_not_fillable": 422,
     "price_out_of_band": 422, "invalid_tick": 422, "invalid_lot": 422, "min_quantity": 422,
-    "offset_not_filled": 422, "internal_error": 500,
+    "offset_not_filled": 422, "idempotency_key_reused": 422, "internal_error": 500,
 }
 
 

@@ -52,20 +52,46 @@ def offered_within(service: ExchangeService, symbol: str, limit: int) -> int:
     return sum(q for p, q in service.core.engine.book(symbol).depth(E.ASK, 1 << 30) if p <= limit)
 
 
+async def _paid(service: ExchangeService, account_id: int, order_id: int) -> int:
+    """What an order of `account_id` paid for its fills, fees included (fen), from the history."""
+    await service.caught_up(orders=True)
+    return await service.pool.fetchval(
+        "SELECT coalesce(sum(value_fen + fee_fen), 0)::bigint FROM fills WHERE order_id = $1 AND account_id = $2",
+        order_id, account_id)
+
+
 async def offset(service: ExchangeService, *, account: str, symbol: str, quantity_kg: int, max_cash_fen: int,
-                 beneficiary: str, purpose: str) -> Offset:
+                 beneficiary: str, purpose: str, request: tuple[str, bytes] | None = None) -> Offset:
+    """Buy `quantity_kg` within `max_cash_fen` and retire it. With `request` (idempotency key,
+    request digest), a repeat answers with what the first made and buys and retires nothing more:
+    the purchase carries the client_order_id `offset:KEY` (so the core never places it twice) and
+    the retirement the key (ExchangeService.retire). A repeat after a purchase whose retirement
+    never happened (the process stopped between) retires what was bought."""
     if symbol not in service.core.listings:
         raise CarbonxError("unknown_instrument", f"no instrument {symbol!r}")
     if not 1 <= len(beneficiary.strip()) <= 200 or not 1 <= len(purpose.strip()) <= 500:
         raise CarbonxError("invalid_request", "beneficiary (1–200 characters) and purpose (1–500) are needed")
     account_id = await service.account(account)
+    coid = None
+    if request is not None:
+        coid = f"offset:{request[0]}"
+        found = await service.retirement_by_request(account_id, request)
+        if found is not None:
+            bought = service.core.coids.get(account_id, {}).get(coid)
+            if bought is None:  # a retirement under this key, but no offset's purchase
+                raise CarbonxError("idempotency_key_reused",
+                                   f"Idempotency-Key {request[0]!r} was used for another request")
+            return Offset(bought[0], found.quantity_kg, await _paid(service, account_id, bought[0]), found)
     limit = best_limit(service, symbol, quantity_kg, max_cash_fen)
     if limit == 0:
         raise CarbonxError("offset_not_filled",
                            f"max_cash {format_cash(max_cash_fen)} CNY cannot pay for {format_tonnes(quantity_kg)} t "
                            "at any price in the band")
-    out = await service.submit({"op": "place", "account": account_id, "symbol": symbol, "side": E.BID,
-                                "kind": E.LIMIT, "price": limit, "qty": quantity_kg, "tif": E.FOK})
+    place = {"op": "place", "account": account_id, "symbol": symbol, "side": E.BID, "kind": E.LIMIT,
+             "price": limit, "qty": quantity_kg, "tif": E.FOK}
+    out = await service.submit(place if coid is None else {**place, "coid": coid})
+    if out.code == "duplicate_client_order_id":  # the key's purchase was another
+        raise CarbonxError("idempotency_key_reused", f"Idempotency-Key {request[0]!r} was used for another request")
     if out.code == "fok_not_fillable":
         have = offered_within(service, symbol, limit)
         raise CarbonxError("offset_not_filled",
@@ -74,7 +100,10 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
                            f"{format_tonnes(max(quantity_kg - have, 0))} t are missing. Nothing was bought or retired.")
     if out.code is not None:
         raise CarbonxError(out.code, out.detail or out.code)
-    cost = sum(ev[10] + ev[11] for ev in out.events if ev[0] == E.EV_TRADE)
+    if out.duplicate:  # bought by an earlier try under this key, which did not retire
+        cost = await _paid(service, account_id, out.order_id)
+    else:
+        cost = sum(ev[10] + ev[11] for ev in out.events if ev[0] == E.EV_TRADE)
     retirement = await service.retire(account=account, quantity_kg=quantity_kg, beneficiary=beneficiary,
-                                      purpose=purpose, symbol=symbol)
+                                      purpose=purpose, symbol=symbol, request=request)
     return Offset(out.order_id, quantity_kg, cost, retirement)

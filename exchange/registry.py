@@ -616,6 +616,7 @@ class Retirement:
     purpose: str
     certificate_code: str
     serials: tuple[str, ...]
+    replayed: bool = False  # found by its idempotency key, not made by this request
 
 
 def new_certificate_code() -> str:
@@ -626,9 +627,11 @@ def new_certificate_code() -> str:
 
 async def retire(
     conn: asyncpg.Connection, *, account: str, quantity_kg: int, beneficiary: str, purpose: str,
-    symbol: str | None = None, issuance_id: int | None = None,
+    symbol: str | None = None, issuance_id: int | None = None, request: tuple[str, bytes] | None = None,
 ) -> Retirement:
-    """Retire available credits for a named beneficiary; the retired ranges can never move again."""
+    """Retire available credits for a named beneficiary; the retired ranges can never move again.
+    `request` is the (idempotency key, request digest) the retirement is recorded under, if any
+    (see retirement_by_request)."""
     beneficiary, purpose = (beneficiary or "").strip(), (purpose or "").strip()
     if not 1 <= len(beneficiary) <= 200:
         raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
@@ -640,10 +643,12 @@ async def retire(
     ids = await resolve_issuances(conn, symbol=symbol, issuance_id=issuance_id)
     async with conn.transaction():
         code = new_certificate_code()
+        key, digest = request if request is not None else (None, None)
         ret_id = await conn.fetchval(
-            """INSERT INTO retirements (account_id, quantity_kg, beneficiary, purpose, certificate_code)
-               VALUES ($1, $2, $3, $4, $5) RETURNING id""",
-            acct.id, quantity_kg, beneficiary, purpose, code,
+            """INSERT INTO retirements (account_id, quantity_kg, beneficiary, purpose, certificate_code,
+                                        request_key, request_hash)
+               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id""",
+            acct.id, quantity_kg, beneficiary, purpose, code, key, digest,
         )
         [res] = await apply_movements(conn, [ByQuantity(ids, acct.id, AVAILABLE, acct.id, RETIRED, quantity_kg,
                                                         "retirement", f"retirement:{ret_id}", ret_id)])
@@ -652,6 +657,24 @@ async def retire(
         iss = await get_issuance(conn, p.issuance_id)
         serials.append(format_serial(iss.scheme, iss.project_code, iss.vintage, p.lo, p.hi))
     return Retirement(ret_id, acct.id, quantity_kg, beneficiary, purpose, code, tuple(serials))
+
+
+async def retirement_by_request(conn: asyncpg.Connection, account_id: int, key: str
+                                ) -> tuple[Retirement, bytes] | None:
+    """The retirement `account_id` made under idempotency key `key`, with the digest of the request
+    that made it; None if it made none."""
+    row = await conn.fetchrow(
+        """SELECT id, account_id, quantity_kg, beneficiary, purpose, certificate_code, request_hash
+           FROM retirements WHERE account_id = $1 AND request_key = $2""", account_id, key)
+    if row is None:
+        return None
+    ranges = await conn.fetch(
+        """SELECT p.scheme, p.code, i.vintage, lower(b.serials) AS lo, upper(b.serials) AS hi
+           FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
+           WHERE b.retirement_id = $1 ORDER BY i.id, lower(b.serials)""", row["id"])
+    serials = tuple(format_serial(r["scheme"], r["code"], r["vintage"], r["lo"], r["hi"]) for r in ranges)
+    return (Retirement(row["id"], row["account_id"], row["quantity_kg"], row["beneficiary"], row["purpose"],
+                       row["certificate_code"], serials, replayed=True), bytes(row["request_hash"]))
 
 
 async def _by_serial(conn: asyncpg.Connection, serial: str, allowed: frozenset[str], to_state: str,

@@ -362,7 +362,11 @@ class ExchangeService:
             return iss
 
     async def retire(self, *, account: str, quantity_kg: int, beneficiary: str, purpose: str,
-                     symbol: str | None = None, issuance_id: int | None = None) -> registry.Retirement:
+                     symbol: str | None = None, issuance_id: int | None = None,
+                     request: tuple[str, bytes] | None = None) -> registry.Retirement:
+        """Retire `account`'s credits for a beneficiary. With `request` (idempotency key, digest of
+        the request), a repeat returns the retirement the key made (`replayed`) and retires
+        nothing; the same key with another digest is refused (`idempotency_key_reused`)."""
         account_id = await self.account(account)
         if type(quantity_kg) is not int or quantity_kg <= 0:
             raise CarbonxError("invalid_quantity", "quantity must be positive")
@@ -370,7 +374,11 @@ class ExchangeService:
             raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
         if not 1 <= len((purpose or "").strip()) <= 500:
             raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
-        async with self._registry_lock:
+        async with self._registry_lock:  # also orders a key's repeats: the first is recorded before the next looks
+            if request is not None:
+                found = await self.retirement_by_request(account_id, request)
+                if found is not None:
+                    return found
             if issuance_id is not None:
                 async with self._pool.acquire() as conn:
                     iss = await registry.get_issuance(conn, issuance_id)
@@ -382,13 +390,25 @@ class ExchangeService:
 
             async def change(conn: asyncpg.Connection) -> registry.Retirement:
                 return await registry.retire(conn, account=account, quantity_kg=quantity_kg, beneficiary=beneficiary,
-                                             purpose=purpose, symbol=symbol, issuance_id=issuance_id)
+                                             purpose=purpose, symbol=symbol, issuance_id=issuance_id, request=request)
             ret = await self._take_then_change(listed, debit, change, "retirement")
             self._tell_registry("retirement", {"id": ret.id, "symbol": listed, "quantity_kg": ret.quantity_kg,
                                                "beneficiary": ret.beneficiary, "purpose": ret.purpose,
                                                "certificate_code": ret.certificate_code,
                                                "serials": list(ret.serials)})
             return ret
+
+    async def retirement_by_request(self, account_id: int, request: tuple[str, bytes]) -> registry.Retirement | None:
+        """The retirement made under idempotency key request[0] (`replayed`), None if none was;
+        `idempotency_key_reused` if it was made by a request with another digest."""
+        async with self._pool.acquire() as conn:
+            found = await registry.retirement_by_request(conn, account_id, request[0])
+        if found is None:
+            return None
+        if found[1] != request[1]:
+            raise CarbonxError("idempotency_key_reused", f"Idempotency-Key {request[0]!r} was used for another "
+                                                         f"request (retirement {found[0].certificate_code})")
+        return found[0]
 
     def _tell_registry(self, kind: str, details: dict) -> None:
         for listener in self.registry_listeners:

@@ -47,8 +47,9 @@ class ApiError extends Error {
   }
 }
 
-async function api(path, { method = 'GET', body, auth = false } = {}) {
+async function api(path, { method = 'GET', body, auth = false, idempotencyKey } = {}) {
   const headers = { Accept: 'application/json' };
+  if (idempotencyKey) headers['Idempotency-Key'] = idempotencyKey;
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   if (auth && state.key) headers.Authorization = `Bearer ${state.key}`;
   let r;
@@ -414,7 +415,7 @@ const SAMPLE = {
 function newWizard() {
   return { step: 1, form: { name: '', attendees: '', days: '', hotel: '', electricity: [{}], travel: [{}], meals: [{}],
     materials: [], waste: [] }, estimate: null, offset: { symbol: null, maxCash: '', beneficiary: '', purpose: '' },
-  result: null, error: null, busy: false, pending: null };
+  result: null, error: null, busy: false, pending: null, offsetKey: null };
 }
 
 /** The activity object of exchange/neutrality.py from the form; empty rows are left out. */
@@ -601,8 +602,12 @@ async function wizardOffset(body, w, rerender) {
     // While a retry is on its way, the last refusal would read as its answer.
     refusal?.remove();
     w.error = null;
+    // One key for this event's offset, kept across tries: a try whose answer was lost (the
+    // network, a reload of the answer) is retried safely, and never buys or retires twice.
+    // getRandomValues, not randomUUID: the page may be served over plain http on a LAN address.
+    w.offsetKey ??= `web-${[...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
     try {
-      w.result = await api('/v1/neutrality/offset', { method: 'POST', auth: true, body: {
+      w.result = await api('/v1/neutrality/offset', { method: 'POST', auth: true, idempotencyKey: w.offsetKey, body: {
         symbol: o.symbol, activity: w.activity, max_cash: o.maxCash.trim(), beneficiary: o.beneficiary.trim(),
         purpose: o.purpose.trim() } });
       w.step = 4;

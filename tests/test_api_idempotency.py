@@ -1,0 +1,183 @@
+"""Retirements are for good, so retrying one must be safe: POST /v1/retirements and POST
+/v1/neutrality/offset take an Idempotency-Key header (api/README.md). Black box through the real
+server on loopback, with the database read to prove what was (not) done."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from exchange.errors import CarbonxError
+from tests.api_helpers import SYMBOL, ServerThread, World, build_world, ok, own_server
+
+RETIRE = {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "Green tech conference 2026",
+          "purpose": "Carbon neutrality of a one-day conference"}
+OFFSET = {"symbol": SYMBOL, "quantity": "2.000", "max_cash": "100.00", "beneficiary": "Spring forum",
+          "purpose": "Carbon neutrality of the spring forum"}
+
+
+@pytest.fixture(scope="module")
+def world(pg_server: str, template_db: str, run) -> Iterator[tuple[ServerThread, World]]:
+    with own_server(pg_server, template_db, run, "idempotency") as server:
+        w = build_world(server.http, server.ops_key)
+        with w.as_("DEV") as dev:  # asks the offsets buy from
+            for _ in range(12):
+                ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00",
+                                                "quantity": "1.000"}), 201)
+        yield server, w
+
+
+def q(server: ServerThread, run: Any, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+    return run(go())
+
+
+def retirements(server: ServerThread, run: Any, code: str) -> list[asyncpg.Record]:
+    return q(server, run, """SELECT r.certificate_code, r.quantity_kg, r.request_key FROM retirements r
+                             JOIN accounts a ON a.id = r.account_id WHERE a.code = $1 ORDER BY r.id""", code)
+
+
+def keyed(key: str) -> dict[str, str]:
+    return {"Idempotency-Key": key}
+
+
+def test_a_retried_retirement_retires_once(world, run) -> None:
+    server, w = world
+    with w.as_("DEV") as dev:
+        before = ok(dev.get("/v1/account"))
+        first = dev.post("/v1/retirements", json=RETIRE, headers=keyed("ret-1"))
+        assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+        # The same request (1.0 t is 1.000 t) again: the first's answer, nothing retired.
+        again = dev.post("/v1/retirements", json={**RETIRE, "quantity": "1.0"}, headers=keyed("ret-1"))
+        assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+        assert again.json() == first.json()
+        after = ok(dev.get("/v1/account"))
+    made = [r for r in retirements(server, run, "DEV") if r["request_key"] == "ret-1"]
+    assert [(r["certificate_code"], r["quantity_kg"]) for r in made] == [(first.json()["certificate_code"], 1000)]
+    was = {h["symbol"]: h for h in before["holdings"]}[SYMBOL]
+    now = {h["symbol"]: h for h in after["holdings"]}[SYMBOL]
+    assert Decimal(was["available"]) - Decimal(now["available"]) == Decimal("1.000")
+
+
+def test_a_reused_key_with_another_request_is_refused_and_changes_nothing(world, run) -> None:
+    server, w = world
+    with w.as_("DEV") as dev:
+        ok(dev.post("/v1/retirements", json=RETIRE, headers=keyed("ret-2")), 201)
+        before, count = ok(dev.get("/v1/account")), len(retirements(server, run, "DEV"))
+        for other in ({**RETIRE, "quantity": "2.000"}, {**RETIRE, "beneficiary": "Someone else"},
+                      {**RETIRE, "purpose": "Another purpose"}):
+            r = dev.post("/v1/retirements", json=other, headers=keyed("ret-2"))
+            assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
+            assert r.headers["content-type"] == "application/problem+json"
+        # The key is taken by a retirement: an offset under it is another request too.
+        r = dev.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("ret-2"))
+        assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
+        assert ok(dev.get("/v1/account")) == before and len(retirements(server, run, "DEV")) == count
+
+
+def test_keys_are_per_account_and_requests_without_one_are_each_done(world, run) -> None:
+    server, w = world
+    with w.as_("BUY") as buy, w.as_("DEV") as dev:
+        ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "36.00", "quantity": "2.000"}), 201)
+        mine = ok(buy.post("/v1/retirements", json=RETIRE, headers=keyed("shared-key")), 201)
+        theirs = ok(dev.post("/v1/retirements", json=RETIRE, headers=keyed("shared-key")), 201)
+        assert mine["certificate_code"] != theirs["certificate_code"] and mine["account"] == "BUY"
+        n = len(retirements(server, run, "DEV"))
+        for _ in range(2):
+            ok(dev.post("/v1/retirements", json=RETIRE), 201)
+        assert len(retirements(server, run, "DEV")) == n + 2
+
+
+def test_simultaneous_repeats_retire_once(world, run) -> None:
+    server, w = world
+    answers: list[httpx.Response] = []
+    go = threading.Barrier(8)
+
+    def send() -> None:
+        with w.as_("DEV") as dev:
+            go.wait()
+            answers.append(dev.post("/v1/retirements", json=RETIRE, headers=keyed("ret-parallel")))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a.status_code for a in answers] == [201] * 8
+    assert len({a.json()["certificate_code"] for a in answers}) == 1
+    assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 7
+    assert len([r for r in retirements(server, run, "DEV") if r["request_key"] == "ret-parallel"]) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 49, "two words", "tab\there", "é".encode("latin-1")])
+def test_a_malformed_key_is_refused_and_changes_nothing(world, run, key: Any) -> None:
+    server, w = world
+    with w.as_("DEV") as dev:
+        count = len(retirements(server, run, "DEV"))
+        r = dev.post("/v1/retirements", json=RETIRE, headers={"Idempotency-Key": key})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+        assert len(retirements(server, run, "DEV")) == count
+
+
+def test_a_retried_offset_buys_and_retires_once(world, run) -> None:
+    server, w = world
+    with w.as_("BUY2") as buy:
+        before = ok(buy.get("/v1/account"))
+        first = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-1"))
+        assert first.status_code == 201 and "idempotent-replayed" not in first.headers, first.text
+        again = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-1"))
+        assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+        assert again.json() == first.json()
+        r = buy.post("/v1/neutrality/offset", json={**OFFSET, "max_cash": "200.00"}, headers=keyed("off-1"))
+        assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
+        after = ok(buy.get("/v1/account"))
+        orders = ok(buy.get("/v1/orders", params={"status": "all"}))
+    spent = Decimal(before["cash_available"]) - Decimal(after["cash_available"])
+    assert spent == Decimal(first.json()["cost"]) and spent > 0
+    assert [o["client_order_id"] for o in orders] == ["offset:off-1"]
+    made = [r for r in retirements(server, run, "BUY2") if r["request_key"] == "off-1"]
+    assert [r["quantity_kg"] for r in made] == [2000]
+
+
+def test_an_offset_retried_after_its_purchase_retires_what_was_bought(world, run) -> None:
+    """The process may stop between an offset's purchase and its retirement: the retry under the
+    same key buys nothing more and retires what the first bought."""
+    server, w = world
+    service = server.exchange.service
+    real = service.retire
+    failed: list[int] = []
+
+    async def stops_once(**kw: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise CarbonxError("unavailable", "stopped before the retirement (the test's)")
+        return await real(**kw)
+
+    service.retire = stops_once
+    try:
+        with w.as_("BUY2") as buy:
+            before = ok(buy.get("/v1/account"))
+            r = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2"))
+            assert r.status_code == 503 and failed, r.text
+            done = ok(buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2")), 201)
+            again = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2"))
+            assert again.headers["idempotent-replayed"] == "true" and again.json() == done
+            after = ok(buy.get("/v1/account"))
+            offsets = [o for o in ok(buy.get("/v1/orders", params={"status": "all"}))
+                       if o["client_order_id"] == "offset:off-2"]
+    finally:
+        service.retire = real
+    assert len(offsets) == 1 and offsets[0]["order_id"] == done["order_id"]
+    assert Decimal(before["cash_available"]) - Decimal(after["cash_available"]) == Decimal(done["cost"])
+    assert [r["quantity_kg"] for r in retirements(server, run, "BUY2") if r["request_key"] == "off-2"] == [2000]
