@@ -301,7 +301,8 @@ def test_wizard_neutralises_a_conference(server: ServerThread, page: Page) -> No
         expect(pg.locator("select[name=symbol]")).to_be_disabled()
     expect(pg.locator("select[name=symbol]")).to_have_value(SYMBOL)
     # The page keys its offset (api/README: Idempotency-Key), so a retry whose answer was lost is safe.
-    assert re.fullmatch(r"web-[0-9a-f]{32}", held[0].request.headers.get("idempotency-key", "")), held[0].request.headers
+    sent = held[0].request.headers
+    assert re.fullmatch(r"web-[0-9a-f]{32}", sent.get("idempotency-key", "")), sent
     held[0].continue_()
     pg.unroute("**/v1/neutrality/offset")
     expect(pg.locator("#offset-result")).to_be_visible()
