@@ -84,9 +84,9 @@ PUBLIC = _problems(*COMMON, 404, 422)
 MEMBER = _problems(*COMMON, 401, 403, 404, 409, 422)
 
 
-def paged(what: str) -> dict[int | str, dict[str, Any]]:
-    """MEMBER's problems plus the Link header of a paged list's 200 (RFC 8288)."""
-    return {**MEMBER, 200: {"description": f"a page of the caller's {what}, newest first", "headers": {"Link": {
+def paged(what: str, problems: dict = MEMBER) -> dict[int | str, dict[str, Any]]:
+    """`problems` plus the Link header of a paged list's 200 (RFC 8288)."""
+    return {**problems, 200: {"description": f"a page of {what}, newest first", "headers": {"Link": {
         "description": f'<the same path and query with before=CURSOR>; rel="next" when older {what} follow; '
                        "absent on the last page", "schema": {"type": "string", "pattern": '^<[^>]+>; rel="next"$'}}}}}
 
@@ -360,17 +360,28 @@ def create_app(ctx: Context) -> FastAPI:
                                     for x in ranges]})
         return out
 
-    @app.get("/v1/registry/retirements", response_model=list[M.RetirementView], responses=PUBLIC, tags=["registry"])
-    async def retirements(account: Annotated[str | None, Query(max_length=40)] = None,
+    @app.get("/v1/registry/retirements", response_model=list[M.RetirementView],
+             responses=paged("retirements", PUBLIC), tags=["registry"])
+    async def retirements(request: Request, response: Response,
+                          account: Annotated[str | None, Query(max_length=40)] = None,
                           project: Annotated[str | None, Query(max_length=32)] = None,
-                          limit: Annotated[int, Query(ge=1, le=500)] = 100) -> Any:
+                          limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                          before: Annotated[M.IdInput | None, Query(
+                              description="only retirements with a smaller id (older): the next page's cursor, "
+                                          "as the Link header of the previous page gives it")] = None) -> Any:
         async def q(conn: asyncpg.Connection) -> Any:
+            # One more than the page: a next page exists exactly when it comes back.
             return await retirement_views(
                 conn, """($1::text IS NULL OR a.code = $1) AND ($2::text IS NULL OR EXISTS (
                            SELECT 1 FROM blocks b JOIN issuances i ON i.id = b.issuance_id
-                           JOIN projects p ON p.id = i.project_id WHERE b.retirement_id = r.id AND p.code = $2))""",
-                account, project, limit=limit)
-        return await db(q)
+                           JOIN projects p ON p.id = i.project_id WHERE b.retirement_id = r.id AND p.code = $2))
+                         AND ($3::bigint IS NULL OR r.id < $3)""",
+                account, project, before, limit=limit + 1)
+        page = await db(q)
+        if len(page) > limit:
+            page = page[:limit]
+            link_next(request, response, page[-1]["id"])
+        return page
 
     async def certificate_data(code: str) -> dict[str, Any]:
         return await db(lambda conn: registry.retirement_by_code(conn, code))
@@ -430,7 +441,7 @@ def create_app(ctx: Context) -> FastAPI:
     async def place(req: M.OrderRequest, who: Member) -> Any:
         return JSON(await trading.place(who.id, req), status_code=201)
 
-    @app.get("/v1/orders", response_model=list[M.Order], responses=paged("orders"), tags=["orders"])
+    @app.get("/v1/orders", response_model=list[M.Order], responses=paged("the caller's orders"), tags=["orders"])
     async def orders(request: Request, response: Response, who: Member,
                      status: Annotated[str, Query(pattern="^(open|all)$")] = "open",
                      symbol: Annotated[str | None, Query(max_length=40)] = None,
@@ -488,7 +499,7 @@ def create_app(ctx: Context) -> FastAPI:
     async def amend(order_id: OrderId, req: M.AmendRequest, who: Member) -> Any:
         return await trading.amend(who.id, order_id, req)
 
-    @app.get("/v1/fills", response_model=list[M.Fill], responses=paged("fills"), tags=["orders"])
+    @app.get("/v1/fills", response_model=list[M.Fill], responses=paged("the caller's fills"), tags=["orders"])
     async def fills(request: Request, response: Response, who: Member,
                     symbol: Annotated[str | None, Query(max_length=40)] = None,
                     order_id: Annotated[M.IdInput | None, Query(

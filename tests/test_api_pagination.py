@@ -187,6 +187,24 @@ def test_walking_the_order_pages_gives_every_order_once(traded: Traded, size: in
         assert [o for p in pages for o in p] == whole
 
 
+def test_walking_the_public_retirements_gives_each_once(traded: Traded) -> None:
+    """GET /v1/registry/retirements pages the same way (public: no key), with its filters kept."""
+    t = traded
+    with t.w.as_("DEV") as dev:
+        for i in range(7):
+            ok(dev.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.000", "beneficiary": f"Event {i}",
+                                                 "purpose": "Carbon neutrality"}), 201)
+    db = [str(r["id"]) for r in t.query("""SELECT r.id FROM retirements r JOIN accounts a ON a.id = r.account_id
+                                           WHERE a.code = 'DEV' ORDER BY r.id DESC""")]
+    assert len(db) >= 7
+    with client(t.server.http) as anon:
+        for size in (1, 2, 3, 7):
+            pages = walk(anon, "/v1/registry/retirements", {"account": "DEV", "limit": size})
+            assert [r["id"] for p in pages for r in p] == db, size
+        r = anon.get("/v1/registry/retirements", params={"account": "DEV", "limit": len(db)})
+        assert len(ok(r)) == len(db) and "link" not in r.headers
+
+
 def test_a_page_that_is_full_but_last_has_no_link(traded: Traded) -> None:
     """The Link header means "there is more", not "this page is full"."""
     t = traded
