@@ -347,18 +347,16 @@ def create_app(ctx: Context) -> FastAPI:
             f"""SELECT r.id, r.certificate_code, a.code AS account, r.beneficiary, r.purpose, r.quantity_kg,
                        r.created_at FROM retirements r JOIN accounts a ON a.id = r.account_id
                 WHERE {where} ORDER BY r.id DESC LIMIT {int(limit)}""", *args)
-        out = []
-        for r in rows:
-            ranges = await conn.fetch(
-                """SELECT p.scheme, p.code, i.vintage, lower(b.serials) AS lo, upper(b.serials) AS hi
+        serials: dict[int, list[str]] = {r["id"]: [] for r in rows}
+        for x in await conn.fetch(  # every listed retirement's ranges at once, not a query each
+                """SELECT b.retirement_id, p.scheme, p.code, i.vintage, lower(b.serials) AS lo, upper(b.serials) AS hi
                    FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
-                   WHERE b.retirement_id = $1 ORDER BY i.id, lower(b.serials)""", r["id"])
-            out.append({"id": str(r["id"]), "certificate_code": r["certificate_code"], "account": r["account"],
-                        "beneficiary": r["beneficiary"], "purpose": r["purpose"],
-                        "quantity": format_tonnes(r["quantity_kg"]), "time": iso_datetime(r["created_at"]),
-                        "serials": [format_serial(x["scheme"], x["code"], x["vintage"], x["lo"], x["hi"])
-                                    for x in ranges]})
-        return out
+                   WHERE b.retirement_id = ANY($1::bigint[]) ORDER BY b.retirement_id, i.id, lower(b.serials)""",
+                list(serials)):
+            serials[x["retirement_id"]].append(format_serial(x["scheme"], x["code"], x["vintage"], x["lo"], x["hi"]))
+        return [{"id": str(r["id"]), "certificate_code": r["certificate_code"], "account": r["account"],
+                 "beneficiary": r["beneficiary"], "purpose": r["purpose"], "quantity": format_tonnes(r["quantity_kg"]),
+                 "time": iso_datetime(r["created_at"]), "serials": serials[r["id"]]} for r in rows]
 
     @app.get("/v1/registry/retirements", response_model=list[M.RetirementView],
              responses=paged("retirements", PUBLIC), tags=["registry"])
