@@ -20,6 +20,7 @@ from api.models import AmendRequest, FillCursor, OrderRequest
 from api.wire import EPOCH, order_view
 from exchange.errors import CarbonxError
 from exchange.history import Fill, fill_from_row, order_from_row
+from exchange.offsetting import OFFSET_COID
 from exchange.service import ExchangeService
 from matching import events as E
 from matching.core import O_ACCOUNT, O_PRICE, O_REMAINING, O_SYMBOL, Outcome
@@ -99,6 +100,9 @@ def place_command(account: int, req: OrderRequest) -> dict[str, Any]:
     if req.client_order_id is not None:
         if not req.client_order_id.isprintable():
             raise CarbonxError("invalid_request", "client_order_id must be printable characters")
+        if req.client_order_id.startswith(OFFSET_COID):
+            raise CarbonxError("invalid_request", f"client_order_ids beginning {OFFSET_COID!r} are the offsets' own "
+                                                  "(POST /v1/neutrality/offset with an Idempotency-Key)")
         cmd["coid"] = req.client_order_id
     return cmd
 

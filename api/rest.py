@@ -104,9 +104,19 @@ REPLAYED = {"Idempotent-Replayed": {"description": "true when the answer is the 
 
 
 def request_digest(*parts: Any) -> bytes:
-    """What identifies a request under an idempotency key: its parsed values, so that "1.0" and
-    "1.000" tonnes are the same request."""
-    return hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).digest()
+    """What identifies a request under an idempotency key: what it does, in parsed values, so that
+    "1.0" and "1.000" tonnes, or forest-2023 and FOREST-2023, are the same request."""
+    return hashlib.sha256(orjson.dumps(parts)).digest()
+
+
+def idempotency_key(request: Request, key: IdempotencyKey = None) -> str | None:
+    """The request's Idempotency-Key; two of them are refused (which would a retry carry?)."""
+    if len(request.headers.getlist("idempotency-key")) > 1:
+        raise CarbonxError("invalid_request", "give one Idempotency-Key header")
+    return key
+
+
+OneIdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
 
 
 def created(body: Any, replayed: bool) -> JSONResponse:
@@ -549,12 +559,15 @@ def create_app(ctx: Context) -> FastAPI:
 
     @app.post("/v1/retirements", status_code=201, response_model=M.RetirementView,
               responses={**MEMBER, 201: {"description": "the retirement", "headers": REPLAYED}}, tags=["registry"])
-    async def retire(req: M.RetireRequest, who: Member, key: IdempotencyKey = None) -> Any:
+    async def retire(req: M.RetireRequest, who: Member, key: OneIdempotencyKey) -> Any:
         if (req.symbol is None) == (req.issuance_id is None):
             raise CarbonxError("invalid_request", "give exactly one of symbol or issuance_id")
         kg = _units(parse_tonnes, req.quantity, "quantity")
-        request = (key, request_digest("retire", req.symbol, req.issuance_id, kg, req.beneficiary.strip(),
-                                       req.purpose.strip())) if key is not None else None
+        request = None
+        if key is not None:
+            symbol = "{}-{}".format(*registry.split_symbol(req.symbol)) if req.symbol is not None else None
+            request = (key, request_digest("retire", symbol, req.issuance_id, kg, req.beneficiary.strip(),
+                                           req.purpose.strip()))
         r = await service.retire(account=who.code, quantity_kg=kg, beneficiary=req.beneficiary,
                                  purpose=req.purpose, symbol=req.symbol, issuance_id=req.issuance_id, request=request)
         views = await db(lambda conn: retirement_views(conn, "r.id = $1", r.id))
@@ -594,7 +607,7 @@ def create_app(ctx: Context) -> FastAPI:
     @app.post("/v1/neutrality/offset", status_code=201, response_model=M.OffsetResult,
               responses={**MEMBER, 201: {"description": "what was bought and retired", "headers": REPLAYED}},
               tags=["neutrality"])
-    async def offset(req: M.OffsetRequest, who: Member, key: IdempotencyKey = None) -> Any:
+    async def offset(req: M.OffsetRequest, who: Member, key: OneIdempotencyKey) -> Any:
         listing = instrument(req.symbol)
         if (req.activity is None) == (req.quantity is None):
             raise CarbonxError("invalid_request", "give exactly one of activity or quantity")
@@ -603,7 +616,8 @@ def create_app(ctx: Context) -> FastAPI:
         if kg <= 0:
             raise CarbonxError("invalid_request", "nothing to offset: the footprint is zero")
         cap = _units(parse_cash, req.max_cash, "max_cash")
-        request = (key, request_digest("offset", req.symbol, req.activity, kg, cap, req.beneficiary.strip(),
+        # The same offset is the same purchase and retirement: the activity behind the tonnes is not part of it.
+        request = (key, request_digest("offset", req.symbol, kg, cap, req.beneficiary.strip(),
                                        req.purpose.strip())) if key is not None else None
         done = await offsetting.offset(service, account=who.code, symbol=req.symbol, quantity_kg=kg,
                                        max_cash_fen=cap, beneficiary=req.beneficiary, purpose=req.purpose,

@@ -19,6 +19,11 @@ from matching import events as E
 from matching.risk import buy_reservation
 from matching.units import format_cash, format_price, format_tonnes
 
+# An offset's purchase under an idempotency key is the order with this client_order_id prefix and
+# the key; order entry refuses the prefix (api/orders.py), or an offset could take a member's own
+# order for its purchase.
+OFFSET_COID = "offset:"
+
 
 @dataclass(frozen=True)
 class Offset:
@@ -72,17 +77,20 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
     if not 1 <= len(beneficiary.strip()) <= 200 or not 1 <= len(purpose.strip()) <= 500:
         raise CarbonxError("invalid_request", "beneficiary (1–200 characters) and purpose (1–500) are needed")
     account_id = await service.account(account)
-    coid = None
+    coid = earlier = None
     if request is not None:
-        coid = f"offset:{request[0]}"
+        coid = OFFSET_COID + request[0]
         found = await service.retirement_by_request(account_id, request)
+        # [order_id, symbol, side, kind, price, qty] of an earlier try's purchase, if one was made
+        earlier = service.core.coids.get(account_id, {}).get(coid)
         if found is not None:
-            bought = service.core.coids.get(account_id, {}).get(coid)
-            if bought is None:  # a retirement under this key, but no offset's purchase
+            if earlier is None:  # a retirement under this key, but no offset's purchase
                 raise CarbonxError("idempotency_key_reused",
                                    f"Idempotency-Key {request[0]!r} was used for another request")
-            return Offset(bought[0], found.quantity_kg, await _paid(service, account_id, bought[0]), found)
-    limit = best_limit(service, symbol, quantity_kg, max_cash_fen)
+            return Offset(earlier[0], found.quantity_kg, await _paid(service, account_id, earlier[0]), found)
+    # An earlier try's purchase is asked for again at the price it was placed at: the band, and so
+    # best_limit, may have moved since (a day's roll), and the core knows a repeat by its terms.
+    limit = earlier[4] if earlier is not None else best_limit(service, symbol, quantity_kg, max_cash_fen)
     if limit == 0:
         raise CarbonxError("offset_not_filled",
                            f"max_cash {format_cash(max_cash_fen)} CNY cannot pay for {format_tonnes(quantity_kg)} t "

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from exchange.errors import CarbonxError
+from exchange.service import now_us
 from tests.api_helpers import SYMBOL, ServerThread, World, build_world, ok, own_server
 
 RETIRE = {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "Green tech conference 2026",
@@ -84,6 +85,37 @@ def test_a_reused_key_with_another_request_is_refused_and_changes_nothing(world,
         r = dev.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("ret-2"))
         assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
         assert ok(dev.get("/v1/account")) == before and len(retirements(server, run, "DEV")) == count
+
+
+def test_the_same_retirement_spelled_otherwise_is_a_repeat(world, run) -> None:
+    _, w = world
+    with w.as_("DEV") as dev:
+        first = ok(dev.post("/v1/retirements", json=RETIRE, headers=keyed("ret-spelling")), 201)
+        again = dev.post("/v1/retirements", json={**RETIRE, "symbol": SYMBOL.lower(), "quantity": "1",
+                                                  "beneficiary": f"  {RETIRE['beneficiary']} "},
+                         headers=keyed("ret-spelling"))
+        assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true", again.text
+        assert again.json() == first
+
+
+def test_two_idempotency_key_headers_are_refused(world, run) -> None:
+    server, w = world
+    with w.as_("DEV") as dev:
+        count = len(retirements(server, run, "DEV"))
+        r = dev.post("/v1/retirements", json=RETIRE, headers=[("Idempotency-Key", "two-a"),
+                                                              ("Idempotency-Key", "two-b")])
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+        assert len(retirements(server, run, "DEV")) == count
+
+
+def test_an_offsets_order_name_is_reserved(world, run) -> None:
+    """A member's own order named offset:KEY would pass for the offset's purchase under KEY."""
+    _, w = world
+    with w.as_("BUY") as buy:
+        order = {"symbol": SYMBOL, "side": "buy", "price": "30.00", "quantity": "1.000", "client_order_id": "offset:k"}
+        r = buy.post("/v1/orders", json=order)
+        assert r.status_code == 400 and r.json()["code"] == "invalid_request", r.text
+        assert "offset:" in r.json()["detail"]
 
 
 def test_keys_are_per_account_and_requests_without_one_are_each_done(world, run) -> None:
@@ -181,3 +213,36 @@ def test_an_offset_retried_after_its_purchase_retires_what_was_bought(world, run
     assert len(offsets) == 1 and offsets[0]["order_id"] == done["order_id"]
     assert Decimal(before["cash_available"]) - Decimal(after["cash_available"]) == Decimal(done["cost"])
     assert [r["quantity_kg"] for r in retirements(server, run, "BUY2") if r["request_key"] == "off-2"] == [2000]
+
+
+def test_an_offset_retried_after_its_purchase_on_the_next_day_retires_what_was_bought(world, run) -> None:
+    """The day's roll moves the band the offset's price comes from: a retry the next day still
+    finds the purchase (at the price it was placed at) and retires it."""
+    server, w = world
+    service = server.exchange.service
+    real, clock = service.retire, service.clock
+    failed: list[int] = []
+
+    async def stops_once(**kw: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise CarbonxError("unavailable", "stopped before the retirement (the test's)")
+        return await real(**kw)
+
+    service.retire = stops_once
+    try:
+        with w.as_("BUY2") as buy, w.as_("DEV") as dev:
+            r = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-day"))
+            assert r.status_code == 503 and failed, r.text
+            service.clock = lambda: now_us() + 86_400_000_000
+            # Something else happens first: the roll comes with it, and the band moves.
+            ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "37.00",
+                                            "quantity": "1.000"}), 201)
+            done = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-day"))
+            assert done.status_code == 201, done.text
+            offsets = [o for o in ok(buy.get("/v1/orders", params={"status": "all"}))
+                       if o["client_order_id"] == "offset:off-day"]
+    finally:
+        service.retire, service.clock = real, clock
+    assert len(offsets) == 1 and offsets[0]["order_id"] == done.json()["order_id"]
+    assert [r["quantity_kg"] for r in retirements(server, run, "BUY2") if r["request_key"] == "off-day"] == [2000]
