@@ -63,8 +63,9 @@ class DemoMarket:
         sc = load_scenario()
         self.sellers = {f"{p['code']}-{i['vintage']}": await self.service.account(p["developer"]["code"])
                         for p in sc["projects"] for i in p["issuances"]}
-        organiser = sc["event"]["organiser"]
-        self.buyers = [await self.service.account(b["code"]) for b in sc["buyers"] if b["code"] != organiser]
+        organiser = await self.service.account(sc["event"]["organiser"])
+        self.buyers = [a for a in [await self.service.account(b["code"]) for b in sc["buyers"]] if a != organiser]
+        self.sellers = {symbol: a for symbol, a in self.sellers.items() if a != organiser}
         self.traders = set(self.buyers) | set(self.sellers.values())
         self.task = asyncio.create_task(self._run(), name="carbonx-demo-market")
 
@@ -95,7 +96,7 @@ class DemoMarket:
             return
         qty = rng.choice((1, 1, 2, 3, 5, 10)) * listing.rules.lot
         spread = max(1, (high - low) // 40)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or symbol not in self.sellers:
             price = min(high, max(low, mid + rng.randint(-3, 2) * spread))
             account, side = rng.choice(self.buyers), E.BID
         else:
