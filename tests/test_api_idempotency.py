@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -47,6 +48,26 @@ def q(server: ServerThread, run: Any, sql: str, *args: Any) -> list[asyncpg.Reco
 def retirements(server: ServerThread, run: Any, code: str) -> list[asyncpg.Record]:
     return q(server, run, """SELECT r.certificate_code, r.quantity_kg, r.request_key FROM retirements r
                              JOIN accounts a ON a.id = r.account_id WHERE a.code = $1 ORDER BY r.id""", code)
+
+
+@contextmanager
+def retirement_fails_once(service: Any) -> Iterator[list[int]]:
+    """The service's next retirement fails as if the process stopped before it (the list says
+    whether it did)."""
+    real = service.retire
+    failed: list[int] = []
+
+    async def stops_once(**kw: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise CarbonxError("unavailable", "stopped before the retirement (the test's)")
+        return await real(**kw)
+
+    service.retire = stops_once
+    try:
+        yield failed
+    finally:
+        service.retire = real
 
 
 def keyed(key: str) -> dict[str, str]:
@@ -186,30 +207,16 @@ def test_an_offset_retried_after_its_purchase_retires_what_was_bought(world, run
     """The process may stop between an offset's purchase and its retirement: the retry under the
     same key buys nothing more and retires what the first bought."""
     server, w = world
-    service = server.exchange.service
-    real = service.retire
-    failed: list[int] = []
-
-    async def stops_once(**kw: Any) -> Any:
-        if not failed:
-            failed.append(1)
-            raise CarbonxError("unavailable", "stopped before the retirement (the test's)")
-        return await real(**kw)
-
-    service.retire = stops_once
-    try:
-        with w.as_("BUY2") as buy:
-            before = ok(buy.get("/v1/account"))
-            r = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2"))
-            assert r.status_code == 503 and failed, r.text
-            done = ok(buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2")), 201)
-            again = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2"))
-            assert again.headers["idempotent-replayed"] == "true" and again.json() == done
-            after = ok(buy.get("/v1/account"))
-            offsets = [o for o in ok(buy.get("/v1/orders", params={"status": "all"}))
-                       if o["client_order_id"] == "offset:off-2"]
-    finally:
-        service.retire = real
+    with retirement_fails_once(server.exchange.service) as failed, w.as_("BUY2") as buy:
+        before = ok(buy.get("/v1/account"))
+        r = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2"))
+        assert r.status_code == 503 and failed, r.text
+        done = ok(buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2")), 201)
+        again = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-2"))
+        assert again.headers["idempotent-replayed"] == "true" and again.json() == done
+        after = ok(buy.get("/v1/account"))
+        offsets = [o for o in ok(buy.get("/v1/orders", params={"status": "all"}))
+                   if o["client_order_id"] == "offset:off-2"]
     assert len(offsets) == 1 and offsets[0]["order_id"] == done["order_id"]
     assert Decimal(before["cash_available"]) - Decimal(after["cash_available"]) == Decimal(done["cost"])
     assert [r["quantity_kg"] for r in retirements(server, run, "BUY2") if r["request_key"] == "off-2"] == [2000]
@@ -220,18 +227,9 @@ def test_an_offset_retried_after_its_purchase_on_the_next_day_retires_what_was_b
     finds the purchase (at the price it was placed at) and retires it."""
     server, w = world
     service = server.exchange.service
-    real, clock = service.retire, service.clock
-    failed: list[int] = []
-
-    async def stops_once(**kw: Any) -> Any:
-        if not failed:
-            failed.append(1)
-            raise CarbonxError("unavailable", "stopped before the retirement (the test's)")
-        return await real(**kw)
-
-    service.retire = stops_once
+    clock = service.clock
     try:
-        with w.as_("BUY2") as buy, w.as_("DEV") as dev:
+        with retirement_fails_once(service) as failed, w.as_("BUY2") as buy, w.as_("DEV") as dev:
             r = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-day"))
             assert r.status_code == 503 and failed, r.text
             service.clock = lambda: now_us() + 86_400_000_000
@@ -243,6 +241,6 @@ def test_an_offset_retried_after_its_purchase_on_the_next_day_retires_what_was_b
             offsets = [o for o in ok(buy.get("/v1/orders", params={"status": "all"}))
                        if o["client_order_id"] == "offset:off-day"]
     finally:
-        service.retire, service.clock = real, clock
+        service.clock = clock
     assert len(offsets) == 1 and offsets[0]["order_id"] == done.json()["order_id"]
     assert [r["quantity_kg"] for r in retirements(server, run, "BUY2") if r["request_key"] == "off-day"] == [2000]
