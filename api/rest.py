@@ -565,7 +565,8 @@ def create_app(ctx: Context) -> FastAPI:
         kg = _units(parse_tonnes, req.quantity, "quantity")
         request = None
         if key is not None:
-            symbol = "{}-{}".format(*registry.split_symbol(req.symbol)) if req.symbol is not None else None
+            # As split_symbol reads it; a bad symbol is the service's to refuse, in its usual order.
+            symbol = req.symbol.strip().upper() if req.symbol is not None else None
             request = (key, request_digest("retire", symbol, req.issuance_id, kg, req.beneficiary.strip(),
                                            req.purpose.strip()))
         r = await service.retire(account=who.code, quantity_kg=kg, beneficiary=req.beneficiary,

@@ -57,12 +57,13 @@ def offered_within(service: ExchangeService, symbol: str, limit: int) -> int:
     return sum(q for p, q in service.core.engine.book(symbol).depth(E.ASK, 1 << 30) if p <= limit)
 
 
-async def _paid(service: ExchangeService, account_id: int, order_id: int) -> int:
-    """What an order of `account_id` paid for its fills, fees included (fen), from the history."""
+async def _bought(service: ExchangeService, account_id: int, order_id: int) -> tuple[int, int]:
+    """What an order of `account_id` bought (kg) and paid for it, fees included (fen), from the history."""
     await service.caught_up(orders=True)
-    return await service.pool.fetchval(
-        "SELECT coalesce(sum(value_fen + fee_fen), 0)::bigint FROM fills WHERE order_id = $1 AND account_id = $2",
-        order_id, account_id)
+    row = await service.pool.fetchrow(
+        "SELECT coalesce(sum(qty_kg), 0)::bigint AS kg, coalesce(sum(value_fen + fee_fen), 0)::bigint AS paid "
+        "FROM fills WHERE order_id = $1 AND account_id = $2", order_id, account_id)
+    return row["kg"], row["paid"]
 
 
 async def offset(service: ExchangeService, *, account: str, symbol: str, quantity_kg: int, max_cash_fen: int,
@@ -87,7 +88,14 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
             if earlier is None:  # a retirement under this key, but no offset's purchase
                 raise CarbonxError("idempotency_key_reused",
                                    f"Idempotency-Key {request[0]!r} was used for another request")
-            return Offset(earlier[0], found.quantity_kg, await _paid(service, account_id, earlier[0]), found)
+            return Offset(earlier[0], found.quantity_kg, (await _bought(service, account_id, earlier[0]))[1], found)
+    if earlier is not None:
+        # It is this request's purchase only if it bought these tonnes within this request's cap: a
+        # retry may name another max_cash, and an order offset:KEY from before order entry reserved
+        # the prefix may rest unfilled at any price.
+        kg, paid = await _bought(service, account_id, earlier[0])
+        if kg != quantity_kg or paid > max_cash_fen:
+            raise CarbonxError("idempotency_key_reused", f"Idempotency-Key {request[0]!r} was used for another request")
     # An earlier try's purchase is asked for again at the price it was placed at: the band, and so
     # best_limit, may have moved since (a day's roll), and the core knows a repeat by its terms.
     limit = earlier[4] if earlier is not None else best_limit(service, symbol, quantity_kg, max_cash_fen)
@@ -109,7 +117,7 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
     if out.code is not None:
         raise CarbonxError(out.code, out.detail or out.code)
     if out.duplicate:  # bought by an earlier try under this key, which did not retire
-        cost = await _paid(service, account_id, out.order_id)
+        cost = (await _bought(service, account_id, out.order_id))[1]
     else:
         cost = sum(ev[10] + ev[11] for ev in out.events if ev[0] == E.EV_TRADE)
     retirement = await service.retire(account=account, quantity_kg=quantity_kg, beneficiary=beneficiary,

@@ -16,6 +16,7 @@ import pytest
 
 from exchange.errors import CarbonxError
 from exchange.service import now_us
+from matching import events as E
 from tests.api_helpers import SYMBOL, ServerThread, World, build_world, ok, own_server
 
 RETIRE = {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "Green tech conference 2026",
@@ -119,6 +120,15 @@ def test_the_same_retirement_spelled_otherwise_is_a_repeat(world, run) -> None:
         assert again.json() == first
 
 
+def test_a_key_changes_no_error_of_a_bad_request(world, run) -> None:
+    _, w = world
+    bad = {**RETIRE, "symbol": "nonsense", "beneficiary": "   "}
+    with w.as_("DEV") as dev:
+        plain = dev.post("/v1/retirements", json=bad)
+        keyed_ = dev.post("/v1/retirements", json=bad, headers=keyed("bad-request"))
+        assert plain.status_code == keyed_.status_code == 400 and plain.json() == keyed_.json(), keyed_.text
+
+
 def test_two_idempotency_key_headers_are_refused(world, run) -> None:
     server, w = world
     with w.as_("DEV") as dev:
@@ -220,6 +230,40 @@ def test_an_offset_retried_after_its_purchase_retires_what_was_bought(world, run
     assert len(offsets) == 1 and offsets[0]["order_id"] == done["order_id"]
     assert Decimal(before["cash_available"]) - Decimal(after["cash_available"]) == Decimal(done["cost"])
     assert [r["quantity_kg"] for r in retirements(server, run, "BUY2") if r["request_key"] == "off-2"] == [2000]
+
+
+def test_a_retry_after_the_purchase_must_be_the_same_offset(world, run) -> None:
+    """Another cap (below what the purchase cost) or other tonnes under the key of a purchase that
+    was never retired: refused, nothing changed, and the original request still completes."""
+    server, w = world
+    with retirement_fails_once(server.exchange.service) as failed, w.as_("BUY2") as buy:
+        r = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-cap"))
+        assert r.status_code == 503 and failed, r.text
+        before = ok(buy.get("/v1/account")), len(retirements(server, run, "BUY2"))
+        for other in ({**OFFSET, "max_cash": "50.00"}, {**OFFSET, "quantity": "3.000"}):
+            again = buy.post("/v1/neutrality/offset", json=other, headers=keyed("off-cap"))
+            assert again.status_code == 422 and again.json()["code"] == "idempotency_key_reused", again.text
+        assert (ok(buy.get("/v1/account")), len(retirements(server, run, "BUY2"))) == before
+        ok(buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("off-cap")), 201)
+
+
+def test_an_order_named_like_an_offsets_that_bought_nothing_is_not_its_purchase(world, run) -> None:
+    """An order offset:K from before order entry reserved the prefix (an old journal replays it)
+    rests unfilled: an offset under K must not take it for its purchase and retire without buying."""
+    server, w = world
+    service = server.exchange.service
+    with w.as_("BUY") as buy:
+        ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "36.00", "quantity": "2.000"}), 201)
+        account = server.call(service.account("BUY"))
+        old = server.call(service.submit({"op": "place", "account": account, "symbol": SYMBOL, "side": E.BID,
+                                          "kind": E.LIMIT, "price": 3200, "qty": 2000, "tif": E.GTC,
+                                          "coid": "offset:legacy"}))
+        assert old.code is None, old
+        before = ok(buy.get("/v1/account")), len(retirements(server, run, "BUY"))
+        r = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("legacy"))
+        assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
+        assert (ok(buy.get("/v1/account")), len(retirements(server, run, "BUY"))) == before
+        ok(buy.delete(f"/v1/orders/{old.order_id}"))
 
 
 def test_an_offset_retried_after_its_purchase_on_the_next_day_retires_what_was_bought(world, run) -> None:
