@@ -57,6 +57,10 @@ def offered_within(service: ExchangeService, symbol: str, limit: int) -> int:
     return sum(q for p, q in service.core.engine.book(symbol).depth(E.ASK, 1 << 30) if p <= limit)
 
 
+def _reused(key: str) -> CarbonxError:
+    return CarbonxError("idempotency_key_reused", f"Idempotency-Key {key!r} was used for another request")
+
+
 async def _bought(service: ExchangeService, account_id: int, order_id: int) -> tuple[int, int]:
     """What an order of `account_id` bought (kg) and paid for it, fees included (fen), from the history."""
     await service.caught_up(orders=True)
@@ -86,8 +90,7 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
         earlier = service.core.coids.get(account_id, {}).get(coid)
         if found is not None:
             if earlier is None:  # a retirement under this key, but no offset's purchase
-                raise CarbonxError("idempotency_key_reused",
-                                   f"Idempotency-Key {request[0]!r} was used for another request")
+                raise _reused(request[0])
             return Offset(earlier[0], found.quantity_kg, (await _bought(service, account_id, earlier[0]))[1], found)
     if earlier is not None:
         # It is this request's purchase only if it bought these tonnes within this request's cap: a
@@ -95,7 +98,7 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
         # the prefix may rest unfilled at any price.
         kg, paid = await _bought(service, account_id, earlier[0])
         if kg != quantity_kg or paid > max_cash_fen:
-            raise CarbonxError("idempotency_key_reused", f"Idempotency-Key {request[0]!r} was used for another request")
+            raise _reused(request[0])
     # An earlier try's purchase is asked for again at the price it was placed at: the band, and so
     # best_limit, may have moved since (a day's roll), and the core knows a repeat by its terms.
     limit = earlier[4] if earlier is not None else best_limit(service, symbol, quantity_kg, max_cash_fen)
@@ -107,7 +110,7 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
              "price": limit, "qty": quantity_kg, "tif": E.FOK}
     out = await service.submit(place if coid is None else {**place, "coid": coid})
     if out.code == "duplicate_client_order_id":  # the key's purchase was another
-        raise CarbonxError("idempotency_key_reused", f"Idempotency-Key {request[0]!r} was used for another request")
+        raise _reused(request[0])
     if out.code == "fok_not_fillable":
         have = offered_within(service, symbol, limit)
         raise CarbonxError("offset_not_filled",

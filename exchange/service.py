@@ -62,6 +62,8 @@ def adjustment_summary(seq: int | None, cash: list, credits: list, codes: dict[i
     named = ", ".join(items[:SUMMARY_ITEMS]) + (f" and {more} more" if more > 0 else "")
     return (f"carbonx exchange: took in changes made in the database while the service was not running "
             f"(journal entry {seq}): {named}")
+
+
 Entry = tuple[int, int, dict, list, history.Folded]
 
 SERVICE_LOCK_KEY = 0x0CA2B1  # pg advisory lock held by the running service for its whole life
