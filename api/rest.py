@@ -123,12 +123,18 @@ def created(body: Any, replayed: bool) -> JSONResponse:
     return JSON(body, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
-def link_next(request: Request, response: Response, cursor: str) -> None:
-    """RFC 8288 rel="next": this request again with before= the cursor, as an absolute URL (as
-    GitHub sends it: clients such as requests' `response.links` follow it as it is), built from
-    the request's own URL, so it names this server as the client reached it."""
-    query = [(k, v) for k, v in request.query_params.multi_items() if k != "before"] + [("before", cursor)]
+def page_of(request: Request, response: Response, rows: list, limit: int, cursor: Callable[[Any], str]) -> list:
+    """The first `limit` of `rows`, which were read as `limit` + 1: a next page exists exactly when
+    the one more came back. Then the answer carries RFC 8288 rel="next": this request again with
+    before= the cursor of the page's last entry, as an absolute URL (as GitHub sends it: clients
+    such as requests' `response.links` follow it as it is), built from the request's own URL, so
+    it names this server as the client reached it."""
+    if len(rows) <= limit:
+        return rows
+    rows = rows[:limit]
+    query = [(k, v) for k, v in request.query_params.multi_items() if k != "before"] + [("before", cursor(rows[-1]))]
     response.headers["Link"] = f'<{request.url.replace(query=urlencode(query))}>; rel="next"'
+    return rows
 
 
 def problem_response(code: str, detail: str, status: int | None = None) -> Response:
@@ -357,13 +363,7 @@ def create_app(ctx: Context) -> FastAPI:
             f"""SELECT r.id, r.certificate_code, a.code AS account, r.beneficiary, r.purpose, r.quantity_kg,
                        r.created_at FROM retirements r JOIN accounts a ON a.id = r.account_id
                 WHERE {where} ORDER BY r.id DESC LIMIT {int(limit)}""", *args)
-        serials: dict[int, list[str]] = {r["id"]: [] for r in rows}
-        for x in await conn.fetch(  # every listed retirement's ranges at once, not a query each
-                """SELECT b.retirement_id, p.scheme, p.code, i.vintage, lower(b.serials) AS lo, upper(b.serials) AS hi
-                   FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
-                   WHERE b.retirement_id = ANY($1::bigint[]) ORDER BY b.retirement_id, i.id, lower(b.serials)""",
-                list(serials)):
-            serials[x["retirement_id"]].append(format_serial(x["scheme"], x["code"], x["vintage"], x["lo"], x["hi"]))
+        serials = await registry.retired_serials(conn, [r["id"] for r in rows])
         return [{"id": str(r["id"]), "certificate_code": r["certificate_code"], "account": r["account"],
                  "beneficiary": r["beneficiary"], "purpose": r["purpose"], "quantity": format_tonnes(r["quantity_kg"]),
                  "time": iso_datetime(r["created_at"]), "serials": serials[r["id"]]} for r in rows]
@@ -378,18 +378,13 @@ def create_app(ctx: Context) -> FastAPI:
                               description="only retirements with a smaller id (older): the next page's cursor, "
                                           "as the Link header of the previous page gives it")] = None) -> Any:
         async def q(conn: asyncpg.Connection) -> Any:
-            # One more than the page: a next page exists exactly when it comes back.
             return await retirement_views(
                 conn, """($1::text IS NULL OR a.code = $1) AND ($2::text IS NULL OR EXISTS (
                            SELECT 1 FROM blocks b JOIN issuances i ON i.id = b.issuance_id
                            JOIN projects p ON p.id = i.project_id WHERE b.retirement_id = r.id AND p.code = $2))
                          AND ($3::bigint IS NULL OR r.id < $3)""",
                 account, project, before, limit=limit + 1)
-        page = await db(q)
-        if len(page) > limit:
-            page = page[:limit]
-            link_next(request, response, page[-1]["id"])
-        return page
+        return page_of(request, response, await db(q), limit, lambda r: r["id"])
 
     async def certificate_data(code: str) -> dict[str, Any]:
         return await db(lambda conn: registry.retirement_by_code(conn, code))
@@ -461,16 +456,13 @@ def create_app(ctx: Context) -> FastAPI:
             instrument(symbol)  # as DELETE /v1/orders?symbol= does
         await service.caught_up(orders=True)
         async with service.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-            # One more than the page: a next page exists exactly when it comes back.
             rows = await conn.fetch(
                 """SELECT * FROM orders WHERE account_id = $1 AND ($2 OR status IN ('new', 'partially_filled'))
                      AND ($3::text IS NULL OR symbol = $3) AND ($5::bigint IS NULL OR order_id < $5)
                    ORDER BY order_id DESC LIMIT $4""",
                 who.id, status == "all", symbol, limit + 1, before)
-            rows, more = rows[:limit], len(rows) > limit
+            rows = page_of(request, response, rows, limit, lambda r: str(r["order_id"]))
             fills = await fills_of(conn, who.id, [r["order_id"] for r in rows])
-        if more:
-            link_next(request, response, str(rows[-1]["order_id"]))
         return [order_view(order_from_row(r), fills.get(r["order_id"], [])) for r in rows]
 
     async def fills_of(conn: asyncpg.Connection, account: int, order_ids: list[int]) -> dict[int, list[Fill]]:
@@ -529,11 +521,9 @@ def create_app(ctx: Context) -> FastAPI:
                                                       f"got {before[:60]!r}")
         if order_id is not None and not await trading.owns(who.id, order_id):
             raise CarbonxError("not_found", f"no order {order_id}")  # as GET /v1/orders/{order_id}
-        page = await trading.fills(who.id, order_id=order_id, symbol=symbol, limit=limit + 1, before=cursor)
-        if len(page) > limit:
-            page = page[:limit]
-            last = page[-1]
-            link_next(request, response, str(M.FillCursor(last.seq, last.symbol, last.trade_id, SIDE[last.side])))
+        page = page_of(request, response,
+                       await trading.fills(who.id, order_id=order_id, symbol=symbol, limit=limit + 1, before=cursor),
+                       limit, lambda f: str(M.FillCursor(f.seq, f.symbol, f.trade_id, SIDE[f.side])))
         return [fill_view(f) for f in page]
 
     @app.get("/v1/account", response_model=M.AccountView, responses=MEMBER, tags=["account"])

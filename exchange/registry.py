@@ -668,13 +668,21 @@ async def retirement_by_request(conn: asyncpg.Connection, account_id: int, key: 
            FROM retirements WHERE account_id = $1 AND request_key = $2""", account_id, key)
     if row is None:
         return None
-    ranges = await conn.fetch(
-        """SELECT p.scheme, p.code, i.vintage, lower(b.serials) AS lo, upper(b.serials) AS hi
-           FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
-           WHERE b.retirement_id = $1 ORDER BY i.id, lower(b.serials)""", row["id"])
-    serials = tuple(format_serial(r["scheme"], r["code"], r["vintage"], r["lo"], r["hi"]) for r in ranges)
+    serials = tuple((await retired_serials(conn, [row["id"]]))[row["id"]])
     return (Retirement(row["id"], row["account_id"], row["quantity_kg"], row["beneficiary"], row["purpose"],
                        row["certificate_code"], serials, replayed=True), bytes(row["request_hash"]))
+
+
+async def retired_serials(conn: asyncpg.Connection, retirement_ids: list[int]) -> dict[int, list[str]]:
+    """Each retirement's serial ranges as text, by issuance then serial, in one query."""
+    out: dict[int, list[str]] = {i: [] for i in retirement_ids}
+    for r in await conn.fetch(
+            """SELECT b.retirement_id, p.scheme, p.code, i.vintage, lower(b.serials) AS lo, upper(b.serials) AS hi
+               FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
+               WHERE b.retirement_id = ANY($1::bigint[]) ORDER BY b.retirement_id, i.id, lower(b.serials)""",
+            retirement_ids):
+        out[r["retirement_id"]].append(format_serial(r["scheme"], r["code"], r["vintage"], r["lo"], r["hi"]))
+    return out
 
 
 async def _by_serial(conn: asyncpg.Connection, serial: str, allowed: frozenset[str], to_state: str,
