@@ -667,13 +667,16 @@ def create_app(ctx: Context) -> FastAPI:
             return await project_view(conn, p, False)
         return JSON(await db(q), status_code=201)
 
-    @app.post("/v1/registry/issuances", status_code=201, response_model=M.IssuanceView, responses=MEMBER,
-              tags=["operator"])
+    @app.post("/v1/registry/issuances", status_code=201, response_model=M.IssuanceView, tags=["operator"],
+              responses={**MEMBER, 200: {"model": M.IssuanceView, "description": "a repeat: the issuance made "
+                                          "earlier with this reference (nothing issued)", "headers": REPLAYED}})
     async def issue(req: M.IssuanceRequest, _: Operator) -> Any:
         kg = _units(parse_tonnes, req.quantity, "quantity")
         iss = await service.issue(project=req.project, vintage=req.vintage, quantity_kg=kg, to_account=req.to_account,
                                   reference=req.reference)
-        return JSON(await issuance(iss.id), status_code=201)
+        # A repeat answers as a repeated payment does: 200 and what was made the first time.
+        return JSON(await issuance(iss.id), status_code=200 if iss.repeated else 201,
+                    headers={"Idempotent-Replayed": "true"} if iss.repeated else None)
 
     async def serial_action(req: M.SerialRequest, fn: Callable[..., Awaitable[registry.MovementResult]]) -> Any:
         res = await fn(serial=req.serial, reason=req.reason)

@@ -433,6 +433,7 @@ class Issuance:
     lo: int
     hi: int
     issued_to_account_id: int
+    repeated: bool = False  # an earlier issuance with the same reference, not made by this call
 
     @property
     def quantity(self) -> int:
@@ -497,7 +498,9 @@ async def issue(
     """Issue `quantity_kg` of a project vintage after verification: new serials, one block, one transfer.
 
     Serials continue after the vintage's last issuance. The credits go to the project's developer
-    unless `to_account` says otherwise.
+    unless `to_account` says otherwise. A `reference` (the verification's, say) makes it safe to
+    repeat: the vintage's issuance with that reference is returned (`repeated`) if it is the same
+    issuance, and `duplicate_reference` refused if it is another; nothing is issued twice.
     """
     if not isinstance(quantity_kg, int) or quantity_kg <= 0:
         raise CarbonxError("invalid_quantity", f"quantity must be positive, got {quantity_kg!r} kg")
@@ -509,8 +512,21 @@ async def issue(
             raise CarbonxError("project_not_active", f"project {project} is {proj.status}; it cannot issue")
         holder = await get_account(conn, to_account) if to_account else None
         holder_id = holder.id if holder else proj.developer_account_id
-        # Lock the project row so two issuances of one vintage cannot pick the same serials.
+        # Lock the project row so two issuances of one vintage cannot pick the same serials (nor
+        # two repeats of one reference both issue).
         await conn.execute("SELECT 1 FROM projects WHERE id = $1 FOR NO KEY UPDATE", proj.id)
+        if reference:
+            done = await conn.fetchrow(
+                """SELECT id, lower(serials) AS lo, upper(serials) AS hi, issued_to_account_id FROM issuances
+                   WHERE project_id = $1 AND vintage = $2 AND reference = $3 ORDER BY id LIMIT 1""",
+                proj.id, vintage, reference)
+            if done is not None:
+                if (done["hi"] - done["lo"], done["issued_to_account_id"]) != (quantity_kg, holder_id):
+                    raise CarbonxError("duplicate_reference",
+                                       f"reference {reference!r} of {project} {vintage} is issuance {done['id']} "
+                                       f"({done['hi'] - done['lo']} kg), not this one")
+                return Issuance(done["id"], proj.id, proj.code, proj.scheme, vintage, done["lo"], done["hi"],
+                                holder_id, repeated=True)
         lo = await conn.fetchval(
             "SELECT coalesce(max(upper(serials)), 1) FROM issuances WHERE project_id = $1 AND vintage = $2",
             proj.id, vintage,

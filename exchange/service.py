@@ -355,6 +355,8 @@ class ExchangeService:
             async with self._pool.acquire() as conn:
                 iss = await registry.issue(conn, project=project, vintage=vintage, quantity_kg=quantity_kg,
                                            to_account=to_account, reference=reference)
+            if iss.repeated:  # issued before, with this reference: nothing new to hold or to tell
+                return iss
             symbol = f"{iss.project_code}-{iss.vintage}"
             if symbol in self.core.listings:
                 await self._sequence({"op": "adjust", "credits": [[symbol, iss.issued_to_account_id, iss.quantity]],

@@ -288,3 +288,35 @@ def test_an_offset_retried_after_its_purchase_on_the_next_day_retires_what_was_b
         service.clock = clock
     assert len(offsets) == 1 and offsets[0]["order_id"] == done.json()["order_id"]
     assert [r["quantity_kg"] for r in retirements(server, run, "BUY2") if r["request_key"] == "off-day"] == [2000]
+
+
+def test_an_issuance_repeated_with_its_reference_issues_once(world, run) -> None:
+    """Over-issuing is the registry's worst error: an operator's retry with the same reference
+    gets the first issuance (200, as a repeated payment), another issuance under it is refused."""
+    server, w = world
+    project, vintage = SYMBOL.rsplit("-", 1)
+    body = {"project": project, "vintage": int(vintage), "quantity": "50.000", "reference": "VR-2026-0042"}
+
+    def issued() -> list[asyncpg.Record]:
+        return q(server, run, """SELECT i.id, upper(i.serials) - lower(i.serials) AS kg FROM issuances i
+                                 JOIN projects p ON p.id = i.project_id WHERE p.code = $1 ORDER BY i.id""", project)
+
+    with w.as_("OPS") as ops, w.as_("DEV") as dev:
+        held = ok(dev.get("/v1/account"))
+        first = ops.post("/v1/registry/issuances", json=body)
+        assert first.status_code == 201 and "idempotent-replayed" not in first.headers, first.text
+        count = len(issued())
+        again = ops.post("/v1/registry/issuances", json={**body, "quantity": "50"})
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
+        assert again.json() == first.json()
+        for other in ({**body, "quantity": "51.000"}, {**body, "to_account": "BUY"}):
+            r = ops.post("/v1/registry/issuances", json=other)
+            assert r.status_code == 409 and r.json()["code"] == "duplicate_reference", r.text
+        assert len(issued()) == count
+        now = ok(dev.get("/v1/account"))
+        was = {h["symbol"]: Decimal(h["available"]) for h in held["holdings"]}[SYMBOL]
+        assert {h["symbol"]: Decimal(h["available"]) for h in now["holdings"]}[SYMBOL] == was + 50
+        # Without a reference every issuance is made, as before.
+        for _ in range(2):
+            ok(ops.post("/v1/registry/issuances", json={**body, "reference": ""}), 201)
+        assert len(issued()) == count + 2

@@ -75,7 +75,8 @@ def issue(
     async def body(conn: asyncpg.Connection) -> None:
         i = await reg.issue(conn, project=project, vintage=vintage, quantity_kg=kg, to_account=to,
                             reference=reference)
-        typer.echo(f"issuance {i.id}: {show_tonnes(i.quantity)} as {i.serial}")
+        again = " (issued before with this reference: nothing new)" if i.repeated else ""
+        typer.echo(f"issuance {i.id}: {show_tonnes(i.quantity)} as {i.serial}{again}")
 
     run_db(data_dir, body, member_assets=True)
 
