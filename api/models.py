@@ -273,6 +273,10 @@ class IssuanceView(BaseModel):
     blocks: list[Block]
 
 
+class IssuanceResult(IssuanceView):
+    replayed: bool = Field(description="true: issued earlier under this reference, nothing new (status 200)")
+
+
 class Movement(BaseModel):
     serial: str
     quantity: Decimal

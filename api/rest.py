@@ -667,15 +667,19 @@ def create_app(ctx: Context) -> FastAPI:
             return await project_view(conn, p, False)
         return JSON(await db(q), status_code=201)
 
-    @app.post("/v1/registry/issuances", status_code=201, response_model=M.IssuanceView, tags=["operator"],
-              responses={**MEMBER, 200: {"model": M.IssuanceView, "description": "a repeat: the issuance made "
-                                          "earlier with this reference (nothing issued)", "headers": REPLAYED}})
+    @app.post("/v1/registry/issuances", status_code=201, response_model=M.IssuanceResult, tags=["operator"],
+              responses={**MEMBER, 200: {"model": M.IssuanceResult, "description": "a repeat: the issuance made "
+                                          "earlier with this reference (nothing issued)", "headers": {
+                                              "Idempotent-Replayed": {**REPLAYED["Idempotent-Replayed"],
+                                                                      "description": "true: this project vintage was "
+                                                                      "issued earlier under this reference; nothing "
+                                                                      "new"}}}})
     async def issue(req: M.IssuanceRequest, _: Operator) -> Any:
         kg = _units(parse_tonnes, req.quantity, "quantity")
         iss = await service.issue(project=req.project, vintage=req.vintage, quantity_kg=kg, to_account=req.to_account,
                                   reference=req.reference)
-        # A repeat answers as a repeated payment does: 200 and what was made the first time.
-        return JSON(await issuance(iss.id), status_code=200 if iss.repeated else 201,
+        # A repeat answers as a repeated payment does: 200, what was made the first time, and says so.
+        return JSON(await issuance(iss.id) | {"replayed": iss.repeated}, status_code=200 if iss.repeated else 201,
                     headers={"Idempotent-Replayed": "true"} if iss.repeated else None)
 
     async def serial_action(req: M.SerialRequest, fn: Callable[..., Awaitable[registry.MovementResult]]) -> Any:

@@ -32,6 +32,7 @@ from exchange.blockplan import (
 )
 from exchange.errors import CarbonxError
 from exchange.serials import SerialRange, format_serial, parse_serial
+from matching.units import format_tonnes
 
 METHODOLOGIES = (
     "forest_carbon_sink", "grassland_carbon_sink", "wetland_carbon_sink", "energy_substitution",
@@ -506,10 +507,9 @@ async def issue(
         raise CarbonxError("invalid_quantity", f"quantity must be positive, got {quantity_kg!r} kg")
     if not isinstance(vintage, int) or not 1990 <= vintage <= 2100:
         raise CarbonxError("invalid_vintage", f"vintage must be a year between 1990 and 2100, got {vintage!r}")
+    reference = (reference or "").strip()  # "VR-1 " is VR-1, and only spaces is no reference
     async with conn.transaction():
         proj = await get_project(conn, project)
-        if proj.status != "active":
-            raise CarbonxError("project_not_active", f"project {project} is {proj.status}; it cannot issue")
         holder = await get_account(conn, to_account) if to_account else None
         holder_id = holder.id if holder else proj.developer_account_id
         # Lock the project row so two issuances of one vintage cannot pick the same serials (nor
@@ -522,11 +522,17 @@ async def issue(
                 proj.id, vintage, reference)
             if done is not None:
                 if (done["hi"] - done["lo"], done["issued_to_account_id"]) != (quantity_kg, holder_id):
+                    to = await conn.fetchval("SELECT code FROM accounts WHERE id = $1", done["issued_to_account_id"])
                     raise CarbonxError("duplicate_reference",
                                        f"reference {reference!r} of {project} {vintage} is issuance {done['id']} "
-                                       f"({done['hi'] - done['lo']} kg), not this one")
+                                       f"({format_tonnes(done['hi'] - done['lo'])} t to {to}), not this one")
                 return Issuance(done["id"], proj.id, proj.code, proj.scheme, vintage, done["lo"], done["hi"],
                                 holder_id, repeated=True)
+        # After the repeat's look-up (a repeat answers even once the project stopped issuing) and
+        # under the project's lock (read where no status change can pass it).
+        proj = await get_project(conn, project)
+        if proj.status != "active":
+            raise CarbonxError("project_not_active", f"project {project} is {proj.status}; it cannot issue")
         lo = await conn.fetchval(
             "SELECT coalesce(max(upper(serials)), 1) FROM issuances WHERE project_id = $1 AND vintage = $2",
             proj.id, vintage,

@@ -306,9 +306,10 @@ def test_an_issuance_repeated_with_its_reference_issues_once(world, run) -> None
         first = ops.post("/v1/registry/issuances", json=body)
         assert first.status_code == 201 and "idempotent-replayed" not in first.headers, first.text
         count = len(issued())
-        again = ops.post("/v1/registry/issuances", json={**body, "quantity": "50"})
+        # A repeat: "50" is 50.000 t, and a reference is read without its surrounding spaces.
+        again = ops.post("/v1/registry/issuances", json={**body, "quantity": "50", "reference": " VR-2026-0042 "})
         assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
-        assert again.json() == first.json()
+        assert first.json()["replayed"] is False and again.json() == first.json() | {"replayed": True}
         for other in ({**body, "quantity": "51.000"}, {**body, "to_account": "BUY"}):
             r = ops.post("/v1/registry/issuances", json=other)
             assert r.status_code == 409 and r.json()["code"] == "duplicate_reference", r.text
@@ -316,7 +317,17 @@ def test_an_issuance_repeated_with_its_reference_issues_once(world, run) -> None
         now = ok(dev.get("/v1/account"))
         was = {h["symbol"]: Decimal(h["available"]) for h in held["holdings"]}[SYMBOL]
         assert {h["symbol"]: Decimal(h["available"]) for h in now["holdings"]}[SYMBOL] == was + 50
-        # Without a reference every issuance is made, as before.
-        for _ in range(2):
-            ok(ops.post("/v1/registry/issuances", json={**body, "reference": ""}), 201)
+        # Without a reference (or only spaces) every issuance is made, as before.
+        for blank in ("", "   "):
+            ok(ops.post("/v1/registry/issuances", json={**body, "reference": blank}), 201)
+        assert len(issued()) == count + 2
+        # A repeat still answers once the project stopped issuing (the first answer may have been lost).
+        q(server, run, "UPDATE projects SET status = 'suspended' WHERE code = $1", project)
+        try:
+            r = ops.post("/v1/registry/issuances", json=body)
+            assert r.status_code == 200 and r.json()["id"] == first.json()["id"], r.text
+            r = ops.post("/v1/registry/issuances", json={**body, "reference": "VR-2026-0043"})
+            assert r.status_code == 400 and r.json()["code"] == "project_not_active", r.text
+        finally:
+            q(server, run, "UPDATE projects SET status = 'active' WHERE code = $1", project)
         assert len(issued()) == count + 2
