@@ -314,9 +314,12 @@ class ExchangeService:
 
     async def list_instrument(self, symbol: str, listing: dict | None = None) -> Outcome:
         """List a project vintage; the members' available credits of it come from the registry."""
-        holdings = await self._registry_available(symbol) if symbol not in self.core.listings else {}
-        return await self.submit({"op": "list", "symbol": symbol, "rules": listing or {},
-                                  "holdings": sorted([a, kg] for a, kg in holdings.items() if kg > 0)})
+        # Under the registry lock: an issuance (or retirement, freeze, cancel) between the read and
+        # the listing would see the symbol unlisted and leave the core without its change.
+        async with self._registry_lock:
+            holdings = await self._registry_available(symbol) if symbol not in self.core.listings else {}
+            return await self.submit({"op": "list", "symbol": symbol, "rules": listing or {},
+                                      "holdings": sorted([a, kg] for a, kg in holdings.items() if kg > 0)})
 
     async def account(self, code: str) -> int:
         """The id of a member account that may trade and hold cash (not a system account)."""

@@ -17,6 +17,7 @@ from exchange import journal, ledger, projector, registry
 from exchange.errors import CarbonxError
 from exchange.service import SERVICE_LOCK_KEY, SUMMARY_ITEMS, ExchangeService, adjustment_summary, refuse_while_serving
 from matching import events as E
+from matching.core import P_AVAILABLE
 from matching.engine import local_ts
 from tests.registry_helpers import cover_violations, fingerprint, world
 
@@ -246,6 +247,36 @@ def test_changes_made_while_stopped_are_journaled_at_start(db, run, caplog):
         finally:
             await again.stop()
             await conn.close()
+
+    run(main())
+
+
+def test_an_issuance_during_a_listing_reaches_the_core(db, run):
+    """A listing reads the vintage's holdings from the registry and then lists: an issuance
+    landing between the two saw the symbol unlisted and left the core short of it."""
+    async def main():
+        conn = await asyncpg.connect(db)
+        await world(conn)
+        await conn.close()
+        svc = await _started(db)
+        try:
+            await svc.issue(project="FOREST", vintage=2019, quantity_kg=5_000)
+            read = svc._registry_available
+
+            async def slow(symbol: str) -> dict[int, int]:
+                got = await read(symbol)
+                await asyncio.sleep(0.3)  # the issuance below tries to land here
+                return got
+
+            svc._registry_available = slow
+            listing = asyncio.create_task(svc.list_instrument("FOREST-2019", LISTING))
+            await asyncio.sleep(0.1)
+            await svc.issue(project="FOREST", vintage=2019, quantity_kg=2_000)
+            assert (await listing).accepted
+            assert svc.core.credits["FOREST-2019"][await svc.account("DEV")][P_AVAILABLE] == 7_000
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
 
     run(main())
 
