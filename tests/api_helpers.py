@@ -90,6 +90,17 @@ def own_server(pg_server: str, template_db: str, run: Callable[[Any], Any], labe
         run(drop_database(pg_server, name))
 
 
+def db_rows(run: Callable[[Any], Any], dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """`sql`'s rows, read on a connection of its own (what a test checks behind the API's back)."""
+    async def fetch() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+    return run(fetch())
+
+
 async def operator_key(dsn: str, code: str = "OPS") -> str:
     """The operator account and its key, made directly in the database (bootstrap)."""
     conn = await asyncpg.connect(dsn)

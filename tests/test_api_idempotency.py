@@ -17,7 +17,7 @@ import pytest
 from exchange.errors import CarbonxError
 from exchange.service import now_us
 from matching import events as E
-from tests.api_helpers import SYMBOL, ServerThread, World, build_world, ok, own_server
+from tests.api_helpers import SYMBOL, ServerThread, World, build_world, db_rows, ok, own_server
 
 RETIRE = {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "Green tech conference 2026",
           "purpose": "Carbon neutrality of a one-day conference"}
@@ -37,13 +37,7 @@ def world(pg_server: str, template_db: str, run) -> Iterator[tuple[ServerThread,
 
 
 def q(server: ServerThread, run: Any, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async def go() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(server.dsn)
-        try:
-            return await conn.fetch(sql, *args)
-        finally:
-            await conn.close()
-    return run(go())
+    return db_rows(run, server.dsn, sql, *args)
 
 
 def retirements(server: ServerThread, run: Any, code: str) -> list[asyncpg.Record]:

@@ -32,7 +32,7 @@ from schemathesis.checks import (
 
 from api.orders import ORDER_FILLS
 from tests.api_clients import add_listing
-from tests.api_helpers import SYMBOL, ServerThread, World, build_world, client, ok, own_server
+from tests.api_helpers import SYMBOL, ServerThread, World, build_world, client, db_rows, ok, own_server
 
 LINK = re.compile(r'<([^>]+)>; rel="next"')
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
@@ -55,13 +55,7 @@ class Traded:
         self.run = run
 
     def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        async def q() -> list[asyncpg.Record]:
-            conn = await asyncpg.connect(self.dsn)
-            try:
-                return await conn.fetch(sql, *args)
-            finally:
-                await conn.close()
-        return self.run(q())
+        return db_rows(self.run, self.dsn, sql, *args)
 
     def db_fills(self, code: str, symbol: str | None = None, order_id: str | None = None) -> list[tuple]:
         """The account's fills as the fills table has them, newest first by (seq, symbol,
