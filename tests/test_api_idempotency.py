@@ -4,7 +4,9 @@ server on loopback, with the database read to prove what was (not) done."""
 
 from __future__ import annotations
 
+import os
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -14,10 +16,11 @@ import asyncpg
 import httpx
 import pytest
 
+from exchange.database import drop_database, ensure_database, with_database
 from exchange.errors import CarbonxError
 from exchange.service import now_us
 from matching import events as E
-from tests.api_helpers import SYMBOL, ServerThread, World, build_world, db_rows, ok, own_server
+from tests.api_helpers import SYMBOL, ServerThread, World, build_world, client, db_rows, ok, operator_key, own_server
 
 RETIRE = {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "Green tech conference 2026",
           "purpose": "Carbon neutrality of a one-day conference"}
@@ -325,3 +328,41 @@ def test_an_issuance_repeated_with_its_reference_issues_once(world, run) -> None
         finally:
             q(server, run, "UPDATE projects SET status = 'active' WHERE code = $1", project)
         assert len(issued()) == count + 2
+
+
+@pytest.mark.parametrize("snapshot", [True, False], ids=["from-snapshot", "journal-only"])
+def test_an_offset_retried_after_a_restart_between_purchase_and_retirement(pg_server, template_db, run,
+                                                                          snapshot: bool) -> None:
+    """The exchange stops between an offset's purchase and its retirement and starts again (from
+    its snapshot, or replaying the whole journal): the core still knows the purchase's name, and
+    the retry retires what was bought, once."""
+    name = f"cx_idem_restart_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    assert run(ensure_database(pg_server, name, template=template_db))
+    dsn = with_database(pg_server, name)
+    try:
+        server = ServerThread(dsn).start()
+        try:
+            w = build_world(server.http, run(operator_key(dsn)))
+            with w.as_("DEV") as dev:
+                for _ in range(3):
+                    ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00",
+                                                    "quantity": "1.000"}), 201)
+            with retirement_fails_once(server.exchange.service), w.as_("BUY") as buy:
+                r = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("restart"))
+                assert r.status_code == 503, r.text
+            if not snapshot:
+                server.call(server.exchange.service.stop(snapshot=False))
+        finally:
+            server.stop()
+        with ServerThread(dsn) as server, client(server.http, w.keys["BUY"]) as buy:
+            done = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("restart"))
+            assert done.status_code == 201 and "idempotent-replayed" not in done.headers, done.text
+            again = buy.post("/v1/neutrality/offset", json=OFFSET, headers=keyed("restart"))
+            assert again.headers["idempotent-replayed"] == "true" and again.content == done.content
+            bought = [o for o in ok(buy.get("/v1/orders", params={"status": "all"}))
+                      if o["client_order_id"] == "offset:restart"]
+        assert [o["order_id"] for o in bought] == [done.json()["order_id"]]
+        assert [r["quantity_kg"] for r in db_rows(run, dsn, "SELECT quantity_kg FROM retirements "
+                                                           "WHERE request_key = 'restart'")] == [2000]
+    finally:
+        run(drop_database(pg_server, name))
