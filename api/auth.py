@@ -8,6 +8,7 @@ client address, shared by REST and the websocket; a request over either gets ``r
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -61,6 +62,25 @@ class RateLimiter:
         b.tokens -= 1
         return True
 
+    def retry_after(self, key: str) -> int:
+        """Whole seconds until `key` has a request again (after `take` refused it; at least 1,
+        as HTTP's Retry-After counts)."""
+        b = self.buckets.get(key)
+        return max(1, math.ceil((1 - b.tokens) / self.rate)) if b is not None else 1
+
+
+class RateLimited(CarbonxError):
+    """`rate_limited`, with the seconds until the caller may ask again (the Retry-After header)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__("rate_limited", message)
+        self.retry_after = retry_after
+
+
+def error_headers(e: CarbonxError) -> dict[str, str] | None:
+    """The headers a refusal's answer carries besides its problem body."""
+    return {"Retry-After": str(e.retry_after)} if isinstance(e, RateLimited) else None
+
 
 class Gate:
     """Authentication and rate limits for one server."""
@@ -75,9 +95,10 @@ class Gate:
     def admit(self, address: str | None, key: str | None = None) -> None:
         """Raise `rate_limited` when the address or the key is over its rate."""
         if address is not None and not self.by_address.take(address):
-            raise CarbonxError("rate_limited", f"too many requests from {address}; slow down")
+            raise RateLimited(f"too many requests from {address}; slow down",
+                              self.by_address.retry_after(address))
         if key is not None and not self.by_key.take(key[:16]):
-            raise CarbonxError("rate_limited", "too many requests with this API key; slow down")
+            raise RateLimited("too many requests with this API key; slow down", self.by_key.retry_after(key[:16]))
 
     def fresh_until(self, key: str) -> float:
         """When the gate's answer about `key` goes stale (time.monotonic): a connection that keeps

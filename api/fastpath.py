@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pydantic
 
-from api.auth import Gate, bearer
+from api.auth import Gate, bearer, error_headers
 from api.models import OrderRequest
 from api.orders import Trading
 from exchange.errors import CarbonxError
@@ -67,7 +67,7 @@ class FastOrders:
             self.gate.admit(None, bearer(headers[b"authorization"].decode("latin-1")))
             view = await self.trading.place(account.id, req)
         except CarbonxError as e:
-            response = self.problem(e.code, e.message)
+            response = self.problem(e.code, e.message, headers=error_headers(e))
         except Exception as e:  # as api/rest.py's handler of last resort does
             log.error("unhandled error", exc_info=e)
             response = self.problem("internal_error", type(e).__name__, 500)

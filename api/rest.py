@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import models as M
 from api import web
-from api.auth import Gate, Limits, bearer
+from api.auth import Gate, Limits, bearer, error_headers
 from api.fastpath import replay
 from api.orders import ORDER_FILLS, Trading, _units
 from api.wire import checksum, fill_view, http_status, iso, iso_datetime, levels, order_view, problem
@@ -74,9 +74,14 @@ class JSON(JSONResponse):
         return orjson.dumps(content)
 
 
+RETRY_AFTER = {"Retry-After": {"description": "whole seconds until the caller may ask again",
+                               "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"}}}
+
+
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": M.Problem, "content": {PROBLEM: {"schema": M.Problem.model_json_schema()}},
-                "description": "a problem (RFC 9457) with a stable code"} for c in codes}
+                "description": "a problem (RFC 9457) with a stable code",
+                **({"headers": RETRY_AFTER} if c == 429 else {})} for c in codes}
 
 
 COMMON = (400, 413, 429, 503)
@@ -137,9 +142,10 @@ def page_of(request: Request, response: Response, rows: list, limit: int, cursor
     return rows
 
 
-def problem_response(code: str, detail: str, status: int | None = None) -> Response:
+def problem_response(code: str, detail: str, status: int | None = None,
+                     headers: dict[str, str] | None = None) -> Response:
     body = problem(code, detail, status)
-    return Response(orjson.dumps(body), status_code=body["status"], media_type=PROBLEM)
+    return Response(orjson.dumps(body), status_code=body["status"], media_type=PROBLEM, headers=headers)
 
 
 def create_app(ctx: Context) -> FastAPI:
@@ -154,7 +160,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     @app.exception_handler(CarbonxError)
     async def _domain(_: Request, e: CarbonxError) -> Response:
-        return problem_response(e.code, e.message)
+        return problem_response(e.code, e.message, headers=error_headers(e))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> Response:
@@ -786,7 +792,7 @@ class Guard:
         try:
             self.gate.admit(client[0] if client else None)
         except CarbonxError as e:
-            await _send_problem(send, e.code, e.message)
+            await _send_problem(send, e.code, e.message, error_headers(e))
             return
         headers = scope.get("headers", ())
         length = next((v for k, v in headers if k == b"content-length"), None)
@@ -836,8 +842,9 @@ async def _too_large(send: Callable, limits: Limits) -> None:
     await _send_problem(send, "payload_too_large", f"request bodies are limited to {limits.max_body} bytes")
 
 
-async def _send_problem(send: Callable, code: str, detail: str) -> None:
+async def _send_problem(send: Callable, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
     body = orjson.dumps(problem(code, detail))
     await send({"type": "http.response.start", "status": http_status(code),
-                "headers": [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode()),
+                            *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items())]})
     await send({"type": "http.response.body", "body": body})

@@ -196,10 +196,27 @@ def test_rate_limited_per_api_key(db, run):
             answers = [buy.get("/v1/account") for _ in range(12)]
             codes = [r.status_code for r in answers]
             assert codes[:5] == [200] * 5 and 429 in codes, codes
-            problem(next(r for r in answers if r.status_code == 429), 429, "rate_limited")
+            refused = next(r for r in answers if r.status_code == 429)
+            problem(refused, 429, "rate_limited")
+            assert refused.headers["retry-after"] == "1"  # RFC 9110: when to ask again (5 a second here)
+            # The order path (api/fastpath.py) refuses the same way.
+            order = buy.post("/v1/orders", json=limit("buy", "30.00", "1.000"))
+            problem(order, 429, "rate_limited")
+            assert order.headers["retry-after"] == "1"
             ok(buy2.get("/v1/account"))  # another key has its own bucket
             time.sleep(1.2)
             ok(buy.get("/v1/account"))  # and the bucket refills
+
+
+def test_a_slow_address_is_told_when_to_retry(db, run):
+    """The per-address limit (api/rest.py's Guard, in front of every route) sends Retry-After too,
+    in whole seconds, counted from the bucket's refill rate."""
+    with ServerThread(db, limits=Limits(address_rate=0.25, address_burst=2)) as s, client(s.http) as anon:
+        answers = [anon.get("/v1/health") for _ in range(4)]
+        assert [r.status_code for r in answers[:2]] == [200, 200], answers
+        refused = answers[2]
+        problem(refused, 429, "rate_limited")
+        assert 1 <= int(refused.headers["retry-after"]) <= 4, refused.headers  # one request per 4 s
 
 
 # ---- 7. isolation between members; operator endpoints --------------------------------------------
