@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -32,7 +33,7 @@ from exchange import accounts as acc
 from exchange import certificates, neutrality, offsetting, registry
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
-from exchange.history import SIDE, Fill, fill_from_row, order_from_row
+from exchange.history import SIDE, Fill, fill_from_row, order_from_row, trade_from_row
 from exchange.marketdata import MarketData
 from exchange.serials import format_serial
 from exchange.service import ExchangeService
@@ -268,11 +269,26 @@ def create_app(ctx: Context) -> FastAPI:
                 "quantity": format_tonnes(t.qty), "taker_side": "buy" if t.taker_side == E.BID else "sell",
                 "time": iso(t.ts)}
 
-    @app.get("/v1/trades/{symbol}", response_model=list[M.TradeView], responses=PUBLIC, tags=["public"])
-    async def trades(symbol: Symbol, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Any:
+    @app.get("/v1/trades/{symbol}", response_model=list[M.TradeView], responses=paged("trades", PUBLIC),
+             tags=["public"])
+    async def trades(request: Request, response: Response, symbol: Symbol,
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                     before: Annotated[M.IdInput | None, Query(
+                         description="only trades with a smaller trade_id (older): the next page's cursor, as "
+                                     "the Link header of the previous page gives it")] = None) -> Any:
         instrument(symbol)
         tape = market.tapes[symbol]
-        return [trade_view(t) for t in list(tape)[-limit:][::-1]]
+        # Trade ids count from 1 per instrument: the tape answers a first page when it holds one
+        # more than the page, or every trade there is; older pages come from the history table.
+        if before is None and (len(tape) > limit or not tape or tape[0].trade_id == 1):
+            rows = list(islice(reversed(tape), limit + 1))
+        else:
+            await service.caught_up(orders=True)
+            rows = [trade_from_row(r) for r in await service.pool.fetch(
+                """SELECT symbol, trade_id, price_fen, qty_kg, taker_side, ts, seq FROM trades
+                   WHERE symbol = $1 AND ($2::bigint IS NULL OR trade_id < $2) ORDER BY trade_id DESC LIMIT $3""",
+                symbol, before, limit + 1)]
+        return [trade_view(t) for t in page_of(request, response, rows, limit, lambda t: str(t.trade_id))]
 
     @app.get("/v1/ticker/{symbol}", response_model=M.Ticker, responses=PUBLIC, tags=["public"])
     async def ticker(symbol: Symbol) -> Any:

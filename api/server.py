@@ -20,7 +20,7 @@ from api.feed import Feed
 from api.orders import Trading
 from api.rest import Context, Guard, create_app, problem_response
 from exchange import certificates, gcpolicy
-from exchange.history import Trade
+from exchange.history import Trade, trade_from_row
 from exchange.marketdata import TAPE, WINDOW_US, MarketData
 from exchange.service import ExchangeService, now_us
 
@@ -60,8 +60,7 @@ _RECENT_TRADES = """
 async def _recent_trades(service: ExchangeService, symbols: list[str]) -> list[Trade]:
     """The trades market data starts from, oldest first."""
     rows = await service.pool.fetch(_RECENT_TRADES, symbols, TAPE, now_us() - WINDOW_US)
-    return [Trade(r["symbol"], r["trade_id"], r["price_fen"], r["qty_kg"], 0 if r["taker_side"] == "buy" else 1,
-                  r["ts"], r["seq"]) for r in rows]
+    return [trade_from_row(r) for r in rows]
 
 
 class Exchange:

@@ -203,6 +203,11 @@ def order_from_row(r: asyncpg.Record) -> OrderState:
         updated_ts=r["updated_ts"])
 
 
+def trade_from_row(r: asyncpg.Record) -> Trade:
+    return Trade(r["symbol"], r["trade_id"], r["price_fen"], r["qty_kg"], SIDE.index(r["taker_side"]), r["ts"],
+                 r["seq"])
+
+
 def fill_from_row(r: asyncpg.Record) -> Fill:
     return Fill(r["symbol"], r["trade_id"], r["order_id"], r["account_id"], SIDE.index(r["side"]),
                 r["liquidity"] == "maker", r["price_fen"], r["qty_kg"], r["value_fen"], r["fee_fen"], r["ts"], r["seq"])

@@ -199,6 +199,30 @@ def test_walking_the_public_retirements_gives_each_once(traded: Traded) -> None:
         assert len(ok(r)) == len(db) and "link" not in r.headers
 
 
+def test_walking_the_public_trades_gives_each_once(traded: Traded) -> None:
+    """GET /v1/trades/{symbol} pages back to the first trade: the first page from the in-memory
+    tape, older ones from the history table; also when the tape holds fewer than the page (as
+    after a restart of an instrument with more trades than the tape keeps)."""
+    t = traded
+    db = [str(r["trade_id"]) for r in t.query("SELECT trade_id FROM trades WHERE symbol = $1 ORDER BY trade_id DESC",
+                                             SYMBOL)]
+    assert len(db) > 8 and db[-1] == "1"
+    with client(t.server.http) as anon:
+        for size in (1, 3, 7, len(db)):
+            pages = walk(anon, f"/v1/trades/{SYMBOL}", {"limit": size})
+            assert [x["trade_id"] for p in pages for x in p] == db, size
+        tape = t.server.exchange.market.tapes[SYMBOL]
+        kept = list(tape)
+        try:
+            while len(tape) > 2:
+                tape.popleft()
+            pages = walk(anon, f"/v1/trades/{SYMBOL}", {"limit": 5})
+            assert [x["trade_id"] for p in pages for x in p] == db
+        finally:
+            tape.clear()
+            tape.extend(kept)
+
+
 def test_a_page_that_is_full_but_last_has_no_link(traded: Traded) -> None:
     """The Link header means "there is more", not "this page is full"."""
     t = traded
