@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,22 @@ def own_server(pg_server: str, template_db: str, run: Callable[[Any], Any], labe
             yield server
     finally:
         run(drop_database(pg_server, name))
+
+
+def said_until_ready(stream: Any, what: str, timeout: float = 90) -> str:
+    """The lines a starting `carbonx serve` wrote to `stream` up to its `ready` (asserted)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if line.strip() == "ready":
+            break
+    said = "\n".join(lines)
+    assert lines and lines[-1] == "ready", f"{what} did not start:\n{said}"
+    return said
 
 
 def db_rows(run: Callable[[Any], Any], dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:

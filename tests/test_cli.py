@@ -92,31 +92,23 @@ def test_ctrl_c_stops_serve_cleanly_without_alarm(url_env):
     process takes its orders from the server (stop, or the end of its input), not from the
     terminal: the server stops cleanly and does not report its consumers as having died."""
     import signal
-    import time
+
+    from tests.api_helpers import said_until_ready
 
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CARBONX_DATA_DIR")}
     env.update(url_env)
     proc = subprocess.Popen([sys.executable, "-m", "api", "serve", "--http-port", "0", "--ws-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)  # a group of its own, as a shell gives a job
-    lines = []
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.strip() == "ready":
-                break
-        assert lines and lines[-1].strip() == "ready", "".join(lines)
+        said = said_until_ready(proc.stdout, "carbonx serve", timeout=60)
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    text = "".join(lines) + out
+    text = said + "\n" + out
     assert "stopped cleanly" in text, text
     assert "consumers process ended" not in text, text
     assert proc.returncode in (0, 130), (proc.returncode, text)

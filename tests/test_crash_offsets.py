@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api_helpers import SYMBOL, build_world, db_rows, ok, operator_key
+from tests.api_helpers import SYMBOL, build_world, db_rows, ok, operator_key, said_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 4
@@ -49,17 +49,7 @@ class Serve:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "api", "serve", "--data-dir", str(data_dir), "--http-port", "0", "--ws-port", "0"],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
-        lines: list[str] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line.rstrip())
-            if line.strip() == "ready":
-                break
-        said = "\n".join(lines)
-        assert lines and lines[-1] == "ready", f"carbonx serve did not start:\n{said}"
+        said = said_until_ready(self.proc.stderr, "carbonx serve")
         found = re.search(r"^REST +(http://\S+)/v1", said, re.M)
         assert found, said
         self.http = found.group(1)

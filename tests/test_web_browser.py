@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, operator_key
+from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, operator_key, said_until_ready
 
 CHROMIUM = os.environ.get("CARBONX_CHROMIUM", "/usr/bin/chromium")  # Debian's; another build for other systems
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -418,18 +418,8 @@ def test_served_demo_address_opens_a_moving_market(db, browser, tmp_path) -> Non
     proc = subprocess.Popen([sys.executable, "-m", "api", "serve", "--demo", "--data-dir", str(tmp_path),
                              "--http-port", "0", "--ws-port", "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, env=env, cwd=ROOT)
-    lines: list[str] = []
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line.rstrip())
-            if line.strip() == "ready":
-                break
-        said = "\n".join(lines)
-        assert lines and lines[-1] == "ready", f"carbonx serve --demo did not start:\n{said}"
+        said = said_until_ready(proc.stderr, "carbonx serve --demo")
         found = re.search(r"^open +(http://\S+/#key=(\S+))", said, re.M)
         assert found, f"no web address with a key in:\n{said}"
         rest = re.search(r"^REST +(http://\S+)/v1", said, re.M)
