@@ -55,7 +55,7 @@ class FillCursor:
 
 
 _CURSOR = re.compile(r"([1-9][0-9]{0,18})\.([1-9][0-9]{0,18})\.(buy|sell)\.(.{1,40})")
-CURSOR_PATTERN = r"^[1-9][0-9]{0,18}\.[1-9][0-9]{0,18}\.(buy|sell)\..{1,40}$"
+CURSOR_PATTERN = f"^{_CURSOR.pattern}$"  # the same rule, as /openapi.json states it
 
 
 def fill_cursor(text: str) -> FillCursor:
