@@ -62,19 +62,25 @@ class RateLimiter:
         b.tokens -= 1
         return True
 
-    def retry_after(self, key: str) -> int:
-        """Whole seconds until `key` has a request again (after `take` refused it; at least 1,
-        as HTTP's Retry-After counts)."""
+    def retry_after_ms(self, key: str) -> int:
+        """Milliseconds until `key` has a request again (after `take` refused it; at least 1)."""
         b = self.buckets.get(key)
-        return max(1, math.ceil((1 - b.tokens) / self.rate)) if b is not None else 1
+        return max(1, math.ceil((1 - b.tokens) * 1000 / self.rate)) if b is not None else 1
 
 
 class RateLimited(CarbonxError):
-    """`rate_limited`, with the seconds until the caller may ask again (the Retry-After header)."""
+    """`rate_limited`, with the time until the caller may ask again: whole seconds for HTTP's
+    Retry-After, milliseconds on the websocket, where a bucket refilling thousands of times a
+    second makes "1 s" a needlessly long wait."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after_ms: int) -> None:
         super().__init__("rate_limited", message)
-        self.retry_after = retry_after
+        self.retry_after_ms = retry_after_ms
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds, at least 1, as HTTP's Retry-After counts."""
+        return max(1, math.ceil(self.retry_after_ms / 1000))
 
 
 def error_headers(e: CarbonxError) -> dict[str, str] | None:
@@ -96,9 +102,9 @@ class Gate:
         """Raise `rate_limited` when the address or the key is over its rate."""
         if address is not None and not self.by_address.take(address):
             raise RateLimited(f"too many requests from {address}; slow down",
-                              self.by_address.retry_after(address))
+                              self.by_address.retry_after_ms(address))
         if key is not None and not self.by_key.take(key[:16]):
-            raise RateLimited("too many requests with this API key; slow down", self.by_key.retry_after(key[:16]))
+            raise RateLimited("too many requests with this API key; slow down", self.by_key.retry_after_ms(key[:16]))
 
     def fresh_until(self, key: str) -> float:
         """When the gate's answer about `key` goes stale (time.monotonic): a connection that keeps

@@ -31,7 +31,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from api import auth
-from api.auth import Gate
+from api.auth import Gate, RateLimited
 from api.models import AmendRequest, OrderRequest, id_input
 from api.orders import Trading
 from api.wire import checksum, fill_view, levels, order_view
@@ -304,6 +304,9 @@ class Feed:
                         self._order(client, msg["op"], ident, msg)
                     else:
                         await self._message(client, msg)
+                except RateLimited as e:
+                    self._send(client, {"type": "error", "id": ident, "code": e.code, "detail": e.message,
+                                        "retry_after_ms": e.retry_after_ms})
                 except CarbonxError as e:
                     self._error(client, ident, e.code, e.message)
         except ConnectionClosed:

@@ -392,6 +392,29 @@ def test_malformed_messages_get_errors_and_the_connection_stays(server):
         assert (pong["type"], pong["id"]) == ("pong", 9)
 
 
+def test_rate_limited_on_the_socket_says_when_to_retry(db):
+    """A message over the rate gets rate_limited with retry_after_ms, the wait until the bucket has
+    a request again (REST says it in Retry-After's whole seconds); after that wait a message is
+    answered again, and the connection stays."""
+    with ServerThread(db, limits=auth.Limits(address_rate=4, address_burst=3)) as s, \
+            connect(f"{s.ws}/v1/ws") as ws:
+        answers = []
+        for i in range(5):
+            ws.send(orjson.dumps({"op": "ping", "id": i}).decode())
+            answers.append(orjson.loads(ws.recv(5)))
+        assert [a["type"] for a in answers[:3]] == ["pong"] * 3, answers
+        refused = answers[3]
+        assert (refused["type"], refused["id"], refused["code"]) == ("error", 3, "rate_limited"), refused
+        # 4 a second: a request is due within 250 ms (less what refilled since the burst began)
+        assert 1 <= refused["retry_after_ms"] <= 250, refused
+        # the last answer's own wait; a full refill period if a slow machine let it through
+        wait = answers[4]["retry_after_ms"] if answers[4]["type"] == "error" else 250
+        time.sleep(wait / 1000 + 0.01)
+        ws.send(orjson.dumps({"op": "ping", "id": 9}).decode())
+        pong = orjson.loads(ws.recv(5))
+        assert (pong["type"], pong["id"]) == ("pong", 9), pong
+
+
 # ---- 6. one shared server: auth on the socket, private streams, subscriptions' bookkeeping ----------
 
 @pytest.fixture(scope="module")
