@@ -42,17 +42,18 @@ class Bucket:
 class RateLimiter:
     """Token buckets keyed by name; `take` says whether one more request fits."""
 
-    def __init__(self, rate: float, burst: float) -> None:
+    def __init__(self, rate: float, burst: float, max_buckets: int = 100_000) -> None:
         self.rate = rate
         self.burst = burst
+        self.max_buckets = max_buckets
         self.buckets: dict[str, Bucket] = {}
 
     def take(self, key: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         b = self.buckets.get(key)
         if b is None:
-            if len(self.buckets) > 100_000:  # forget idle callers rather than grow without bound
-                self.buckets = {k: v for k, v in self.buckets.items() if now - v.at < 60}
+            if len(self.buckets) >= self.max_buckets:
+                self._forget(now)
             b = self.buckets[key] = Bucket(self.burst, now)
         else:
             b.tokens = min(self.burst, b.tokens + (now - b.at) * self.rate)
@@ -61,6 +62,18 @@ class RateLimiter:
             return False
         b.tokens -= 1
         return True
+
+    def _forget(self, now: float) -> None:
+        """Make room: first the buckets that have refilled (forgetting one changes nothing: a new
+        caller starts full), then, if callers still crowd it (many addresses at once, as an IPv6
+        range can make), the least recently seen, down to half. Half, so that a crowd pays for a
+        sweep once per max_buckets/2 newcomers, not on every newcomer (a sweep that kept the
+        table full ran on each new address)."""
+        left = {k: v for k, v in self.buckets.items() if v.tokens + (now - v.at) * self.rate < self.burst}
+        if len(left) > self.max_buckets // 2:
+            recent = sorted(left.items(), key=lambda kv: kv[1].at)[len(left) - self.max_buckets // 2:]
+            left = dict(recent)
+        self.buckets = left
 
     def retry_after_ms(self, key: str) -> int:
         """Milliseconds until `key` has a request again (after `take` refused it; at least 1)."""
