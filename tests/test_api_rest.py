@@ -562,7 +562,8 @@ def test_unknown_symbol_filters_are_unknown_instruments(server):
 
 def test_listings_no_order_could_trade_under_are_refused(server):
     """A tick above the reference price (or above any price the book takes), a reference price off
-    the tick grid and a zero price band are refused with a 4xx problem, and list nothing."""
+    the tick grid, a zero price band and one narrower than a tick either way are refused with a
+    4xx problem, and list nothing."""
     build_world(server.http, server.ops_key)
     with client(server.http, server.ops_key) as ops, client(server.http) as anon:
         before = ok(anon.get("/v1/instruments"))
@@ -573,6 +574,8 @@ def test_listings_no_order_could_trade_under_are_refused(server):
             ({"tick": "0.05", "reference_price": "35.03"}, "invalid_rules"),
             ({"band_percent": "0"}, "invalid_request"),
             ({"band_percent": "0.00"}, "invalid_request"),
+            ({"band_percent": "0.02"}, "invalid_rules"),  # 35.00 +- 0.007: no tick but 35.00 itself
+            ({"band_percent": "0.10", "tick": "0.05"}, "invalid_rules"),  # +- 0.035, the tick 0.05
         ]):
             body = {"symbol": f"FOREST-{2040 + i}", "reference_price": "35.00", "always_open": True, **extra}
             problem(ops.post("/v1/instruments", json=body), 400, code)
@@ -580,6 +583,9 @@ def test_listings_no_order_could_trade_under_are_refused(server):
         fine = ok(ops.post("/v1/instruments", json={"symbol": "FOREST-2050", "tick": "0.05", "reference_price": "35.05",
                                                     "band_percent": "0.50", "always_open": True}), 201)
         assert (fine["tick"], fine["price_band"]) == ("0.05", {"low": "34.88", "high": "35.22"})
+        narrow = ok(ops.post("/v1/instruments", json={"symbol": "FOREST-2051", "reference_price": "35.00",
+                                                      "band_percent": "0.03", "always_open": True}), 201)
+        assert narrow["price_band"] == {"low": "34.99", "high": "35.01"}  # one tick either way is a band
 
 
 def test_repeated_payment_answers_with_the_original_payment(server):
