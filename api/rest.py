@@ -789,6 +789,13 @@ def listing_rules(req: M.ListingRequest) -> dict[str, Any]:
         if ref % tick:
             raise CarbonxError("invalid_rules", f"reference price {req.reference_price} is not on the tick grid "
                                                 f"of {req.tick}")
+        # A band asked for but narrower than a tick either way would fix the price at the reference:
+        # the operator asked for a band, and band_percent 0 (a fixed price) is refused above.
+        low, high = InstrumentRules(tick=tick, band_bp=rules["band_bp"], reference_price=ref).band()
+        if high < ref + tick and low > ref - tick:
+            raise CarbonxError("invalid_rules", f"a band of {req.band_percent} % around {req.reference_price} is "
+                                                f"narrower than one tick ({req.tick}) either way: only the "
+                                                "reference price could trade")
     return rules
 
 
@@ -851,13 +858,6 @@ async def _read_body(receive: Callable, limit: int) -> bytes | None:
             raise _TooLarge
         parts.append(part)
         if not msg.get("more_body"):
-        # A band asked for but narrower than a tick either way would fix the price at the reference:
-        # the operator asked for a band, and band_percent 0 (a fixed price) is refused above.
-        low, high = InstrumentRules(tick=tick, band_bp=rules["band_bp"], reference_price=ref).band()
-        if high < ref + tick and low > ref - tick:
-            raise CarbonxError("invalid_rules", f"a band of {req.band_percent} % around {req.reference_price} is "
-                                                f"narrower than one tick ({req.tick}) either way: only the "
-                                                "reference price could trade")
             return b"".join(parts)
 
 
