@@ -270,10 +270,12 @@ class ExchangeService:
             raise CarbonxError("unavailable", "the exchange service is not running") from self._failure
         core = self.core
         ts = max(self.clock(), core.ts)
-        if core.roll_due(ts):
-            self._journal(ROLL, core.apply(ROLL, ts), ts)
+        # Due expiries first: the core takes no other command while one is due, the close among
+        # them (and an expiry cannot change a close's price: it trades nothing).
         if core.expiry_due(ts):
-            self._journal(EXPIRE, core.apply(EXPIRE, ts), ts)
+            self._journal(EXPIRE, self._housekeeping(EXPIRE, ts), ts)
+        if core.roll_due(ts):
+            self._journal(ROLL, self._housekeeping(ROLL, ts), ts)
         out = core.apply(command, ts)
         if out.seq is not None:
             self._journal(command, out, ts)
@@ -282,6 +284,14 @@ class ExchangeService:
     async def _sequence(self, command: dict) -> Outcome:
         out, durable = self.apply(command)
         await durable
+        return out
+
+    def _housekeeping(self, command: dict, ts: int) -> Outcome:
+        """Apply an expiry or a day's close the core has said is due; a refusal would be a bug,
+        and must not reach the journal as an entry without a sequence number."""
+        out = self.core.apply(command, ts)
+        if out.seq is None:
+            raise AssertionError(f"the core refused its due {command['op']}: {out.code} {out.detail}")
         return out
 
     def _journal(self, command: dict, out: Outcome, ts: int) -> None:

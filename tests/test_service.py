@@ -313,6 +313,35 @@ def test_gtd_orders_expire_through_a_journaled_command(db, run):
     run(main())
 
 
+def test_a_day_that_closes_with_a_gtd_order_due_journals_the_expiry_then_the_close(db, run):
+    """The first command of a new trading day may find both a GTD order due and the last day to
+    close: the expiry is journaled, then the close (whose price the expiry cannot change), then the
+    command. (The close first was refused by the core while the expiry was due, and the refusal
+    went into the journal as an entry without a sequence number: the write failed and the service
+    stopped.)"""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        svc, dev, buy = await _listed(db, clock=clock)
+        try:
+            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
+            await svc.submit(place(dev, E.ASK, 3500, 1000))
+            await svc.submit(place(buy, E.BID, 3500, 1000))  # a trade: the day will close
+            gtd = await svc.submit({**place(buy, E.BID, 3400, 2000), "tif": E.GTD,
+                                    "expire_ts": local_ts(2026, 11, 23, 20, 0)})
+            clock.ts = local_ts(2026, 11, 24, 9, 30)
+            later = await svc.submit({"op": "deposit", "account": buy, "amount": 1, "ref": "bank-2"})
+            assert later.accepted, later
+            rows = await _journal_rows(db)
+            assert [orjson.loads(r["command"]).get("op") for r in rows[-3:]] == ["expire", "roll", "deposit"]
+            assert orjson.loads(rows[-3]["events"])[0][:3] == [E.EV_EXPIRED, SYMBOL, gtd.order_id]
+            assert svc.core.listings[SYMBOL].rules.reference_price == 3500
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 def test_a_failed_journal_write_stops_the_service_and_loses_nothing_acknowledged(db, run):
     async def main():
         svc, _dev, buy = await _listed(db)
