@@ -16,13 +16,14 @@ from exchange.errors import CarbonxError
 from exchange.registry import Retirement
 from exchange.service import ExchangeService
 from matching import events as E
+from matching.core import KEPT_COID_PREFIX
 from matching.risk import buy_reservation
 from matching.units import format_cash, format_price, format_tonnes
 
 # An offset's purchase under an idempotency key is the order with this client_order_id prefix and
 # the key; order entry refuses the prefix (api/orders.py), or an offset could take a member's own
-# order for its purchase.
-OFFSET_COID = "offset:"
+# order for its purchase. The core keeps these client_order_ids for good.
+OFFSET_COID = KEPT_COID_PREFIX
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,12 @@ What the core holds, besides the books (matching/engine.py):
   bought on a trading day are ``locked`` until the next Shanghai calendar day when the
   instrument has the T+1 resale rule (on by default).
 - open orders: ``[symbol, account, side, kind, price, remaining, reserved, expire_ts]``.
-- client order ids per account (resending one returns the original order), payment references
-  (deposits and withdrawals are idempotent by reference), per-instrument trade ids (contiguous).
+- client order ids per account (resending one returns the original order): each is kept while
+  its order is open and, once the order has closed, until the second trading-day close after
+  that (``roll``), so a retry within the day still finds its order and the table holds about two
+  days of orders instead of every order ever placed. Those beginning :data:`KEPT_COID_PREFIX`
+  (an offset's purchase, exchange/offsetting.py) are kept for good. Payment references (deposits
+  and withdrawals are idempotent by reference) and per-instrument trade ids (contiguous).
 
 Order ids are the sequence number of the command that placed the order. GTD orders expire only
 through an explicit ``expire`` command: the service issues one, with its own sequence number,
@@ -92,6 +96,9 @@ SIDES = {"buy": E.BID, "sell": E.ASK}
 DAY_US = 86_400_000_000
 _CST_US = 8 * 3_600_000_000
 MAX_COID = 64
+# An offset's purchase is the order offset:KEY; a repeat of the offset, at any later time, finds it
+# by this client_order_id, so the roll never forgets one.
+KEPT_COID_PREFIX = "offset:"
 
 
 def trading_day(ts: int) -> int:
@@ -301,7 +308,7 @@ class ExchangeCore:
             coid = _need_text(c, "coid", MAX_COID)
             known = self.coids.get(account, {}).get(coid)
             if known is not None:
-                if known[1:] == [symbol, side, kind, price, qty]:
+                if known[1:6] == [symbol, side, kind, price, qty]:
                     return Outcome(None, [], order_id=known[0], duplicate=True)
                 raise Rejected("duplicate_client_order_id",
                                f"client_order_id {coid!r} was already used for order {known[0]}")
@@ -563,7 +570,24 @@ class ExchangeCore:
             out.append((EV_CLOSE, symbol, self.stats_day, close, q))
         self.day_stats = {}
         self.stats_day = 0
+        self._forget_coids()
         return self._accept(ts, out)
+
+    def _forget_coids(self) -> None:
+        """At a day's close: forget the client_order_ids whose orders were already closed at the
+        previous close, and mark those closed since (a 7th field), to be forgotten at the next."""
+        orders = self.orders
+        for account in list(self.coids):
+            known = self.coids[account]
+            for coid, v in list(known.items()):
+                if v[0] in orders or coid.startswith(KEPT_COID_PREFIX):
+                    continue
+                if len(v) > 6:
+                    del known[coid]
+                else:
+                    v.append(1)
+            if not known:
+                del self.coids[account]
 
     # ---- cash --------------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -135,6 +135,7 @@ def amend(account: int, order_id: int, price: int, qty: int) -> dict:
 
 
 EXPIRE = {"op": "expire"}
+ROLL = {"op": "roll"}
 
 
 def ok(core: ExchangeCore, cmd: dict, ts: int = T0) -> Outcome:
@@ -404,6 +405,34 @@ def test_client_order_id_resend_returns_the_original_order(engine):
     # still the same order once it has left the book, even while halted
     ok(core, {"op": "halt", "symbol": SYM})
     assert duplicate(core, buy(2, 1000, 1000, coid="abc")).order_id == first.order_id
+
+
+def test_client_order_ids_of_closed_orders_are_forgotten_at_the_second_close(engine):
+    """A client_order_id lives while its order is open and, after the order closed, until the
+    second day's close (roll) after that; an open order's lives on, and offset:KEY for good. The
+    marks survive a snapshot."""
+    core = make_core(engine, cash=((2, 10_000_000),))
+    day = 24 * HOUR
+    filled = ok(core, buy(2, 1000, 1000, coid="filled"))
+    ok(core, sell(1, 1000, 1000))  # fills it: closed on day 0, whose trade makes a close due
+    resting = ok(core, buy(2, 900, 1000, coid="resting"))
+    ok(core, sell(1, 1000, 1000))
+    offset = ok(core, buy(2, 1000, 1000, coid="offset:k1", tif=E.FOK))
+    ok(core, {"op": "roll"}, T0 + day)  # day 0 closes: "filled" is marked, still known
+    assert duplicate(core, buy(2, 1000, 1000, coid="filled"), T0 + day).order_id == filled.order_id
+    rejected(core, buy(2, 1001, 1000, coid="filled"), "duplicate_client_order_id", T0 + day)
+    restored = ExchangeCore.restore(core.snapshot(), engine)
+    for c in (core, restored):
+        ok(c, sell(1, 1000, 1000), T0 + day)
+        ok(c, buy(2, 1000, 1000), T0 + day)  # a trade on day 1, so day 1 closes too
+        ok(c, {"op": "roll"}, T0 + 2 * day)
+        assert set(c.coids[2]) == {"resting", "offset:k1"}
+    assert core.state_digest() == restored.state_digest()
+    again = ok(core, buy(2, 1001, 1000, coid="filled"), T0 + 2 * day)  # free again: a new order
+    assert again.order_id != filled.order_id
+    assert duplicate(core, buy(2, 900, 1000, coid="resting"), T0 + 2 * day).order_id == resting.order_id
+    assert duplicate(core, buy(2, 1000, 1000, coid="offset:k1", tif=E.FOK),
+                     T0 + 2 * day).order_id == offset.order_id
 
 
 def test_payments_are_idempotent_by_reference(engine):
@@ -728,6 +757,8 @@ class Model:
         self.trade_ids: dict[str, list[int]] = {s: [] for s in SYMBOLS}
         self.payments: dict[str, tuple[int, str, int]] = {}
         self.coids: dict[tuple[int, str], tuple] = {}  # -> (order_id, symbol, side, kind, price, qty)
+        self.closed_at_roll: set[tuple[int, str]] = set()  # coids whose order had closed at the last roll
+        self.forgotten = 0
         self.expiry: dict[int, int] = {}  # GTD order id -> expire_ts
         self.halted: set[str] = set()
 
@@ -780,6 +811,16 @@ class Model:
         """Cash not held for open buys (what is held is checked against the orders by the core)."""
         return self.cash[account] - core.cash.get(account, [0, 0])[1]
 
+    def roll(self, open_orders: Iterable[int]) -> None:
+        """A day's close forgets the client_order_ids whose orders had closed by the previous close
+        (offset:KEY ones never)."""
+        still = set(open_orders)
+        closed = {k for k, v in self.coids.items() if v[0] not in still and not k[1].startswith("offset:")}
+        for k in closed & self.closed_at_roll:
+            del self.coids[k]
+            self.forgotten += 1
+        self.closed_at_roll = closed - self.closed_at_roll
+
     def due(self, core: ExchangeCore, ts: int) -> bool:
         return any(oid in core.orders for oid, at in self.expiry.items() if at <= ts)
 
@@ -800,6 +841,7 @@ class Stream:
         self.log: list[tuple[dict, int, Outcome]] = []
         self.sent: list[dict] = []  # commands carrying a coid or a payment reference, for resends
         self.steps = 0
+        self.rolls = 0
         self.resume_at: dict[str, int] = {}  # halted instruments resume at that step
         self.opened = False
         self.trace: list[tuple[int, dict, Outcome]] = []  # every command applied, for the report
@@ -828,6 +870,9 @@ class Stream:
                 self.apply(cmd, ("code", "expiry_due"))
             out = self.apply(EXPIRE)
             assert out.seq is not None and of_kind(out, E.EV_EXPIRED)
+        if core.roll_due(self.ts):  # then, as the service does, the last trading day's close
+            assert self.apply(ROLL).seq is not None
+            self.rolls += 1
         for symbol in SYMBOLS:
             if self.resume_at.get(symbol) == self.steps:
                 del self.resume_at[symbol]
@@ -858,7 +903,7 @@ class Stream:
                     budget = model.free(core, account)
                     cmd["qty"] = _affordable(symbol, cmd["price"], budget) + LOT[symbol] * (lots % 2) or cmd["qty"]
             if coid <= 20:
-                cmd["coid"] = f"c{coid}"
+                cmd["coid"] = f"c{coid}" if coid else "offset:k"  # the roll keeps offset:KEY ones
                 self.sent.append(cmd)
             return cmd
         if kind in ("cancel", "amend"):
@@ -910,6 +955,8 @@ class Stream:
             return ("code", None if enough else "insufficient_funds")
         if op == "expire":
             return ("code", None if model.due(core, ts) else "invalid_command")
+        if op == "roll":
+            return ("code", None if core.roll_due(ts) else "invalid_command")
         if op in ("halt", "resume"):
             return ("code", {"halt": "already_halted", "resume": "not_halted"}[op]
                     if (cmd["symbol"] in model.halted) == (op == "halt") else None)
@@ -963,6 +1010,8 @@ class Stream:
             assert (E.EV_EXPIRED in kinds) == (cmd["op"] == "expire"), (cmd, out.events)  # only through expire
             self.log.append((cmd, ts, out))
             self.model.feed(cmd, out, ts)
+            if cmd["op"] == "roll":
+                self.model.roll(core.orders.keys())
             self._check_rests(cmd, out)
         if expect:
             if expect[0] == "code":
@@ -1067,6 +1116,18 @@ def test_cython_and_reference_cores_agree(seeds):
         for seed in seeds:
             stream.step(seed)
         stream.finish()
+
+
+def test_streams_close_days_and_forget_client_order_ids():
+    """The streams above cross trading days; with these seeds they close days and forget client
+    order ids, and a resend of a forgotten one places a new order, all checked against the model."""
+    stream = Stream([ExchangeCore("cython"), ExchangeCore("reference")])
+    with reported(stream):
+        for seed in range(2_000):
+            stream.step(seed)
+        stream.finish()
+    assert stream.rolls >= 3 and stream.model.forgotten >= 3, (stream.rolls, stream.model.forgotten)
+    assert replay(stream.log, "cython").state_digest() == stream.core.state_digest()
 
 
 def test_booleans_are_not_sides_or_times_in_force(engine):
