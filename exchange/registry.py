@@ -747,34 +747,55 @@ async def holdings(conn: asyncpg.Connection, account: str) -> list[dict]:
     return [dict(r) for r in rows]
 
 
-async def issuance_blocks(conn: asyncpg.Connection, issuance_id: int) -> list[dict]:
-    """The blocks of an issuance in serial order, with who holds them."""
+async def issuance_blocks(conn: asyncpg.Connection, issuance_id: int, *, limit: int | None = None,
+                          after: int = 0) -> list[dict]:
+    """The blocks of an issuance in serial order, with who holds them: those starting after serial
+    number `after`, at most `limit` (None: all, for the operator's CLI). Blocks never overlap, so
+    their first serials order them totally and a page is one range of the index blocks_by_lower."""
     rows = await conn.fetch(
         """SELECT lower(b.serials) AS lo, upper(b.serials) AS hi, a.code AS owner, b.state, r.certificate_code
            FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
            LEFT JOIN retirements r ON r.id = b.retirement_id
-           WHERE b.issuance_id = $1 ORDER BY lower(b.serials)""", issuance_id,
+           WHERE b.issuance_id = $1 AND lower(b.serials) > $2 ORDER BY lower(b.serials) LIMIT $3""",
+        issuance_id, after, limit,
     )
     return [dict(r) for r in rows]
 
 
-async def serial_history(conn: asyncpg.Connection, serial: str) -> tuple[Issuance, SerialRange, list[dict], list[dict]]:
-    """Every movement that touched any unit of a serial range, oldest first, and who holds it now."""
+async def serial_history(conn: asyncpg.Connection, serial: str, *, limit: int | None = None, after: int = 0,
+                         holders_after: int = 0) -> tuple[Issuance, SerialRange, list[dict], list[dict]]:
+    """The movements that touched any unit of a serial range, oldest first, and who holds it now
+    (blocks cut to the range, in serial order). Each list is a page of at most `limit` (None:
+    all, for the operator's CLI): movements with a transfer id above `after`, blocks starting
+    above serial number `holders_after` (a block cut at the range's start counts from there)."""
     iss, rng = await resolve_serial(conn, serial)
-    history = await conn.fetch(
-        """SELECT t.id, t.created_at, t.cause, t.cause_ref, lower(t.serials) AS lo, upper(t.serials) AS hi,
-                  fa.code AS from_account, t.from_state, ta.code AS to_account, t.to_state
-           FROM carbonx_transfers_overlapping($1, int8range($2, $3)) t
-           LEFT JOIN accounts fa ON fa.id = t.from_account_id
-           JOIN accounts ta ON ta.id = t.to_account_id
-           ORDER BY t.id""",
-        iss.id, rng.lo, rng.hi,
-    )
+    movements = """SELECT t.id, t.created_at, t.cause, t.cause_ref, lower(t.serials) AS lo, upper(t.serials) AS hi,
+                          fa.code AS from_account, t.from_state, ta.code AS to_account, t.to_state
+                   FROM {source} t
+                   LEFT JOIN accounts fa ON fa.id = t.from_account_id
+                   JOIN accounts ta ON ta.id = t.to_account_id
+                   ORDER BY t.id"""
+    if limit is None:
+        history = await conn.fetch(movements.format(source="carbonx_transfers_overlapping($1, int8range($2, $3))"),
+                                   iss.id, rng.lo, rng.hi)
+    else:
+        # A page costs a page, not the whole history (migration 0010).
+        history = await conn.fetch(
+            movements.format(source="carbonx_transfers_overlapping_page($1, int8range($2, $3), $4, $5)"),
+            iss.id, rng.lo, rng.hi, after, limit)
+    # The blocks overlapping [lo, hi) are the one holding lo, if any, and those starting inside:
+    # one range of blocks_by_lower from the start of the block holding lo (found by one probe).
     now = await conn.fetch(
-        """SELECT greatest(lower(b.serials), $2) AS lo, least(upper(b.serials), $3) AS hi, a.code AS owner, b.state
+        """SELECT greatest(lower(b.serials), $2) AS lo, least(upper(b.serials), $3) AS hi, a.code AS owner, b.state,
+                  r.certificate_code
            FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
-           WHERE b.issuance_id = $1 AND b.serials && int8range($2, $3) ORDER BY lower(b.serials)""",
-        iss.id, rng.lo, rng.hi,
+           LEFT JOIN retirements r ON r.id = b.retirement_id
+           WHERE b.issuance_id = $1 AND lower(b.serials) < $3 AND upper(b.serials) > $2
+             AND lower(b.serials) >= coalesce((SELECT lower(serials) FROM blocks WHERE issuance_id = $1
+                                                 AND lower(serials) <= $2 ORDER BY lower(serials) DESC LIMIT 1), $2)
+             AND lower(b.serials) > $4
+           ORDER BY lower(b.serials) LIMIT $5""",
+        iss.id, rng.lo, rng.hi, holders_after, limit,
     )
     return iss, rng, [dict(r) for r in history], [dict(r) for r in now]
 
