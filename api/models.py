@@ -36,6 +36,23 @@ IdInput = Annotated[int, BeforeValidator(id_input), Field(ge=1, le=MAX_ID), With
     "description": "an id as the exchange sent it (a string of digits); an integer is accepted too"})]
 
 
+MAX_SERIAL_NUMBER = 9_999_999_999  # serial numbers have ten digits (exchange/serials.py)
+
+
+def serial_number_input(value: Any) -> Any:
+    """A serial number as a cursor carries it: the first unit of a block, in decimal digits (the
+    number a serial text starts with, without its zero padding or with it)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        return int(value)
+    raise ValueError(f"a serial number is a string of up to ten decimal digits such as \"1201\", "
+                     f"got {str(value)[:40]!r}")
+
+
+SerialNumberInput = Annotated[int, BeforeValidator(serial_number_input), Field(ge=1, le=MAX_SERIAL_NUMBER),
+                              WithJsonSchema({"type": "string", "pattern": "^[0-9]{1,10}$",
+                                              "description": "a serial number: the first unit of a block"})]
+
+
 @dataclass(frozen=True, slots=True)
 class FillCursor:
     """Where a page of a member's fills ends: the last fill's place in their order, newest first by
@@ -270,7 +287,8 @@ class IssuanceView(BaseModel):
     serial: str
     quantity: Decimal
     issued_to: str
-    blocks: list[Block]
+    blocks: list[Block] = Field(description="a page of the issuance's blocks in serial order, `limit` of them; "
+                                            "the Link header rel=\"next\" gives the next page")
 
 
 class IssuanceResult(IssuanceView):
@@ -278,6 +296,7 @@ class IssuanceResult(IssuanceView):
 
 
 class Movement(BaseModel):
+    id: Id = Field(description="the transfer's id; a serial's history is in id order, and `after=` takes it")
     serial: str
     quantity: Decimal
     from_account: str | None
@@ -292,8 +311,10 @@ class Movement(BaseModel):
 class SerialView(BaseModel):
     serial: str
     issuance_id: Id
-    history: list[Movement]
-    holders: list[Block]
+    history: list[Movement] = Field(description="a page of the movements that touched the range, oldest first, "
+                                                "`limit` of them; the Link header rel=\"next\" gives the next page")
+    holders: list[Block] = Field(description="a page of who holds the range now, in serial order, `limit` of them; "
+                                             "the Link header rel=\"next-holders\" gives the next page")
 
 
 class RetirementView(BaseModel):

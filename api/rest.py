@@ -21,6 +21,7 @@ import orjson
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import URL, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import models as M
@@ -90,11 +91,23 @@ PUBLIC = _problems(*COMMON, 404, 422)
 MEMBER = _problems(*COMMON, 401, 403, 404, 409, 422)
 
 
-def paged(what: str, problems: dict = MEMBER) -> dict[int | str, dict[str, Any]]:
-    """`problems` plus the Link header of a paged list's 200 (RFC 8288)."""
-    return {**problems, 200: {"description": f"a page of {what}, newest first", "headers": {"Link": {
-        "description": f'<the same path and query with before=CURSOR>; rel="next" when older {what} follow; '
-                       "absent on the last page", "schema": {"type": "string", "pattern": '^<[^>]+>; rel="next"$'}}}}}
+def paged(what: str, problems: dict = MEMBER, *, page: str | None = None,
+          links: dict[str, tuple[str, str]] | None = None) -> dict[int | str, dict[str, Any]]:
+    """`problems` plus the Link header of a paged answer's 200 (RFC 8288). `links` maps each rel
+    to its cursor parameter and what follows (default: rel="next", before=, older `what`); an
+    answer with several lists carries one link-value per list that continues, in this order."""
+    links = links or {"next": ("before", f"older {what}")}
+    values = [f'<the same path and query with {param}=CURSOR>; rel="{rel}" when {more} follow'
+              for rel, (param, more) in links.items()]
+    # Every non-empty selection of the rels, in their order: what page_of can send.
+    rels = list(links)
+    choices = [[r for i, r in enumerate(rels) if mask >> i & 1] for mask in range(1, 1 << len(rels))]
+    pattern = "|".join(", ".join(f'<[^>]+>; rel="{r}"' for r in chosen) for chosen in choices)
+    description = "; ".join(values) + ("" if len(values) == 1 else "; comma-separated, in this order, when "
+                                       "several lists continue (each link changes only its own cursor)")
+    return {**problems, 200: {"description": page or f"a page of {what}, newest first", "headers": {"Link": {
+        "description": f"{description}; absent on the last page",
+        "schema": {"type": "string", "pattern": f"^{pattern}$" if len(choices) == 1 else f"^({pattern})$"}}}}}
 
 
 # Retirements are for good: a retry of a request that may have reached the server must find what
@@ -129,17 +142,22 @@ def created(body: Any, replayed: bool) -> JSONResponse:
     return JSON(body, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
-def page_of(request: Request, response: Response, rows: list, limit: int, cursor: Callable[[Any], str]) -> list:
+def page_of(request: Request, response: Response, rows: list, limit: int, cursor: Callable[[Any], str],
+            param: str = "before", rel: str = "next", url: URL | None = None) -> list:
     """The first `limit` of `rows`, which were read as `limit` + 1: a next page exists exactly when
-    the one more came back. Then the answer carries RFC 8288 rel="next": this request again with
-    before= the cursor of the page's last entry, as an absolute URL (as GitHub sends it: clients
+    the one more came back. Then the answer carries RFC 8288 `rel`: this request again with
+    `param`= the cursor of the page's last entry, as an absolute URL (as GitHub sends it: clients
     such as requests' `response.links` follow it as it is), built from the request's own URL, so
-    it names this server as the client reached it."""
+    it names this server as the client reached it. An answer with several paged lists calls this
+    once per list; their link-values share the one header, and each changes only its own cursor.
+    `url`, when given, is the request the link repeats instead of this one (another route's)."""
     if len(rows) <= limit:
         return rows
     rows = rows[:limit]
-    query = [(k, v) for k, v in request.query_params.multi_items() if k != "before"] + [("before", cursor(rows[-1]))]
-    response.headers["Link"] = f'<{request.url.replace(query=urlencode(query))}>; rel="next"'
+    given = request.query_params if url is None else QueryParams(url.query)
+    query = [(k, v) for k, v in given.multi_items() if k != param] + [(param, cursor(rows[-1]))]
+    link = f'<{(url or request.url).replace(query=urlencode(query))}>; rel="{rel}"'
+    response.headers["Link"] = f'{response.headers["Link"]}, {link}' if "Link" in response.headers else link
     return rows
 
 
@@ -354,31 +372,62 @@ def create_app(ctx: Context) -> FastAPI:
                 "quantity": format_tonnes(b["hi"] - b["lo"]), "holder": b["owner"], "state": b["state"],
                 "certificate_code": b.get("certificate_code")}
 
-    @app.get("/v1/registry/issuances/{issuance_id}", response_model=M.IssuanceView, responses=PUBLIC,
-             tags=["registry"])
-    async def issuance(issuance_id: Annotated[int, Path(ge=1, le=2**62)]) -> Any:
+    RegistryLimit = Annotated[int, Query(ge=1, le=500, description="the most entries of each list in the answer")]
+
+    async def issuance_page(request: Request, response: Response, issuance_id: int, limit: int,
+                            after: int = 0, url: URL | None = None) -> dict[str, Any]:
         async def q(conn: asyncpg.Connection) -> Any:
             iss = await registry.get_issuance(conn, issuance_id)
             to = await conn.fetchval("SELECT code FROM accounts WHERE id = $1", iss.issued_to_account_id)
-            blocks = await registry.issuance_blocks(conn, issuance_id)
-            return {"id": str(iss.id), "project": iss.project_code, "vintage": iss.vintage, "serial": iss.serial,
-                    "quantity": format_tonnes(iss.quantity), "issued_to": to,
-                    "blocks": [block_view(iss, b) for b in blocks]}
-        return await db(q)
+            return iss, to, await registry.issuance_blocks(conn, issuance_id, limit=limit + 1, after=after)
+        iss, to, blocks = await db(q)
+        blocks = page_of(request, response, blocks, limit, lambda b: str(b["lo"]), param="after", url=url)
+        return {"id": str(iss.id), "project": iss.project_code, "vintage": iss.vintage, "serial": iss.serial,
+                "quantity": format_tonnes(iss.quantity), "issued_to": to,
+                "blocks": [block_view(iss, b) for b in blocks]}
 
-    @app.get("/v1/registry/serials/{serial}", response_model=M.SerialView, responses=PUBLIC, tags=["registry"])
-    async def serial(serial: Annotated[str, Path(min_length=1, max_length=120)]) -> Any:
+    ISSUANCE_LINKS = {"next": ("after", "blocks further on in serial order")}
+
+    @app.get("/v1/registry/issuances/{issuance_id}", response_model=M.IssuanceView, tags=["registry"],
+             responses=paged("blocks", PUBLIC, page="the issuance with a page of its blocks, in serial order",
+                             links=ISSUANCE_LINKS))
+    async def issuance(request: Request, response: Response, issuance_id: Annotated[int, Path(ge=1, le=2**62)],
+                       limit: RegistryLimit = 100,
+                       after: Annotated[M.SerialNumberInput | None, Query(
+                           description="only blocks starting at a greater serial number: the next page's cursor, "
+                                       "as the Link header of the previous page gives it")] = None) -> Any:
+        return await issuance_page(request, response, issuance_id, limit, after or 0)
+
+    def movement_view(iss: registry.Issuance, h: dict[str, Any]) -> dict[str, Any]:
+        return {"id": str(h["id"]),
+                "serial": format_serial(iss.scheme, iss.project_code, iss.vintage, h["lo"], h["hi"]),
+                "quantity": format_tonnes(h["hi"] - h["lo"]), "from_account": h["from_account"],
+                "from_state": h["from_state"], "to_account": h["to_account"], "to_state": h["to_state"],
+                "cause": h["cause"], "reference": h["cause_ref"], "time": iso_datetime(h["created_at"])}
+
+    @app.get("/v1/registry/serials/{serial}", response_model=M.SerialView, tags=["registry"], responses=paged(
+        "movements", PUBLIC, page="the range with a page of its movements (oldest first) and a page of its holders "
+                                  "(in serial order)",
+        links={"next": ("after", "newer movements"), "next-holders": ("holders_after", "more holders")}))
+    async def serial(request: Request, response: Response, serial: Annotated[str, Path(min_length=1, max_length=120)],
+                     limit: RegistryLimit = 100,
+                     after: Annotated[M.IdInput | None, Query(
+                         description="only movements with a greater id (newer): the next page of `history`, as the "
+                                     'Link header rel="next" of the previous page gives it')] = None,
+                     holders_after: Annotated[M.SerialNumberInput | None, Query(
+                         description="only holders' blocks starting at a greater serial number: the next page of "
+                                     '`holders`, as the Link header rel="next-holders" gives it')] = None) -> Any:
         async def q(conn: asyncpg.Connection) -> Any:
-            iss, rng, hist, now = await registry.serial_history(conn, serial)
-            return {"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, rng.lo, rng.hi),
-                    "issuance_id": str(iss.id),
-                    "history": [{"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, h["lo"], h["hi"]),
-                                 "quantity": format_tonnes(h["hi"] - h["lo"]), "from_account": h["from_account"],
-                                 "from_state": h["from_state"], "to_account": h["to_account"],
-                                 "to_state": h["to_state"], "cause": h["cause"], "reference": h["cause_ref"],
-                                 "time": iso_datetime(h["created_at"])} for h in hist],
-                    "holders": [block_view(iss, b) for b in now]}
-        return await db(q)
+            return await registry.serial_history(conn, serial, limit=limit + 1, after=after or 0,
+                                                 holders_after=holders_after or 0)
+        iss, rng, hist, now = await db(q)
+        # The history's link first, so that the header's order is the one /openapi.json states.
+        hist = page_of(request, response, hist, limit, lambda h: str(h["id"]), param="after")
+        now = page_of(request, response, now, limit, lambda b: str(b["lo"]), param="holders_after",
+                      rel="next-holders")
+        return {"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, rng.lo, rng.hi),
+                "issuance_id": str(iss.id), "history": [movement_view(iss, h) for h in hist],
+                "holders": [block_view(iss, b) for b in now]}
 
     async def retirement_views(conn: asyncpg.Connection, where: str, *args: Any, limit: int = 100) -> list:
         rows = await conn.fetch(
@@ -691,18 +740,31 @@ def create_app(ctx: Context) -> FastAPI:
 
     @app.post("/v1/registry/issuances", status_code=201, response_model=M.IssuanceResult, tags=["operator"],
               responses={**MEMBER, 200: {"model": M.IssuanceResult, "description": "a repeat: the issuance made "
-                                          "earlier with this reference (nothing issued)", "headers": {
+                                          "earlier with this reference (nothing issued), with the first page of its "
+                                          "blocks", "headers": {
                                               "Idempotent-Replayed": {**REPLAYED["Idempotent-Replayed"],
                                                                       "description": "true: this project vintage was "
                                                                       "issued earlier under this reference; nothing "
-                                                                      "new"}}}})
-    async def issue(req: M.IssuanceRequest, _: Operator) -> Any:
+                                                                      "new"},
+                                              "Link": {**paged("blocks", links=ISSUANCE_LINKS)[200]["headers"]["Link"],
+                                                       "description": "<GET /v1/registry/issuances/{id} with "
+                                                       'after=CURSOR>; rel="next" when more blocks follow the '
+                                                       "first page; absent otherwise"}}}})
+    async def issue(request: Request, req: M.IssuanceRequest, _: Operator) -> Any:
         kg = _units(parse_tonnes, req.quantity, "quantity")
         iss = await service.issue(project=req.project, vintage=req.vintage, quantity_kg=kg, to_account=req.to_account,
                                   reference=req.reference)
         # A repeat answers as a repeated payment does: 200, what was made the first time, and says so.
-        return JSON(await issuance(iss.id) | {"replayed": iss.repeated}, status_code=200 if iss.repeated else 201,
-                    headers={"Idempotent-Replayed": "true"} if iss.repeated else None)
+        # By then the issuance may be traded into many blocks: the answer holds the first page of
+        # them, and the Link header the next page of GET /v1/registry/issuances/{id}.
+        links = Response()
+        body = await issuance_page(request, links, iss.id, 100,
+                                   url=request.url.replace(path=f"/v1/registry/issuances/{iss.id}", query=""))
+        headers = {"Idempotent-Replayed": "true"} if iss.repeated else {}
+        if "link" in links.headers:
+            headers["Link"] = links.headers["link"]
+        return JSON(body | {"replayed": iss.repeated}, status_code=200 if iss.repeated else 201,
+                    headers=headers or None)
 
     async def serial_action(req: M.SerialRequest, fn: Callable[..., Awaitable[registry.MovementResult]]) -> Any:
         res = await fn(serial=req.serial, reason=req.reason)
