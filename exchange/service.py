@@ -385,8 +385,8 @@ class ExchangeService:
         the request), a repeat returns the retirement the key made (`replayed`) and retires
         nothing; the same key with another digest is refused (`idempotency_key_reused`)."""
         account_id = await self.account(account)
-        if type(quantity_kg) is not int or quantity_kg <= 0:
-            raise CarbonxError("invalid_quantity", "quantity must be positive")
+        if type(quantity_kg) is not int or not 0 < quantity_kg < 2**63:  # the registry's bigint
+            raise CarbonxError("invalid_quantity", "quantity must be positive and at most 9223372036854775.807 t")
         if not 1 <= len((beneficiary or "").strip()) <= 200:
             raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
         if not 1 <= len((purpose or "").strip()) <= 500:
@@ -481,6 +481,11 @@ class ExchangeService:
                     raise CarbonxError("insufficient_credits",
                                        f"needs {kg} kg of {symbol} available, has {pos[P_AVAILABLE] + pos[P_LOCKED]}"
                                        " (credits in open sell orders are encumbered)")
+            # The take comes from available credits first, then from those bought today (the
+            # core's adjust); a give-back puts each part back where it was, or a refused
+            # retirement would free today's purchases for resale (T+1).
+            back = [[symbol, a, kg, max(0, kg - positions.get(a, [0, 0, 0, 0])[P_AVAILABLE])]
+                    for a, kg in sorted(debit.items())]
             taken = [[symbol, a, -kg] for a, kg in sorted(debit.items())]
             out = await self._sequence({"op": "adjust", "credits": taken, "cause": cause})
             await self.caught_up(out.seq, registry=True)
@@ -489,8 +494,7 @@ class ExchangeService:
                 return await change(conn)
         except BaseException:
             if debit:
-                await self._sequence({"op": "adjust", "credits": [[symbol, a, kg] for a, kg in sorted(debit.items())],
-                                      "cause": f"{cause} refused"})
+                await self._sequence({"op": "adjust", "credits": back, "cause": f"{cause} refused"})
             raise
 
     # ---- background work ---------------------------------------------------------------------

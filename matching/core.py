@@ -595,6 +595,10 @@ class ExchangeCore:
         account = _need_int(c, "account", 1)
         amount = _need_int(c, "amount", 1)
         ref = _need_text(c, "ref", 100)
+        if not ref.strip(" "):
+            # The ledger's CHECK (length(btrim(reference)) >= 1) would refuse it after the journal
+            # took it: the projector could never apply that entry, and the exchange would stop.
+            raise Rejected("invalid_command", "ref must not be only spaces")
         known = self.payments.get(ref)
         if known is not None:
             if known[:3] == [account, direction, amount]:
@@ -665,17 +669,21 @@ class ExchangeCore:
 
     def _adjust(self, c: dict, ts: int) -> Outcome:
         """Changes made to cash or credits outside the service (while it was stopped), found by
-        comparing the database with the core at start-up; journaled so that replay sees them."""
+        comparing the database with the core at start-up, and the service's own takes and
+        give-backs around registry changes (retirements, freezes); journaled so that replay sees
+        them. A credits entry may carry a fourth number, `relock`: of a positive delta, the kg
+        that go back to bought-today credits (locked under T+1) while their day lasts, so that
+        giving back what a refused retirement took restores the position it took them from."""
         cash, credits = c.get("cash") or [], c.get("credits") or []
         cash_ok = isinstance(cash, list) and all(
             isinstance(x, list) and len(x) == 2 and all(map(_is_int, x)) for x in cash)
         credits_ok = isinstance(credits, list) and all(
-            isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and x[0] in self.listings
-            and _is_int(x[1]) and _is_int(x[2])
+            isinstance(x, list) and len(x) in (3, 4) and isinstance(x[0], str) and x[0] in self.listings
+            and all(map(_is_int, x[1:])) and (len(x) == 3 or 0 <= x[3] <= x[2])
             for x in credits)
         if not (cash_ok and credits_ok):
-            raise Rejected("invalid_command",
-                           "adjust takes cash [[account, delta]] and credits [[symbol, account, delta]]")
+            raise Rejected("invalid_command", "adjust takes cash [[account, delta]] and credits "
+                                              "[[symbol, account, delta, relock?]] with 0 <= relock <= delta")
         if not cash and not credits:
             raise Rejected("invalid_command", "nothing to adjust")
         out: list = []
@@ -683,9 +691,13 @@ class ExchangeCore:
             purse = self.cash.setdefault(account, [0, 0])
             purse[0] += delta
             out.append((EV_CASH_ADJUSTED, account, delta))
-        for symbol, account, delta in credits:
+        day = trading_day(ts)
+        for symbol, account, delta, *relock in credits:
             pos = self.credits[symbol].setdefault(account, [0, 0, 0, 0])
-            pos[P_AVAILABLE] += delta
+            # Still the day they were bought: they go back locked (a later day would have freed them).
+            back = relock[0] if relock and pos[P_LOCKED_DAY] >= day else 0
+            pos[P_LOCKED] += back
+            pos[P_AVAILABLE] += delta - back
             if pos[P_AVAILABLE] < 0:  # the outside change took credits bought today
                 pos[P_LOCKED] += pos[P_AVAILABLE]
                 pos[P_AVAILABLE] = 0

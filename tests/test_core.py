@@ -435,6 +435,26 @@ def test_client_order_ids_of_closed_orders_are_forgotten_at_the_second_close(eng
                      T0 + 2 * day).order_id == offset.order_id
 
 
+def test_a_give_back_returns_todays_purchase_locked_while_its_day_lasts(engine):
+    """adjust's relock: of a positive credits delta, the kg that go back to bought-today credits
+    while that day lasts (later they would be free anyway); 0 <= relock <= delta."""
+    core = make_core(engine, cash=((2, 10_000_000),))
+    ok(core, sell(1, 1000, 3000))
+    ok(core, buy(2, 1000, 3000))  # locked today (T+1)
+    assert core.position(SYM, 2) == (0, 0, 3000)
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -2000]]})  # a retirement's take
+    assert core.position(SYM, 2) == (0, 0, 1000)
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, 2000, 2000]]})  # its give-back
+    assert core.position(SYM, 2) == (0, 0, 3000)
+    rejected(core, sell(2, 1000, 1000), "insufficient_credits")
+    for bad in ([SYM, 2, 1000, 1001], [SYM, 2, 1000, -1], [SYM, 2, 1000, 1.5], [SYM, 2, 1000, 0, 0]):
+        rejected(core, {"op": "adjust", "credits": [bad]}, "invalid_command")
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -3000]]})
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, 3000, 3000]]}, T0 + 24 * HOUR)  # a day later: free
+    assert core.position(SYM, 2)[0] + core.position(SYM, 2)[2] == 3000
+    ok(core, sell(2, 1000, 3000), T0 + 24 * HOUR)
+
+
 def test_payments_are_idempotent_by_reference(engine):
     core = make_core(engine, cash=())
     out = ok(core, deposit(2, 500, "d1"))
@@ -449,6 +469,10 @@ def test_payments_are_idempotent_by_reference(engine):
     rejected(core, withdraw(2, 100, "w1"), "duplicate_reference")
     rejected(core, deposit(2, 200, "w1"), "duplicate_reference")
     assert core.cash[2] == [300, 0]
+    # what the ledger's CHECK (btrim length 1..100) would refuse after the journal took it
+    for ref in (" ", "   ", "x" * 101, "", "a\x00b"):
+        rejected(core, deposit(2, 100, ref), "invalid_command")
+    ok(core, deposit(2, 100, " padded "))
 
 
 def test_withdrawal_is_limited_to_balance_minus_reserved(engine):

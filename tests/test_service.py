@@ -342,6 +342,44 @@ def test_a_day_that_closes_with_a_gtd_order_due_journals_the_expiry_then_the_clo
     run(main())
 
 
+def test_a_refused_retirement_gives_back_todays_purchase_still_locked(db, run):
+    """A retirement takes the credits in the core before the registry moves them; when the
+    registry refuses (here: an issuance of the vintage that the buyer holds none of), the
+    give-back restores the position it took from: credits bought today stay locked (T+1), and a
+    same-day resale is still refused. It freed them before."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        conn = await asyncpg.connect(db)
+        await world(conn)
+        await conn.close()
+        svc = await _started(db, clock=clock)
+        try:
+            await svc.list_instrument(SYMBOL, {"rules": {"always_open": True}})  # T+1 on by default
+            dev, buy = await svc.account("DEV"), await svc.account("BUY")
+            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
+            await svc.submit(place(dev, E.ASK, 3500, 2000))
+            await svc.submit(place(buy, E.BID, 3500, 2000))
+            await svc.submit(place(dev, E.ASK, 3500, 1000))  # 1 t bought earlier: available
+            await svc.submit(place(buy, E.BID, 3500, 1000))
+            clock.ts = local_ts(2026, 11, 24, 10, 0)
+            await svc.submit(place(dev, E.ASK, 3500, 2000))
+            await svc.submit(place(buy, E.BID, 3500, 2000))  # 2 t bought today: locked
+            await svc.caught_up(registry=True)
+            other = await svc.issue(project="FOREST", vintage=2023, quantity_kg=5000)  # to DEV
+            before = list(svc.core.credits[SYMBOL][buy])
+            with pytest.raises(CarbonxError) as refused:
+                await svc.retire(account="BUY", quantity_kg=4000, beneficiary="Expo", purpose="offset",
+                                 issuance_id=other.id)
+            assert refused.value.code == "insufficient_credits", refused.value
+            assert svc.core.credits[SYMBOL][buy] == before
+            assert (await svc.submit(place(buy, E.ASK, 3600, 4000))).code == "insufficient_credits"
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 def test_a_failed_journal_write_stops_the_service_and_loses_nothing_acknowledged(db, run):
     async def main():
         svc, _dev, buy = await _listed(db)
