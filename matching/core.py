@@ -96,6 +96,9 @@ SIDES = {"buy": E.BID, "sell": E.ASK}
 DAY_US = 86_400_000_000
 _CST_US = 8 * 3_600_000_000
 MAX_COID = 64
+# A client order id's entry: [order_id, symbol, side, kind, price, qty, tif, post_only, cash_cap,
+# expire_ts, closed mark]; the terms are the order's as placed.
+C_TIF, C_MARK = 6, 10
 # An offset's purchase is the order offset:KEY; a repeat of the offset, at any later time, finds it
 # by this client_order_id, so the roll never forgets one.
 KEPT_COID_PREFIX = "offset:"
@@ -308,7 +311,11 @@ class ExchangeCore:
             coid = _need_text(c, "coid", MAX_COID)
             known = self.coids.get(account, {}).get(coid)
             if known is not None:
-                if known[1:6] == [symbol, side, kind, price, qty]:
+                # Every term, or a resend as IOC of a resting GTC order would be answered with the
+                # GTC order as if the IOC had been placed. (Terms a snapshot from before they were
+                # kept lacks are None: those compare on the first five.)
+                if known[1:6] == [symbol, side, kind, price, qty] and (
+                        known[C_TIF] is None or known[C_TIF:C_MARK] == [tif, post_only, cash_cap, expire_ts]):
                     return Outcome(None, [], order_id=known[0], duplicate=True)
                 raise Rejected("duplicate_client_order_id",
                                f"client_order_id {coid!r} was already used for order {known[0]}")
@@ -364,7 +371,8 @@ class ExchangeCore:
             if tif == E.GTD:
                 heapq.heappush(self._gtd, (expire_ts, order_id))
         if coid is not None:
-            self.coids.setdefault(account, {})[coid] = [order_id, symbol, side, kind, price, qty]
+            self.coids.setdefault(account, {})[coid] = [order_id, symbol, side, kind, price, qty, tif, post_only,
+                                                        cash_cap, expire_ts, 0]
         return self._accept(ts, out, order_id)
 
     def _owned(self, c: dict) -> tuple[int, list]:
@@ -575,17 +583,17 @@ class ExchangeCore:
 
     def _forget_coids(self) -> None:
         """At a day's close: forget the client_order_ids whose orders were already closed at the
-        previous close, and mark those closed since (a 7th field), to be forgotten at the next."""
+        previous close, and mark those closed since (C_MARK), to be forgotten at the next."""
         orders = self.orders
         for account in list(self.coids):
             known = self.coids[account]
             for coid, v in list(known.items()):
                 if v[0] in orders or coid.startswith(KEPT_COID_PREFIX):
                     continue
-                if len(v) > 6:
+                if v[C_MARK]:
                     del known[coid]
                 else:
-                    v.append(1)
+                    v[C_MARK] = 1
             if not known:
                 del self.coids[account]
 
@@ -810,6 +818,8 @@ class ExchangeCore:
             core.credits[symbol][account] = pos
         core.orders = {k: o for k, *o in state["orders"]}
         for account, coid, *v in state["coids"]:
+            if len(v) == 6:  # a snapshot from before the other terms and the mark were kept
+                v += [None, None, None, None, 0]
             core.coids.setdefault(account, {})[coid] = v
         core.payments = {k: v for k, *v in state["payments"]}
         core.book_seqs = {s: n for s, n in state.get("book_seqs", [])}

@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
@@ -399,12 +400,34 @@ def test_client_order_id_resend_returns_the_original_order(engine):
     rejected(core, buy(2, 1001, 1000, coid="abc"), "duplicate_client_order_id")
     rejected(core, buy(2, 1000, 2000, coid="abc"), "duplicate_client_order_id")
     rejected(core, {**buy(2, 1000, 1000, coid="abc"), "symbol": "OTHER"}, "unknown_instrument")
+    for changed in ({"tif": E.IOC}, {"tif": E.FOK}, {"post_only": True}, {"tif": E.GTD, "expire_ts": T0 + HOUR}):
+        rejected(core, buy(2, 1000, 1000, coid="abc", **changed), "duplicate_client_order_id")
+    assert duplicate(core, buy(2, 1000, 1000, coid="abc", tif=E.GTC, post_only=False)).order_id == first.order_id
+    gtd = ok(core, buy(2, 990, 1000, coid="gtd", tif=E.GTD, expire_ts=T0 + HOUR))
+    assert duplicate(core, buy(2, 990, 1000, coid="gtd", tif=E.GTD, expire_ts=T0 + HOUR)).order_id == gtd.order_id
+    rejected(core, buy(2, 990, 1000, coid="gtd", tif=E.GTD, expire_ts=T0 + 2 * HOUR), "duplicate_client_order_id")
+    mkt = ok(core, {**market(2, E.BID, 1000, cash_cap=5000), "coid": "mkt"})
+    assert duplicate(core, {**market(2, E.BID, 1000, cash_cap=5000), "coid": "mkt"}).order_id == mkt.order_id
+    rejected(core, {**market(2, E.BID, 1000, cash_cap=6000), "coid": "mkt"}, "duplicate_client_order_id")
     other = ok(core, buy(3, 1000, 1000, coid="abc"))  # client order ids are per account
     assert other.order_id != first.order_id
     ok(core, cancel(2, first.order_id))
     # still the same order once it has left the book, even while halted
     ok(core, {"op": "halt", "symbol": SYM})
     assert duplicate(core, buy(2, 1000, 1000, coid="abc")).order_id == first.order_id
+
+
+def test_a_snapshot_from_before_the_terms_were_kept_still_restores(engine):
+    """Snapshots written before a client order id kept all terms and its mark hold six fields:
+    those compare on symbol, side, kind, price and quantity, and are forgotten by the roll."""
+    core = make_core(engine)
+    first = ok(core, buy(2, 1000, 1000, coid="old"))
+    state = orjson.loads(core.snapshot())
+    state["coids"] = [row[:8] for row in state["coids"]]  # account, coid and the six old fields
+    old = ExchangeCore.restore(orjson.dumps(state), engine)
+    assert duplicate(old, buy(2, 1000, 1000, coid="old", tif=E.IOC)).order_id == first.order_id
+    rejected(old, buy(2, 1001, 1000, coid="old"), "duplicate_client_order_id")
+    assert old.check_invariants() == []
 
 
 def test_client_order_ids_of_closed_orders_are_forgotten_at_the_second_close(engine):
@@ -767,6 +790,13 @@ def _affordable(symbol: str, price: int, budget: int) -> int:
     return qty
 
 
+def terms(cmd: dict) -> tuple:
+    """A place command's terms, as a resend must repeat them to be a resend (defaults filled in)."""
+    tif = cmd.get("tif", E.GTC)
+    return (cmd["symbol"], cmd["side"], cmd["kind"], cmd.get("price", 0), cmd["qty"], tif,
+            cmd.get("post_only", False), cmd.get("cash_cap") or 0, cmd["expire_ts"] if tif == E.GTD else 0)
+
+
 class Model:
     """What the accepted commands imply, rebuilt from their journal events alone: cash and credits of
     every account, fees, trade ids, what was bought on which Shanghai day, payment references, client
@@ -780,7 +810,7 @@ class Model:
         self.bought: dict[tuple[str, int, int], int] = defaultdict(int)  # (symbol, account, day) -> kg
         self.trade_ids: dict[str, list[int]] = {s: [] for s in SYMBOLS}
         self.payments: dict[str, tuple[int, str, int]] = {}
-        self.coids: dict[tuple[int, str], tuple] = {}  # -> (order_id, symbol, side, kind, price, qty)
+        self.coids: dict[tuple[int, str], tuple] = {}  # -> (order_id, *terms)
         self.closed_at_roll: set[tuple[int, str]] = set()  # coids whose order had closed at the last roll
         self.forgotten = 0
         self.expiry: dict[int, int] = {}  # GTD order id -> expire_ts
@@ -792,8 +822,7 @@ class Model:
             self.payments[cmd["ref"]] = (cmd["account"], op, cmd["amount"])
         elif op == "place":
             if cmd.get("coid"):
-                self.coids[cmd["account"], cmd["coid"]] = (
-                    out.order_id, cmd["symbol"], cmd["side"], cmd["kind"], cmd.get("price", 0), cmd["qty"])
+                self.coids[cmd["account"], cmd["coid"]] = (out.order_id, *terms(cmd))
             if cmd.get("tif") == E.GTD and cmd["kind"] == E.LIMIT:
                 self.expiry[out.order_id] = cmd["expire_ts"]
         elif op == "halt":
@@ -999,7 +1028,7 @@ class Stream:
         account, symbol, qty = cmd["account"], cmd["symbol"], cmd["qty"]
         known = model.coids.get((account, cmd.get("coid")))
         if known is not None:
-            if known[1:] == (symbol, cmd["side"], cmd["kind"], cmd.get("price", 0), qty):
+            if known[1:] == terms(cmd):
                 return ("duplicate", known[0])
             return ("code", "duplicate_client_order_id")
         if cmd["side"] == E.ASK:
