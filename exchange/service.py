@@ -75,6 +75,7 @@ SERVICE_LOCK_KEY = 0x0CA2B1  # pg advisory lock held by the running service for 
 # runs); with a backlog (pipelined websocket orders) there is no wait and it changes nothing.
 FLUSH_INTERVAL = 0.0003
 EXPIRE = {"op": "expire"}
+TIMER_MAX = 1.0  # seconds the timer that applies due expiries and closes sleeps at most
 ROLL = {"op": "roll"}
 
 
@@ -143,6 +144,7 @@ class ExchangeService:
         self._inflight_waiters: list[asyncio.Future] = []
         self._backlog = False  # rows that waited through the previous commit: flush them at once
         self._wake = asyncio.Event()
+        self._timer_wake = asyncio.Event()  # set to end the timer at stop
         self._project_wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
         self._proj: asyncpg.Connection | None = None  # the projector's own connection
@@ -186,6 +188,7 @@ class ExchangeService:
         await self.orders.load(self._hist)
         self._running = True
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="carbonx-journal"))
+        self._tasks.append(asyncio.create_task(self._timer_loop(), name="carbonx-timer"))
         if self.consumers == "process":
             await self._start_child()
         else:
@@ -205,6 +208,7 @@ class ExchangeService:
         self._wake.set()
         self._project_wake.set()
         self._history_wake.set()
+        self._timer_wake.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self._stop_child()
@@ -268,18 +272,39 @@ class ExchangeService:
     def _apply(self, command: dict) -> Outcome:
         if not self._running:
             raise CarbonxError("unavailable", "the exchange service is not running") from self._failure
+        ts = max(self.clock(), self.core.ts)
+        self._housekeep(ts)
+        out = self.core.apply(command, ts)
+        if out.seq is not None:
+            self._journal(command, out, ts)
+        return out
+
+    def _housekeep(self, ts: int) -> None:
+        """Journal what time has made due at `ts`: expiries first (the core takes no other command
+        while one is due, the close among them; an expiry trades nothing, so it cannot change a
+        close's price), then the last trading day's close."""
         core = self.core
-        ts = max(self.clock(), core.ts)
-        # Due expiries first: the core takes no other command while one is due, the close among
-        # them (and an expiry cannot change a close's price: it trades nothing).
         if core.expiry_due(ts):
             self._journal(EXPIRE, self._housekeeping(EXPIRE, ts), ts)
         if core.roll_due(ts):
             self._journal(ROLL, self._housekeeping(ROLL, ts), ts)
-        out = core.apply(command, ts)
-        if out.seq is not None:
-            self._journal(command, out, ts)
-        return out
+
+    async def _timer_loop(self) -> None:
+        """Apply expiries and a day's close when they fall due, not only before the next command:
+        on a quiet market an expired order stayed in the book, the feed and its owner's open
+        orders (and its cash reserved) until someone sent anything. Matching never depended on
+        it: every command applies what is due before itself."""
+        while self._running:
+            try:
+                self._housekeep(max(self.clock(), self.core.ts))
+            except Exception:  # a core bug; the next command meets it too, and its caller hears of it
+                log.exception("applying what fell due failed")
+            due = self.core.next_due()
+            # At most TIMER_MAX asleep: the clock may be another's (tests), and an order placed
+            # meanwhile may expire sooner. A millisecond late rather than a wake-up too early.
+            wait = TIMER_MAX if due is None else min(TIMER_MAX, max(0, due - self.clock()) / 1e6 + 0.001)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), wait)
 
     async def _sequence(self, command: dict) -> Outcome:
         out, durable = self.apply(command)

@@ -555,6 +555,17 @@ class ExchangeCore:
             pos[P_AVAILABLE] += pos[P_LOCKED]
             pos[P_LOCKED] = pos[P_LOCKED_DAY] = 0
 
+    def next_due(self) -> int | None:
+        """When the next expiry or day's close falls due (UTC µs), None if nothing will: the
+        service's timer applies them then, so that a quiet market shows them on time too."""
+        heap, orders = self._gtd, self.orders
+        while heap and heap[0][1] not in orders:
+            heapq.heappop(heap)
+        times = [heap[0][0]] if heap else []
+        if self.day_stats:
+            times.append((self.stats_day + 1) * DAY_US - _CST_US)  # the next Shanghai midnight
+        return min(times, default=None)
+
     def roll_due(self, ts: int) -> bool:
         """Whether `ts` falls on a later trading day than the trades not yet closed (the service
         then applies ``roll``)."""

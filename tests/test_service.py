@@ -380,6 +380,42 @@ def test_a_refused_retirement_gives_back_todays_purchase_still_locked(db, run):
     run(main())
 
 
+def test_a_quiet_market_expires_gtd_orders_and_closes_the_day_on_time(db, run):
+    """With no command arriving, a GTD order still expires when its time comes (its cash is
+    free again, the journal has the expiry) and a trading day with trades closes at midnight
+    (the reference price moves): the service's timer applies them."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 23, 59))
+        svc, dev, buy = await _listed(db, clock=clock)
+        try:
+            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
+            await svc.submit(place(dev, E.ASK, 3520, 1000))
+            await svc.submit(place(buy, E.BID, 3520, 1000))
+            gtd = await svc.submit({**place(buy, E.BID, 3400, 2000), "tif": E.GTD,
+                                    "expire_ts": clock.ts + 20_000_000})
+            assert svc.core.cash[buy][1] > 0
+            clock.ts += 21_000_000  # past the expiry; nobody sends anything
+            for _ in range(60):
+                if gtd.order_id not in svc.core.orders:
+                    break
+                await asyncio.sleep(0.05)
+            assert gtd.order_id not in svc.core.orders and svc.core.cash[buy][1] == 0
+            clock.ts = local_ts(2026, 11, 24, 0, 0)  # midnight in Shanghai: the day closes
+            for _ in range(60):
+                if svc.core.listings[SYMBOL].rules.reference_price == 3520:
+                    break
+                await asyncio.sleep(0.05)
+            assert svc.core.listings[SYMBOL].rules.reference_price == 3520
+            await svc.settle()
+            ops = [orjson.loads(r["command"]).get("op") for r in await _journal_rows(db)]
+            assert ops[-2:] == ["expire", "roll"], ops
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 def test_a_failed_journal_write_stops_the_service_and_loses_nothing_acknowledged(db, run):
     async def main():
         svc, _dev, buy = await _listed(db)
