@@ -9,12 +9,13 @@ every route documents the problems it can send, so /openapi.json describes exact
 import hashlib
 import html
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from itertools import islice
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
 
 import asyncpg
 import orjson
@@ -861,8 +862,28 @@ def listing_rules(req: M.ListingRequest) -> dict[str, Any]:
     return rules
 
 
+# C0 control characters and DEL, in a percent-decoded path (a str) and query (bytes).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def _controlled(path: str, query: bytes) -> str:
+    """Where a request holds a control character, as the API names places in details: `path`, or
+    `query.NAME` (the parameter's name, when it is itself clean)."""
+    if _CONTROL.search(path):
+        return "path"
+    # latin-1 maps each byte to the code point of its value: the control bytes stay findable
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1"):
+        if _CONTROL.search(name):
+            return "query"
+        if _CONTROL.search(value):
+            return f"query.{name}"
+    return "query"
+
+
 class Guard:
-    """ASGI middleware in front of the app: rate limits per address and request body size."""
+    """ASGI middleware in front of the app: rate limits per address, control characters in the
+    path and query, and request body size."""
 
     def __init__(self, app: Any, gate: Gate) -> None:
         self.app = app
@@ -878,6 +899,15 @@ class Guard:
             self.gate.admit(client[0] if client else None)
         except CarbonxError as e:
             await _send_problem(send, e.code, e.message, error_headers(e))
+            return
+        query = scope.get("query_string", b"")
+        if _CONTROL.search(scope["path"]) or (query and _CONTROL_BYTES.search(unquote_to_bytes(query))):
+            # PostgreSQL cannot store NUL (a path or query parameter with one would end in a 500
+            # wherever it reaches a query), and no name, code or cursor of the API holds a control
+            # character: refused here, once for every route, before any handler sees it.
+            await _send_problem(send, "invalid_request", f"{_controlled(scope['path'], query)}: must not contain "
+                                                         "control characters (U+0000-U+001F, U+007F), "
+                                                         "percent-encoded or not")
             return
         headers = scope.get("headers", ())
         length = next((v for k, v in headers if k == b"content-length"), None)
