@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 Decimal = str  # a decimal string such as "13.89" or "1.200"
 _DEC = r"^[0-9]+(\.[0-9]+)?$"
@@ -51,6 +52,39 @@ def serial_number_input(value: Any) -> Any:
 SerialNumberInput = Annotated[int, BeforeValidator(serial_number_input), Field(ge=1, le=MAX_SERIAL_NUMBER),
                               WithJsonSchema({"type": "string", "pattern": "^[0-9]{1,10}$",
                                               "description": "a serial number: the first unit of a block"})]
+
+
+# Characters no text of a request may hold: control characters (Unicode category Cc: NUL, which
+# PostgreSQL cannot store, tabs, line breaks, C1 controls) and the bidirectional embeddings,
+# overrides and isolates, which make text display in another order than it is stored (a
+# certificate's beneficiary could read as someone else's). exchange/offsetting.py checks the same
+# characters before an offset buys (the tests check that the two agree).
+_UNSAFE = r"\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069"  # as a regex character class's ranges
+UNSAFE_TEXT = re.compile(f"[{_UNSAFE}]")
+TEXT_PATTERN = f"^[^{_UNSAFE}]*$"  # the rule as /openapi.json states it (Python's and ECMA-262's regex alike)
+
+
+def _unsafe(value: str) -> str | None:
+    """Why `value` is not plain text, or None."""
+    m = UNSAFE_TEXT.search(value)
+    if m is None:
+        return None
+    return (f"must not contain control characters (such as NUL, a tab or a line break) or bidirectional "
+            f"formatting characters (U+202A-U+202E, U+2066-U+2069): U+{ord(m[0]):04X} at position {m.start()}")
+
+
+def plain_text(value: str) -> str:
+    """Text a person reads back (names, beneficiaries, references, reasons): refused with a message
+    that the route prefixes with the field's name (api/rest.py)."""
+    why = _unsafe(value)
+    if why is not None:
+        raise PydanticCustomError("plain_text", why)
+    return value
+
+
+# Every free-text and name field of a request; the pattern lets schema-driven clients (and
+# schemathesis) generate valid text. Lengths are each field's own.
+Text = Annotated[str, AfterValidator(plain_text), Field(json_schema_extra={"pattern": TEXT_PATTERN})]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +149,7 @@ class OrderRequest(Strict):
     expire_time: str | None = Field(default=None, max_length=40, description="ISO 8601, for GTD")
     post_only: bool = False
     max_cash: Decimal | None = Field(default=None, pattern=_DEC, max_length=24, description="market buys: CNY cap")
-    client_order_id: str | None = Field(default=None, min_length=1, max_length=64)
+    client_order_id: Text | None = Field(default=None, min_length=1, max_length=64)
 
 
 class AmendRequest(Strict):
@@ -340,16 +374,16 @@ class Certificate(BaseModel):
 
 
 class RetireRequest(Strict):
-    symbol: str | None = Field(default=None, min_length=1, max_length=40)
+    symbol: Text | None = Field(default=None, min_length=1, max_length=40)
     issuance_id: IdInput | None = None
     quantity: Decimal = Field(pattern=_DEC, max_length=24)
-    beneficiary: str = Field(min_length=1, max_length=200)
-    purpose: str = Field(min_length=1, max_length=500)
+    beneficiary: Text = Field(min_length=1, max_length=200)
+    purpose: Text = Field(min_length=1, max_length=500)
 
 
 class AccountRequest(Strict):
-    code: str = Field(min_length=1, max_length=40)
-    name: str = Field(default="", max_length=200)
+    code: Text = Field(min_length=1, max_length=40)
+    name: Text = Field(default="", max_length=200)
     kind: Literal["operator", "project_developer", "enterprise", "scenic_area", "event_organiser", "individual"]
     role: Literal["operator", "member"] = "member"
 
@@ -364,7 +398,7 @@ class AccountCreated(BaseModel):
 
 class PaymentRequest(Strict):
     amount: Decimal = Field(pattern=_DEC, max_length=24)
-    reference: str = Field(min_length=1, max_length=200)
+    reference: Text = Field(min_length=1, max_length=200)
 
 
 class PaymentView(BaseModel):
@@ -377,26 +411,26 @@ class PaymentView(BaseModel):
 
 
 class ProjectRequest(Strict):
-    code: str = Field(min_length=1, max_length=32)
-    name: str = Field(min_length=1, max_length=200)
+    code: Text = Field(min_length=1, max_length=32)
+    name: Text = Field(min_length=1, max_length=200)
     methodology: Literal["forest_carbon_sink", "grassland_carbon_sink", "wetland_carbon_sink", "energy_substitution",
                          "renewable_energy", "energy_efficiency", "methane_recovery", "low_carbon_transport", "other"]
-    developer: str = Field(min_length=1, max_length=40)
-    region: str = Field(default="", max_length=100)
-    scheme: str = Field(default="CDHF", min_length=2, max_length=16)
+    developer: Text = Field(min_length=1, max_length=40)
+    region: Text = Field(default="", max_length=100)
+    scheme: Text = Field(default="CDHF", min_length=2, max_length=16)
 
 
 class IssuanceRequest(Strict):
-    project: str = Field(min_length=1, max_length=32)
+    project: Text = Field(min_length=1, max_length=32)
     vintage: int = Field(ge=1990, le=2100)
     quantity: Decimal = Field(pattern=_DEC, max_length=24)
-    to_account: str | None = Field(default=None, min_length=1, max_length=40)
-    reference: str = Field(default="", max_length=200)
+    to_account: Text | None = Field(default=None, min_length=1, max_length=40)
+    reference: Text = Field(default="", max_length=200)
 
 
 class SerialRequest(Strict):
-    serial: str = Field(min_length=1, max_length=120)
-    reason: str = Field(min_length=1, max_length=500)
+    serial: Text = Field(min_length=1, max_length=120)
+    reason: Text = Field(min_length=1, max_length=500)
 
 
 class SerialResult(BaseModel):
@@ -405,7 +439,7 @@ class SerialResult(BaseModel):
 
 
 class ListingRequest(Strict):
-    symbol: str = Field(min_length=6, max_length=40)
+    symbol: Text = Field(min_length=6, max_length=40)
     tick: Decimal = Field(default="0.01", pattern=_DEC, max_length=24)
     lot: Decimal = Field(default="1.000", pattern=_DEC, max_length=24)
     min_quantity: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
@@ -441,13 +475,13 @@ class Estimate(BaseModel):
 
 
 class OffsetRequest(Strict):
-    symbol: str = Field(min_length=1, max_length=40)
+    symbol: Text = Field(min_length=1, max_length=40)
     activity: dict | None = Field(default=None, description="activity data as for /neutrality/estimate")
     quantity: Decimal | None = Field(default=None, pattern=_DEC, max_length=24, description="tonnes, instead of "
                                      "an activity")
     max_cash: Decimal = Field(pattern=_DEC, max_length=24, description="the most to spend, fees included (CNY)")
-    beneficiary: str = Field(min_length=1, max_length=200)
-    purpose: str = Field(min_length=1, max_length=500)
+    beneficiary: Text = Field(min_length=1, max_length=200)
+    purpose: Text = Field(min_length=1, max_length=500)
 
 
 class OffsetResult(BaseModel):

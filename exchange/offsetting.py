@@ -10,6 +10,7 @@ within the cap, how many are needed).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from exchange.errors import CarbonxError
@@ -19,6 +20,11 @@ from matching import events as E
 from matching.core import KEPT_COID_PREFIX
 from matching.risk import buy_reservation
 from matching.units import format_cash, format_price, format_tonnes
+
+# Text a retirement may not hold, the API's rule for every request text (api/models.py UNSAFE_TEXT,
+# which this layer cannot import): control characters (Unicode Cc: NUL, which PostgreSQL cannot
+# store, tabs, line breaks) and the bidirectional embeddings, overrides and isolates.
+UNSAFE_TEXT = re.compile(r"[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
 
 # An offset's purchase under an idempotency key is the order with this client_order_id prefix and
 # the key; order entry refuses the prefix (api/orders.py), or an offset could take a member's own
@@ -80,8 +86,15 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
     never happened (the process stopped between) retires what was bought."""
     if symbol not in service.core.listings:
         raise CarbonxError("unknown_instrument", f"no instrument {symbol!r}")
+    # Everything the retirement would refuse is refused before the purchase: a refusal after it
+    # would leave the buyer holding credits it asked to retire, and its cash spent.
     if not 1 <= len(beneficiary.strip()) <= 200 or not 1 <= len(purpose.strip()) <= 500:
         raise CarbonxError("invalid_request", "beneficiary (1–200 characters) and purpose (1–500) are needed")
+    for what, text in (("beneficiary", beneficiary), ("purpose", purpose)):
+        bad = UNSAFE_TEXT.search(text)
+        if bad is not None:
+            raise CarbonxError("invalid_request", f"{what}: must not contain control characters or bidirectional "
+                                                  f"formatting characters, found U+{ord(bad[0]):04X}")
     account_id = await service.account(account)
     coid = earlier = None
     if request is not None:

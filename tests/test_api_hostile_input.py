@@ -2,15 +2,21 @@
 and leaves no trace (balances, reservations, holdings, orders, the book, the journal and the
 registry's tables), never a 500.
 
-Covers: control characters in paths and queries (refused by api/rest.py's Guard for every route).
+Covers: control characters in paths and queries (refused by api/rest.py's Guard for every route);
+control and bidirectional formatting characters in request text (api/models.py's Text), also where
+an offset would have bought before its beneficiary was refused.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import pytest
 
+from api import models as M
+from exchange import offsetting
+from tests.api_clients import WsTrader
 from tests.api_helpers import SYMBOL, build_world, client, db_rows, ok, own_server
 
 TABLES = ("accounts", "api_keys", "projects", "issuances", "blocks", "transfers", "retirements", "payments",
@@ -94,3 +100,105 @@ def test_odd_but_harmless_path_characters_still_reach_the_routes(world):
         problem(anon.get("/v1/registry/projects/%20FOREST"), 404, "not_found")
         problem(anon.get("/v1/registry/projects/%C3%84"), 404, "not_found")
         assert ok(anon.get("/v1/registry/retirements", params={"account": "DEV BUY"})) == []
+
+
+def text_cases() -> list[tuple[str, str, str, dict, str]]:
+    """(who, method, path, body, field) for every text field of every request model."""
+    iss = "1"
+    return [
+        ("BUY", "POST", "/v1/retirements", {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "b",
+                                            "purpose": "p"}, "beneficiary"),
+        ("BUY", "POST", "/v1/retirements", {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "b",
+                                            "purpose": "p"}, "purpose"),
+        ("BUY", "POST", "/v1/retirements", {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "b",
+                                            "purpose": "p"}, "symbol"),
+        ("BUY", "POST", "/v1/neutrality/offset", {"symbol": SYMBOL, "quantity": "1.000", "max_cash": "100.00",
+                                                  "beneficiary": "b", "purpose": "p"}, "beneficiary"),
+        ("BUY", "POST", "/v1/neutrality/offset", {"symbol": SYMBOL, "quantity": "1.000", "max_cash": "100.00",
+                                                  "beneficiary": "b", "purpose": "p"}, "purpose"),
+        ("BUY", "POST", "/v1/orders", {"symbol": SYMBOL, "side": "buy", "price": "34.00", "quantity": "1.000",
+                                       "client_order_id": "c"}, "client_order_id"),
+        ("OPS", "POST", "/v1/accounts", {"code": "NEWACCT", "kind": "enterprise", "name": "n"}, "name"),
+        ("OPS", "POST", "/v1/accounts", {"code": "NEWACCT", "kind": "enterprise", "name": "n"}, "code"),
+        ("OPS", "POST", "/v1/accounts/BUY/deposits", {"amount": "1.00", "reference": "ref"}, "reference"),
+        ("OPS", "POST", "/v1/accounts/BUY/withdrawals", {"amount": "1.00", "reference": "ref"}, "reference"),
+        ("OPS", "POST", "/v1/registry/projects", {"code": "NEWP", "name": "n", "methodology": "other",
+                                                  "developer": "DEV", "region": "r"}, "name"),
+        ("OPS", "POST", "/v1/registry/projects", {"code": "NEWP", "name": "n", "methodology": "other",
+                                                  "developer": "DEV", "region": "r"}, "region"),
+        ("OPS", "POST", "/v1/registry/projects", {"code": "NEWP", "name": "n", "methodology": "other",
+                                                  "developer": "DEV", "region": "r"}, "developer"),
+        ("OPS", "POST", "/v1/registry/projects", {"code": "NEWP", "name": "n", "methodology": "other",
+                                                  "developer": "DEV", "region": "r"}, "code"),
+        ("OPS", "POST", "/v1/registry/issuances", {"project": "FOREST", "vintage": 2023, "quantity": "1.000",
+                                                   "reference": "v-1"}, "reference"),
+        ("OPS", "POST", "/v1/registry/issuances", {"project": "FOREST", "vintage": 2023, "quantity": "1.000",
+                                                   "to_account": "BUY"}, "to_account"),
+        ("OPS", "POST", "/v1/registry/issuances", {"project": "FOREST", "vintage": 2023, "quantity": "1.000"},
+         "project"),
+        ("OPS", "POST", "/v1/registry/freeze", {"serial": f"CDHF-FOREST-2023-{iss}-1", "reason": "r"}, "reason"),
+        ("OPS", "POST", "/v1/registry/unfreeze", {"serial": f"CDHF-FOREST-2023-{iss}-1", "reason": "r"}, "reason"),
+        ("OPS", "POST", "/v1/registry/cancel", {"serial": f"CDHF-FOREST-2023-{iss}-1", "reason": "r"}, "reason"),
+        ("OPS", "POST", "/v1/registry/cancel", {"serial": f"CDHF-FOREST-2023-{iss}-1", "reason": "r"}, "serial"),
+        ("OPS", "POST", "/v1/instruments", {"symbol": "FOREST-2024"}, "symbol"),
+    ]
+
+
+def test_request_text_with_control_or_bidi_characters_is_refused_naming_the_field(world, run):
+    server, w = world
+    before = trace(server, w, run)
+    for who, method, path, body, field in text_cases():
+        for ch in BAD_CHARS:
+            bad = {**body, field: body[field] + ch + "x"}
+            with client(server.http, w.keys[who]) as c:
+                r = c.request(method, path, json=bad)
+            b = problem(r, 400, "invalid_request", f"{field}:", f"U+{ord(ch):04X}")
+            assert "control characters" in b["detail"] and "bidirectional" in b["detail"], b
+    assert trace(server, w, run) == before
+
+
+def test_offset_with_a_nul_in_its_beneficiary_buys_nothing(world, run):
+    server, w = world
+    before = trace(server, w, run)
+    with w.as_("BUY") as buy:
+        for field in ("beneficiary", "purpose"):
+            body = {"symbol": SYMBOL, "quantity": "2.000", "max_cash": "100.00", "beneficiary": "b", "purpose": "p"}
+            body[field] = "x\u0000y"
+            problem(buy.post("/v1/neutrality/offset", json=body, headers={"Idempotency-Key": f"nul-{field}"}),
+                    400, "invalid_request", field)
+    assert trace(server, w, run) == before
+
+
+def test_the_text_rule_is_the_same_everywhere_and_stated_in_the_schema():
+    # Exactly Unicode's Cc and the bidi embeddings, overrides and isolates, in the models and in
+    # offsetting (which checks before it buys).
+    assert offsetting.UNSAFE_TEXT.pattern == M.UNSAFE_TEXT.pattern
+    bidi = set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
+    for cp in range(0x3000):
+        refused = M.UNSAFE_TEXT.search(chr(cp)) is not None
+        assert refused == (unicodedata.category(chr(cp)) == "Cc" or cp in bidi), hex(cp)
+    # Every string field of every request model states its rule in /openapi.json: a pattern (text,
+    # decimals) or an enum. OrderRequest's symbol and expire_time are read, never stored: an unknown
+    # symbol is unknown_instrument, a bad time invalid_request.
+    unstated = []
+    for model in M.Strict.__subclasses__():
+        for name, prop in model.model_json_schema()["properties"].items():
+            for alt in prop.get("anyOf", [prop]):
+                if alt.get("type") == "string" and not {"pattern", "enum", "const"} & set(alt):
+                    unstated.append(f"{model.__name__}.{name}")
+    assert unstated == ["OrderRequest.symbol", "OrderRequest.expire_time"]
+
+
+def test_websocket_order_entry_refuses_such_text_too(world, run):
+    server, w = world
+    before = trace(server, w, run)
+    trader = WsTrader(server.ws, w.keys["BUY"], orders_channel=False)
+    try:
+        for ch in BAD_CHARS:
+            r = trader.request({"op": "order.place", "symbol": SYMBOL, "side": "buy", "price": "34.00",
+                                "quantity": "1.000", "client_order_id": f"ws{ch}1"})
+            assert r["type"] == "error" and r["code"] == "invalid_request", r
+            assert r["detail"].startswith("client_order_id:"), r
+    finally:
+        trader.close()
+    assert trace(server, w, run) == before
