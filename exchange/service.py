@@ -473,6 +473,8 @@ class ExchangeService:
         if not (reason or "").strip():
             raise CarbonxError("invalid_reason", "say why: the registry's history shows the reason")
         async with self._registry_lock:
+            # The registry as of now: what the range holds per member is what the core gives or takes.
+            await self.caught_up(registry=True)
             async with self._pool.acquire() as conn:
                 iss, rng = await registry.resolve_serial(conn, serial)
                 rows = await conn.fetch(
@@ -487,7 +489,16 @@ class ExchangeService:
             moved = {r["account"]: r["kg"] for r in rows} if symbol in self.core.listings else {}
 
             async def apply_change(conn: asyncpg.Connection) -> registry.MovementResult:
-                return await change(conn, serial=serial, reason=reason)
+                async with conn.transaction():
+                    result = await change(conn, serial=serial, reason=reason)
+                    # Orders settled since the range was read (a release, a delivery) may have put
+                    # other credits in it or taken some out: the core would then have been told
+                    # another amount than the registry moved, and the two would disagree for good.
+                    if symbol in self.core.listings and await _members_moved(conn, result, states) != moved:
+                        raise CarbonxError("busy", "the credits in that serial range changed hands while it was "
+                                                   "being changed (an order or a trade being settled); nothing was "
+                                                   "changed: try again")
+                    return result
             if take:
                 return await self._take_then_change(symbol, moved, apply_change, "operator")
             async with self._pool.acquire() as conn:
@@ -790,6 +801,20 @@ class ExchangeService:
         await self.caught_up(self.durable_seq, registry=True)
         problems.extend(await compare_with_database(self._pool, self.core))
         return problems
+
+
+async def _members_moved(conn: asyncpg.Connection, result: registry.MovementResult,
+                         states: tuple[str, ...]) -> dict[int, int]:
+    """kg a registry change moved out of `states`, per member (system accounts are not in the core)."""
+    out: dict[int, int] = {}
+    for p in result.pieces:
+        if p.from_state in states:
+            out[p.from_owner] = out.get(p.from_owner, 0) + p.size
+    if out:
+        system = {r["id"] for r in await conn.fetch("SELECT id FROM accounts WHERE role = 'system' AND id = ANY($1)",
+                                                    list(out))}
+        out = {a: kg for a, kg in out.items() if a not in system}
+    return out
 
 
 async def member_balances(conn: asyncpg.Connection | asyncpg.Pool) -> dict[int, int]:

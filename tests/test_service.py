@@ -416,6 +416,68 @@ def test_a_quiet_market_expires_gtd_orders_and_closes_the_day_on_time(db, run):
     run(main())
 
 
+def test_a_freeze_right_after_a_cancel_freezes_what_the_registry_then_holds(db, run):
+    """A sell order encumbers serials; its cancel is journaled but not yet settled when the
+    operator freezes the whole issuance. The freeze reads the range once the registry has caught
+    up: it freezes all 100 t, in the registry and the core alike (it took 90 t in the core and
+    froze 100 in the registry, and the seller then sold 10 t the registry no longer had: the
+    projector failed and the exchange stopped, also after a restart)."""
+    async def main():
+        conn = await asyncpg.connect(db)
+        iss = await world(conn)
+        await conn.close()
+        svc = await _started(db)
+        try:
+            await svc.list_instrument(SYMBOL, LISTING)
+            dev = await svc.account("DEV")
+            sell = await svc.submit(place(dev, E.ASK, 3500, 10_000))
+            await svc.caught_up(registry=True)
+            assert (await svc.submit({"op": "cancel", "account": dev, "order_id": sell.order_id})).accepted
+            frozen = await svc.freeze(serial=iss.serial, reason="investigation")
+            assert frozen.quantity == 100_000 and svc.core.credits[SYMBOL][dev][P_AVAILABLE] == 0
+            assert (await svc.submit(place(dev, E.ASK, 3500, 10_000))).code == "insufficient_credits"
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_a_range_that_changes_under_a_freeze_is_refused_and_changes_nothing(db, run, monkeypatch):
+    """Should the registry move other credits than the core was told (an order settled in the
+    range between the take and the change), the change is refused as busy: the registry rolls
+    back, the core gets its credits back, and both still agree."""
+    async def main():
+        conn = await asyncpg.connect(db)
+        iss = await world(conn)
+        await conn.close()
+        svc = await _started(db)
+        try:
+            await svc.list_instrument(SYMBOL, LISTING)
+            dev, buy = await svc.account("DEV"), await svc.account("BUY")
+            freeze = registry.freeze
+
+            async def settled_meanwhile(conn: asyncpg.Connection, **kw) -> registry.MovementResult:
+                # as if a delivery to BUY had been settled in the range after the take
+                await registry.apply_movements(conn, [registry.ByQuantity(
+                    (iss.id,), dev, "available", buy, "available", 1000, "trade", "trade:meanwhile")])
+                return await freeze(conn, **kw)
+
+            monkeypatch.setattr(registry, "freeze", settled_meanwhile)
+            before = list(svc.core.credits[SYMBOL][dev])
+            with pytest.raises(CarbonxError) as refused:
+                await svc.freeze(serial=iss.serial, reason="investigation")
+            assert refused.value.code == "busy", refused.value
+            assert svc.core.credits[SYMBOL][dev] == before
+            async with svc.pool.acquire() as c:
+                assert await c.fetchval("SELECT count(*) FROM blocks WHERE state <> 'available'") == 0
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 def test_a_failed_journal_write_stops_the_service_and_loses_nothing_acknowledged(db, run):
     async def main():
         svc, _dev, buy = await _listed(db)
