@@ -194,10 +194,15 @@ def create_app(ctx: Context) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_request")
         return problem_response(code, str(e.detail), e.status_code)
 
+    # A bug's 500 is answered by LastResort, which keeps the connection; this handler (Starlette's
+    # outermost, which answers and then re-raises to the server, so uvicorn closes the
+    # connection) only sees what escapes the middleware itself.
     @app.exception_handler(Exception)
     async def _crash(_: Request, e: Exception) -> Response:
         log.error("unhandled error", exc_info=e)
         return problem_response("internal_error", f"{type(e).__name__}", 500)
+
+    app.add_middleware(LastResort)
 
     # ---- who is calling ----------------------------------------------------------------------
 
@@ -860,6 +865,36 @@ def listing_rules(req: M.ListingRequest) -> dict[str, Any]:
                                                 f"narrower than one tick ({req.tick}) either way: only the "
                                                 "reference price could trade")
     return rules
+
+
+class LastResort:
+    """ASGI middleware inside the app: an unhandled exception becomes a 500 problem and the request
+    ends there. Starlette's own handler of last resort answers too, but then re-raises to the
+    server, and uvicorn closes a connection whose application raised: the client's next request
+    on that keep-alive connection met a reset. A response already under way is left to fail as
+    it did (the server must close a connection that carries half a response)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as e:
+            if started:
+                raise
+            log.error("unhandled error", exc_info=e)
+            await problem_response("internal_error", type(e).__name__, 500)(scope, receive, send)
 
 
 # C0 control characters and DEL, in a percent-decoded path (a str) and query (bytes).

@@ -4,18 +4,21 @@ registry's tables), never a 500.
 
 Covers: control characters in paths and queries (refused by api/rest.py's Guard for every route);
 control and bidirectional formatting characters in request text (api/models.py's Text), also where
-an offset would have bought before its beneficiary was refused.
+an offset would have bought before its beneficiary was refused; a 500, which must not end the
+keep-alive connection it was sent on.
 """
 
 from __future__ import annotations
 
+import socket
 import unicodedata
 from typing import Any
 
+import orjson
 import pytest
 
 from api import models as M
-from exchange import offsetting
+from exchange import offsetting, registry
 from tests.api_clients import WsTrader
 from tests.api_helpers import SYMBOL, build_world, client, db_rows, ok, own_server
 
@@ -202,3 +205,41 @@ def test_websocket_order_entry_refuses_such_text_too(world, run):
     finally:
         trader.close()
     assert trace(server, w, run) == before
+
+
+def _exchange(sock: socket.socket, path: str) -> tuple[int, bytes] | None:
+    """One GET on a raw keep-alive connection: (status, body), or None if the server closed it."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = sock.recv(65536)
+        if not part:
+            return None
+        data += part
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(int(v) for k, _, v in (x.partition(":") for x in lines[1:]) if k.lower() == "content-length")
+    while len(body) < length:
+        part = sock.recv(65536)
+        if not part:
+            return None
+        body += part
+    return int(lines[0].split()[1]), body
+
+
+def test_a_500_keeps_the_connection_for_the_next_request(world, monkeypatch):
+    server, _ = world
+
+    async def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(registry, "get_project", broken)  # the server runs in this process
+    host, port = server.http.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for _ in range(3):
+            first = _exchange(sock, "/v1/registry/projects/FOREST")
+            assert first is not None and first[0] == 500, first
+            assert orjson.loads(first[1])["code"] == "internal_error"
+            # Before: uvicorn closed the connection after the 500 (the application had raised).
+            second = _exchange(sock, "/v1/health")
+            assert second is not None and second[0] == 200, second
