@@ -87,6 +87,26 @@ def plain_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(plain_text), Field(json_schema_extra={"pattern": TEXT_PATTERN})]
 
 
+def payment_reference(value: str) -> str:
+    """A payment reference as the core and the ledger take it: printable, not only spaces (the
+    ledger's CHECK trims spaces), at most 100 characters (the field's max_length)."""
+    if not value.strip(" "):
+        raise PydanticCustomError("blank_reference", "must not be blank (only spaces)")
+    if not value.isprintable():
+        at, ch = next((i, c) for i, c in enumerate(value) if not c.isprintable())
+        raise PydanticCustomError("unprintable_reference",
+                                  f"must be printable characters (no control, format or separator characters other "
+                                  f"than the space): U+{ord(ch):04X} at position {at}")
+    return value
+
+
+PaymentReference = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(plain_text),
+                             AfterValidator(payment_reference),
+                             Field(json_schema_extra={"pattern": f"^ *[^ {_UNSAFE}][^{_UNSAFE}]*$",
+                                                      "description": "1-100 printable characters, not only spaces; "
+                                                                     "the payment's idempotency key"})]
+
+
 @dataclass(frozen=True, slots=True)
 class FillCursor:
     """Where a page of a member's fills ends: the last fill's place in their order, newest first by
@@ -398,7 +418,7 @@ class AccountCreated(BaseModel):
 
 class PaymentRequest(Strict):
     amount: Decimal = Field(pattern=_DEC, max_length=24)
-    reference: Text = Field(min_length=1, max_length=200)
+    reference: PaymentReference
 
 
 class PaymentView(BaseModel):

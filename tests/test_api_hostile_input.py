@@ -5,12 +5,13 @@ registry's tables), never a 500.
 Covers: control characters in paths and queries (refused by api/rest.py's Guard for every route);
 control and bidirectional formatting characters in request text (api/models.py's Text), also where
 an offset would have bought before its beneficiary was refused; a 500, which must not end the
-keep-alive connection it was sent on.
+keep-alive connection it was sent on; payment references the ledger cannot hold.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 import unicodedata
 from typing import Any
 
@@ -243,3 +244,30 @@ def test_a_500_keeps_the_connection_for_the_next_request(world, monkeypatch):
             # Before: uvicorn closed the connection after the 500 (the application had raised).
             second = _exchange(sock, "/v1/health")
             assert second is not None and second[0] == 200, second
+
+
+# ---- 2. payment references ----------------------------------------------------------------------
+
+def test_payment_references_the_ledger_cannot_hold_are_refused(world, run):
+    server, w = world
+    before = trace(server, w, run)
+    with client(server.http, server.ops_key) as ops:
+        for ref, words in [("   ", ("reference:", "blank")), (" ", ("reference:", "blank")),
+                           ("x" * 101, ("reference:", "100")), ("\u3000", ("reference:", "printable")),
+                           ("a\u200fb", ("reference:", "printable")), ("a\x00", ("reference:",))]:
+            for direction in ("deposits", "withdrawals"):
+                problem(ops.post(f"/v1/accounts/BUY/{direction}", json={"amount": "5.00", "reference": ref}),
+                        400, "invalid_request", *words)
+    assert trace(server, w, run) == before
+    # The longest reference is taken, and the exchange goes on settling trades afterwards.
+    with client(server.http, server.ops_key) as ops:
+        ok(ops.post("/v1/accounts/BUY/deposits", json={"amount": "5.00", "reference": " " + "r" * 99}), 201)
+    settled = db_rows(run, server.dsn, "SELECT count(*) AS n FROM settled_trades")[0]["n"]
+    with w.as_("BUY") as buy:
+        ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "price": "35.00", "quantity": "1.000"}),
+           201)
+    deadline = time.monotonic() + 15
+    while db_rows(run, server.dsn, "SELECT count(*) AS n FROM settled_trades")[0]["n"] == settled:
+        assert time.monotonic() < deadline, "the trade did not settle"
+        time.sleep(0.1)
+    assert ok(client(server.http).get("/v1/health"))["status"] == "ok"
