@@ -24,7 +24,8 @@ from exchange.offsetting import OFFSET_COID
 from exchange.service import ExchangeService
 from matching import events as E
 from matching.core import O_ACCOUNT, O_PRICE, O_REMAINING, O_SYMBOL, Outcome
-from matching.units import UnitError, parse_cash, parse_price, parse_tonnes
+from matching.reference import LIMIT_MAX_PRICE, MAX_CASH, MAX_QTY
+from matching.units import UnitError, format_cash, format_price, format_tonnes, parse_cash, parse_price, parse_tonnes
 
 TIFS = {"GTC": E.GTC, "IOC": E.IOC, "FOK": E.FOK, "GTD": E.GTD}
 ORDER_FILLS = 100  # the newest fills an order view carries, however it is read (all of them: GET /v1/fills)
@@ -33,13 +34,27 @@ ORDER_FILLS = 100  # the newest fills an order view carries, however it is read 
 FILL_ORDER = "seq DESC, symbol DESC, trade_id DESC, side DESC"
 
 
-def _units(fn: Any, text: str, what: str, positive: bool = True) -> int:
+# The largest amounts the core takes in a command (matching/reference.py): larger ones are refused
+# here, in the client's units and with the API's codes, instead of by the core in kg or fen with
+# its own invalid_command.
+MAX_QUANTITY_KG = MAX_QTY
+MAX_CASH_FEN = MAX_CASH
+_SHOWN = {parse_tonnes: (format_tonnes, "t"), parse_price: (format_price, "CNY/t"), parse_cash: (format_cash, "CNY")}
+
+
+def _units(fn: Any, text: str, what: str, positive: bool = True, most: int | None = None,
+           code: str = "invalid_request") -> int:
+    """`text` in the integer units `fn` reads (kg, fen per tonne, fen); with `most`, refused above
+    it with `code` and a message in the client's units."""
     try:
         value = fn(text, what)
     except UnitError as e:
         raise CarbonxError(e.code if e.code == "too_many_decimals" else "invalid_request", str(e)) from None
     if positive and value <= 0:
         raise CarbonxError("invalid_request", f"{what} must be positive")
+    if most is not None and value > most:
+        show, unit = _SHOWN[fn]
+        raise CarbonxError(code, f"{what} must be at most {show(most)} {unit}, got {text}")
     return value
 
 
@@ -56,18 +71,19 @@ def parse_time(text: str, what: str = "expire_time") -> int:
     return (dt - EPOCH) // timedelta(microseconds=1)
 
 
-def place_command(account: int, req: OrderRequest) -> dict[str, Any]:
-    """The core command for an order request (form and units only; the core checks the rules)."""
+def place_command(account: int, req: OrderRequest, max_price: int = LIMIT_MAX_PRICE) -> dict[str, Any]:
+    """The core command for an order request (form and units only; the core checks the rules).
+    `max_price` is the instrument's book's bound (fen per tonne): a price above it is out of band."""
     side = E.BID if req.side == "buy" else E.ASK
     cmd: dict[str, Any] = {"op": "place", "account": account, "symbol": req.symbol, "side": side,
-                           "qty": _units(parse_tonnes, req.quantity, "quantity")}
+                           "qty": _units(parse_tonnes, req.quantity, "quantity", most=MAX_QUANTITY_KG)}
     if req.type == "limit":
         if req.price is None:
             raise CarbonxError("invalid_request", "a limit order needs a price")
         if req.max_cash is not None:
             raise CarbonxError("invalid_request", "max_cash is for market buys")
         cmd["kind"] = E.LIMIT
-        cmd["price"] = _units(parse_price, req.price, "price")
+        cmd["price"] = _units(parse_price, req.price, "price", most=max_price, code="price_out_of_band")
         tif = req.time_in_force or "GTC"
     else:
         if req.price is not None:
@@ -81,7 +97,7 @@ def place_command(account: int, req: OrderRequest) -> dict[str, Any]:
         if side == E.BID:
             if req.max_cash is None:
                 raise CarbonxError("invalid_request", "a market buy needs max_cash, the most it may spend")
-            cmd["cash_cap"] = _units(parse_cash, req.max_cash, "max_cash")
+            cmd["cash_cap"] = _units(parse_cash, req.max_cash, "max_cash", most=MAX_CASH_FEN)
         elif req.max_cash is not None:
             raise CarbonxError("invalid_request", "max_cash is for market buys")
     cmd["tif"] = TIFS[tif]
@@ -125,7 +141,8 @@ class Trading:
 
     def place_now(self, account: int, req: OrderRequest, shared: bool = False) -> tuple[Outcome, Any]:
         apply = self.service.apply_shared if shared else self.service.apply
-        return apply(place_command(account, req))
+        listing = self.service.core.listings.get(req.symbol)  # none: the core says unknown_instrument
+        return apply(place_command(account, req, listing.rules.max_price if listing is not None else LIMIT_MAX_PRICE))
 
     def cancel_now(self, account: int, order_id: int, shared: bool = False) -> tuple[Outcome, Any]:
         apply = self.service.apply_shared if shared else self.service.apply
@@ -138,8 +155,11 @@ class Trading:
         o = self.service.core.orders.get(order_id)
         if o is None or o[O_ACCOUNT] != account:
             raise CarbonxError("not_found", f"no open order {order_id}")
-        qty = _units(parse_tonnes, req.quantity, "quantity") if req.quantity is not None else o[O_REMAINING]
-        price = _units(parse_price, req.price, "price") if req.price is not None else o[O_PRICE]
+        max_price = self.service.core.listings[o[O_SYMBOL]].rules.max_price
+        qty = (_units(parse_tonnes, req.quantity, "quantity", most=MAX_QUANTITY_KG) if req.quantity is not None
+               else o[O_REMAINING])
+        price = (_units(parse_price, req.price, "price", most=max_price, code="price_out_of_band")
+                 if req.price is not None else o[O_PRICE])
         apply = self.service.apply_shared if shared else self.service.apply
         return apply({"op": "amend", "account": account, "order_id": order_id, "price": price, "qty": qty})
 

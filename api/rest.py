@@ -29,7 +29,7 @@ from api import models as M
 from api import web
 from api.auth import Gate, Limits, bearer, error_headers
 from api.fastpath import replay
-from api.orders import ORDER_FILLS, Trading, _units
+from api.orders import MAX_CASH_FEN, ORDER_FILLS, Trading, _units
 from api.wire import checksum, fill_view, http_status, iso, iso_datetime, levels, order_view, problem
 from exchange import accounts as acc
 from exchange import certificates, neutrality, offsetting, registry
@@ -56,6 +56,9 @@ log = logging.getLogger("carbonx.api")
 PROBLEM = "application/problem+json"
 MAX_DEPTH = 5000
 MAX_PRICE = InstrumentRules().max_price  # fen per tonne: the books' bound, which listings cannot change
+# A retirement (or an offset) takes units of one project vintage, which has at most this many kg
+# (ten-digit serials): more is refused here rather than overflowing the registry's bigint columns.
+MAX_RETIRE_KG = registry.MAX_SERIAL - 1
 
 
 @dataclass
@@ -629,7 +632,7 @@ def create_app(ctx: Context) -> FastAPI:
     async def retire(req: M.RetireRequest, who: Member, key: OneIdempotencyKey) -> Any:
         if (req.symbol is None) == (req.issuance_id is None):
             raise CarbonxError("invalid_request", "give exactly one of symbol or issuance_id")
-        kg = _units(parse_tonnes, req.quantity, "quantity")
+        kg = _units(parse_tonnes, req.quantity, "quantity", most=MAX_RETIRE_KG)
         request = None
         if key is not None:
             # As split_symbol reads it; a bad symbol is the service's to refuse, in its usual order.
@@ -666,7 +669,7 @@ def create_app(ctx: Context) -> FastAPI:
         never rounded (API.md)."""
         if est is not None:
             return neutrality.quantity_to_offset(est["total_kg"], lot)
-        kg = _units(parse_tonnes, quantity, "quantity")
+        kg = _units(parse_tonnes, quantity, "quantity", most=MAX_RETIRE_KG)
         if kg % lot:
             raise CarbonxError("invalid_lot", f"quantity {quantity} is not a whole number of lots of "
                                               f"{format_tonnes(lot)} t")
@@ -683,7 +686,10 @@ def create_app(ctx: Context) -> FastAPI:
         kg = offset_quantity(est, req.quantity, listing.rules.lot)
         if kg <= 0:
             raise CarbonxError("invalid_request", "nothing to offset: the footprint is zero")
-        cap = _units(parse_cash, req.max_cash, "max_cash")
+        if kg > MAX_RETIRE_KG:  # an explicit quantity is refused so already; this is a footprint's
+            raise CarbonxError("invalid_request", f"the footprint, {format_tonnes(kg)} t, is more than one offset "
+                                                  f"can retire ({format_tonnes(MAX_RETIRE_KG)} t)")
+        cap = _units(parse_cash, req.max_cash, "max_cash", most=MAX_CASH_FEN)
         # The same offset is the same purchase and retirement: the activity behind the tonnes is not part of it.
         request = (key, request_digest("offset", req.symbol, kg, cap, req.beneficiary.strip(),
                                        req.purpose.strip())) if key is not None else None
@@ -708,7 +714,7 @@ def create_app(ctx: Context) -> FastAPI:
         return JSON(await db(q), status_code=201)
 
     async def payment(code: str, req: M.PaymentRequest, op: str) -> Any:
-        amount = _units(parse_cash, req.amount, "amount")
+        amount = _units(parse_cash, req.amount, "amount", most=MAX_CASH_FEN)
         account_id = await service.account(code)
         cmd = {"op": op, "account": account_id, "amount": amount, "ref": req.reference}
         await service.prepare(cmd)

@@ -5,7 +5,8 @@ registry's tables), never a 500.
 Covers: control characters in paths and queries (refused by api/rest.py's Guard for every route);
 control and bidirectional formatting characters in request text (api/models.py's Text), also where
 an offset would have bought before its beneficiary was refused; a 500, which must not end the
-keep-alive connection it was sent on; payment references the ledger cannot hold.
+keep-alive connection it was sent on; payment references the ledger cannot hold; amounts beyond what
+the core or the registry take, refused in the client's units (REST and websocket alike).
 """
 
 from __future__ import annotations
@@ -271,3 +272,93 @@ def test_payment_references_the_ledger_cannot_hold_are_refused(world, run):
         assert time.monotonic() < deadline, "the trade did not settle"
         time.sleep(0.1)
     assert ok(client(server.http).get("/v1/health"))["status"] == "ok"
+
+
+# ---- 3, 4. amounts beyond the core's and the registry's range -----------------------------------
+
+def test_huge_retirements_are_refused_in_tonnes(world, run):
+    server, w = world
+    with client(server.http, server.ops_key) as ops:
+        ok(ops.post("/v1/registry/projects", json={"code": "UNL", "name": "unlisted", "methodology": "other",
+                                                   "developer": "DEV"}), 201)
+        iss = ok(ops.post("/v1/registry/issuances", json={"project": "UNL", "vintage": 2022, "quantity": "5.000"}),
+                 201)
+    before = trace(server, w, run)
+    with w.as_("DEV") as dev:
+        for where in ({"issuance_id": iss["id"]}, {"symbol": "UNL-2022"}, {"symbol": SYMBOL}):
+            for q in ("99999999999999999999", "9223372036854775.808", "10000000.000"):
+                problem(dev.post("/v1/retirements", json={**where, "quantity": q, "beneficiary": "b", "purpose": "p"}),
+                        400, "invalid_request", "quantity", "9999999.999 t")
+            # the most a project vintage can hold goes on to the registry, which finds too few credits
+            problem(dev.post("/v1/retirements", json={**where, "quantity": "9999999.999", "beneficiary": "b",
+                                                      "purpose": "p"}), 422, "insufficient_credits")
+    with w.as_("BUY") as buy:
+        problem(buy.post("/v1/neutrality/offset", json={"symbol": SYMBOL, "quantity": "10000000.000",
+                                                        "max_cash": "1.00", "beneficiary": "b", "purpose": "p"}),
+                400, "invalid_request", "9999999.999 t")
+        problem(buy.post("/v1/neutrality/offset", json={"symbol": SYMBOL, "quantity": "1.000",
+                                                        "max_cash": "11258999068426.25", "beneficiary": "b",
+                                                        "purpose": "p"}),
+                400, "invalid_request", "max_cash", "CNY")
+    with client(server.http, server.ops_key) as ops:
+        problem(ops.post("/v1/accounts/BUY/deposits", json={"amount": "11258999068426.25", "reference": "huge"}),
+                400, "invalid_request", "amount", "11258999068426.24 CNY")
+    assert trace(server, w, run) == before
+
+
+HUGE_ORDERS = [
+    ({"quantity": "1099511627.777"}, 400, "invalid_request", ("quantity", "1099511627.776 t")),
+    ({"quantity": "1099511628"}, 400, "invalid_request", ("quantity", "1099511627.776 t")),
+    ({"quantity": "99999999999999999999"}, 400, "invalid_request", ("quantity", " t")),
+    ({"price": "41943.04"}, 422, "price_out_of_band", ("price", "41943.03 CNY/t")),
+    ({"price": "671088.65"}, 422, "price_out_of_band", ("price", "CNY/t")),
+    ({"price": "99999999999999999999"}, 422, "price_out_of_band", ("price", "CNY/t")),
+    ({"type": "market", "price": None, "max_cash": "11258999068426.25"}, 400, "invalid_request",
+     ("max_cash", "11258999068426.24 CNY")),
+    ({"type": "market", "price": None, "max_cash": "99999999999999999999"}, 400, "invalid_request",
+     ("max_cash", "CNY")),
+]
+
+
+def _order(change: dict) -> dict:
+    body = {"symbol": SYMBOL, "side": "buy", "price": "34.00", "quantity": "1.000", **change}
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def test_order_amounts_beyond_the_core_are_refused_in_api_units(world, run):
+    server, w = world
+    with w.as_("BUY2") as buy:
+        resting = ok(buy.post("/v1/orders", json=_order({"price": "33.00"})), 201)
+        before = trace(server, w, run)
+        for change, status, code, words in HUGE_ORDERS:
+            problem(buy.post("/v1/orders", json=_order(change)), status, code, *words)
+            amend = {k: v for k, v in change.items() if k in ("quantity", "price") and v is not None}
+            if amend:
+                problem(buy.patch(f"/v1/orders/{resting['order_id']}", json=amend), status, code, *words)
+        # At the bounds themselves the request reaches the exchange's own rules (not its internal
+        # invalid_command): lots, band, funds.
+        assert buy.post("/v1/orders", json=_order({"quantity": "1099511627.776"})).json()["code"] == "invalid_lot"
+        assert buy.post("/v1/orders", json=_order({"price": "41943.03"})).json()["code"] == "price_out_of_band"
+        assert buy.post("/v1/orders", json=_order({"type": "market", "price": None,
+                                                   "max_cash": "11258999068426.24"})).json()["code"] == \
+            "insufficient_funds"
+    assert trace(server, w, run) == before
+
+
+def test_websocket_order_amounts_beyond_the_core_are_refused_alike(world, run):
+    server, w = world
+    trader = WsTrader(server.ws, w.keys["BUY2"], orders_channel=False)
+    try:
+        resting = trader.request({"op": "order.place", **_order({"price": "33.10"})})
+        assert resting["type"] == "result", resting
+        before = trace(server, w, run)
+        for change, _status, code, words in HUGE_ORDERS:
+            r = trader.request({"op": "order.place", **_order(change)})
+            assert r["type"] == "error" and r["code"] == code and all(x in r["detail"] for x in words), r
+            amend = {k: v for k, v in change.items() if k in ("quantity", "price") and v is not None}
+            if amend:
+                r = trader.request({"op": "order.amend", "order_id": resting["order"]["order_id"], **amend})
+                assert r["type"] == "error" and r["code"] == code and all(x in r["detail"] for x in words), r
+    finally:
+        trader.close()
+    assert trace(server, w, run) == before
