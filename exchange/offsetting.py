@@ -18,6 +18,7 @@ from exchange.registry import Retirement
 from exchange.service import ExchangeService
 from matching import events as E
 from matching.core import KEPT_COID_PREFIX
+from matching.engine import InstrumentRules
 from matching.risk import buy_reservation
 from matching.units import format_cash, format_price, format_tonnes
 
@@ -40,16 +41,24 @@ class Offset:
     retirement: Retirement
 
 
+def lowest_limit(rules: InstrumentRules) -> int:
+    """The lowest price an order may name: the band's low end up on the tick grid, or one tick."""
+    band = rules.band()
+    low = -(-band[0] // rules.tick) * rules.tick if band else rules.tick
+    return max(low, rules.tick)
+
+
 def best_limit(service: ExchangeService, symbol: str, qty: int, max_cash: int) -> int:
     """The highest tick-aligned price whose worst-case cost of `qty` fits in `max_cash`, capped at
-    the top of the band (or the book's price bound without a reference price)."""
+    the top of the band (or the book's price bound without a reference price); 0 when not even
+    the band's lowest price fits (a price below the band would only be refused as out of band)."""
     listing = service.core.listings[symbol]
     rules = listing.rules
     band = rules.band()
     high = band[1] if band else rules.max_price
     high -= high % rules.tick
     fee_bp = max(listing.maker_bp, listing.taker_bp)
-    low, best = rules.tick, 0
+    low, best = lowest_limit(rules), 0
     while low <= high:  # the reservation grows with the price: binary search on ticks
         mid = (low // rules.tick + high // rules.tick) // 2 * rules.tick
         if buy_reservation(mid, qty, rules.lot, fee_bp) <= max_cash:
@@ -119,7 +128,9 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
     if limit == 0:
         raise CarbonxError("offset_not_filled",
                            f"max_cash {format_cash(max_cash_fen)} CNY cannot pay for {format_tonnes(quantity_kg)} t "
-                           "at any price in the band")
+                           f"at any price in the band: the lowest, "
+                           f"{format_price(lowest_limit(service.core.listings[symbol].rules))} CNY/t, would need "
+                           "more (fees included). Nothing was bought or retired.")
     place = {"op": "place", "account": account_id, "symbol": symbol, "side": E.BID, "kind": E.LIMIT,
              "price": limit, "qty": quantity_kg, "tif": E.FOK}
     out = await service.submit(place if coid is None else {**place, "coid": coid})

@@ -6,7 +6,8 @@ Covers: control characters in paths and queries (refused by api/rest.py's Guard 
 control and bidirectional formatting characters in request text (api/models.py's Text), also where
 an offset would have bought before its beneficiary was refused; a 500, which must not end the
 keep-alive connection it was sent on; payment references the ledger cannot hold; amounts beyond what
-the core or the registry take, refused in the client's units (REST and websocket alike).
+the core or the registry take, refused in the client's units (REST and websocket alike); an offset
+whose cap pays for no price in the band.
 """
 
 from __future__ import annotations
@@ -361,4 +362,23 @@ def test_websocket_order_amounts_beyond_the_core_are_refused_alike(world, run):
                 assert r["type"] == "error" and r["code"] == code and all(x in r["detail"] for x in words), r
     finally:
         trader.close()
+    assert trace(server, w, run) == before
+
+
+# ---- 6. an offset whose cap is below the band ---------------------------------------------------
+
+def test_offset_whose_cap_pays_for_no_price_in_the_band_is_not_filled(world, run):
+    server, w = world
+    before = trace(server, w, run)
+    with w.as_("BUY2") as buy:
+        body = problem(buy.post("/v1/neutrality/offset", json={"symbol": SYMBOL, "quantity": "1.000",
+                                                               "max_cash": "1.00", "beneficiary": "b",
+                                                               "purpose": "p"}),
+                       422, "offset_not_filled", "max_cash 1.00 CNY", "31.50 CNY/t", "Nothing was bought")
+        assert "price_out_of_band" not in body["detail"]
+        # a cap that pays for the band's low end but not for the offer at 35.00: not filled either,
+        # saying what the market offers within the cap
+        problem(buy.post("/v1/neutrality/offset", json={"symbol": SYMBOL, "quantity": "1.000",
+                                                        "max_cash": "31.60", "beneficiary": "b", "purpose": "p"}),
+                422, "offset_not_filled", "missing")
     assert trace(server, w, run) == before
