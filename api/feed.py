@@ -61,6 +61,16 @@ def binance_stream(symbol: str, interval_ms: int) -> str:
     return f"{symbol.lower()}@depth" + ("@100ms" if interval_ms == 100 else "")
 
 
+def _ident(raw: str | bytes) -> Any:
+    """The id of a message refused before it was read (rate limited), for the error to carry it
+    as it would otherwise: a JSON object's "id", else None."""
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return msg.get("id") if isinstance(msg, dict) else None
+
+
 class Client:
     """One connection: its subscriptions and its bounded, ordered outgoing queue."""
 
@@ -285,6 +295,14 @@ class Feed:
                     # Cut off: keep reading (and dropping) so a peer blocked in writing to us can
                     # finish and read the error and the close.
                     continue
+                # Every message counts against the limits, also one that turns out not to be JSON:
+                # admitted before it is parsed, or unparsable messages would be free.
+                try:
+                    self.gate.admit(client.address, client.key)
+                except RateLimited as e:
+                    self._send(client, {"type": "error", "id": _ident(raw), "code": e.code, "detail": e.message,
+                                        "retry_after_ms": e.retry_after_ms})
+                    continue
                 try:
                     msg = orjson.loads(raw)
                 except orjson.JSONDecodeError:
@@ -295,7 +313,6 @@ class Feed:
                     continue
                 ident = msg.get("id")  # before order entry takes it out of the message
                 try:
-                    self.gate.admit(client.address, client.key)
                     if time.monotonic() >= client.key_expires:  # one comparison per order otherwise
                         await self._recheck(client)
                     if client.binance:
@@ -304,9 +321,6 @@ class Feed:
                         self._order(client, msg["op"], ident, msg)
                     else:
                         await self._message(client, msg)
-                except RateLimited as e:
-                    self._send(client, {"type": "error", "id": ident, "code": e.code, "detail": e.message,
-                                        "retry_after_ms": e.retry_after_ms})
                 except CarbonxError as e:
                     self._error(client, ident, e.code, e.message)
         except ConnectionClosed:

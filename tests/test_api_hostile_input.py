@@ -7,7 +7,8 @@ control and bidirectional formatting characters in request text (api/models.py's
 an offset would have bought before its beneficiary was refused; a 500, which must not end the
 keep-alive connection it was sent on; payment references the ledger cannot hold; amounts beyond what
 the core or the registry take, refused in the client's units (REST and websocket alike); an offset
-whose cap pays for no price in the band.
+whose cap pays for no price in the band; messages on the socket that are not JSON objects (rate
+limited like any other).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 
 import orjson
 import pytest
+from websockets.sync.client import connect
 
 from api import models as M
+from api.auth import Limits
 from exchange import offsetting, registry
 from tests.api_clients import WsTrader
 from tests.api_helpers import SYMBOL, build_world, client, db_rows, ok, own_server
@@ -382,3 +385,41 @@ def test_offset_whose_cap_pays_for_no_price_in_the_band_is_not_filled(world, run
                                                         "max_cash": "31.60", "beneficiary": "b", "purpose": "p"}),
                 422, "offset_not_filled", "missing")
     assert trace(server, w, run) == before
+
+
+# ---- 5. the socket's rate limit counts every message -------------------------------------------
+
+@pytest.fixture
+def limited(pg_server, template_db, run):
+    with own_server(pg_server, template_db, run, "hostilews", limits=Limits(address_rate=1, address_burst=3)) as s:
+        yield s
+
+
+def _errors(ws, seconds: float = 1.5) -> list[dict]:
+    out = []
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            m = orjson.loads(ws.recv(max(0.01, end - time.monotonic())))
+        except TimeoutError:
+            return out
+        if m.get("ch") != "heartbeat":
+            out.append(m)
+
+
+def test_messages_that_are_not_json_objects_are_rate_limited_too(limited):
+    with connect(f"{limited.ws}/v1/ws", open_timeout=10) as ws:
+        for raw in ["not json"] * 10 + ["[1, 2]"] * 10:
+            ws.send(raw)
+        got = _errors(ws)
+    codes = [m["code"] for m in got]
+    assert len(got) == 20, got
+    assert codes.count("rate_limited") >= 15, codes  # a burst of 3, one a second
+    assert set(codes) <= {"invalid_json", "invalid_request", "rate_limited"}, codes
+    time.sleep(1.5)
+    with connect(f"{limited.ws}/v1/ws", open_timeout=10) as ws:
+        for i in range(6):  # a refused message still answers with its id
+            ws.send(orjson.dumps({"op": "ping", "id": i}).decode())
+        got = _errors(ws)
+    refused = [m for m in got if m.get("code") == "rate_limited"]
+    assert refused and all(m["id"] in range(6) for m in refused), got
