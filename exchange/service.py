@@ -762,25 +762,7 @@ class ExchangeService:
         return (await registry_positions(self._pool, symbol))["available"]
 
     async def _adjust_for_outside_changes(self) -> None:
-        db_cash = await member_balances(self._pool)
-        core = self.core
-        cash = [[a, db_cash.get(a, 0) - core.cash.get(a, [0, 0])[0]]
-                for a in sorted(set(db_cash) | set(core.cash))]
-        credits = []
-        for symbol in sorted(core.listings):
-            db = await registry_positions(self._pool, symbol)
-            positions = core.credits[symbol]
-            for account in sorted(set(db["available"]) | set(db["encumbered"]) | set(positions)):
-                pos = positions.get(account, [0, 0, 0, 0])
-                if db["encumbered"].get(account, 0) != pos[P_ENCUMBERED]:
-                    raise CarbonxError(
-                        "registry_mismatch",
-                        f"{symbol}: account {account} has {db['encumbered'].get(account, 0)} kg encumbered in the "
-                        f"registry but {pos[P_ENCUMBERED]} kg in open sell orders; run `carbonx reconcile`")
-                delta = db["available"].get(account, 0) - pos[P_AVAILABLE] - pos[P_LOCKED]
-                if delta:
-                    credits.append([symbol, account, delta])
-        cash = [x for x in cash if x[1]]
+        cash, credits = await outside_changes(self._pool, self.core)
         if cash or credits:
             out = await self._sequence({"op": "adjust", "cash": cash, "credits": credits})
             ids = sorted({a for a, _ in cash} | {a for _, a, _ in credits})
@@ -844,13 +826,37 @@ async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: st
     return out
 
 
-async def compare_with_database(conn: asyncpg.Connection, core: ExchangeCore) -> list[str]:
+async def outside_changes(conn: asyncpg.Connection | asyncpg.Pool, core: ExchangeCore) -> tuple[list, list]:
+    """The cash and available credits the database holds that `core` (the journal) does not: the
+    changes made while the exchange was stopped (the command line), which the next start takes
+    in as an ``adjust`` (cash [[account, delta]], credits [[symbol, account, delta]]). Encumbered
+    credits only ever change through orders: a difference there is `registry_mismatch`."""
+    db_cash = await member_balances(conn)
+    cash = [[a, db_cash.get(a, 0) - core.cash.get(a, [0, 0])[0]] for a in sorted(set(db_cash) | set(core.cash))]
+    credits = []
+    for symbol in sorted(core.listings):
+        db = await registry_positions(conn, symbol)
+        positions = core.credits[symbol]
+        for account in sorted(set(db["available"]) | set(db["encumbered"]) | set(positions)):
+            pos = positions.get(account, [0, 0, 0, 0])
+            if db["encumbered"].get(account, 0) != pos[P_ENCUMBERED]:
+                raise CarbonxError(
+                    "registry_mismatch",
+                    f"{symbol}: account {account} has {db['encumbered'].get(account, 0)} kg encumbered in the "
+                    f"registry but {pos[P_ENCUMBERED]} kg in open sell orders; run `carbonx reconcile`")
+            delta = db["available"].get(account, 0) - pos[P_AVAILABLE] - pos[P_LOCKED]
+            if delta:
+                credits.append([symbol, account, delta])
+    return [x for x in cash if x[1]], credits
+
+
+async def compare_with_database(conn: asyncpg.Connection, core: ExchangeCore, seq: int | None = None) -> list[str]:
     """Where the registry's encumbered and available credits or the ledger's member balances differ
-    from the core (the projector must have caught up with the core's sequence number)."""
+    from the core (the projector must have caught up with the core's sequence number, or `seq`)."""
     problems: list[str] = []
     at = await projector.position(conn)
-    if at != core.seq:
-        problems.append(f"projector at {at}, core at {core.seq}")
+    if at != (core.seq if seq is None else seq):
+        problems.append(f"projector at {at}, core at {core.seq if seq is None else seq}")
     for account, balance in (await member_balances(conn)).items():
         mine = core.cash.get(account, [0, 0])[0]
         if mine != balance:

@@ -112,3 +112,59 @@ def test_ctrl_c_stops_serve_cleanly_without_alarm(url_env):
     assert "stopped cleanly" in text, text
     assert "consumers process ended" not in text, text
     assert proc.returncode in (0, 130), (proc.returncode, text)
+
+
+def test_member_changes_wait_for_the_journal_to_be_settled(url_env, db, run):
+    """After a stop that left journal entries unsettled (here: a service that did not project, as
+    a crash would leave it), a change to member cash or credits is refused until `clearing settle`
+    ran: the journal may have promised them to an order or a trade, and the next start could not
+    settle it (a withdrawal paid the buyer's trade out again and the exchange could not start)."""
+    import asyncpg
+
+    from exchange.service import ExchangeService
+    from matching import events as E
+
+    carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=url_env)
+    carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=url_env)
+    carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
+            "--developer", "KILN-DEV", env=url_env)
+    carbonx("registry", "issue", "KILN", "2023", "100", env=url_env)
+    carbonx("cash", "deposit", "HOTEL", "1000", "--reference", "bank-1", env=url_env)
+
+    async def trade_unsettled() -> None:
+        await (await _started(ExchangeService(db))).stop()  # takes in the deposit made while stopped
+        svc = await _started(ExchangeService(db, project=False))
+        try:
+            await svc.list_instrument("KILN-2023", {"rules": {"always_open": True}})
+            dev, hotel = await svc.account("KILN-DEV"), await svc.account("HOTEL")
+            await svc.submit({"op": "place", "account": dev, "symbol": "KILN-2023", "side": E.ASK, "price": 3500,
+                              "qty": 10_000})
+            await svc.submit({"op": "place", "account": hotel, "symbol": "KILN-2023", "side": E.BID,
+                              "price": 3500, "qty": 10_000})
+        finally:
+            await svc.stop()
+    run(trade_unsettled())
+
+    for args in (["cash", "withdraw", "HOTEL", "1000", "--reference", "out-1"],
+                 ["registry", "freeze", "KILN-2023", "--reason", "audit"]):
+        proc = carbonx(*args, env=url_env, check=False)
+        assert proc.returncode == 1 and "[unsettled_journal]" in proc.stderr, proc.stderr
+        assert "clearing settle" in proc.stderr
+    carbonx("clearing", "settle", env=url_env)
+    out = carbonx("cash", "withdraw", "HOTEL", "100", "--reference", "out-2", env=url_env).stdout
+    assert "balance 550.00 CNY" in out, out  # 1,000 - 350 for the 10 t - 100 withdrawn (no fees)
+
+    async def balance() -> int:
+        conn = await asyncpg.connect(db)
+        try:
+            return await conn.fetchval("SELECT balance_fen FROM cash_balances b JOIN accounts a ON a.id = "
+                                       "b.account_id WHERE a.code = 'HOTEL'")
+        finally:
+            await conn.close()
+    assert run(balance()) == 55_000
+    assert carbonx("reconcile", env=url_env).returncode == 0
+
+
+async def _started(svc):
+    await svc.start()
+    return svc

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import typer
 
+from exchange import journal, projector
 from exchange.config import load_settings
 from exchange.database import prepare_database
 from exchange.errors import CarbonxError
@@ -46,7 +47,10 @@ def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable
     """Open the database under `data_dir` (or DATABASE_URL), run `body`, close.
 
     `member_assets` marks a command that takes cash or credits from a member: it is refused while
-    the exchange service runs, because the service then owns them (exchange/service.py).
+    the exchange service runs, because the service then owns them (exchange/service.py), and
+    while journal entries are not yet settled (after a crash): the journal may have promised the
+    credits or cash to an order or a trade, and a change made under it would leave an entry the
+    next start could not settle.
     """
 
     async def main() -> T:
@@ -55,6 +59,7 @@ def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable
         try:
             if member_assets:
                 await refuse_while_serving(conn)
+                await refuse_while_unsettled(conn)
             return await body(conn)
         finally:
             await conn.close()
@@ -68,6 +73,16 @@ def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable
     except (OSError, asyncpg.PostgresError) as e:
         fail(f"database: {e}", "database_error")
     raise AssertionError("unreachable")
+
+
+async def refuse_while_unsettled(conn: asyncpg.Connection) -> None:
+    """Raise `unsettled_journal` when the journal holds entries the registry and ledger do not
+    reflect yet."""
+    pending = await journal.last_seq(conn) - await projector.position(conn)
+    if pending > 0:
+        raise CarbonxError("unsettled_journal",
+                           f"{pending:,} journal entries are not settled yet (the exchange stopped before it "
+                           "settled them); run `carbonx clearing settle` (or start the exchange) first")
 
 
 def tonnes(text: str, what: str = "quantity") -> int:
