@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import asyncpg
 
-from exchange.accounts import get_account, validate_code
+from exchange.accounts import Account, get_account, validate_code
 from exchange.blockplan import (
     AVAILABLE,
     CANCELLED,
@@ -492,6 +492,16 @@ _ISSUANCE_SELECT = """SELECT i.id, i.project_id, p.code AS project_code, p.schem
                       FROM issuances i JOIN projects p ON p.id = i.project_id"""
 
 
+def _member(account: Account, what: str) -> Account:
+    """`account` if credits may be put in it: a member's. The exchange keeps member holdings in
+    step with the registry; credits given to an operator or a system account (CX-FEES) were out
+    of its sight, and every reconcile after the next start reported them as a difference."""
+    if account.role != "member":
+        raise CarbonxError("invalid_request", f"credits can only be {what} a member account; "
+                                              f"{account.code} is a {account.role} account")
+    return account
+
+
 async def issue(
     conn: asyncpg.Connection, *, project: str, vintage: int, quantity_kg: int, to_account: str | None = None,
     reference: str = "",
@@ -510,7 +520,7 @@ async def issue(
     reference = (reference or "").strip()  # "VR-1 " is VR-1, and only spaces is no reference
     async with conn.transaction():
         proj = await get_project(conn, project)
-        holder = await get_account(conn, to_account) if to_account else None
+        holder = _member(await get_account(conn, to_account), "issued to") if to_account else None
         holder_id = holder.id if holder else proj.developer_account_id
         # Lock the project row so two issuances of one vintage cannot pick the same serials (nor
         # two repeats of one reference both issue).
@@ -599,7 +609,11 @@ async def resolve_issuances(conn: asyncpg.Connection, *, symbol: str | None = No
 
 
 async def resolve_serial(conn: asyncpg.Connection, text: str) -> tuple[Issuance, SerialRange]:
-    """The issuance a serial text lies in (the range must lie inside one issuance)."""
+    """The issuance a serial text lies in (the range must lie inside one issuance). A text that
+    reads as units of two projects (a short form: CDHF-GW-2023-2023-2030 is GW-2023's unit 2030 or
+    GW's units 2023-2030) is refused as ambiguous rather than resolved to one of them: a cancel
+    is for good, and it cancelled another project's credits."""
+    found = []
     for reading in parse_serial(text):
         row = await conn.fetchrow(
             _ISSUANCE_SELECT + """ WHERE p.code = $1 AND p.scheme = $2 AND i.vintage = $3
@@ -607,7 +621,13 @@ async def resolve_serial(conn: asyncpg.Connection, text: str) -> tuple[Issuance,
             reading.project_code, reading.scheme, reading.vintage, reading.lo, reading.hi,
         )
         if row is not None:
-            return Issuance(**dict(row)), reading
+            found.append((Issuance(**dict(row)), reading))
+    if len(found) > 1:
+        named = "; ".join(format_serial(r.scheme, r.project_code, r.vintage, r.lo, r.hi) for _, r in found)
+        raise CarbonxError("ambiguous_serial", f"serial {text} can be read as {named}: write it in full, as the "
+                                               "registry prints it")
+    if found:
+        return found[0]
     raise CarbonxError("not_found", f"serial {text} was never issued (or spans two issuances)")
 
 
@@ -620,7 +640,7 @@ async def transfer(
 ) -> MovementResult:
     """Move available credits between accounts (over the counter, or a settled trade)."""
     src = await get_account(conn, from_account)
-    dst = await get_account(conn, to_account)
+    dst = _member(await get_account(conn, to_account), "transferred to")
     if src.id == dst.id:
         raise CarbonxError("invalid_request", "a transfer needs two different accounts")
     ids = await resolve_issuances(conn, symbol=symbol, issuance_id=issuance_id)

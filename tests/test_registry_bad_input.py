@@ -64,6 +64,14 @@ BAD_CALLS = {
     "issue bad vintage": (lambda c: registry.issue(c, project="FOREST", vintage=1800, quantity_kg=5),
                           "invalid_vintage"),
     "issue unknown project": (lambda c: registry.issue(c, project="NOPE", vintage=2024, quantity_kg=5), "not_found"),
+    # credits outside a member's account are out of the exchange's sight (reconcile reported them)
+    "issue to a system account": (lambda c: registry.issue(c, project="FOREST", vintage=2024, quantity_kg=5,
+                                                           to_account="CX-FEES"), "invalid_request"),
+    "issue to an operator": (lambda c: registry.issue(c, project="FOREST", vintage=2024, quantity_kg=5,
+                                                      to_account="OPS"), "invalid_request"),
+    "transfer to a system account": (lambda c: registry.transfer(c, from_account="DEV", to_account="CX-CUSTODY",
+                                                                 quantity_kg=1, symbol=SYM, cause_ref="x"),
+                                     "invalid_request"),
     "project duplicate": (lambda c: registry.add_project(c, code="FOREST", name="x", methodology="other",
                                                          developer="DEV"), "project_exists"),
     "project bad methodology": (lambda c: registry.add_project(c, code="P2", name="x", methodology="magic",
@@ -124,3 +132,24 @@ def test_repeated_payment_is_idempotent(conn, run):
 def test_tonnes_with_too_many_decimals_or_garbage_refused(text):
     with pytest.raises(UnitError):
         parse_tonnes(text)
+
+
+def test_a_serial_two_projects_could_mean_is_refused_as_ambiguous(conn, run):
+    """With projects GW and GW-2023, CDHF-GW-2023-2023-2030 is GW-2023's unit 2030 or GW's units
+    2023-2030: refused (it cancelled the other project's credits), and the full form resolves."""
+    async def body():
+        await world(conn, tonnes=10)
+        await registry.add_project(conn, code="GW", name="Grassland", methodology="other", developer="DEV")
+        await registry.add_project(conn, code="GW-2023", name="Grassland 2023", methodology="other", developer="DEV")
+        await registry.issue(conn, project="GW", vintage=2023, quantity_kg=5000)
+        await registry.issue(conn, project="GW-2023", vintage=2023, quantity_kg=5000)
+        before = await fingerprint(conn)
+        for call in (registry.cancel, registry.freeze):
+            with pytest.raises(CarbonxError) as err:
+                await call(conn, serial="CDHF-GW-2023-2023-2030", reason="reversal")
+            assert err.value.code == "ambiguous_serial" and "CDHF-GW-2023-0000002023-0000002030" in err.value.message
+        assert await fingerprint(conn) == before
+        res = await registry.freeze(conn, serial="CDHF-GW-2023-0000002023-0000002030", reason="audit")
+        assert res.quantity == 8
+
+    run(body())
