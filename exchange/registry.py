@@ -11,6 +11,7 @@ overlapping blocks, uncovered issuances and changes to retired or cancelled bloc
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ METHODOLOGIES = (
     "forest_carbon_sink", "grassland_carbon_sink", "wetland_carbon_sink", "energy_substitution",
     "renewable_energy", "energy_efficiency", "methane_recovery", "low_carbon_transport", "other",
 )
+_SCHEME = re.compile(r"[A-Z][A-Z0-9]{1,15}")
 MAX_SERIAL = 10_000_000_000  # ten digits of kilograms per project vintage
 _CERT_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # no 0/O, 1/I/L: codes are read aloud and typed
 
@@ -456,7 +458,13 @@ async def add_project(
                            f"methodology {methodology!r} must be one of: {', '.join(METHODOLOGIES)}")
     if not name or not name.strip() or len(name) > 200:
         raise CarbonxError("invalid_name", "project name must be 1–200 characters")
-    dev = await get_account(conn, developer)
+    # The table's CHECKs, said in words before the database says them in its own
+    if not isinstance(scheme, str) or not _SCHEME.fullmatch(scheme):
+        raise CarbonxError("invalid_project", f"scheme {scheme!r} must be 2–16 upper-case letters or digits, "
+                                              "starting with a letter (e.g. CDHF)")
+    if not isinstance(region, str) or len(region) > 100:
+        raise CarbonxError("invalid_project", "region must be at most 100 characters")
+    dev = _member(await get_account(conn, developer), "issued to (as the project's developer)")
     try:
         row = await conn.fetchrow(
             """INSERT INTO projects (scheme, code, name, methodology, region, developer_account_id)

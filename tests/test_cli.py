@@ -73,6 +73,9 @@ def test_commands_against_database_url(url_env):
     (["registry", "transfer", "A", "B", "1", "--symbol", "KILN-2023", "--reference", "r"], "not_found"),
     (["cash", "deposit", "NOBODY", "1.001", "--reference", "r"], "too_many_decimals"),
     (["registry", "serial", "nonsense"], "invalid_serial"),
+    (["registry", "show", "99999999999999999999"], "invalid_request"),
+    (["registry", "project", "add", "P9", "--name", "x", "--methodology", "other", "--developer", "KILN-DEV",
+      "--scheme", "bad scheme"], "invalid_project"),
 ])
 def test_bad_input_exits_1_with_a_clear_message(url_env, args, code):
     proc = carbonx(*args, env=url_env, check=False)

@@ -70,6 +70,11 @@ def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable
         fail(e.message, e.code)
     except UnitError as e:
         fail(str(e), e.code)
+    except asyncpg.DataError as e:  # refused before it reached the server: a number beyond int64, say
+        fail(f"a value is out of range: {str(e).replace('query argument $1: ', '')}", "invalid_request")
+    except asyncpg.IntegrityConstraintViolationError as e:  # the message without the failing row's dump
+        fail(f"the database refused it ({e.constraint_name or 'a rule'}): {e.args[0] if e.args else e}",
+             "invalid_request")
     except (OSError, asyncpg.PostgresError) as e:
         fail(f"database: {e}", "database_error")
     raise AssertionError("unreachable")
