@@ -123,6 +123,12 @@ def place_command(account: int, req: OrderRequest, max_price: int = LIMIT_MAX_PR
     return cmd
 
 
+# The core's reject codes that a new order's checks give before min_quantity (engine._check_order):
+# an amend that also breaks one of these is answered with it, as that order would be.
+_BEFORE_MIN = frozenset({E.REJECT_HALTED, E.REJECT_MARKET_CLOSED, E.REJECT_INVALID_QUANTITY, E.REJECT_INVALID_LOT,
+                         E.REJECT_UNKNOWN_INSTRUMENT})
+
+
 def refused(out: Outcome) -> None:
     if out.code is not None:
         raise CarbonxError(out.code, out.detail or out.code.replace("_", " "))
@@ -160,8 +166,33 @@ class Trading:
                else o[O_REMAINING])
         price = (_units(parse_price, req.price, "price", most=max_price, code="price_out_of_band")
                  if req.price is not None else o[O_PRICE])
+        self._check_amend_min(o, price, qty)
         apply = self.service.apply_shared if shared else self.service.apply
         return apply({"op": "amend", "account": account, "order_id": order_id, "price": price, "qty": qty})
+
+    def _check_amend_min(self, o: list, price: int, qty: int) -> None:
+        """Refuse, as a new order of that size is refused, an amend to below the instrument's
+        minimum quantity, unless it only reprices or reduces a remainder already below it.
+
+        The core takes any amended quantity (matching/engine.py, check_amend): a partly filled
+        order's remainder may be below the minimum and must stay repriceable and reducible, and
+        journals written under that rule replay under it. Without this check a client could rest
+        1 t on a 10 t minimum by placing 10 t and amending to 1 t. Sequenced synchronously with
+        the amend itself (no await in between), so the remainder read here is the one amended."""
+        core = self.service.core
+        rules = core.listings[o[O_SYMBOL]].rules
+        remaining = o[O_REMAINING]
+        if qty >= rules.min_qty or qty <= remaining < rules.min_qty:
+            return
+        # What a new order's checks put before the minimum (halted, market closed, a zero or
+        # off-lot quantity) keeps its own code: the core gives it. The clock is the one the
+        # service will sequence the amend at.
+        ts = max(self.service.clock(), core.ts)
+        if core.engine.check_amend(o[O_SYMBOL], ts, price, qty) in _BEFORE_MIN:
+            return
+        raise CarbonxError("min_quantity", f"quantity {format_tonnes(qty)} t is below the instrument's minimum of "
+                                           f"{format_tonnes(rules.min_qty)} t (an open quantity already below it "
+                                           "may be repriced or reduced, not raised)")
 
     async def answer(self, account: int, out: Outcome, durable: Awaitable[None]) -> dict[str, Any]:
         """The order's view once the command is durable (raises the rejection, if any)."""

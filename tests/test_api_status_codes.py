@@ -1,8 +1,11 @@
-"""HTTP statuses of the stable error codes (api/wire.py).
+"""HTTP statuses of the stable error codes (api/wire.py), and amends below the minimum quantity.
 
 Every code the code base can raise has an explicit status (a scan of the sources): a new code
 must be given one, not fall to a default. State conflicts are 409 (api/README.md): registry
-operations on credits in the wrong state and issuing for a project that is not active.
+operations on credits in the wrong state and issuing for a project that is not active. An amend
+cannot take an order below the instrument's minimum quantity, which a new order of that size
+could not have, over REST and the websocket alike; a partly filled remainder already below it
+may still be repriced and reduced.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pytest
 from api.wire import _BY_STATUS, FEED_ONLY, STATUS
 from exchange.blockplan import STATES
 from matching import events as E
+from tests.api_clients import WsTrader, add_listing
 from tests.api_helpers import SYMBOL, build_world, client, db_rows, ok, own_server
 from tests.test_api_rest import problem, state
 
@@ -145,3 +149,87 @@ def test_registry_state_conflicts_are_409_and_change_nothing(world, run) -> None
         for path in ("/v1/registry/freeze", "/v1/registry/unfreeze", "/v1/registry/cancel", "/v1/registry/issuances"):
             assert "409" in paths[path]["post"]["responses"], path
         assert {"409", "422"} <= set(paths["/v1/orders/{order_id}"]["patch"]["responses"])
+
+
+def sell(symbol: str, qty: str, price: str = "35.00") -> dict:
+    return {"symbol": symbol, "side": "sell", "type": "limit", "price": price, "quantity": qty}
+
+
+@pytest.fixture(scope="module")
+def min10(world):
+    """A listing whose orders must be at least 10 t (lot 1 t), its developer (MINDEV) selling."""
+    _server, w = world
+    with w.as_("OPS") as ops:
+        return add_listing(ops, w.keys, "MINQ", "MINDEV", listing={"min_quantity": "10.000"})
+
+
+def test_amend_below_the_minimum_is_refused_as_a_new_order_is(world, min10) -> None:
+    _server, w = world
+    sym = min10
+    with w.as_("MINDEV") as dev, w.as_("OPS") as ops:
+        problem(dev.post("/v1/orders", json=sell(sym, "1.000")), 422, "min_quantity")
+        o = ok(dev.post("/v1/orders", json=sell(sym, "10.000")), 201)
+        oid = o["order_id"]
+        before = state(w, codes=("MINDEV", "BUY"), symbols=(sym,))
+        for body in ({"quantity": "1.000"}, {"quantity": "9.000"}, {"quantity": "9.000", "price": "35.10"}):
+            problem(dev.patch(f"/v1/orders/{oid}", json=body), 422, "min_quantity")
+        # What a new order is refused for before the minimum keeps its code.
+        problem(dev.patch(f"/v1/orders/{oid}", json={"quantity": "1.500"}), 422, "invalid_lot")
+        ok(ops.post(f"/v1/instruments/{sym}/halt"))
+        try:
+            problem(dev.patch(f"/v1/orders/{oid}", json={"quantity": "1.000"}), 409, "halted")
+        finally:
+            ok(ops.post(f"/v1/instruments/{sym}/resume"))
+        assert state(w, codes=("MINDEV", "BUY"), symbols=(sym,)) == before
+        # At or above the minimum an amend is an amend.
+        a = ok(dev.patch(f"/v1/orders/{oid}", json={"quantity": "12.000"}))
+        assert a["remaining_quantity"] == "12.000"
+        ok(dev.delete(f"/v1/orders/{oid}"))
+
+
+def test_a_remainder_below_the_minimum_may_be_repriced_and_reduced_not_raised(world, min10) -> None:
+    _server, w = world
+    sym = min10
+    with w.as_("MINDEV") as dev, w.as_("BUY") as buy:
+        oid = ok(dev.post("/v1/orders", json=sell(sym, "12.000")), 201)["order_id"]
+        ok(buy.post("/v1/orders", json={"symbol": sym, "side": "buy", "type": "limit", "price": "35.00",
+                                        "quantity": "10.000"}), 201)
+        assert ok(dev.get(f"/v1/orders/{oid}"))["remaining_quantity"] == "2.000"
+        a = ok(dev.patch(f"/v1/orders/{oid}", json={"price": "35.20"}))
+        assert (a["price"], a["remaining_quantity"]) == ("35.20", "2.000")
+        a = ok(dev.patch(f"/v1/orders/{oid}", json={"quantity": "2.000", "price": "35.30"}))
+        assert (a["price"], a["remaining_quantity"]) == ("35.30", "2.000")
+        a = ok(dev.patch(f"/v1/orders/{oid}", json={"quantity": "1.000"}))
+        assert a["remaining_quantity"] == "1.000"
+        before = state(w, codes=("MINDEV", "BUY"), symbols=(sym,))
+        problem(dev.patch(f"/v1/orders/{oid}", json={"quantity": "2.000"}), 422, "min_quantity")
+        problem(dev.patch(f"/v1/orders/{oid}", json={"quantity": "9.000", "price": "35.00"}), 422, "min_quantity")
+        assert state(w, codes=("MINDEV", "BUY"), symbols=(sym,)) == before
+        a = ok(dev.patch(f"/v1/orders/{oid}", json={"quantity": "10.000"}))
+        assert a["remaining_quantity"] == "10.000"
+        ok(dev.delete(f"/v1/orders/{oid}"))
+
+
+def test_websocket_amend_below_the_minimum(world, min10) -> None:
+    server, w = world
+    sym = min10
+    t = WsTrader(server.ws, w.keys["MINDEV"], orders_channel=False)
+    try:
+        r = t.request({"op": "order.place", **sell(sym, "1.000")})
+        assert (r["type"], r["code"]) == ("error", "min_quantity"), r
+        oid = t.request({"op": "order.place", **sell(sym, "12.000")})["order"]["order_id"]
+        with w.as_("MINDEV") as dev:
+            before = state(w, codes=("MINDEV",), symbols=(sym,))
+            r = t.request({"op": "order.amend", "order_id": oid, "quantity": "1.000"})
+            assert (r["type"], r["code"]) == ("error", "min_quantity"), r
+            assert state(w, codes=("MINDEV",), symbols=(sym,)) == before
+            with w.as_("BUY") as buy:
+                ok(buy.post("/v1/orders", json={"symbol": sym, "side": "buy", "type": "limit", "price": "35.00",
+                                                "quantity": "10.000"}), 201)
+            r = t.request({"op": "order.amend", "order_id": oid, "quantity": "2.000", "price": "35.40"})
+            assert r["type"] == "result" and r["order"]["remaining_quantity"] == "2.000", r
+            r = t.request({"op": "order.amend", "order_id": oid, "quantity": "3.000"})
+            assert (r["type"], r["code"]) == ("error", "min_quantity"), r
+            ok(dev.delete(f"/v1/orders/{oid}"))
+    finally:
+        t.close()
