@@ -324,7 +324,7 @@ def test_an_issuance_repeated_with_its_reference_issues_once(world, run) -> None
             r = ops.post("/v1/registry/issuances", json=body)
             assert r.status_code == 200 and r.json()["id"] == first.json()["id"], r.text
             r = ops.post("/v1/registry/issuances", json={**body, "reference": "VR-2026-0043"})
-            assert r.status_code == 400 and r.json()["code"] == "project_not_active", r.text
+            assert r.status_code == 409 and r.json()["code"] == "project_not_active", r.text
         finally:
             q(server, run, "UPDATE projects SET status = 'active' WHERE code = $1", project)
         assert len(issued()) == count + 2
