@@ -95,14 +95,58 @@ def test_history_from_memory_equals_history_from_journal(db, run, limit):
             # The fills of every order add up to its filled quantity, value and fee.
             bad = await conn.fetch(
                 """SELECT o.order_id FROM orders o LEFT JOIN fills f ON f.order_id = o.order_id
-                   GROUP BY o.order_id, o.filled_kg, o.value_fen, o.fee_fen
+                   GROUP BY o.order_id, o.filled_kg, o.value_fen, o.fee_fen, o.notional
                    HAVING coalesce(sum(f.qty_kg), 0) <> o.filled_kg OR coalesce(sum(f.value_fen), 0) <> o.value_fen
-                       OR coalesce(sum(f.fee_fen), 0) <> o.fee_fen""")
+                       OR coalesce(sum(f.fee_fen), 0) <> o.fee_fen
+                       OR coalesce(sum(f.price_fen::numeric * f.qty_kg), 0) <> o.notional""")
             assert bad == []
         finally:
             await conn.close()
 
     run(compare())
+
+
+def test_an_orders_average_price_is_the_average_of_its_fill_prices_on_a_1_kg_lot(db, run):
+    """On a 1 kg lot each trade's value rounds to the fen, so an average taken from values was
+    off: one 1 kg fill at 35.00 averaged 40.00, above the buy's limit, and 61 kg at 35.04 gave
+    35.08. The average is the fills' price x quantity over the quantity, half up, in the tracker
+    and in the table (after a restart)."""
+    async def main() -> None:
+        conn = await asyncpg.connect(db)
+        await world(conn)
+        await conn.close()
+        svc = ExchangeService(db)
+        await svc.start()
+        try:
+            listing = {"rules": {"always_open": True, "lot": 1, "min_qty": 1}}
+            assert (await svc.list_instrument(SYMBOL, listing)).accepted
+            dev, buy = await svc.account("DEV"), await svc.account("BUY")
+            await svc.submit({"op": "deposit", "account": buy, "amount": 10**7, "ref": "a1"})
+            await svc.submit({"op": "place", "account": dev, "symbol": SYMBOL, "side": E.ASK, "price": 3500, "qty": 1})
+            one = await svc.submit({"op": "place", "account": buy, "symbol": SYMBOL, "side": E.BID, "price": 3500,
+                                    "qty": 1})
+            await svc.submit({"op": "place", "account": dev, "symbol": SYMBOL, "side": E.ASK, "price": 3504,
+                              "qty": 61})
+            two = await svc.submit({"op": "place", "account": buy, "symbol": SYMBOL, "side": E.BID, "price": 3510,
+                                    "qty": 61})
+            await svc.submit({"op": "place", "account": dev, "symbol": SYMBOL, "side": E.ASK, "price": 3501,
+                              "qty": 2})
+            three = await svc.submit({"op": "place", "account": buy, "symbol": SYMBOL, "side": E.BID, "price": 3510,
+                                      "qty": 3})  # 2 kg at 35.01 and rests: 35.01
+            await svc.submit({"op": "place", "account": dev, "symbol": SYMBOL, "side": E.ASK, "price": 3510,
+                              "qty": 1})  # and 1 kg at 35.10: (7002 + 3510) / 3 = 3504
+            expect = {one.order_id: 3500, two.order_id: 3504, three.order_id: 3504}
+            assert {o: history.average_price(svc.orders.get(o)) for o in expect} == expect
+        finally:
+            await svc.stop()
+        conn = await asyncpg.connect(db)
+        try:
+            rows = await conn.fetch("SELECT * FROM orders WHERE order_id = ANY($1::bigint[])", list(expect))
+            assert {r["order_id"]: history.average_price(history.order_from_row(r)) for r in rows} == expect
+        finally:
+            await conn.close()
+
+    run(main())
 
 
 def test_history_account_keys_are_checked_per_statement(conn, run):
@@ -116,7 +160,7 @@ def test_history_account_keys_are_checked_per_statement(conn, run):
         lone = await conn.fetchval("INSERT INTO accounts (code, name, kind, role) "
                                    "VALUES ('LONE', 'Lone', 'enterprise', 'member') RETURNING id")
         order = (1, lone, SYMBOL, "sell", "limit", "GTC", False, 3500, 1000, 1000, 0, 0, 0, None, None, None,
-                 "new", None, 1, 1)
+                 "new", None, 1, 1, 0)
         fill = (SYMBOL, 1, 1, lone, "sell", "maker", 3500, 1000, 3500, 0, 1, 1)
         fill_columns = ("symbol", "trade_id", "order_id", "account_id", "side", "liquidity", "price_fen", "qty_kg",
                         "value_fen", "fee_fen", "ts", "seq")
