@@ -76,7 +76,7 @@ SERVICE_LOCK_KEY = 0x0CA2B1  # pg advisory lock held by the running service for 
 FLUSH_INTERVAL = 0.0003
 EXPIRE = {"op": "expire"}
 TIMER_MAX = 1.0  # seconds the timer that applies due expiries and closes sleeps at most
-ROLL = {"op": "roll"}
+ROLL = {"op": "roll", "cancel_outside_band": True}
 
 
 def now_us() -> int:

@@ -88,7 +88,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "halt": ("symbol",),
     "resume": ("symbol",),
     "expire": (),
-    "roll": (),
+    "roll": ("cancel_outside_band",),
     "adjust": ("cash", "credits"),
 }
 
@@ -573,7 +573,14 @@ class ExchangeCore:
 
     def _roll(self, c: dict, ts: int) -> Outcome:
         """Close the trading day: each traded instrument's volume-weighted average price, rounded
-        half-up to its tick, becomes its reference price (the centre of the price band)."""
+        half-up to its tick, becomes its reference price (the centre of the price band). With
+        ``cancel_outside_band`` (every roll the service journals now) the orders left resting
+        outside an instrument's new band are cancelled (reason price_band): they would otherwise
+        trade at prices the day's band refuses to any new order. Rolls journaled without it
+        replay as they ran."""
+        sweep = c.get("cancel_outside_band", False)
+        if not isinstance(sweep, bool):
+            raise Rejected("invalid_command", "cancel_outside_band must be true or false")
         if not self.roll_due(ts):
             raise Rejected("invalid_command", "no trading day to close")
         self.seq += 1
@@ -587,10 +594,23 @@ class ExchangeCore:
             self.engine.set_rules(symbol, rules)
             self.listings[symbol] = replace(listing, rules=rules)
             out.append((EV_CLOSE, symbol, self.stats_day, close, q))
+            if sweep:
+                out.extend(self._cancel_outside_band(symbol, ts))
         self.day_stats = {}
         self.stats_day = 0
         self._forget_coids()
         return self._accept(ts, out)
+
+    def _cancel_outside_band(self, symbol: str, ts: int) -> list:
+        listing = self.listings[symbol]
+        low, high = listing.rules.band()
+        out: list = []
+        for order_id in sorted(oid for oid, o in self.orders.items()
+                               if o[O_SYMBOL] == symbol and not low <= o[O_PRICE] <= high):
+            evs = [(*ev[:3], E.CANCEL_PRICE_BAND) if ev[0] == E.EV_CANCELLED else ev
+                   for ev in self.engine.cancel(symbol, order_id, ts)]
+            out.extend(self._book_events(symbol, listing, evs, ts))
+        return out
 
     def _forget_coids(self) -> None:
         """At a day's close: forget the client_order_ids whose orders were already closed at the

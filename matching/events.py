@@ -125,12 +125,14 @@ CANCEL_USER = 0  # cancel command, or a reduce to zero
 CANCEL_UNFILLED = 1  # IOC or market remainder
 CANCEL_SELF_TRADE = 2  # self-trade prevention
 CANCEL_CASH_CAP = 3  # market buy stopped by its cash cap
+CANCEL_PRICE_BAND = 4  # resting outside the band a day's close moved (roll with cancel_outside_band)
 
 CANCEL_NAMES = {
     CANCEL_USER: "user",
     CANCEL_UNFILLED: "unfilled",
     CANCEL_SELF_TRADE: "self_trade",
     CANCEL_CASH_CAP: "cash_cap",
+    CANCEL_PRICE_BAND: "price_band",
 }
 
 Event = tuple[int, ...]

@@ -136,7 +136,7 @@ def amend(account: int, order_id: int, price: int, qty: int) -> dict:
 
 
 EXPIRE = {"op": "expire"}
-ROLL = {"op": "roll"}
+ROLL = {"op": "roll", "cancel_outside_band": True}  # as the service journals it
 
 
 def ok(core: ExchangeCore, cmd: dict, ts: int = T0) -> Outcome:
@@ -456,6 +456,32 @@ def test_client_order_ids_of_closed_orders_are_forgotten_at_the_second_close(eng
     assert duplicate(core, buy(2, 900, 1000, coid="resting"), T0 + 2 * day).order_id == resting.order_id
     assert duplicate(core, buy(2, 1000, 1000, coid="offset:k1", tif=E.FOK),
                      T0 + 2 * day).order_id == offset.order_id
+
+
+def test_a_days_close_cancels_the_orders_its_new_band_leaves_outside(engine):
+    """The close moves the band (reference price 10.00 +-10 %, a day's VWAP of 10.80: 9.72 to
+    11.88). A roll with cancel_outside_band cancels the bid resting at 9.05, now below the band,
+    with reason price_band and its cash free again; one inside stays. Without it (rolls journaled
+    before) the bid stays, and a market sell would take it at a price no new order may name."""
+    for sweep, left in ((True, False), (False, True)):
+        core = make_core(engine, cash=((2, 10_000_000),), reference_price=1000, band_bp=1000, t1=False)
+        low = ok(core, buy(2, 905, 1000))
+        ok(core, sell(1, 1080, 2000))
+        ok(core, buy(2, 1080, 1000))  # the day's only trade: the close is 10.80
+        inside = ok(core, sell(1, 1095, 1000))
+        reserved = core.cash[2][1]
+        out = ok(core, {"op": "roll", "cancel_outside_band": sweep}, T0 + 24 * HOUR)
+        assert core.listings[SYM].rules.band() == (972, 1188)
+        assert (low.order_id in core.orders) == left and inside.order_id in core.orders
+        cancels = [e for e in out.events if e[0] == E.EV_CANCELLED]
+        if sweep:
+            assert [(e[2], e[4]) for e in cancels] == [(low.order_id, E.CANCEL_PRICE_BAND)]
+            assert core.cash[2][1] == reserved - buy_reservation(905, 1000, 1000, 0)
+        else:
+            assert cancels == []
+    ok(core, buy(2, 1095, 1000), T0 + 24 * HOUR)  # a trade on day 1: its close is due on day 2
+    out = rejected(core, {"op": "roll", "cancel_outside_band": 1}, "invalid_command", T0 + 48 * HOUR)
+    assert "true or false" in out.detail
 
 
 def test_a_give_back_returns_todays_purchase_locked_while_its_day_lasts(engine):

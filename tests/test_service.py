@@ -478,6 +478,35 @@ def test_a_range_that_changes_under_a_freeze_is_refused_and_changes_nothing(db, 
     run(main())
 
 
+def test_a_sell_left_outside_the_new_band_is_cancelled_at_the_close_and_its_credits_released(db, run):
+    """The day closes at 32.00 (band 28.80-35.20): DEV's sell resting at 38.00 is cancelled by the
+    close (reason price_band), and its credits are available again in the core and the registry."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        conn = await asyncpg.connect(db)
+        await world(conn)
+        await conn.close()
+        svc = await _started(db, clock=clock)
+        try:
+            await svc.list_instrument(SYMBOL, {"rules": {"always_open": True, "reference_price": 3500}})
+            dev, buy = await svc.account("DEV"), await svc.account("BUY")
+            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
+            high = await svc.submit(place(dev, E.ASK, 3800, 5000))
+            await svc.submit(place(dev, E.ASK, 3200, 1000))
+            await svc.submit(place(buy, E.BID, 3200, 1000))
+            clock.ts = local_ts(2026, 11, 24, 9, 30)
+            await svc.submit({"op": "deposit", "account": buy, "amount": 1, "ref": "bank-2"})
+            assert high.order_id not in svc.core.orders
+            assert svc.core.credits[SYMBOL][dev][P_AVAILABLE] == 99_000
+            await svc.caught_up(registry=True, orders=True)
+            assert svc.orders.get(high.order_id).reason == "price_band"
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 def test_a_failed_journal_write_stops_the_service_and_loses_nothing_acknowledged(db, run):
     async def main():
         svc, _dev, buy = await _listed(db)
