@@ -116,7 +116,7 @@ async def recover(
     snap = await latest_snapshot(conn, upto) if use_snapshot else None
     if snap is not None:
         core = ExchangeCore.restore(snap.state, engine)
-        if verify and core.state_digest() != snap.state_digest:
+        if verify and ExchangeCore.snapshot_digest(snap.state, core) != snap.state_digest:
             raise JournalMismatch(f"snapshot at {snap.seq} does not match its digest")
     end = upto if upto is not None else await last_seq(conn)
     start = core.seq

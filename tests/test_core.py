@@ -484,6 +484,30 @@ def test_a_days_close_cancels_the_orders_its_new_band_leaves_outside(engine):
     assert "true or false" in out.detail
 
 
+def test_self_trade_prevention_is_set_per_account_and_survives_a_snapshot(engine):
+    """DESIGN: cancel the resting order or the incoming one, configurable per account. The
+    default cancels the resting order; stp mode 2 cancels the incoming one, 3 both; the setting
+    is journaled state, kept by a snapshot, and another account's is its own."""
+    core = make_core(engine, cash=((1, 10_000_000), (2, 10_000_000)))
+    resting = ok(core, sell(1, 1000, 1000))
+    out = ok(core, buy(1, 1000, 1000))  # default: the resting sell goes, the buy rests
+    assert resting.order_id not in core.orders and out.order_id in core.orders
+    ok(core, cancel(1, out.order_id))
+    assert ok(core, {"op": "stp", "account": 1, "mode": E.STP_CANCEL_INCOMING}).events == [(36, 1, 2)]
+    core = ExchangeCore.restore(core.snapshot(), engine)
+    resting = ok(core, sell(1, 1000, 1000))
+    out = ok(core, buy(1, 1000, 1000))  # now the incoming buy goes and the sell keeps its place
+    assert resting.order_id in core.orders and out.order_id not in core.orders
+    assert [e[4] for e in out.events if e[0] == E.EV_CANCELLED] == [E.CANCEL_SELF_TRADE]
+    traded = ok(core, buy(2, 1000, 1000))  # account 2 is not account 1: it trades
+    assert trades(traded)
+    for bad in ({"account": 1, "mode": 0}, {"account": 1, "mode": 4}, {"account": 1, "mode": True},
+                {"account": 0, "mode": 2}, {"account": 1}):
+        rejected(core, {"op": "stp", **bad}, "invalid_command")
+    ok(core, {"op": "stp", "account": 1, "mode": E.STP_CANCEL_RESTING})
+    assert core.stp == {}
+
+
 def test_a_give_back_returns_todays_purchase_locked_while_its_day_lasts(engine):
     """adjust's relock: of a positive credits delta, the kg that go back to bought-today credits
     while that day lasts (later they would be free anyway); 0 <= relock <= delta."""
