@@ -517,3 +517,10 @@ class BinanceDepth(BaseModel):
     lastUpdateId: int
     bids: list[list[str]]
     asks: list[list[str]]
+
+
+class BinanceError(BaseModel):
+    """Binance's error body (its spot API's error codes), answered by the compatibility routes."""
+
+    code: int
+    msg: str

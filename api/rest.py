@@ -94,6 +94,51 @@ COMMON = (400, 413, 429, 503)
 PUBLIC = _problems(*COMMON, 404, 422)
 MEMBER = _problems(*COMMON, 401, 403, 404, 409, 422)
 
+# The Binance-compatible routes answer their own errors as Binance does: {"code": <negative int>,
+# "msg": "..."} (its spot API's error codes). What the middleware refuses before any route runs
+# (a control character, the per-address rate limit, a body too large) stays a problem, as on every
+# route: a 400 is either, told apart by its content type.
+BINANCE_PATHS = frozenset({"/api/v3/depth"})
+BINANCE_INVALID_SYMBOL = -1121
+BINANCE_MANDATORY = -1102  # a mandatory parameter not sent, empty or malformed
+BINANCE_ILLEGAL = -1100  # a parameter's value outside its legal range
+BINANCE = {
+    **_problems(413, 429),
+    400: {"model": M.BinanceError,
+          "description": "Binance's error shape for the request's own errors (-1121 Invalid symbol., -1102 a "
+                         "mandatory parameter missing or malformed, -1100 a limit below 1); a problem "
+                         "for a control character in the query",
+          "content": {PROBLEM: {"schema": M.Problem.model_json_schema()}}},
+}
+
+
+def binance_error(code: int, msg: str, status: int = 400, headers: dict[str, str] | None = None) -> Response:
+    return JSON({"code": code, "msg": msg}, status_code=status, headers=headers)
+
+
+def binance_domain_error(e: CarbonxError) -> Response:
+    if e.code == "unknown_instrument":
+        return binance_error(BINANCE_INVALID_SYMBOL, "Invalid symbol.")
+    return binance_error(-1000, e.message, http_status(e.code), error_headers(e))
+
+
+def binance_invalid(first: dict[str, Any]) -> Response:
+    """A query parameter FastAPI refused, in Binance's words: a missing or empty symbol is -1102,
+    a symbol no instrument could have (too long) -1121, a limit that is no integer -1102 and one
+    below 1 -1100."""
+    loc = [str(x) for x in first.get("loc", ())]
+    name = loc[-1] if loc else "?"
+    kind = str(first.get("type", ""))
+    if name == "symbol":
+        if kind in ("missing", "string_too_short"):
+            return binance_error(BINANCE_MANDATORY, "Mandatory parameter 'symbol' was not sent, was empty/null, "
+                                                    "or malformed.")
+        return binance_error(BINANCE_INVALID_SYMBOL, "Invalid symbol.")
+    if kind.startswith("greater_than"):
+        return binance_error(BINANCE_ILLEGAL, f"Illegal value in parameter '{name}': it must be at least 1.")
+    return binance_error(BINANCE_MANDATORY, f"Mandatory parameter '{name}' was not sent, was empty/null, "
+                                            "or malformed.")
+
 
 def paged(what: str, problems: dict = MEMBER, *, page: str | None = None,
           links: dict[str, tuple[str, str]] | None = None) -> dict[int | str, dict[str, Any]]:
@@ -182,12 +227,16 @@ def create_app(ctx: Context) -> FastAPI:
     service, market, gate, trading = ctx.service, ctx.market, ctx.gate, ctx.trading
 
     @app.exception_handler(CarbonxError)
-    async def _domain(_: Request, e: CarbonxError) -> Response:
+    async def _domain(request: Request, e: CarbonxError) -> Response:
+        if request.url.path in BINANCE_PATHS:
+            return binance_domain_error(e)
         return problem_response(e.code, e.message, headers=error_headers(e))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> Response:
+    async def _invalid(request: Request, e: RequestValidationError) -> Response:
         first = e.errors()[0] if e.errors() else {}
+        if request.url.path in BINANCE_PATHS:
+            return binance_invalid(first)
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return problem_response("invalid_request", f"{where}: {first.get('msg', 'invalid')}" if where else
                                 str(first.get("msg", "invalid request")), 400)
@@ -234,6 +283,14 @@ def create_app(ctx: Context) -> FastAPI:
         if listing is None:
             raise CarbonxError("unknown_instrument", f"no instrument {symbol!r}")
         return listing
+
+    def market_data(symbol: str) -> None:
+        """For the routes that read the market data: the core lists an instrument when the listing
+        is sequenced, the market data (books, tapes, tickers) only when that entry is durable
+        (exchange/marketdata.py), so in between the instrument is listed but has no book yet. Until
+        the market data knows it, it is unknown here (404), never a KeyError's 500."""
+        if symbol not in market.books:
+            raise CarbonxError("unknown_instrument", f"no instrument {symbol!r}")
 
     async def db(fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         async with service.pool.acquire() as conn:
@@ -285,7 +342,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     @app.get("/v1/book/{symbol}", response_model=M.Book, responses=PUBLIC, tags=["public"])
     async def book(symbol: Symbol, depth: Annotated[int, Query(ge=1, le=MAX_DEPTH)] = 100) -> Any:
-        instrument(symbol)
+        market_data(symbol)
         b = market.books[symbol]
         bids, asks = levels(b.top(E.BID, depth)), levels(b.top(E.ASK, depth))
         # Over the top min(10, depth) levels, as the feed's depth-N messages (api/README.md).
@@ -303,7 +360,7 @@ def create_app(ctx: Context) -> FastAPI:
                      before: Annotated[M.IdInput | None, Query(
                          description="only trades with a smaller trade_id (older): the next page's cursor, as "
                                      "the Link header of the previous page gives it")] = None) -> Any:
-        instrument(symbol)
+        market_data(symbol)
         tape = market.tapes[symbol]
         # Trade ids count from 1 per instrument: the tape answers a first page when it holds one
         # more than the page, or every trade there is; older pages come from the history table.
@@ -319,7 +376,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     @app.get("/v1/ticker/{symbol}", response_model=M.Ticker, responses=PUBLIC, tags=["public"])
     async def ticker(symbol: Symbol) -> Any:
-        instrument(symbol)
+        market_data(symbol)
         v = market.ticker(symbol, time.time_ns() // 1000)
         return {"symbol": symbol, **{k: format_price(v[k]) if v[k] is not None else None
                                      for k in ("last", "open", "high", "low", "vwap")},
@@ -829,10 +886,12 @@ def create_app(ctx: Context) -> FastAPI:
 
     # ---- Binance-compatible depth ------------------------------------------------------------
 
-    @app.get("/api/v3/depth", response_model=M.BinanceDepth, tags=["compatibility"], responses=PUBLIC)
+    @app.get("/api/v3/depth", response_model=M.BinanceDepth, tags=["compatibility"], responses=BINANCE)
     async def binance_depth(symbol: Annotated[str, Query(min_length=1, max_length=40)],
-                            limit: Annotated[int, Query(ge=1, le=MAX_DEPTH)] = 100) -> Any:
-        instrument(symbol)
+                            limit: Annotated[int, Query(ge=1, description=f"levels per side; more than {MAX_DEPTH} "
+                                                        f"is {MAX_DEPTH}, as Binance truncates")] = 100) -> Any:
+        market_data(symbol)
+        limit = min(limit, MAX_DEPTH)
         if ctx.feed is not None:
             ctx.feed.flush_binance(symbol)
         b = market.books[symbol]
