@@ -1,4 +1,5 @@
-"""The websocket feed of API.md (path /v1/ws) and the Binance-compatible depth stream (path /ws).
+"""The websocket feed of API.md (path /v1/ws) and the Binance-compatible depth streams (paths /ws,
+/ws/<stream> and /stream?streams=<stream>/<stream>, as Binance has them).
 
 The feed hears every committed batch from exchange/marketdata.py (so it only ever shows durable
 events) and fans it out. Work is shared wherever subscribers want the same thing: one depth view
@@ -8,7 +9,10 @@ encoded once and queued as the same bytes for every subscriber.
 Each connection has one ordered outgoing queue. When the bytes queued for a connection pass
 ``max_buffer`` (the peer does not read fast enough), it gets ``{"type":"error","code":
 "slow_consumer"}`` and a close with code 1008; the others are not held up and never see a gap.
-A planned stop sends ``{"type":"server_shutdown"}`` before closing.
+A planned stop sends what is queued, then ``{"type":"server_shutdown"}``, then closes.
+
+What one message may cost is bounded: a subscribe takes each (channel, symbol) once, and a
+connection holds at most MAX_SUBSCRIPTIONS of them (MAX_STREAMS Binance streams).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 import time
 from collections import deque
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 import orjson
 from pydantic import ValidationError
@@ -46,6 +51,13 @@ log = logging.getLogger("carbonx.feed")
 
 MAX_DEPTH = 1000
 MAX_INTERVAL_MS = 10_000
+# Channels one connection may hold at once, counting each (channel, symbol) once (native feed), and
+# Binance streams (Binance's own limit per connection). A subscribe that would pass it is refused
+# whole: what one message costs is bounded by what a connection may hold.
+MAX_SUBSCRIPTIONS = 1024
+MAX_STREAMS = 1024
+# How long a planned stop lets each connection's writer send what is queued for it, all together.
+SHUTDOWN_DRAIN_S = 2.0
 BINANCE_INTERVALS = {"": 1000, "@100ms": 100, "@1000ms": 1000}
 # A tuple, not a set: `op` is whatever JSON the client sent, and an unhashable one (a list) must
 # get "unknown op", not a TypeError that closes the connection.
@@ -61,6 +73,12 @@ def binance_stream(symbol: str, interval_ms: int) -> str:
     return f"{symbol.lower()}@depth" + ("@100ms" if interval_ms == 100 else "")
 
 
+def _binance_code(code: str) -> int:
+    """Binance's error code for one of ours on its websocket: 3 invalid JSON, 2 invalid request
+    (its stream API's codes), -1003 too many requests (its REST code: the streams have none)."""
+    return {"invalid_json": 3, "rate_limited": -1003}.get(code, 2)
+
+
 def _ident(raw: str | bytes) -> Any:
     """The id of a message refused before it was read (rate limited), for the error to carry it
     as it would otherwise: a JSON object's "id", else None."""
@@ -74,15 +92,20 @@ def _ident(raw: str | bytes) -> Any:
 class Client:
     """One connection: its subscriptions and its bounded, ordered outgoing queue."""
 
-    def __init__(self, feed: Feed, ws: ServerConnection, binance: bool) -> None:
+    def __init__(self, feed: Feed, ws: ServerConnection, binance: bool, combined: bool = False) -> None:
         self.feed = feed
         self.ws = ws
         self.binance = binance
+        self.combined = combined  # Binance's /stream: events wrapped as {"stream": name, "data": event}
         self.address = ws.remote_address[0] if ws.remote_address else None
         self.queue: deque[bytes] = deque()
         self.pending = 0
         self.ready = asyncio.Event()
         self.closed = False
+        # A planned stop: server_shutdown is queued, nothing more is; the writer sends the queue
+        # and returns, and only then is the connection closed: the close never overtakes it.
+        self.ending = False
+        self.writer_task: asyncio.Task | None = None
         self.account: Account | None = None
         self.key: str | None = None
         # When the key must be asked about again before it is used (monotonic; never while unauthenticated).
@@ -94,7 +117,7 @@ class Client:
         self.tasks: set[asyncio.Task] = set()  # answers waiting for durability (strong references)
 
     def push(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.ending:
             return
         self.queue.append(data)
         self.pending += len(data)
@@ -113,11 +136,11 @@ class Client:
         loop.call_soon(self.feed.forget, self)  # not now: the caller may be iterating a subscriber set
         self.tasks.add(loop.create_task(self._close_slow()))
 
-    async def _close_slow(self) -> None:
-        err = orjson.dumps({"type": "error", "code": "slow_consumer",
-                            "detail": f"more than {self.feed.max_buffer} bytes waited for this connection"})
+    async def _close_slow(self, timeout: float = 5, detail: str | None = None) -> None:
+        detail = detail or f"more than {self.feed.max_buffer} bytes waited for this connection"
+        err = orjson.dumps({"type": "error", "code": "slow_consumer", "detail": detail})
         try:
-            await asyncio.wait_for(self._say_and_close(err, 1008, "slow consumer"), 5)
+            await asyncio.wait_for(self._say_and_close(err, 1008, "slow consumer"), timeout)
         except (TimeoutError, ConnectionClosed, OSError):
             self.ws.transport.abort()
 
@@ -137,17 +160,22 @@ class Client:
             while not self.closed:
                 await self.ready.wait()
                 self.ready.clear()
-                if not queue or self.closed:
+                if self.closed:
                     continue
-                if protocol.state is not State.OPEN or transport.is_closing():
+                if queue:
+                    if protocol.state is not State.OPEN or transport.is_closing():
+                        return
+                    batch = list(queue)
+                    queue.clear()
+                    self.pending = 0
+                    for data in batch:
+                        protocol.send_text(data)
+                    transport.write(b"".join(protocol.data_to_send()))
+                    await ws.drain()
+                if self.ending and not queue:
+                    # Everything queued, server_shutdown last, is in the socket's buffer: Feed.stop
+                    # may close now, the close frame after it.
                     return
-                batch = list(queue)
-                queue.clear()
-                self.pending = 0
-                for data in batch:
-                    protocol.send_text(data)
-                transport.write(b"".join(protocol.data_to_send()))
-                await ws.drain()
         except ConnectionClosed:
             pass
 
@@ -196,6 +224,7 @@ class BinanceGroup:
     def __init__(self, symbol: str, interval_ms: int, seq: int) -> None:
         self.symbol = symbol
         self.interval_ms = interval_ms
+        self.name = orjson.dumps(binance_stream(symbol, interval_ms))  # for /stream's wrapper
         self.clients: set[Client] = set()
         self.first: int | None = None
         self.last = seq
@@ -258,37 +287,98 @@ class Feed:
     def port(self) -> int:
         return self.server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
-        """Tell every client, then close."""
-        bye = orjson.dumps({"type": "server_shutdown", "ts": now_us()})
+    async def stop(self, drain: float = SHUTDOWN_DRAIN_S) -> None:
+        """Tell every client, then close: each connection gets what is queued for it, then
+        server_shutdown, then close 1001, in this order (the close only once its writer has written
+        the queue; a close frame sent earlier overtook the queue, which was then dropped). A connection that
+        cannot take its queue within `drain` seconds (all connections together) is a slow
+        consumer: slow_consumer and 1008, as it would have been had the exchange gone on."""
         for t in self._tasks:
             t.cancel()
-        clients = list(self.clients)
-        for c in clients:
-            c.push(bye)
-        await asyncio.sleep(0.05)
-        await asyncio.gather(*(self._close(c) for c in clients), return_exceptions=True)
         if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+            # No new connections (an opening one is refused with 503) while these drain.
+            self.server.close(close_connections=False)
+        bye = orjson.dumps({"type": "server_shutdown", "ts": now_us()})
+        clients = [c for c in self.clients if not c.closed]
+        for c in clients:
+            self.forget(c)  # no more market data: nothing may follow the bye
+            c.push(bye)
+            c.ending = True
+        writers = {c.writer_task: c for c in clients if c.writer_task is not None and not c.writer_task.done()}
+        if writers:  # each returns once its queue, server_shutdown last, is written
+            _, late = await asyncio.wait(writers, timeout=drain)
+            slow = [writers[t] for t in late if not writers[t].closed]
+            for c in slow:
+                c.closed = True
+                c.queue.clear()
+                c.pending = 0
+                c.ready.set()
+                self.slow_consumers += 1
+            await asyncio.gather(*(c._close_slow(1, f"the server is stopping and this connection did not take "
+                                                    f"what was queued for it within {drain:g} s") for c in slow),
+                                 return_exceptions=True)
+        await asyncio.gather(*(self._close(c.ws) for c in clients if not c.closed), return_exceptions=True)
+        if self.server is not None:
+            # Opened but never a client (its handler had not run): nothing was queued for it.
+            await asyncio.gather(*(self._close(ws) for ws in list(self.server.connections)),
+                                 return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), drain)
 
-    async def _close(self, c: Client) -> None:
+    async def _close(self, ws: ServerConnection) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(c.ws.close(1001, "server shutdown"), 2)
+            await asyncio.wait_for(ws.close(1001, "server shutdown"), 2)
 
     def _route(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path not in ("/v1/ws", "/ws"):
-            return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]),
-                            b"websocket paths: /v1/ws (carbonx feed), /ws (Binance-compatible depth)\n")
-        return None
+        if path in ("/v1/ws", "/ws"):
+            return None
+        if path.startswith("/ws/") or path == "/stream":
+            names = self._url_streams(request.path)
+            bad = [n for n in names if self.parse_stream(n) is None]
+            if bad or (path != "/stream" and not names) or len(names) > MAX_STREAMS:
+                what = (f"unknown stream {bad[0]!r}" if bad else
+                        f"more than {MAX_STREAMS} streams" if names else "no stream named")
+                return Response(400, "Bad Request", Headers([("Content-Type", "text/plain")]),
+                                f"{what}: streams are <symbol in lower case>@depth, @depth@100ms or "
+                                f"@depth@1000ms of a listed instrument\n".encode())
+            return None
+        return Response(404, "Not Found", Headers([("Content-Type", "text/plain")]),
+                        b"websocket paths: /v1/ws (carbonx feed); Binance-compatible depth: /ws, "
+                        b"/ws/<stream>, /stream?streams=<stream>/<stream>\n")
+
+    @staticmethod
+    def _url_streams(target: str) -> list[str]:
+        """The streams a Binance URL names: /ws/<a>[/<b>...] (raw) or /stream?streams=<a>/<b>
+        (combined)."""
+        path, _, query = target.partition("?")
+        joined = parse_qs(query).get("streams", [""])[0] if path == "/stream" else unquote(path[len("/ws/"):])
+        return [n for n in joined.split("/") if n]
+
+    def parse_stream(self, name: Any) -> tuple[str, int] | None:
+        """(SYMBOL, interval_ms) of a Binance depth stream name, None unless it is one of a listed
+        instrument (the symbol is matched in upper case: Binance writes it in lower case)."""
+        if not isinstance(name, str):
+            return None
+        stream, at, rest = name.partition("@depth")
+        symbol = stream.upper()
+        if not at or rest not in BINANCE_INTERVALS or symbol not in self.market.books:
+            return None
+        return symbol, BINANCE_INTERVALS[rest]
 
     # ---- connections -------------------------------------------------------------------------
 
     async def handle(self, ws: ServerConnection) -> None:
-        client = Client(self, ws, binance=ws.request.path.split("?", 1)[0] == "/ws")
+        path = ws.request.path.split("?", 1)[0]
+        binance = path == "/ws" or path.startswith("/ws/") or path == "/stream"
+        client = Client(self, ws, binance=binance, combined=path == "/stream")
         self.clients.add(client)
-        writer = asyncio.create_task(client.writer())
+        writer = client.writer_task = asyncio.create_task(client.writer())
+        if binance and path != "/ws":  # the streams the URL names (checked in _route)
+            for name in self._url_streams(ws.request.path):
+                key = self.parse_stream(name)
+                if key is not None:
+                    self._join_binance(key, client)
         try:
             async for raw in ws:
                 if client.closed:
@@ -300,8 +390,11 @@ class Feed:
                 try:
                     self.gate.admit(client.address, client.key)
                 except RateLimited as e:
-                    self._send(client, {"type": "error", "id": _ident(raw), "code": e.code, "detail": e.message,
-                                        "retry_after_ms": e.retry_after_ms})
+                    if client.binance:
+                        self._error(client, _ident(raw), e.code, e.message)
+                    else:
+                        self._send(client, {"type": "error", "id": _ident(raw), "code": e.code,
+                                            "detail": e.message, "retry_after_ms": e.retry_after_ms})
                     continue
                 try:
                     msg = orjson.loads(raw)
@@ -374,6 +467,9 @@ class Feed:
         c.push(orjson.dumps(obj))
 
     def _error(self, c: Client, ident: Any, code: str, detail: str) -> None:
+        if c.binance:  # a Binance client reads Binance's shape
+            self._send(c, {"error": {"code": _binance_code(code), "msg": detail}, "id": ident})
+            return
         self._send(c, {"type": "error", "id": ident, "code": code, "detail": detail})
 
     async def _message(self, c: Client, msg: dict[str, Any]) -> None:
@@ -384,13 +480,28 @@ class Feed:
             if not isinstance(channels, list) or not channels or len(channels) > 50:
                 raise CarbonxError("invalid_request", "channels must be a list of 1..50 channel objects")
             plan = [self._channel(c, ch) for ch in channels]  # validate all before changing any
-            snapshots: list[bytes] = []
+            # Each (channel, symbol) once, whatever the message repeats: the last depth and
+            # interval named win. 50 channels of 100 symbols each would otherwise be 5,000
+            # snapshots (at depth 1000, seconds of the event loop that REST and order entry share).
+            wanted: dict[tuple[str, str], tuple[int, int]] = {}
             for name, symbols, depth, interval in plan:
                 for symbol in symbols:
-                    snap = (self._subscribe if op == "subscribe" else self._unsubscribe)(c, name, symbol, depth,
-                                                                                       interval)
-                    if snap is not None:
-                        snapshots.append(snap)
+                    wanted[(name, symbol)] = (depth, interval)
+            if op == "subscribe":
+                held = {("book", s) for s in c.books} | c.channels
+                if c.private is not None:
+                    held.add(("orders", ""))
+                if len(held | wanted.keys()) > MAX_SUBSCRIPTIONS:
+                    raise CarbonxError("too_many_subscriptions",
+                                       f"a connection holds at most {MAX_SUBSCRIPTIONS} subscriptions (a channel "
+                                       f"of one symbol each); this one holds {len(held)} and the message asks for "
+                                       f"{len(wanted.keys() - held)} more")
+            snapshots: list[bytes] = []
+            for (name, symbol), (depth, interval) in wanted.items():
+                snap = (self._subscribe if op == "subscribe" else self._unsubscribe)(c, name, symbol, depth,
+                                                                                   interval)
+                if snap is not None:
+                    snapshots.append(snap)
             self._send(c, {"type": "ack", "id": ident})
             for s in snapshots:
                 c.push(s)
@@ -488,6 +599,8 @@ class Feed:
     def _subscribe(self, c: Client, name: str, symbol: str, depth: int, interval: int) -> bytes | None:
         if name == "book":
             old = c.books.get(symbol)
+            if old == (depth, interval):  # the same again: the same view, a fresh snapshot (as resync)
+                return self.groups[(symbol, depth, interval)].snapshot(now_us())
             if old is not None:
                 self._leave((symbol, *old), c)
             key = (symbol, depth, interval)
@@ -618,14 +731,17 @@ class Feed:
             self._send(c, {"error": {"code": 2, "msg": "Invalid request: method must be SUBSCRIBE or UNSUBSCRIBE"},
                            "id": ident})
             return
-        wanted = []
+        wanted: dict[tuple[str, int], None] = {}  # each stream once, in order
         for p in params:
-            stream, _, rest = p.partition("@depth") if isinstance(p, str) else ("", "", "")
-            symbol = stream.upper()
-            if not _ or rest not in BINANCE_INTERVALS or symbol not in self.market.books:
+            key = self.parse_stream(p)
+            if key is None:
                 self._send(c, {"error": {"code": 2, "msg": f"Invalid stream {p!r}"}, "id": ident})
                 return
-            wanted.append((symbol, BINANCE_INTERVALS[rest]))
+            wanted[key] = None
+        if method == "SUBSCRIBE" and len(c.streams | wanted.keys()) > MAX_STREAMS:
+            self._send(c, {"error": {"code": 2, "msg": f"Invalid request: a connection listens to at most "
+                                                       f"{MAX_STREAMS} streams"}, "id": ident})
+            return
         for key in wanted:
             if method == "SUBSCRIBE":
                 self._join_binance(key, c)
@@ -753,8 +869,17 @@ class Feed:
 
     def flush_binance_group(self, g: BinanceGroup) -> None:
         data = g.flush()
-        if data is not None:
-            self._fan(g.clients, data)
+        if data is None:
+            return
+        wrapped = None  # for /stream's clients, built once per flush when one listens
+        for c in g.clients:
+            if c.combined:
+                if wrapped is None:
+                    wrapped = b'{"stream":' + g.name + b',"data":' + data + b"}"
+                c.push(wrapped)
+            else:
+                c.push(data)
+        self.deliveries += len(g.clients)
 
     def flush_binance(self, symbol: str) -> None:
         """Send what the Binance streams of `symbol` hold now, so that a REST depth snapshot taken
