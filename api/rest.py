@@ -40,7 +40,7 @@ from exchange.marketdata import MarketData
 from exchange.serials import format_serial
 from exchange.service import ExchangeService
 from matching import events as E
-from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, Listing
+from matching.core import Listing
 from matching.engine import InstrumentRules
 from matching.units import (
     format_cash,
@@ -668,12 +668,14 @@ def create_app(ctx: Context) -> FastAPI:
         core = service.core
         balance, reserved = core.cash.get(who.id, [0, 0])
         holdings = []
+        now = max(service.clock(), core.ts)
         for symbol in sorted(core.credits):
-            pos = core.credits[symbol].get(who.id)
-            if pos and any(pos[:3]):
-                holdings.append({"symbol": symbol, "available": format_tonnes(pos[P_AVAILABLE]),
-                                 "encumbered": format_tonnes(pos[P_ENCUMBERED]),
-                                 "locked": format_tonnes(pos[P_LOCKED])})
+            # as of now: yesterday's purchases are no longer locked (T+1), though the stored
+            # position frees them only when next touched
+            available, encumbered, locked = core.position(symbol, who.id, now)
+            if available or encumbered or locked:
+                holdings.append({"symbol": symbol, "available": format_tonnes(available),
+                                 "encumbered": format_tonnes(encumbered), "locked": format_tonnes(locked)})
         rows = await service.pool.fetch(
             """SELECT p.code, i.vintage, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
                FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id

@@ -768,10 +768,16 @@ class ExchangeCore:
         purse = self.cash.get(account)
         return purse[0] - purse[1] if purse else 0
 
-    def position(self, symbol: str, account: int) -> tuple[int, int, int]:
-        """(available, encumbered, locked until the next trading day) kg."""
+    def position(self, symbol: str, account: int, ts: int | None = None) -> tuple[int, int, int]:
+        """(available, encumbered, locked until the next trading day) kg; as of `ts` if given:
+        credits bought on an earlier day count as available then, as a sell would find them (the
+        position itself moves them only when next touched)."""
         pos = self.credits.get(symbol, {}).get(account)
-        return (pos[P_AVAILABLE], pos[P_ENCUMBERED], pos[P_LOCKED]) if pos else (0, 0, 0)
+        if not pos:
+            return (0, 0, 0)
+        if ts is not None and pos[P_LOCKED] and pos[P_LOCKED_DAY] < trading_day(ts):
+            return (pos[P_AVAILABLE] + pos[P_LOCKED], pos[P_ENCUMBERED], 0)
+        return (pos[P_AVAILABLE], pos[P_ENCUMBERED], pos[P_LOCKED])
 
     def check_invariants(self) -> list[str]:
         """Reservations against open orders and the books; returns what disagrees (empty = fine)."""

@@ -641,3 +641,24 @@ def test_an_order_view_carries_its_newest_fills_wherever_it_is_read(server):
     newest = sorted(every, key=lambda f: int(f["trade_id"]))[-ORDER_FILLS:]
     assert [f["trade_id"] for f in one["fills"]] == [f["trade_id"] for f in newest]
     assert listed == [one]
+
+
+def test_the_account_shows_yesterdays_purchase_as_available(db, run):
+    """T+1: credits bought today show as locked; on the next Shanghai day GET /v1/account shows
+    them available, as a sell finds them (it showed them locked until the member next traded)."""
+    key = run(operator_key(db))
+    shift = [0]
+    with ServerThread(db, service_options={"clock": lambda: now_us() + shift[0]}) as s:
+        w = build_world(s.http, key)
+        with w.as_("DEV") as dev, w.as_("BUY") as buy:
+            ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "type": "limit", "price": "35.00",
+                                            "quantity": "3.000"}), 201)
+            ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "type": "limit", "price": "35.00",
+                                            "quantity": "3.000"}), 201)
+            [held] = ok(buy.get("/v1/account"))["holdings"]
+            assert (held["available"], held["locked"]) == ("0.000", "3.000"), held
+            shift[0] = 86_400_000_000
+            [held] = ok(buy.get("/v1/account"))["holdings"]
+            assert (held["available"], held["encumbered"], held["locked"]) == ("3.000", "0.000", "0.000"), held
+            ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "type": "limit", "price": "36.00",
+                                            "quantity": "3.000"}), 201)
