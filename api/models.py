@@ -225,6 +225,9 @@ class Holding(BaseModel):
     locked: Decimal = Field(description="bought today; sellable from the next trading day (T+1)")
 
 
+SelfTradePrevention = Literal["cancel_resting", "cancel_incoming", "cancel_both"]
+
+
 class AccountView(BaseModel):
     code: str
     name: str
@@ -234,6 +237,13 @@ class AccountView(BaseModel):
     cash_reserved: Decimal
     holdings: list[Holding]
     retired: list[dict[str, str]] = Field(description="retired tonnes per project vintage")
+    self_trade_prevention: SelfTradePrevention
+
+
+class AccountSettings(Strict):
+    self_trade_prevention: SelfTradePrevention = Field(
+        description="when an order of this account would trade with another of its own: cancel the resting one "
+                    "(the default), the incoming one, or both")
 
 
 class Health(BaseModel):

@@ -55,6 +55,7 @@ from matching.units import (
 log = logging.getLogger("carbonx.api")
 PROBLEM = "application/problem+json"
 MAX_DEPTH = 5000
+STP_MODES = ("cancel_resting", "cancel_incoming", "cancel_both")  # the core's modes 1, 2, 3
 MAX_PRICE = InstrumentRules().max_price  # fen per tonne: the books' bound, which listings cannot change
 # A retirement (or an offset) takes units of one project vintage, which has at most this many kg
 # (ten-digit serials): more is refused here rather than overflowing the registry's bigint columns.
@@ -663,6 +664,15 @@ def create_app(ctx: Context) -> FastAPI:
                        limit, lambda f: str(M.FillCursor(f.seq, f.symbol, f.trade_id, SIDE[f.side])))
         return [fill_view(f) for f in page]
 
+    @app.patch("/v1/account", response_model=M.AccountView, responses=MEMBER, tags=["account"])
+    async def account_settings(req: M.AccountSettings, who: Member) -> Any:
+        mode = STP_MODES.index(req.self_trade_prevention) + 1
+        if service.core.stp.get(who.id, E.STP_CANCEL_RESTING) != mode:  # journal a change only
+            out = await service.submit({"op": "stp", "account": who.id, "mode": mode})
+            if out.code is not None:
+                raise CarbonxError(out.code, out.detail or out.code)
+        return await account(who)
+
     @app.get("/v1/account", response_model=M.AccountView, responses=MEMBER, tags=["account"])
     async def account(who: Annotated[Account, Depends(caller)]) -> Any:
         core = service.core
@@ -684,7 +694,8 @@ def create_app(ctx: Context) -> FastAPI:
                 "cash_available": format_cash(balance - reserved), "cash_reserved": format_cash(reserved),
                 "holdings": holdings,
                 "retired": [{"symbol": f"{r['code']}-{r['vintage']}", "quantity": format_tonnes(r["kg"])}
-                            for r in rows]}
+                            for r in rows],
+                "self_trade_prevention": STP_MODES[core.stp.get(who.id, E.STP_CANCEL_RESTING) - 1]}
 
     @app.post("/v1/retirements", status_code=201, response_model=M.RetirementView,
               responses={**MEMBER, 201: {"description": "the retirement", "headers": REPLAYED}}, tags=["registry"])

@@ -662,3 +662,26 @@ def test_the_account_shows_yesterdays_purchase_as_available(db, run):
             assert (held["available"], held["encumbered"], held["locked"]) == ("3.000", "0.000", "0.000"), held
             ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "type": "limit", "price": "36.00",
                                             "quantity": "3.000"}), 201)
+
+
+def test_a_member_chooses_its_self_trade_prevention(server):
+    """DESIGN: self-trade prevention cancels the resting order or the incoming one, configurable
+    per account: PATCH /v1/account sets it (cancel_resting by default), GET shows it, and an order
+    meeting the member's own follows it. Refused values and an operator change nothing."""
+    w = build_world(server.http, server.ops_key)
+    with w.as_("DEV") as dev, client(server.http, server.ops_key) as ops:
+        assert ok(dev.get("/v1/account"))["self_trade_prevention"] == "cancel_resting"
+        for bad in ({"self_trade_prevention": "cancel_nothing"}, {"self_trade_prevention": 2}, {},
+                    {"self_trade_prevention": "cancel_both", "other": 1}):
+            problem(dev.patch("/v1/account", json=bad), 400, "invalid_request")
+        problem(ops.patch("/v1/account", json={"self_trade_prevention": "cancel_both"}), 403, "forbidden")
+        assert ok(dev.get("/v1/account"))["self_trade_prevention"] == "cancel_resting"
+        assert ok(dev.patch("/v1/account", json={"self_trade_prevention": "cancel_incoming"}))[
+            "self_trade_prevention"] == "cancel_incoming"
+        resting = ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "type": "limit",
+                                                  "price": "36.00", "quantity": "2.000"}), 201)
+        incoming = ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "type": "limit",
+                                                   "price": "36.00", "quantity": "1.000"}), 201)
+        assert (incoming["status"], incoming["reason"]) == ("cancelled", "self_trade"), incoming
+        assert ok(dev.get(f"/v1/orders/{resting['order_id']}"))["status"] == "new"
+        assert ok(dev.get("/v1/account"))["self_trade_prevention"] == "cancel_incoming"
