@@ -55,6 +55,7 @@ from matching.units import (
 log = logging.getLogger("carbonx.api")
 PROBLEM = "application/problem+json"
 MAX_DEPTH = 5000
+SHANGHAI_OFFSET_US = 8 * 3_600_000_000  # UTC+8 all year
 STP_MODES = ("cancel_resting", "cancel_incoming", "cancel_both")  # the core's modes 1, 2, 3
 MAX_PRICE = InstrumentRules().max_price  # fen per tonne: the books' bound, which listings cannot change
 # A retirement (or an offset) takes units of one project vintage, which has at most this many kg
@@ -389,12 +390,15 @@ def create_app(ctx: Context) -> FastAPI:
         instrument(symbol)
         step = {"1m": 60_000_000, "1h": 3_600_000_000, "1d": 86_400_000_000}[interval]
         await service.caught_up(orders=True)
+        # Days are Asia/Shanghai trading days (UTC+8, no DST), as the day's close and the settlement
+        # report count them: a UTC day put 23:30 and 00:30 of two trading days in one candle.
         rows = await service.pool.fetch(
-            """SELECT ts / $2 * $2 AS start,
+            """SELECT (ts + $4) / $2 * $2 - $4 AS start,
                       (array_agg(price_fen ORDER BY trade_id))[1] AS open, max(price_fen) AS high,
                       min(price_fen) AS low, (array_agg(price_fen ORDER BY trade_id DESC))[1] AS close,
                       sum(qty_kg)::bigint AS volume, count(*)::int AS trades
-               FROM trades WHERE symbol = $1 GROUP BY 1 ORDER BY 1 DESC LIMIT $3""", symbol, step, limit)
+               FROM trades WHERE symbol = $1 GROUP BY 1 ORDER BY 1 DESC LIMIT $3""", symbol, step, limit,
+            SHANGHAI_OFFSET_US)
         return [{"start": iso(r["start"]), "open": format_price(r["open"]), "high": format_price(r["high"]),
                  "low": format_price(r["low"]), "close": format_price(r["close"]),
                  "volume": format_tonnes(r["volume"]), "trades": r["trades"]} for r in reversed(rows)]

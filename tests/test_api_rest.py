@@ -685,3 +685,25 @@ def test_a_member_chooses_its_self_trade_prevention(server):
         assert (incoming["status"], incoming["reason"]) == ("cancelled", "self_trade"), incoming
         assert ok(dev.get(f"/v1/orders/{resting['order_id']}"))["status"] == "new"
         assert ok(dev.get("/v1/account"))["self_trade_prevention"] == "cancel_incoming"
+
+
+def test_daily_candles_are_shanghai_trading_days(db, run):
+    """Trades at 23:30 and 00:30 Asia/Shanghai are two trading days (the day's close and the
+    settlement report say so), and two 1d candles, each starting at Shanghai midnight (16:00 UTC)."""
+    key = run(operator_key(db))
+    day, cst = 86_400_000_000, 8 * 3_600_000_000
+    midnight = ((now_us() + cst) // day + 1) * day - cst  # the next Shanghai midnight
+    at = [midnight - 1_800_000_000]
+    with ServerThread(db, service_options={"clock": lambda: at[0]}) as s:
+        w = build_world(s.http, key)
+        with w.as_("DEV") as dev, w.as_("BUY") as buy, client(s.http) as anon:
+            for when in (midnight - 1_800_000_000, midnight + 1_800_000_000):
+                at[0] = when
+                ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "type": "limit",
+                                                "price": "35.00", "quantity": "1.000"}), 201)
+                ok(buy.post("/v1/orders", json={"symbol": SYMBOL, "side": "buy", "type": "limit",
+                                                "price": "35.00", "quantity": "1.000"}), 201)
+            candles = ok(anon.get(f"/v1/candles/{SYMBOL}", params={"interval": "1d"}))
+            assert [c["volume"] for c in candles] == ["1.000", "1.000"], candles
+            starts = [c["start"] for c in candles]
+            assert all(x.endswith("T16:00:00.000000Z") for x in starts), starts
