@@ -497,3 +497,13 @@ def read_frames(sock: socket.socket, timeout: float = 20.0) -> tuple[list[dict],
             return msgs, struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
         if opcode == 1:
             msgs.append(orjson.loads(payload))
+
+
+def ask(ws, msg: dict, timeout: float = 5) -> dict:
+    """Send `msg` and return its answer (the message with its id), skipping anything else."""
+    ws.send(orjson.dumps(msg).decode())
+    end = time.monotonic() + timeout
+    while True:
+        m = orjson.loads(ws.recv(max(0.01, end - time.monotonic())))
+        if m.get("id") == msg["id"]:
+            return m

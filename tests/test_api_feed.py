@@ -31,6 +31,7 @@ from tests.api_clients import (
     RandomTrader,
     WsTrader,
     add_listing,
+    ask,
     crc,
     quiesce,
     raw_ws,
@@ -435,16 +436,6 @@ def shared(market):
     for code in ("DEV", "BUY", "BUY2"):
         with market.world.as_(code) as h:
             ok(h.delete("/v1/orders", params={"symbol": SYMBOL}))
-
-
-def ask(ws, msg: dict, timeout: float = 5) -> dict:
-    """Send `msg` and return its answer (the message with its id), skipping anything else."""
-    ws.send(orjson.dumps(msg).decode())
-    end = time.monotonic() + timeout
-    while True:
-        m = orjson.loads(ws.recv(max(0.01, end - time.monotonic())))
-        if m.get("id") == msg["id"]:
-            return m
 
 
 def limit(side: str, price: str, quantity: str = "1.000") -> dict:

@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 
 from api import auth
 from api import feed as feed_module
-from tests.api_clients import raw_ws, read_frames, ws_frame
+from tests.api_clients import ask, raw_ws, read_frames, ws_frame
 from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key, own_server
 
 
@@ -39,16 +39,6 @@ def shared(market):
     for code in ("DEV", "BUY", "BUY2"):
         with market.world.as_(code) as h:
             ok(h.delete("/v1/orders", params={"symbol": SYMBOL}))
-
-
-def ask(ws, msg: dict, timeout: float = 5) -> dict:
-    """Send `msg` and return its answer (the message with its id), skipping anything else."""
-    ws.send(orjson.dumps(msg).decode())
-    end = time.monotonic() + timeout
-    while True:
-        m = orjson.loads(ws.recv(max(0.01, end - time.monotonic())))
-        if m.get("id") == msg["id"]:
-            return m
 
 
 def rest(ws, seconds: float = 0.5) -> list[dict]:

@@ -42,14 +42,18 @@ async def _started(dsn: str, **options) -> ExchangeService:
     return svc
 
 
-async def _listed(dsn: str, **options) -> tuple[ExchangeService, int, int]:
+async def _listed(dsn: str, listing: dict = LISTING, funds: int = 0, **options) -> tuple[ExchangeService, int, int]:
+    """A world, a service, SYMBOL listed; BUY given `funds` fen (reference bank-1) if any."""
     conn = await asyncpg.connect(dsn)
     await world(conn)
     await conn.close()
     svc = await _started(dsn, **options)
-    out = await svc.list_instrument(SYMBOL, LISTING)
+    out = await svc.list_instrument(SYMBOL, listing)
     assert out.accepted, out
-    return svc, await svc.account("DEV"), await svc.account("BUY")
+    dev, buy = await svc.account("DEV"), await svc.account("BUY")
+    if funds:
+        assert (await svc.submit({"op": "deposit", "account": buy, "amount": funds, "ref": "bank-1"})).accepted
+    return svc, dev, buy
 
 
 def place(account: int, side: int, price: int, qty: int, **extra) -> dict:
@@ -350,14 +354,8 @@ def test_a_refused_retirement_gives_back_todays_purchase_still_locked(db, run):
     same-day resale is still refused. It freed them before."""
     async def main():
         clock = Clock(local_ts(2026, 11, 23, 10, 0))
-        conn = await asyncpg.connect(db)
-        await world(conn)
-        await conn.close()
-        svc = await _started(db, clock=clock)
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 100_000, clock=clock)  # T+1 on by default
         try:
-            await svc.list_instrument(SYMBOL, {"rules": {"always_open": True}})  # T+1 on by default
-            dev, buy = await svc.account("DEV"), await svc.account("BUY")
-            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
             await svc.submit(place(dev, E.ASK, 3500, 2000))
             await svc.submit(place(buy, E.BID, 3500, 2000))
             await svc.submit(place(dev, E.ASK, 3500, 1000))  # 1 t bought earlier: available
@@ -484,14 +482,9 @@ def test_a_sell_left_outside_the_new_band_is_cancelled_at_the_close_and_its_cred
     close (reason price_band), and its credits are available again in the core and the registry."""
     async def main():
         clock = Clock(local_ts(2026, 11, 23, 10, 0))
-        conn = await asyncpg.connect(db)
-        await world(conn)
-        await conn.close()
-        svc = await _started(db, clock=clock)
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True, "reference_price": 3500}}, 100_000,
+                                      clock=clock)
         try:
-            await svc.list_instrument(SYMBOL, {"rules": {"always_open": True, "reference_price": 3500}})
-            dev, buy = await svc.account("DEV"), await svc.account("BUY")
-            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
             high = await svc.submit(place(dev, E.ASK, 3800, 5000))
             await svc.submit(place(dev, E.ASK, 3200, 1000))
             await svc.submit(place(buy, E.BID, 3200, 1000))
@@ -576,14 +569,8 @@ def test_a_failed_journal_write_stops_the_service_and_loses_nothing_acknowledged
 def test_same_day_resale_is_refused_and_allowed_the_next_day(db, run):
     async def main():
         clock = Clock(local_ts(2026, 11, 23, 10, 0))
-        conn = await asyncpg.connect(db)
-        await world(conn)
-        await conn.close()
-        svc = await _started(db, clock=clock)
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 100_000, clock=clock)  # T+1 on by default
         try:
-            await svc.list_instrument(SYMBOL, {"rules": {"always_open": True}})  # T+1 on by default
-            dev, buy = await svc.account("DEV"), await svc.account("BUY")
-            await svc.submit({"op": "deposit", "account": buy, "amount": 100_000, "ref": "bank-1"})
             await svc.submit(place(dev, E.ASK, 3500, 1000))
             await svc.submit(place(buy, E.BID, 3500, 1000))
             assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).code == "insufficient_credits"
