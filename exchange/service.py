@@ -188,7 +188,6 @@ class ExchangeService:
         await self.orders.load(self._hist)
         self._running = True
         self._tasks.append(asyncio.create_task(self._flush_loop(), name="carbonx-journal"))
-        self._tasks.append(asyncio.create_task(self._timer_loop(), name="carbonx-timer"))
         if self.consumers == "process":
             await self._start_child()
         else:
@@ -197,6 +196,9 @@ class ExchangeService:
                 self._tasks.append(asyncio.create_task(self._project_loop(), name="carbonx-projector"))
         if self.project:
             await self._adjust_for_outside_changes()
+        # Only now: an expiry the timer journaled while the start-up compared the core with the
+        # registry would make them differ (credits released in the core, not yet in the registry).
+        self._tasks.append(asyncio.create_task(self._timer_loop(), name="carbonx-timer"))
 
     async def stop(self, snapshot: bool = True) -> None:
         """Finish what was accepted, bring the registry up to date, release the database."""
@@ -519,11 +521,15 @@ class ExchangeService:
                                        " (credits in open sell orders are encumbered)")
             # The take comes from available credits first, then from those bought today (the
             # core's adjust); a give-back puts each part back where it was, or a refused
-            # retirement would free today's purchases for resale (T+1).
-            back = [[symbol, a, kg, max(0, kg - positions.get(a, [0, 0, 0, 0])[P_AVAILABLE])]
+            # retirement would free today's purchases for resale (T+1). What came from the
+            # locked part is read off the position around the take itself, applied at once:
+            # an expiry journaled just before it (housekeeping) frees credits, never locked ones.
+            locked = {a: positions.get(a, [0, 0, 0, 0])[P_LOCKED] for a in debit}
+            out, durable = self.apply({"op": "adjust", "credits": [[symbol, a, -kg] for a, kg in sorted(debit.items())],
+                                       "cause": cause})
+            back = [[symbol, a, kg, locked[a] - positions.get(a, [0, 0, 0, 0])[P_LOCKED]]
                     for a, kg in sorted(debit.items())]
-            taken = [[symbol, a, -kg] for a, kg in sorted(debit.items())]
-            out = await self._sequence({"op": "adjust", "credits": taken, "cause": cause})
+            await durable
             await self.caught_up(out.seq, registry=True)
         try:
             async with self._pool.acquire() as conn:

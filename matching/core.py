@@ -832,8 +832,9 @@ class ExchangeCore:
                          for s in sorted(self.listings)],
             "books": books,
             "cash": sorted([a, *p] for a, p in self.cash.items() if p != [0, 0]),
+            # an empty position's locked day stays: a give-back's relock reads it
             "credits": sorted([s, a, *p] for s, ps in self.credits.items() for a, p in ps.items()
-                              if p[:3] != [0, 0, 0]),
+                              if p != [0, 0, 0, 0]),
             "orders": sorted([k, *o] for k, o in self.orders.items()),
             "coids": sorted([a, k, *v] for a, m in self.coids.items() for k, v in m.items()),
             "stp": sorted([a, m] for a, m in self.stp.items()),

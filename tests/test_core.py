@@ -484,6 +484,21 @@ def test_a_days_close_cancels_the_orders_its_new_band_leaves_outside(engine):
     assert "true or false" in out.detail
 
 
+def test_a_give_back_after_a_snapshot_relocks_as_it_would_have(engine):
+    """A take empties a position bought today ([0, 0, 0, today]); a snapshot is written; the
+    give-back relocks. The snapshot keeps the empty position's day, so the restored core relocks
+    too (it dropped the position, and a restart made today's purchase sellable)."""
+    core = make_core(engine)
+    ok(core, sell(1, 1000, 1000))
+    ok(core, buy(2, 1000, 1000))
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -1000]]})
+    restored = ExchangeCore.restore(core.snapshot(), engine)
+    for c in (core, restored):
+        ok(c, {"op": "adjust", "credits": [[SYM, 2, 1000, 1000]]})
+        assert c.position(SYM, 2) == (0, 0, 1000)
+    assert restored.state_digest() == core.state_digest()
+
+
 def test_self_trade_prevention_is_set_per_account_and_survives_a_snapshot(engine):
     """DESIGN: cancel the resting order or the incoming one, configurable per account. The
     default cancels the resting order; stp mode 2 cancels the incoming one, 3 both; the setting

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from exchange import journal, ledger, projector, registry
+from exchange import service as service_module
 from exchange.errors import CarbonxError
 from exchange.service import SERVICE_LOCK_KEY, SUMMARY_ITEMS, ExchangeService, adjustment_summary, refuse_while_serving
 from matching import events as E
@@ -530,6 +531,61 @@ def test_a_snapshot_written_by_an_earlier_version_still_starts_the_exchange(db, 
         try:
             again = await svc.submit({**place(buy, E.BID, 3400, 1000), "coid": "kept"})
             assert again.duplicate and again.order_id == first.order_id
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_a_start_after_a_gtd_sell_expired_while_stopped_is_clean(db, run):
+    """The exchange was stopped over a GTD sell's expiry. At the next start the timer must not
+    expire it while the start-up compares the core with the registry: the core would have
+    released the credits and the registry not yet, and the start refused (registry_mismatch)."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        svc, dev, _buy = await _listed(db, clock=clock)
+        assert (await svc.submit({**place(dev, E.ASK, 3500, 5000), "tif": E.GTD,
+                                  "expire_ts": clock.ts + 60_000_000})).accepted
+        await svc.stop()
+        clock.ts += 120_000_000
+        again = await _started(db, clock=clock)
+        try:
+            await again.submit({"op": "deposit", "account": dev, "amount": 1, "ref": "after"})
+            assert [orjson.loads(r["command"])["op"] for r in await _journal_rows(db)][-2:] == ["expire", "deposit"]
+            assert await again.reconcile() == []
+        finally:
+            await again.stop()
+
+    run(main())
+
+
+def test_a_give_back_after_an_expiry_journaled_with_the_take_relocks_only_what_was_locked(db, run, monkeypatch):
+    """BUY holds 1 t bought yesterday in a GTD sell that falls due now, and 2 t bought today
+    (locked). A retirement of 1 t is refused: its take came from the 1 t the due expiry freed
+    (journaled just before the take), so the give-back returns it available, not locked."""
+    monkeypatch.setattr(service_module, "TIMER_MAX", 3600.0)  # the take's own housekeeping, not the timer's
+
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 100_000, clock=clock)
+        try:
+            await svc.submit(place(dev, E.ASK, 3500, 1000))
+            await svc.submit(place(buy, E.BID, 3500, 1000))
+            clock.ts = local_ts(2026, 11, 24, 10, 0)
+            assert (await svc.submit({**place(buy, E.ASK, 3800, 1000), "tif": E.GTD,
+                                      "expire_ts": clock.ts + 60_000_000})).accepted
+            await svc.submit(place(dev, E.ASK, 3500, 2000))
+            await svc.submit(place(buy, E.BID, 3500, 2000))  # 2 t today: locked
+            await svc.caught_up(registry=True)
+            other = await svc.issue(project="FOREST", vintage=2023, quantity_kg=5000)  # to DEV
+            clock.ts += 61_000_000  # the GTD sell is due
+            with pytest.raises(CarbonxError) as refused:
+                await svc.retire(account="BUY", quantity_kg=1000, beneficiary="Expo", purpose="offset",
+                                 issuance_id=other.id)
+            assert refused.value.code == "insufficient_credits"
+            assert svc.core.credits[SYMBOL][buy][:3] == [1000, 0, 2000]
+            assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).accepted
             assert await svc.reconcile() == []
         finally:
             await svc.stop()
