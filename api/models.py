@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+from exchange.text import UNSAFE_RANGES, UNSAFE_TEXT
+
 Decimal = str  # a decimal string such as "13.89" or "1.200"
 _DEC = r"^[0-9]+(\.[0-9]+)?$"
 Id = Annotated[str, Field(description="an id of the exchange: a string of decimal digits")]
@@ -54,14 +56,9 @@ SerialNumberInput = Annotated[int, BeforeValidator(serial_number_input), Field(g
                                               "description": "a serial number: the first unit of a block"})]
 
 
-# Characters no text of a request may hold: control characters (Unicode category Cc: NUL, which
-# PostgreSQL cannot store, tabs, line breaks, C1 controls) and the bidirectional embeddings,
-# overrides and isolates, which make text display in another order than it is stored (a
-# certificate's beneficiary could read as someone else's). exchange/offsetting.py checks the same
-# characters before an offset buys (the tests check that the two agree).
-_UNSAFE = r"\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069"  # as a regex character class's ranges
-UNSAFE_TEXT = re.compile(f"[{_UNSAFE}]")
-TEXT_PATTERN = f"^[^{_UNSAFE}]*$"  # the rule as /openapi.json states it (Python's and ECMA-262's regex alike)
+# Characters no text of a request may hold: exchange/text.py's rule, which the exchange's own
+# checks share.
+TEXT_PATTERN = f"^[^{UNSAFE_RANGES}]*$"  # the rule as /openapi.json states it (Python's and ECMA-262's regex alike)
 
 
 def _unsafe(value: str) -> str | None:
@@ -102,7 +99,7 @@ def payment_reference(value: str) -> str:
 
 PaymentReference = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(plain_text),
                              AfterValidator(payment_reference),
-                             Field(json_schema_extra={"pattern": f"^ *[^ {_UNSAFE}][^{_UNSAFE}]*$",
+                             Field(json_schema_extra={"pattern": f"^ *[^ {UNSAFE_RANGES}][^{UNSAFE_RANGES}]*$",
                                                       "description": "1-100 printable characters, not only spaces; "
                                                                      "the payment's idempotency key"})]
 

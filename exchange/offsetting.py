@@ -10,22 +10,17 @@ within the cap, how many are needed).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from exchange.errors import CarbonxError
 from exchange.registry import Retirement
 from exchange.service import ExchangeService
+from exchange.text import UNSAFE_TEXT
 from matching import events as E
 from matching.core import KEPT_COID_PREFIX
 from matching.engine import InstrumentRules
 from matching.risk import buy_reservation
 from matching.units import format_cash, format_price, format_tonnes
-
-# Text a retirement may not hold, the API's rule for every request text (api/models.py UNSAFE_TEXT,
-# which this layer cannot import): control characters (Unicode Cc: NUL, which PostgreSQL cannot
-# store, tabs, line breaks) and the bidirectional embeddings, overrides and isolates.
-UNSAFE_TEXT = re.compile(r"[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]")
 
 # An offset's purchase under an idempotency key is the order with this client_order_id prefix and
 # the key; order entry refuses the prefix (api/orders.py), or an offset could take a member's own

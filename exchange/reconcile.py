@@ -44,7 +44,6 @@ class Check:
 class Reconciliation:
     checks: list[Check] = field(default_factory=list)
     pending: int = 0
-    pending_outside: int = 0  # cash and credit changes made while stopped, not yet journaled
 
     @property
     def ok(self) -> bool:
@@ -125,10 +124,9 @@ async def _reconcile(conn: asyncpg.Connection) -> Reconciliation:
             cash = credits = []  # an encumbrance differs: the comparison below names it
         if cash or credits:
             core.apply({"op": "adjust", "cash": cash, "credits": credits}, core.ts)
-            out.pending_outside = len(cash) + len(credits)
             named = [f"account {a} cash {d:+} fen" for a, d in cash] + [f"{s} account {a} {d:+} kg"
                                                                         for s, a, d in credits]
-            adjusted = (f"; {out.pending_outside} changes made while the exchange was stopped, taken in at its "
+            adjusted = (f"; {len(named)} changes made while the exchange was stopped, taken in at its "
                         f"next start: {', '.join(named[:10])}" + (", …" if len(named) > 10 else ""))
     out.add("reservations", core.check_invariants() + await compare_with_database(conn, core, position),
             f"{len(core.orders):,} open orders; reservations, encumbrances and balances agree at seq {position:,}"

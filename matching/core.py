@@ -281,10 +281,16 @@ class ExchangeCore:
 
     def expiry_due(self, ts: int) -> bool:
         """Whether a GTD order expires at or before `ts` (the service then applies ``expire``)."""
+        first = self._next_expiry()
+        return first is not None and first <= ts
+
+    def _next_expiry(self) -> int | None:
+        """When the first open GTD order expires; the heap's entries for orders closed meanwhile
+        are dropped on the way (they are not state: restore rebuilds the heap from the orders)."""
         heap, orders = self._gtd, self.orders
         while heap and heap[0][1] not in orders:
             heapq.heappop(heap)
-        return bool(heap) and heap[0][0] <= ts
+        return heap[0][0] if heap else None
 
     # ---- orders ----------------------------------------------------------------------------
 
@@ -561,10 +567,8 @@ class ExchangeCore:
     def next_due(self) -> int | None:
         """When the next expiry or day's close falls due (UTC µs), None if nothing will: the
         service's timer applies them then, so that a quiet market shows them on time too."""
-        heap, orders = self._gtd, self.orders
-        while heap and heap[0][1] not in orders:
-            heapq.heappop(heap)
-        times = [heap[0][0]] if heap else []
+        first = self._next_expiry()
+        times = [first] if first is not None else []
         if self.day_stats:
             times.append((self.stats_day + 1) * DAY_US - _CST_US)  # the next Shanghai midnight
         return min(times, default=None)
