@@ -145,6 +145,7 @@ class ExchangeService:
         self._backlog = False  # rows that waited through the previous commit: flush them at once
         self._wake = asyncio.Event()
         self._timer_wake = asyncio.Event()  # set to end the timer at stop
+        self._timer_held = 0  # callers that need the journal to stand still (reconcile)
         self._project_wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
         self._proj: asyncpg.Connection | None = None  # the projector's own connection
@@ -298,7 +299,8 @@ class ExchangeService:
         it: every command applies what is due before itself."""
         while self._running:
             try:
-                self._housekeep(max(self.clock(), self.core.ts))
+                if not self._timer_held:
+                    self._housekeep(max(self.clock(), self.core.ts))
             except Exception:  # a core bug; the next command meets it too, and its caller hears of it
                 log.exception("applying what fell due failed")
             due = self.core.next_due()
@@ -780,15 +782,21 @@ class ExchangeService:
 
     async def reconcile(self) -> list[str]:
         """Core invariants plus registry and ledger against the core (after projecting all)."""
-        await asyncio.shield(self._settled_future())
-        problems = self.core.check_invariants()
-        if not self.project:
+        # The timer waits meanwhile: an expiry or a close it journaled between the wait below and
+        # the comparison would set a core one entry ahead against a registry one behind.
+        self._timer_held += 1
+        try:
+            await asyncio.shield(self._settled_future())
+            problems = self.core.check_invariants()
+            if not self.project:
+                return problems
+            # Wait for the projector to reach this point (hurrying it past its gathering delay, in
+            # process or out) rather than racing it on its connection.
+            await self.caught_up(self.durable_seq, registry=True)
+            problems.extend(await compare_with_database(self._pool, self.core))
             return problems
-        # Wait for the projector to reach this point (hurrying it past its gathering delay, in
-        # process or out) rather than racing it on its connection.
-        await self.caught_up(self.durable_seq, registry=True)
-        problems.extend(await compare_with_database(self._pool, self.core))
-        return problems
+        finally:
+            self._timer_held -= 1
 
 
 async def _members_moved(conn: asyncpg.Connection, result: registry.MovementResult,
