@@ -171,3 +171,11 @@ def build_world(base: str, ops_key: str, symbol: str = SYMBOL, issue_tonnes: str
         for b in (*buyers, "DEV"):
             ok(ops.post(f"/v1/accounts/{b}/deposits", json={"amount": cash, "reference": f"seed-{b}"}), 201)
     return w
+
+
+def cancel_left_orders(world: World, codes: tuple[str, ...] = ("DEV", "BUY", "BUY2"), symbol: str = SYMBOL) -> None:
+    """Cancel the orders the accounts `codes` left resting in `symbol` (a shared server's fixture
+    tidying after each test)."""
+    for code in codes:
+        with world.as_(code) as h:
+            ok(h.delete("/v1/orders", params={"symbol": symbol}))

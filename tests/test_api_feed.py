@@ -40,7 +40,16 @@ from tests.api_clients import (
     wait_for,
     ws_frame,
 )
-from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key, own_server
+from tests.api_helpers import (
+    SYMBOL,
+    ServerThread,
+    build_world,
+    cancel_left_orders,
+    client,
+    ok,
+    operator_key,
+    own_server,
+)
 
 SYMBOL2 = "BIOGAS-2024"
 
@@ -433,9 +442,7 @@ def market(pg_server, template_db, run):
 def shared(market):
     """The shared server; orders a test leaves resting are cancelled after it."""
     yield market
-    for code in ("DEV", "BUY", "BUY2"):
-        with market.world.as_(code) as h:
-            ok(h.delete("/v1/orders", params={"symbol": SYMBOL}))
+    cancel_left_orders(market.world)
 
 
 def limit(side: str, price: str, quantity: str = "1.000") -> dict:

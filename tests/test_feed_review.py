@@ -21,7 +21,16 @@ from websockets.sync.client import connect
 from api import auth
 from api import feed as feed_module
 from tests.api_clients import ask, raw_ws, read_frames, ws_frame
-from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key, own_server
+from tests.api_helpers import (
+    SYMBOL,
+    ServerThread,
+    build_world,
+    cancel_left_orders,
+    client,
+    ok,
+    operator_key,
+    own_server,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +45,7 @@ def market(pg_server, template_db, run):
 def shared(market):
     """The shared server; orders a test leaves resting are cancelled after it."""
     yield market
-    for code in ("DEV", "BUY", "BUY2"):
-        with market.world.as_(code) as h:
-            ok(h.delete("/v1/orders", params={"symbol": SYMBOL}))
+    cancel_left_orders(market.world)
 
 
 def rest(ws, seconds: float = 0.5) -> list[dict]:
