@@ -97,6 +97,15 @@ class Exchange:
         return f"ws://{self.host}:{self.ws_port}"
 
     async def start(self) -> None:
+        """Start the service, then the feed, then HTTP; a start that fails part-way stops what
+        it had started (a port already taken used to leave the exchange serving the feed)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         service = self.service
         await service.start()
         self.market.load(service.core, await _recent_trades(service, list(service.core.listings)))
@@ -114,7 +123,7 @@ class Exchange:
         config = uvicorn.Config(app, host=self.host, port=self.http_port, log_level="warning", lifespan="off",
                                 access_log=False, loop="none", timeout_graceful_shutdown=5)
         self._http = _Uvicorn(config)
-        self._http_task = asyncio.create_task(self._http.serve(), name="carbonx-http")
+        self._http_task = asyncio.create_task(self._serve_http(), name="carbonx-http")
         while not self._http.started:
             if self._http_task.done():
                 await self._http_task  # raises why it could not start
@@ -124,6 +133,14 @@ class Exchange:
         ctx.public_url = self.http_url
         if self.gc_policy:
             self._gc_before = gcpolicy.apply()  # the recovered core and loaded views are start-up's: freeze
+
+    async def _serve_http(self) -> None:
+        # uvicorn logs why it cannot listen (the port is taken) and calls sys.exit: raised in a
+        # task, that would end the whole event loop, so it becomes the error it stands for.
+        try:
+            await self._http.serve()
+        except SystemExit as e:
+            raise OSError(f"the HTTP server could not listen on {self.host}:{self.http_port}") from e
 
     async def stop(self) -> None:
         try:

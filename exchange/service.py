@@ -166,6 +166,17 @@ class ExchangeService:
     # ---- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Recover the core from the journal, bring the consumers up to date and start serving.
+        A start that fails leaves nothing behind in this process: its tasks, its consumers'
+        process, its connections and the service lock are gone, so another service may start
+        (a new object: this one keeps what the failed start had loaded)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._abandon()
+            raise
+
+    async def _start(self) -> None:
         self._conn = await asyncpg.connect(self.dsn)
         if not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SERVICE_LOCK_KEY):
             await self._conn.close()
@@ -200,6 +211,32 @@ class ExchangeService:
         # Only now: an expiry the timer journaled while the start-up compared the core with the
         # registry would make them differ (credits released in the core, not yet in the registry).
         self._tasks.append(asyncio.create_task(self._timer_loop(), name="carbonx-timer"))
+
+    async def _abandon(self) -> None:
+        """Undo a start that failed part-way: nothing it began may outlive it (closing the
+        service's own connection releases the advisory lock)."""
+        self._running = False
+        self._closing = True
+        self._timer_wake.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._child_task is not None:  # first, or it would report the kill as a failure
+            self._child_task.cancel()
+            await asyncio.gather(self._child_task, return_exceptions=True)
+            self._child_task = None
+        child, self._child = self._child, None
+        if child is not None and child.returncode is None:
+            child.kill()
+            await child.wait()
+        for conn in (self._proj, self._hist, self._conn):
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+        self._proj = self._hist = self._conn = None
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
 
     async def stop(self, snapshot: bool = True) -> None:
         """Finish what was accepted, bring the registry up to date, release the database."""

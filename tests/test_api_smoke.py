@@ -4,10 +4,13 @@ certificate, and a restart that keeps it all."""
 
 from __future__ import annotations
 
+import socket
+
 import orjson
 import pytest
 from websockets.sync.client import connect
 
+from api.server import Exchange
 from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, operator_key
 
 
@@ -114,3 +117,23 @@ def test_verification_page(server):
         assert plain.status_code == 200 and "Genuine:" not in plain.text
         fake = buy.get("/verify/CX-FAKE-FAKE-FAKE")
         assert fake.status_code == 404 and "not genuine" in fake.text
+
+
+def test_a_port_already_taken_stops_what_the_start_began(db, run):
+    """The HTTP port in use: the start fails, and neither the feed's port nor the service's lock
+    stays held (they used to, until the process ended)."""
+    async def main() -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            ex = Exchange(db, http_port=taken.getsockname()[1], ws_port=0)
+            with pytest.raises(OSError):
+                await ex.start()
+            feed_port = ex.ws_port
+        with socket.socket() as probe:  # the feed's port is free again
+            probe.bind(("127.0.0.1", feed_port))
+        again = Exchange(db, http_port=0, ws_port=0)
+        await again.start()  # not service_running
+        await again.stop()
+
+    run(main())

@@ -225,6 +225,32 @@ def test_one_service_per_database_and_the_command_line_keeps_off(db, run):
     run(main())
 
 
+@pytest.mark.parametrize("consumers", ["task", "process"])
+def test_a_failed_start_leaves_nothing_behind(db, run, consumers):
+    """A start that fails after its loops (and the consumers' process) began used to leave them
+    running and the service lock held: every later start in the process said service_running."""
+    async def main():
+        svc, _, _ = await _listed(db)
+        await svc.stop()
+        failing = ExchangeService(db, consumers=consumers)
+
+        async def broken() -> None:
+            raise RuntimeError("the registry could not be read")
+        failing._adjust_for_outside_changes = broken
+        with pytest.raises(RuntimeError, match="could not be read"):
+            await failing.start()
+        assert failing._tasks == [] and failing._child is None
+        assert all(c is None for c in (failing._conn, failing._proj, failing._hist, failing._pool))
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("carbonx-")]
+        again = await _started(db)  # the lock is free
+        try:
+            assert again.core.listings
+        finally:
+            await again.stop()
+
+    run(main())
+
+
 def test_changes_made_while_stopped_are_journaled_at_start(db, run, caplog):
     async def main():
         svc, dev, buy = await _listed(db)
