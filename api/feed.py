@@ -714,7 +714,7 @@ class Feed:
     async def _answer(self, c: Client, ident: Any, account: int, out: Any) -> None:
         """An answer that needs the history tables (fills from before this process)."""
         try:
-            order = await self.trading.order(account, out.order_id)
+            order = await self.trading.order(account, out.order_id, out.seq)
         except CarbonxError as e:
             self._error(c, ident, e.code, e.message)
             return
@@ -803,15 +803,18 @@ class Feed:
         """Private order updates and fills to their owners' connections."""
         if not self.orders:
             return
-        for _seq, _ts, _cmd, _events, folded in entries:
+        # `ts` (microseconds, as every feed message carries) beside the views' ISO times, which
+        # are REST's order and fill as clients already parse them.
+        for _seq, ts, _cmd, _events, folded in entries:
             for f in folded.fills:
                 subs = self.orders.get(f.account)
                 if subs:
-                    self._fan(subs, orjson.dumps({"ch": "orders", "type": "fill", **fill_view(f)}))
+                    self._fan(subs, orjson.dumps({"ch": "orders", "type": "fill", **fill_view(f), "ts": ts}))
             for o in folded.orders.values():
                 subs = self.orders.get(o.account)
                 if subs:
-                    self._fan(subs, orjson.dumps({"ch": "orders", "type": "order", "order": order_view(o, [])}))
+                    self._fan(subs, orjson.dumps({"ch": "orders", "type": "order", "order": order_view(o, []),
+                                                  "ts": ts}))
 
     def _ticker(self, symbol: str, ts: int) -> bytes:
         return self._ticker_message(symbol, self.market.ticker(symbol, ts), ts)

@@ -198,16 +198,18 @@ class Trading:
         """The order's view once the command is durable (raises the rejection, if any)."""
         await durable
         refused(out)
-        return await self.order(account, out.order_id)
+        return await self.order(account, out.order_id, out.seq)
 
     def answer_now(self, account: int, out: Outcome) -> dict[str, Any] | None:
         """:meth:`answer` for a durable command without I/O: the view from the tracker, the
         rejection raised, or None when only the history tables can tell (then use :meth:`order`)."""
         refused(out)
-        return self._tracked(account, out.order_id)
+        return self._tracked(account, out.order_id, out.seq)
 
-    def _tracked(self, account: int, order_id: int | None) -> dict[str, Any] | None:
-        o = self.service.orders.get(order_id) if order_id is not None else None
+    def _tracked(self, account: int, order_id: int | None, seq: int | None = None) -> dict[str, Any] | None:
+        """The tracker's view of the order: as entry `seq` left it (a command's answer), else now."""
+        tracker = self.service.orders
+        o = None if order_id is None else tracker.get(order_id) if seq is None else tracker.as_of(seq, order_id)
         if o is not None and o.account == account and sum(f.qty for f in o.fills) == o.filled:
             return order_view(o, o.fills[-ORDER_FILLS:] if len(o.fills) > ORDER_FILLS else None)
         return None
@@ -239,16 +241,17 @@ class Trading:
         for out, durable in done:
             await durable
             if out.code is None:
-                views.append(await self.order(account, out.order_id))
+                views.append(await self.order(account, out.order_id, out.seq))
         return views
 
     # ---- reading -----------------------------------------------------------------------------
 
-    async def order(self, account: int, order_id: int | None) -> dict[str, Any]:
-        """An order of `account` (another account's order is "not found")."""
+    async def order(self, account: int, order_id: int | None, seq: int | None = None) -> dict[str, Any]:
+        """An order of `account` (another account's order is "not found"), as entry `seq` left
+        it when the tracker still knows (a command's answer)."""
         if order_id is None:
             raise CarbonxError("not_found", "no such order")
-        view = self._tracked(account, order_id)
+        view = self._tracked(account, order_id, seq)
         if view is not None:
             return view
         # Older than this process, or with fills from before it: the history tables have them all.

@@ -76,6 +76,15 @@ class OrderState:
     # `value` cannot be: each trade's value is rounded to the fen, and on a 1 kg lot a 1 kg fill
     # at 35.00 is worth 0.04 CNY, which averaged to 40.00.
     notional: int = 0
+    seq: int = 0  # the journal entry that last changed it (in this process's folding)
+
+
+def _copied(o: OrderState) -> OrderState:
+    """A copy to go on changing, the original left as it stood (positional: a copy per maker
+    that trades twice in one commit, on the order-entry path)."""
+    return OrderState(o.order_id, o.account, o.symbol, o.side, o.kind, o.tif, o.post_only, o.price, o.quantity,
+                      o.remaining, o.filled, o.value, o.fee, o.max_cash, o.expire_ts, o.client_order_id, o.status,
+                      o.reason, o.created_ts, o.updated_ts, list(o.fills), o.notional, o.seq)
 
 
 @dataclass(slots=True)
@@ -106,15 +115,20 @@ def new_order(seq: int, ts: int, command: dict, accepted: tuple) -> OrderState:
     # cost a third more.
     return OrderState(oid, account, symbol, side, kind, tif, bool(command.get("post_only", False)), price, qty, qty,
                       0, 0, 0, command.get("cash_cap"), command.get("expire_ts") if tif == E.GTD else None,
-                      command.get("coid"), "new", None, ts, ts, [])
+                      command.get("coid"), "new", None, ts, ts, [], 0, seq)
 
 
 def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[int, OrderState],
-         out: Folded | None = None, keep_fills: bool = False) -> Folded:
+         out: Folded | None = None, keep_fills: bool = False, fresh_from: int | None = None) -> Folded:
     """Apply one journal entry to `orders` (open orders by id, changed in place; closed orders
-    stay in it until the caller drops them) and record what changed in `out`."""
+    stay in it until the caller drops them) and record what changed in `out`.
+
+    `fresh_from`: an order last changed by an entry from `fresh_from` on (an earlier entry of the
+    same commit, whose answer is still to be given) is copied before this entry changes it, so
+    that the earlier entry's `out` goes on showing the order as that entry left it."""
     out = out or Folded()
     touched = out.orders
+    fresh = fresh_from if fresh_from is not None else seq + 1
     for ev in events:
         kind = ev[0]
         if kind == E.EV_LEVEL:
@@ -129,6 +143,9 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
                 o = orders.get(oid)
                 if o is None:
                     raise KeyError(f"trade {symbol}:{tid} names order {oid}, which the history does not know")
+                if fresh <= o.seq < seq:
+                    o = orders[oid] = _copied(o)
+                o.seq = seq
                 fee = bfee if o.side == E.BID else sfee
                 f = Fill(symbol, tid, oid, o.account, o.side, is_maker, price, qty, value, fee, ts, seq)
                 out.fills.append(f)
@@ -146,6 +163,9 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
             o = orders.get(ev[2])
             if o is None:
                 raise KeyError(f"entry {seq} closes order {ev[2]}, which the history does not know")
+            if fresh <= o.seq < seq:
+                o = orders[ev[2]] = _copied(o)
+            o.seq = seq
             o.remaining = 0
             o.status = "expired" if kind == E.EV_EXPIRED else "cancelled"
             o.reason = "expired" if kind == E.EV_EXPIRED else E.CANCEL_NAMES.get(ev[4], str(ev[4]))
@@ -156,6 +176,9 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
             o = orders.get(oid)
             if o is None:
                 raise KeyError(f"entry {seq} amends order {oid}, which the history does not know")
+            if fresh <= o.seq < seq:
+                o = orders[oid] = _copied(o)
+            o.seq = seq
             o.price, o.remaining, o.quantity = price, qty, o.filled + qty
             o.updated_ts = ts
             touched[oid] = o
@@ -328,13 +351,31 @@ class OrderTracker:
     def __init__(self) -> None:
         self.open: dict[int, OrderState] = {}
         self.recent: OrderedDict[int, OrderState] = OrderedDict()
+        # The last commit's orders as each of its entries left them, for that entry's answer.
+        self._as_of: dict[int, dict[int, OrderState]] = {}
 
     async def load(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
         rows = await conn.fetch("SELECT * FROM orders WHERE status IN ('new', 'partially_filled')")
         self.open = {r["order_id"]: order_from_row(r) for r in rows}
 
-    def apply(self, seq: int, ts: int, command: dict, events: list) -> Folded:
-        out = fold(seq, ts, command, events, self.open, keep_fills=True)
+    def apply_commit(self, entries: list[tuple[int, int, dict, list]]) -> list[Folded]:
+        """Fold one commit's entries in order. Each entry's Folded (and :meth:`as_of` its seq)
+        shows its orders as that entry left them: an amend answered after the cancel behind it
+        in the same commit said "cancelled"."""
+        first = entries[0][0]
+        folded = [self.apply(seq, ts, command, events, first) for seq, ts, command, events in entries]
+        self._as_of = {entry[0]: f.orders for entry, f in zip(entries, folded, strict=True)}
+        return folded
+
+    def as_of(self, seq: int, order_id: int) -> OrderState | None:
+        """The order as entry `seq` left it, if that entry is of the last commit and touched it;
+        else as it stands."""
+        touched = self._as_of.get(seq)
+        o = touched.get(order_id) if touched else None
+        return o if o is not None else self.get(order_id)
+
+    def apply(self, seq: int, ts: int, command: dict, events: list, fresh_from: int | None = None) -> Folded:
+        out = fold(seq, ts, command, events, self.open, keep_fills=True, fresh_from=fresh_from)
         for oid, o in out.orders.items():
             if o.status not in OPEN:
                 self.open.pop(oid, None)

@@ -613,8 +613,8 @@ class ExchangeService:
                 self._backlog = bool(self._rows)
                 # Fold and publish before any caller resumes: an answer may then read the
                 # tracker, and the feed never shows an event after the answer that caused it.
-                tracker = self.orders
-                published = [(seq, ts, cmd, evs, tracker.apply(seq, ts, cmd, evs)) for seq, ts, cmd, evs in entries]
+                folded = self.orders.apply_commit(entries)
+                published = [(*entry, f) for entry, f in zip(entries, folded, strict=True)]
                 if self._child is None:
                     self._queue_history(published)
                 else:

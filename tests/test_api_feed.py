@@ -621,3 +621,55 @@ def test_order_ids_no_integer_can_be_made_of_get_errors_and_the_connection_stays
             assert (e["type"], e["id"], e["code"]) == ("error", i + 1, "invalid_request"), (bad[:20], e)
         ws.send(orjson.dumps({"op": "ping", "id": 99}).decode())
         assert orjson.loads(ws.recv(5))["id"] == 99
+
+
+def test_pipelined_commands_are_answered_as_each_left_the_order(shared):
+    """An amend and a cancel of one order in one write land in one commit. The amend's result used
+    to be the order as the whole commit left it ("cancelled"), and the orders channel sent that
+    final state twice; each now shows what its own command did, with the feed's integer `ts`."""
+    w = shared.world
+    t = WsTrader(shared.ws, w.keys["BUY"])
+    try:
+        placed = t.request({"op": "order.place", **limit("buy", "33.00")})
+        assert placed["type"] == "result" and placed["order"]["status"] == "new", placed
+        oid = placed["order"]["order_id"]
+        t.pending.clear()
+        amend = {"op": "order.amend", "id": 100, "order_id": oid, "quantity": "2.000"}
+        cancel = {"op": "order.cancel", "id": 101, "order_id": oid}
+        t.ws.socket.sendall(ws_frame(orjson.dumps(amend)) + ws_frame(orjson.dumps(cancel)))
+        amended, cancelled = t.wait_id(100), t.wait_id(101)
+        assert (amended["type"], amended["order"]["status"], amended["order"]["remaining_quantity"]) == \
+            ("result", "new", "2.000"), amended
+        assert (cancelled["order"]["status"], cancelled["order"]["remaining_quantity"]) == ("cancelled", "0.000")
+        updates = [m for m in private(t) if m["type"] == "order" and m["order"]["order_id"] == oid]
+        assert [(m["order"]["status"], m["order"]["remaining_quantity"]) for m in updates] == \
+            [("new", "2.000"), ("cancelled", "0.000")], updates
+        assert all(isinstance(m["ts"], int) and m["ts"] > 0 for m in updates), updates
+        with w.as_("BUY") as me:
+            assert ok(me.get(f"/v1/orders/{oid}"))["status"] == "cancelled"
+    finally:
+        t.close()
+
+
+def test_a_maker_filled_twice_in_one_commit_is_answered_per_command(shared):
+    """Two buys pipelined against one resting 2 t ask: each buy's answer is its own fill; the
+    seller's orders channel gets the ask as each trade left it (1 t left, then filled), with a
+    fill message (integer `ts`) before each."""
+    w = shared.world
+    seller = WsTrader(shared.ws, w.keys["DEV"])
+    buyer = WsTrader(shared.ws, w.keys["BUY2"], orders_channel=False)
+    try:
+        ask_ = seller.request({"op": "order.place", **limit("sell", "33.75", "2.000")})
+        assert ask_["order"]["status"] == "new", ask_
+        seller.pending.clear()
+        buys = [{"op": "order.place", "id": 200 + i, **limit("buy", "33.75")} for i in range(2)]
+        buyer.ws.socket.sendall(b"".join(ws_frame(orjson.dumps(b)) for b in buys))
+        answers = [buyer.wait_id(200), buyer.wait_id(201)]
+        assert [(a["order"]["status"], len(a["order"]["fills"])) for a in answers] == [("filled", 1)] * 2, answers
+        mine = [m for m in private(seller) if m.get("order", m).get("order_id") == ask_["order"]["order_id"]]
+        assert [(m["type"], m["order"]["remaining_quantity"] if m["type"] == "order" else m["quantity"])
+                for m in mine] == [("fill", "1.000"), ("order", "1.000"), ("fill", "1.000"), ("order", "0.000")], mine
+        assert all(isinstance(m["ts"], int) for m in mine), mine
+    finally:
+        seller.close()
+        buyer.close()
