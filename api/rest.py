@@ -86,8 +86,13 @@ RETRY_AFTER = {"Retry-After": {"description": "whole seconds until the caller ma
                                "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"}}}
 
 
+PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}
+
+
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {c: {"model": M.Problem, "content": {PROBLEM: {"schema": M.Problem.model_json_schema()}},
+    # "model" is what puts Problem in the document's components; FastAPI documents it under the
+    # routes' media type (application/json) as well, which _as_sent takes out again.
+    return {c: {"model": M.Problem, "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}},
                 "description": "a problem (RFC 9457) with a stable code",
                 **({"headers": RETRY_AFTER} if c == 429 else {})} for c in codes}
 
@@ -110,8 +115,34 @@ BINANCE = {
           "description": "Binance's error shape for the request's own errors (-1121 Invalid symbol., -1102 a "
                          "mandatory parameter missing or malformed, -1100 a limit below 1); a problem "
                          "for a control character in the query",
-          "content": {PROBLEM: {"schema": M.Problem.model_json_schema()}}},
+          "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}}},
 }
+
+
+def _as_sent(doc: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's document, less what the server never sends (API.md: every documented response is
+    the one sent):
+
+    - FastAPI documents its own 422 (HTTPValidationError, {"detail": [...]}) on every route with
+      parameters that documents no 422 of its own (GET /api/v3/depth). No route sends it: _invalid
+      answers a 400 problem, or Binance's 400 on its routes. A 422 the route documents (a
+      problem, which the server does send) stays.
+    - A problem is sent as application/problem+json only, not as the application/json that
+      FastAPI documents a response's "model" under."""
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            responses = op["responses"]
+            default = responses.get("422", {}).get("content", {}).get("application/json", {})
+            if default.get("schema") == {"$ref": "#/components/schemas/HTTPValidationError"}:
+                del responses["422"]
+            for response in responses.values():
+                content = response.get("content", {})
+                if PROBLEM in content and content.get("application/json", {}).get("schema") == PROBLEM_SCHEMA:
+                    del content["application/json"]
+    if "HTTPValidationError" not in str(doc["paths"]):
+        for name in ("HTTPValidationError", "ValidationError"):  # the latter only used by the former
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+    return doc
 
 
 def binance_error(code: int, msg: str, status: int = 400, headers: dict[str, str] | None = None) -> Response:
@@ -915,6 +946,14 @@ def create_app(ctx: Context) -> FastAPI:
         return {"lastUpdateId": b.seq, "bids": levels(b.top(E.BID, limit)), "asks": levels(b.top(E.ASK, limit))}
 
     web.install(app, ctx)  # the web page at / (api/web.py), not part of /openapi.json
+    generate = app.openapi  # builds the document once and keeps it in app.openapi_schema
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _as_sent(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

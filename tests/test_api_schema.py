@@ -43,7 +43,7 @@ from schemathesis.checks import (
 )
 
 from api.auth import Limits
-from api.rest import Context, create_app
+from api.rest import PROBLEM, Context, create_app
 from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, own_server
 
 MAX_EXAMPLES = int(os.environ.get("CARBONX_SCHEMA_EXAMPLES", "12"))
@@ -162,3 +162,35 @@ def test_operation_conforms(live: Live, doc: str, method: str, path: str, mode: 
 
     check()
     assert seen, "no request was made"
+
+
+def test_documented_errors_are_the_ones_sent(live: Live) -> None:
+    """API.md: every documented response is the one sent. review13: FastAPI added its default 422
+    (HTTPValidationError, {"detail": [...]}) to GET /api/v3/depth, which answers an invalid query
+    with Binance's 400 {"code", "msg"}; and every problem response was documented under
+    application/json as well, while problems are only sent as application/problem+json. (Schemathesis
+    checks that what is sent is documented, not that what is documented is ever sent.)"""
+    doc, problem_ref = live.doc, {"$ref": "#/components/schemas/Problem"}
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            for status, response in op["responses"].items():
+                where = f"{method.upper()} {path} {status}"
+                assert "HTTPValidationError" not in str(response), where
+                content = response.get("content", {})
+                assert content.get("application/json", {}).get("schema") != problem_ref, where
+                if PROBLEM in content:
+                    assert content[PROBLEM]["schema"] == problem_ref, where
+    assert "Problem" in doc["components"]["schemas"]
+    assert not {"HTTPValidationError", "ValidationError"} & set(doc["components"]["schemas"])
+    # A 422 stays where the server sends one (a problem), and the depth route documents its 400s.
+    assert set(doc["paths"]["/v1/orders"]["post"]["responses"]["422"]["content"]) == {PROBLEM}
+    depth = doc["paths"]["/api/v3/depth"]["get"]["responses"]
+    assert set(depth) == {"200", "400", "413", "429"}, sorted(depth)
+    assert set(depth["400"]["content"]) == {"application/json", PROBLEM}
+    # What the server sends for the requests FastAPI calls invalid, and for a problem.
+    for params in ({"symbol": SYMBOL, "limit": "x"}, {"symbol": SYMBOL, "limit": "0"}, {}):
+        r = live.session.get(f"{live.server.http}/api/v3/depth", params=params, timeout=30)
+        assert (r.status_code, r.headers["content-type"], set(r.json())) == (400, "application/json",
+                                                                              {"code", "msg"}), r.text
+    r = live.session.get(f"{live.server.http}/v1/instruments/NO-SUCH", timeout=30)
+    assert (r.status_code, r.headers["content-type"]) == (404, PROBLEM), r.text
