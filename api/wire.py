@@ -36,7 +36,8 @@ _BY_STATUS = {
     409: ("duplicate_client_order_id", "duplicate_order_id", "duplicate_reference", "account_exists",
           "project_exists", "instrument_exists", "already_halted", "not_halted", "market_closed", "halted",
           "project_not_active", "credits_available", "credits_encumbered", "credits_frozen", "credits_retired",
-          "credits_cancelled", "busy", "service_running", "unsettled_journal", "registry_mismatch"),
+          "credits_cancelled", "busy", "service_running", "unsettled_journal", "registry_mismatch",
+          "reserved_cash_withdrawn"),
     413: ("payload_too_large",),
     # Business refusals: well formed and allowed in the current state, but the market's rules (tick,
     # lot, band, minimum) or the caller's means (cash, credits) refuse this one.

@@ -31,7 +31,7 @@ class Payment:
 
 
 async def _payment(conn: asyncpg.Connection, account: str, direction: str, amount_fen: int,
-                   reference: str) -> Payment:
+                   reference: str, reserved_fen: int = 0) -> Payment:
     if not isinstance(amount_fen, int) or amount_fen <= 0:
         raise CarbonxError("invalid_amount", f"amount must be a positive number of fen, got {amount_fen!r}")
     if not isinstance(reference, str) or not _REFERENCE.match(reference):
@@ -55,6 +55,12 @@ async def _payment(conn: asyncpg.Connection, account: str, direction: str, amoun
                 held = await conn.fetchval(
                     "SELECT coalesce((SELECT balance_fen FROM cash_balances WHERE account_id = $1), 0)", acct.id
                 )
+                if sign < 0 and held - amount_fen < reserved_fen:
+                    raise CarbonxError(
+                        "insufficient_funds",
+                        f"{account} holds {held} fen, of which its open buy orders reserve {reserved_fen}; a "
+                        f"withdrawal of {amount_fen} fen is refused (at most {max(0, held - reserved_fen)})",
+                    )
                 try:
                     await conn.execute(
                         "INSERT INTO postings (entry_id, account_id, amount_fen) VALUES ($1, $2, $3), ($1, $4, $5)",
@@ -90,9 +96,11 @@ async def deposit(conn: asyncpg.Connection, *, account: str, amount_fen: int, re
     return await _payment(conn, account, "deposit", amount_fen, reference)
 
 
-async def withdraw(conn: asyncpg.Connection, *, account: str, amount_fen: int, reference: str) -> Payment:
-    """Pay a member's cash out (idempotent by reference); `insufficient_funds` past the balance."""
-    return await _payment(conn, account, "withdrawal", amount_fen, reference)
+async def withdraw(conn: asyncpg.Connection, *, account: str, amount_fen: int, reference: str,
+                   reserved_fen: int = 0) -> Payment:
+    """Pay a member's cash out (idempotent by reference); `insufficient_funds` past the balance
+    less `reserved_fen` (what the member's open buy orders have reserved)."""
+    return await _payment(conn, account, "withdrawal", amount_fen, reference, reserved_fen)
 
 
 async def balance(conn: asyncpg.Connection, account: str) -> int:

@@ -808,6 +808,18 @@ class ExchangeService:
 
     async def _adjust_for_outside_changes(self) -> None:
         cash, credits = await outside_changes(self._pool, self.core)
+        # Cash paid out while stopped that open buy orders had reserved (the command line checks,
+        # a hand-made change may not): taking it in would let those orders trade with money that
+        # is gone, and the trade's settlement could never be posted. Nothing is journaled.
+        short = [(a, d, *self.core.cash[a]) for a, d in cash if a in self.core.cash
+                 and self.core.cash[a][0] + d < self.core.cash[a][1]]
+        if short:
+            codes = dict(await self._pool.fetch("SELECT id, code FROM accounts WHERE id = ANY($1::bigint[])",
+                                                [a for a, *_ in short]))
+            raise CarbonxError("reserved_cash_withdrawn", "; ".join(
+                f"{codes.get(a, a)}: {format_cash(-d)} CNY left while the exchange was stopped, leaving "
+                f"{format_cash(bal + d)} CNY against {format_cash(held)} CNY its open buy orders reserve"
+                for a, d, bal, held in short) + "; deposit the difference (carbonx cash deposit) and start again")
         if cash or credits:
             out = await self._sequence({"op": "adjust", "cash": cash, "credits": credits})
             ids = sorted({a for a, _ in cash} | {a for _, a, _ in credits})

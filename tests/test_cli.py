@@ -168,6 +168,72 @@ def test_member_changes_wait_for_the_journal_to_be_settled(url_env, db, run):
     assert carbonx("reconcile", env=url_env).returncode == 0
 
 
+def test_a_withdrawal_while_stopped_leaves_what_open_buys_reserve(url_env, db, run):
+    """A resting buy reserves 876.13 CNY of HOTEL's 1,000: a withdrawal while the exchange is stopped
+    may take the rest, not that. It used to take it all; the next start let the buy trade with cash
+    that had left, the settlement could not be posted, and the exchange never started again. A
+    payout made by hand anyway is refused at start, naming the account, until it is made good."""
+    import asyncpg
+
+    from exchange import ledger
+    from exchange.errors import CarbonxError
+    from exchange.service import ExchangeService
+    from matching import events as E
+
+    carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=url_env)
+    carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=url_env)
+    carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
+            "--developer", "KILN-DEV", env=url_env)
+    carbonx("registry", "issue", "KILN", "2023", "100", env=url_env)
+    carbonx("cash", "deposit", "HOTEL", "1000", "--reference", "bank-1", env=url_env)
+
+    async def resting_buy() -> int:
+        svc = await _started(ExchangeService(db))
+        try:
+            await svc.list_instrument("KILN-2023", {"rules": {"always_open": True}, "taker_bp": 10})
+            hotel = await svc.account("HOTEL")
+            out = await svc.submit({"op": "place", "account": hotel, "symbol": "KILN-2023", "side": E.BID,
+                                    "price": 3500, "qty": 25_000})
+            assert out.accepted, out
+            return svc.core.cash[hotel][1]
+        finally:
+            await svc.stop()
+    reserved = run(resting_buy())
+    assert 87_500 < reserved < 100_000, reserved
+
+    proc = carbonx("cash", "withdraw", "HOTEL", "1000.00", "--reference", "out-1", env=url_env, check=False)
+    assert proc.returncode == 1 and "[insufficient_funds]" in proc.stderr and "reserve" in proc.stderr, proc.stderr
+    free = f"{(100_000 - reserved) // 100}.{(100_000 - reserved) % 100:02d}"
+    proc = carbonx("cash", "withdraw", "HOTEL", free, "--reference", "out-2", env=url_env, check=False)
+    left = f"balance {reserved // 100}.{reserved % 100:02d} CNY"
+    assert proc.returncode == 0 and left in proc.stdout, (proc.stdout, proc.stderr)
+    assert carbonx("reconcile", env=url_env).returncode == 0
+
+    async def by_hand_then_start() -> None:
+        conn = await asyncpg.connect(db)
+        try:
+            await ledger.withdraw(conn, account="HOTEL", amount_fen=reserved, reference="by-hand")  # no check
+            svc = ExchangeService(db)
+            with pytest.raises(CarbonxError) as err:
+                await svc.start()
+            assert err.value.code == "reserved_cash_withdrawn" and "HOTEL" in err.value.message, err.value
+            assert "deposit" in err.value.message
+            await ledger.deposit(conn, account="HOTEL", amount_fen=reserved, reference="made-good")
+        finally:
+            await conn.close()
+        svc = await _started(ExchangeService(db))  # nothing was journaled by the refused start
+        try:
+            dev = await svc.account("KILN-DEV")
+            sold = await svc.submit({"op": "place", "account": dev, "symbol": "KILN-2023", "side": E.ASK,
+                                     "price": 3500, "qty": 25_000})
+            assert sold.accepted and svc.core.check_invariants() == []
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+        assert svc.failure is None
+    run(by_hand_then_start())
+
+
 async def _started(svc):
     await svc.start()
     return svc

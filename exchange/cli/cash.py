@@ -7,7 +7,8 @@ from typing import Annotated
 import asyncpg
 import typer
 
-from exchange import ledger
+from exchange import journal, ledger
+from exchange.accounts import get_account
 from exchange.cli.common import DataDir, fail, run_db
 from matching.units import UnitError, format_cash, parse_cash
 
@@ -58,7 +59,12 @@ def withdraw(
     fen = _amount(amount)
 
     async def body(conn: asyncpg.Connection) -> None:
-        p = await ledger.withdraw(conn, account=account, amount_fen=fen, reference=reference)
+        # The ledger knows balances, not the cash the journal's open buy orders reserve: a payout
+        # of that cash left the next start a core paying for trades with money gone.
+        core = await journal.recover(conn)
+        acct = await get_account(conn, account)
+        reserved = core.cash.get(acct.id, [0, 0])[1]
+        p = await ledger.withdraw(conn, account=account, amount_fen=fen, reference=reference, reserved_fen=reserved)
         _report(p, await ledger.balance(conn, account))
 
     run_db(data_dir, body, member_assets=True)
