@@ -474,7 +474,7 @@ class ExchangeService:
             async def change(conn: asyncpg.Connection) -> registry.Retirement:
                 return await registry.retire(conn, account=account, quantity_kg=quantity_kg, beneficiary=beneficiary,
                                              purpose=purpose, symbol=symbol, issuance_id=issuance_id, request=request)
-            ret = await self._take_then_change(listed, debit, change, "retirement")
+            ret = await self._take_then_change(listed, debit, change, "retirement", locked_first=True)
             self._tell_registry("retirement", {"id": ret.id, "symbol": listed, "quantity_kg": ret.quantity_kg,
                                                "beneficiary": ret.beneficiary, "purpose": ret.purpose,
                                                "certificate_code": ret.certificate_code,
@@ -549,7 +549,8 @@ class ExchangeService:
                                       "cause": "operator"})
             return result
 
-    async def _take_then_change(self, symbol: str, debit: dict[int, int], change: Callable, cause: str) -> Any:
+    async def _take_then_change(self, symbol: str, debit: dict[int, int], change: Callable, cause: str,
+                                locked_first: bool = False) -> Any:
         if debit:
             positions = self.core.credits[symbol]
             for account, kg in debit.items():
@@ -559,13 +560,15 @@ class ExchangeService:
                                        f"needs {kg} kg of {symbol} available, has {pos[P_AVAILABLE] + pos[P_LOCKED]}"
                                        " (credits in open sell orders are encumbered)")
             # The take comes from available credits first, then from those bought today (the
-            # core's adjust); a give-back puts each part back where it was, or a refused
-            # retirement would free today's purchases for resale (T+1). What came from the
+            # core's adjust), or the other way round (`locked_first`: a retirement may use what
+            # cannot be sold today, and an offset retires the tonnes it just bought; it used to
+            # take the member's older, sellable ones). A give-back puts each part back where it
+            # was, or a refused retirement would free today's purchases (T+1). What came from the
             # locked part is read off the position around the take itself, applied at once:
             # an expiry journaled just before it (housekeeping) frees credits, never locked ones.
             locked = {a: positions.get(a, [0, 0, 0, 0])[P_LOCKED] for a in debit}
-            out, durable = self.apply({"op": "adjust", "credits": [[symbol, a, -kg] for a, kg in sorted(debit.items())],
-                                       "cause": cause})
+            takes = [[symbol, a, -kg, kg] if locked_first else [symbol, a, -kg] for a, kg in sorted(debit.items())]
+            out, durable = self.apply({"op": "adjust", "credits": takes, "cause": cause})
             back = [[symbol, a, kg, locked[a] - positions.get(a, [0, 0, 0, 0])[P_LOCKED]]
                     for a, kg in sorted(debit.items())]
             await durable

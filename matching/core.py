@@ -732,19 +732,22 @@ class ExchangeCore:
         """Changes made to cash or credits outside the service (while it was stopped), found by
         comparing the database with the core at start-up, and the service's own takes and
         give-backs around registry changes (retirements, freezes); journaled so that replay sees
-        them. A credits entry may carry a fourth number, `relock`: of a positive delta, the kg
+        them. A credits entry may carry a fourth number: of a positive delta, `relock`, the kg
         that go back to bought-today credits (locked under T+1) while their day lasts, so that
-        giving back what a refused retirement took restores the position it took them from."""
+        giving back what a refused retirement took restores the position it took them from; of a
+        negative delta, the kg to take from bought-today credits first (a retirement: those
+        cannot be sold today anyway, and an offset retires what it just bought). Otherwise a take
+        comes from available credits first."""
         cash, credits = c.get("cash") or [], c.get("credits") or []
         cash_ok = isinstance(cash, list) and all(
             isinstance(x, list) and len(x) == 2 and all(map(_is_int, x)) for x in cash)
         credits_ok = isinstance(credits, list) and all(
             isinstance(x, list) and len(x) in (3, 4) and isinstance(x[0], str) and x[0] in self.listings
-            and all(map(_is_int, x[1:])) and (len(x) == 3 or 0 <= x[3] <= x[2])
+            and all(map(_is_int, x[1:])) and (len(x) == 3 or 0 <= x[3] <= abs(x[2]))
             for x in credits)
         if not (cash_ok and credits_ok):
             raise Rejected("invalid_command", "adjust takes cash [[account, delta]] and credits "
-                                              "[[symbol, account, delta, relock?]] with 0 <= relock <= delta")
+                                              "[[symbol, account, delta, locked?]] with 0 <= locked <= |delta|")
         if not cash and not credits:
             raise Rejected("invalid_command", "nothing to adjust")
         out: list = []
@@ -756,7 +759,10 @@ class ExchangeCore:
         for symbol, account, delta, *relock in credits:
             pos = self.credits[symbol].setdefault(account, [0, 0, 0, 0])
             # Still the day they were bought: they go back locked (a later day would have freed them).
-            back = relock[0] if relock and pos[P_LOCKED_DAY] >= day else 0
+            if delta >= 0:
+                back = relock[0] if relock and pos[P_LOCKED_DAY] >= day else 0
+            else:
+                back = -min(relock[0], pos[P_LOCKED]) if relock else 0
             pos[P_LOCKED] += back
             pos[P_AVAILABLE] += delta - back
             if pos[P_AVAILABLE] < 0:  # the outside change took credits bought today

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from exchange import journal, ledger, projector, registry
+from exchange import journal, ledger, offsetting, projector, registry
 from exchange import service as service_module
 from exchange.errors import CarbonxError
 from exchange.service import SERVICE_LOCK_KEY, SUMMARY_ITEMS, ExchangeService, adjustment_summary, refuse_while_serving
@@ -400,6 +400,35 @@ def test_a_refused_retirement_gives_back_todays_purchase_still_locked(db, run):
             assert refused.value.code == "insufficient_credits", refused.value
             assert svc.core.credits[SYMBOL][buy] == before
             assert (await svc.submit(place(buy, E.ASK, 3600, 4000))).code == "insufficient_credits"
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_a_retirement_uses_todays_purchase_first(db, run):
+    """Credits bought today cannot be sold today (T+1): a retirement takes them first and leaves
+    the member's older, sellable credits. An offset (buy, then retire what it bought) on Tuesday
+    used to retire Monday's tonnes in the core and leave Tuesday's locked, so Monday's could not
+    be sold (review12)."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
+        try:
+            await svc.submit(place(dev, E.ASK, 3500, 5000))
+            assert (await svc.submit(place(buy, E.BID, 3500, 5000))).accepted  # Monday: 5 t
+            clock.ts = local_ts(2026, 11, 24, 10, 0)
+            await svc.submit(place(dev, E.ASK, 3500, 3000))
+            done = await offsetting.offset(svc, account="BUY", symbol=SYMBOL, quantity_kg=1000,
+                                           max_cash_fen=10_000, beneficiary="Expo", purpose="one-day event")
+            assert done.quantity_kg == 1000
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (5000, 0, 0)
+            assert (await svc.submit(place(buy, E.BID, 3500, 2000))).accepted  # 2 t more today
+            await svc.caught_up(registry=True)
+            await svc.retire(account="BUY", quantity_kg=3000, beneficiary="Expo", purpose="offset", symbol=SYMBOL)
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (4000, 0, 0)  # 2 locked, then 1 of Monday's
+            assert (await svc.submit(place(buy, E.ASK, 3600, 4000))).accepted
             assert await svc.reconcile() == []
         finally:
             await svc.stop()
