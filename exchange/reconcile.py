@@ -29,7 +29,7 @@ import orjson
 
 from exchange import journal, ledger, projector
 from exchange.errors import CarbonxError
-from exchange.service import SERVICE_LOCK_KEY, compare_with_database, outside_changes
+from exchange.service import REGISTRY_CHANGE_KEY, SERVICE_LOCK_KEY, compare_with_database, outside_changes
 from matching import events as E
 
 
@@ -57,8 +57,18 @@ class Reconciliation:
 async def reconcile(conn: asyncpg.Connection) -> Reconciliation:
     if conn.is_in_transaction():
         return await _reconcile(conn)
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await _reconcile(conn)
+    # The snapshot is taken between a running service's registry changes (it holds the lock
+    # through each, until what it journaled is projected), then the lock is let go.
+    await conn.execute("SELECT pg_advisory_lock_shared($1)", REGISTRY_CHANGE_KEY)
+    held = True
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute("SELECT pg_advisory_unlock_shared($1)", REGISTRY_CHANGE_KEY)
+            held = False
+            return await _reconcile(conn)
+    finally:
+        if held and not conn.is_closed():
+            await conn.execute("SELECT pg_advisory_unlock_shared($1)", REGISTRY_CHANGE_KEY)
 
 
 async def _serving(conn: asyncpg.Connection) -> bool:

@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -67,6 +67,9 @@ def adjustment_summary(seq: int | None, cash: list, credits: list, codes: dict[i
 Entry = tuple[int, int, dict, list, history.Folded]
 
 SERVICE_LOCK_KEY = 0x0CA2B1  # pg advisory lock held by the running service for its whole life
+# Held by the service through each registry change and until what it journaled is projected;
+# `carbonx reconcile` takes it shared to read between changes (exchange/reconcile.py).
+REGISTRY_CHANGE_KEY = 0x0CA2B2
 # How long the first command of a batch waits for others to join its commit when nothing is queued:
 # at least 0.3 ms, until the event loop next wakes (epoll's timeout has millisecond granularity, so
 # on an otherwise idle loop it is about 1 ms; with clients sending, their I/O wakes it sooner).
@@ -392,7 +395,7 @@ class ExchangeService:
         """List a project vintage; the members' available credits of it come from the registry."""
         # Under the registry lock: an issuance (or retirement, freeze, cancel) between the read and
         # the listing would see the symbol unlisted and leave the core without its change.
-        async with self._registry_lock:
+        async with self._registry_change():
             holdings = await self._registry_available(symbol) if symbol not in self.core.listings else {}
             return await self.submit({"op": "list", "symbol": symbol, "rules": listing or {},
                                       "holdings": sorted([a, kg] for a, kg in holdings.items() if kg > 0)})
@@ -428,9 +431,25 @@ class ExchangeService:
     # between the two steps leaves the registry and the core apart by exactly that change, which
     # the next start-up finds and journals (:meth:`_adjust_for_outside_changes`).
 
+    @contextlib.asynccontextmanager
+    async def _registry_change(self) -> AsyncIterator[None]:
+        """One registry change through the service at a time, and, for a reconcile in another
+        process, a database lock held until the change and everything it journaled are in the
+        registry: a change is two steps (the registry, then an adjust in the journal, or the
+        other way round), and a reconcile that read between them reported a difference that
+        never existed. (asyncpg's pool unlocks all advisory locks of a connection it gets back.)"""
+        async with self._registry_lock, self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", REGISTRY_CHANGE_KEY)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(CarbonxError):  # the service stopped: nothing to wait for
+                    await self.caught_up(registry=True)
+                await conn.execute("SELECT pg_advisory_unlock($1)", REGISTRY_CHANGE_KEY)
+
     async def issue(self, *, project: str, vintage: int, quantity_kg: int, to_account: str | None = None,
                     reference: str = "") -> registry.Issuance:
-        async with self._registry_lock:
+        async with self._registry_change():
             async with self._pool.acquire() as conn:
                 iss = await registry.issue(conn, project=project, vintage=vintage, quantity_kg=quantity_kg,
                                            to_account=to_account, reference=reference)
@@ -457,7 +476,7 @@ class ExchangeService:
             raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
         if not 1 <= len((purpose or "").strip()) <= 500:
             raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
-        async with self._registry_lock:  # also orders a key's repeats: the first is recorded before the next looks
+        async with self._registry_change():  # also orders a key's repeats: the first is recorded before the next looks
             if request is not None:
                 found = await self.retirement_by_request(account_id, request)
                 if found is not None:
@@ -513,7 +532,7 @@ class ExchangeService:
                          take: bool) -> registry.MovementResult:
         if not (reason or "").strip():
             raise CarbonxError("invalid_reason", "say why: the registry's history shows the reason")
-        async with self._registry_lock:
+        async with self._registry_change():
             # The registry as of now: what the range holds per member is what the core gives or takes.
             await self.caught_up(registry=True)
             async with self._pool.acquire() as conn:
@@ -838,15 +857,23 @@ class ExchangeService:
         # the comparison would set a core one entry ahead against a registry one behind.
         self._timer_held += 1
         try:
-            await asyncio.shield(self._settled_future())
-            problems = self.core.check_invariants()
-            if not self.project:
+            async with self._registry_lock:  # between registry changes, never inside one
+                await asyncio.shield(self._settled_future())
+                problems = self.core.check_invariants()
+                if not self.project:
+                    return problems
+                # Orders go on arriving: compare a copy of the core as of now, brought to the
+                # projector's position in the snapshot the registry and ledger are read in (the
+                # live core, compared after the wait, was ahead of them).
+                core = ExchangeCore.restore(self.core.snapshot(), self.engine)
+                await self.caught_up(core.seq, registry=True)
+                async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                                           readonly=True):
+                    position = await projector.position(conn)
+                    while core.seq < position:
+                        journal.apply_rows(core, await journal.read(conn, core.seq, journal.READ_CHUNK, position))
+                    problems.extend(await compare_with_database(conn, core))
                 return problems
-            # Wait for the projector to reach this point (hurrying it past its gathering delay, in
-            # process or out) rather than racing it on its connection.
-            await self.caught_up(self.durable_seq, registry=True)
-            problems.extend(await compare_with_database(self._pool, self.core))
-            return problems
         finally:
             self._timer_held -= 1
 
