@@ -89,6 +89,18 @@ def _ident(raw: str | bytes) -> Any:
     return msg.get("id") if isinstance(msg, dict) else None
 
 
+def text_frame(data: bytes) -> bytes:
+    """One final, unmasked text frame (RFC 6455 5.2) as a server sends it. The feed negotiates
+    no extension (compression=None), so a frame is its header and the payload: the library's
+    frame objects cost a tenth of the server's time per answered order (py-spy)."""
+    n = len(data)
+    if n < 126:
+        return b"\x81%c%b" % (n, data)
+    if n < 65536:
+        return b"\x81\x7e%b%b" % (n.to_bytes(2, "big"), data)
+    return b"\x81\x7f%b%b" % (n.to_bytes(8, "big"), data)
+
+
 class Client:
     """One connection: its subscriptions and its bounded, ordered outgoing queue."""
 
@@ -165,12 +177,10 @@ class Client:
                 if queue:
                     if protocol.state is not State.OPEN or transport.is_closing():
                         return
-                    batch = list(queue)
+                    frames = [text_frame(data) for data in queue]
                     queue.clear()
                     self.pending = 0
-                    for data in batch:
-                        protocol.send_text(data)
-                    transport.write(b"".join(protocol.data_to_send()))
+                    transport.write(b"".join(frames))
                     await ws.drain()
                 if self.ending and not queue:
                     # Everything queued, server_shutdown last, is in the socket's buffer: Feed.stop

@@ -5,6 +5,7 @@ leaves no view behind, and a view asked for again starts from the book as it is.
 from __future__ import annotations
 
 import orjson
+import pytest
 from websockets.sync.client import connect
 
 from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key
@@ -61,3 +62,14 @@ async def _groups(feed) -> list:
 async def _sleep(s: float) -> None:
     import asyncio
     await asyncio.sleep(s)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frames_are_the_librarys(size):
+    """The feed frames its messages itself (api/feed.py text_frame): byte for byte what the
+    websockets library would send, at each of the three length encodings' edges."""
+    from websockets.frames import Frame, Opcode
+
+    from api.feed import text_frame
+    data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    assert text_frame(data) == Frame(Opcode.TEXT, data).serialize(mask=False)
