@@ -275,6 +275,7 @@ class Feed:
         self.binance: dict[tuple[str, int], BinanceGroup] = {}
         self.subs: dict[tuple[str, str], set[Client]] = {}
         self.orders: dict[int, set[Client]] = {}
+        service.orders.watched = self.orders  # the tracker keeps each entry's state of their orders
         self.deliveries = 0
         self.slow_consumers = 0
         self.server: Server | None = None

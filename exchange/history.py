@@ -14,7 +14,7 @@ fills and public trades. Two things run it on the same entries, so they always a
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,7 @@ class OrderState:
     # at 35.00 is worth 0.04 CNY, which averaged to 40.00.
     notional: int = 0
     seq: int = 0  # the journal entry that last changed it (in this process's folding)
+    answered: int = 0  # the last entry that changed it by its owner's command (answered with it)
 
 
 def _copied(o: OrderState) -> OrderState:
@@ -84,7 +85,7 @@ def _copied(o: OrderState) -> OrderState:
     that trades twice in one commit, on the order-entry path)."""
     return OrderState(o.order_id, o.account, o.symbol, o.side, o.kind, o.tif, o.post_only, o.price, o.quantity,
                       o.remaining, o.filled, o.value, o.fee, o.max_cash, o.expire_ts, o.client_order_id, o.status,
-                      o.reason, o.created_ts, o.updated_ts, list(o.fills), o.notional, o.seq)
+                      o.reason, o.created_ts, o.updated_ts, list(o.fills), o.notional, o.seq, o.answered)
 
 
 @dataclass(slots=True)
@@ -115,20 +116,25 @@ def new_order(seq: int, ts: int, command: dict, accepted: tuple) -> OrderState:
     # cost a third more.
     return OrderState(oid, account, symbol, side, kind, tif, bool(command.get("post_only", False)), price, qty, qty,
                       0, 0, 0, command.get("cash_cap"), command.get("expire_ts") if tif == E.GTD else None,
-                      command.get("coid"), "new", None, ts, ts, [], 0, seq)
+                      command.get("coid"), "new", None, ts, ts, [], 0, seq, seq)
 
 
 def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[int, OrderState],
-         out: Folded | None = None, keep_fills: bool = False, fresh_from: int | None = None) -> Folded:
+         out: Folded | None = None, keep_fills: bool = False, fresh_from: int | None = None,
+         watched: Container[int] = ()) -> Folded:
     """Apply one journal entry to `orders` (open orders by id, changed in place; closed orders
     stay in it until the caller drops them) and record what changed in `out`.
 
     `fresh_from`: an order last changed by an entry from `fresh_from` on (an earlier entry of the
-    same commit, whose answer is still to be given) is copied before this entry changes it, so
-    that the earlier entry's `out` goes on showing the order as that entry left it."""
+    same commit) is copied before this entry changes it when that state is still to be shown:
+    the earlier entry was its owner's command (answered with it), or its owner's account is
+    `watched` (the private feed shows each entry's state). That entry's `out` then goes on
+    showing the order as the entry left it; other orders change in place (a copy per maker and
+    trade cost a tenth of the in-process order rate)."""
     out = out or Folded()
     touched = out.orders
     fresh = fresh_from if fresh_from is not None else seq + 1
+    owner = command.get("account")
     for ev in events:
         kind = ev[0]
         if kind == E.EV_LEVEL:
@@ -143,7 +149,7 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
                 o = orders.get(oid)
                 if o is None:
                     raise KeyError(f"trade {symbol}:{tid} names order {oid}, which the history does not know")
-                if fresh <= o.seq < seq:
+                if fresh <= o.seq < seq and (o.answered == o.seq or o.account in watched):
                     o = orders[oid] = _copied(o)
                 o.seq = seq
                 fee = bfee if o.side == E.BID else sfee
@@ -163,9 +169,11 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
             o = orders.get(ev[2])
             if o is None:
                 raise KeyError(f"entry {seq} closes order {ev[2]}, which the history does not know")
-            if fresh <= o.seq < seq:
+            if fresh <= o.seq < seq and (o.answered == o.seq or o.account in watched):
                 o = orders[ev[2]] = _copied(o)
             o.seq = seq
+            if o.account == owner:
+                o.answered = seq
             o.remaining = 0
             o.status = "expired" if kind == E.EV_EXPIRED else "cancelled"
             o.reason = "expired" if kind == E.EV_EXPIRED else E.CANCEL_NAMES.get(ev[4], str(ev[4]))
@@ -176,9 +184,10 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
             o = orders.get(oid)
             if o is None:
                 raise KeyError(f"entry {seq} amends order {oid}, which the history does not know")
-            if fresh <= o.seq < seq:
+            if fresh <= o.seq < seq and (o.answered == o.seq or o.account in watched):
                 o = orders[oid] = _copied(o)
             o.seq = seq
+            o.answered = seq  # only its owner amends it
             o.price, o.remaining, o.quantity = price, qty, o.filled + qty
             o.updated_ts = ts
             touched[oid] = o
@@ -353,6 +362,8 @@ class OrderTracker:
         self.recent: OrderedDict[int, OrderState] = OrderedDict()
         # The last commit's orders as each of its entries left them, for that entry's answer.
         self._as_of: dict[int, dict[int, OrderState]] = {}
+        # Accounts whose every change is shown (the private feed's subscribers; api/feed.py sets it).
+        self.watched: Container[int] = ()
 
     async def load(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
         rows = await conn.fetch("SELECT * FROM orders WHERE status IN ('new', 'partially_filled')")
@@ -375,7 +386,7 @@ class OrderTracker:
         return o if o is not None else self.get(order_id)
 
     def apply(self, seq: int, ts: int, command: dict, events: list, fresh_from: int | None = None) -> Folded:
-        out = fold(seq, ts, command, events, self.open, keep_fills=True, fresh_from=fresh_from)
+        out = fold(seq, ts, command, events, self.open, keep_fills=True, fresh_from=fresh_from, watched=self.watched)
         for oid, o in out.orders.items():
             if o.status not in OPEN:
                 self.open.pop(oid, None)

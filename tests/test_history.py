@@ -217,3 +217,45 @@ def test_consumer_connections_plan_each_batch_for_its_arguments(db, run):
     assert generic == 0 and custom > 50
     generic, _ = run(replay(asyncpg.connect))
     assert generic > 0, "a plain connection should have cached generic plans (else this test shows nothing)"
+
+
+@pytest.mark.parametrize("watched", [(), (1,)])
+def test_a_commit_is_folded_so_each_command_is_answered_as_it_left_the_order(watched):
+    """One commit: the seller places 5 t, two buyers take 1 t each, the seller amends the rest,
+    then cancels. Each command's answer (as_of its seq) is the order as that command left it; a
+    trade by someone else changes the order in place unless the seller watches its private feed,
+    whose per-entry states must then stay apart too."""
+    from matching.core import ExchangeCore
+    from tests.test_core import T0, amend, buy, cancel, make_core, ok, sell
+
+    core: ExchangeCore = make_core("cython", cash=((2, 1_000_000), (3, 1_000_000)))
+    cmds = [sell(1, 3500, 5000), buy(2, 3500, 1000), buy(3, 3500, 1000)]
+    entries = []
+    for cmd in cmds:
+        out = ok(core, cmd)
+        entries.append((out.seq, T0, cmd, out.events))
+    ask = entries[0][3]
+    oid = next(ev[2] for ev in ask if ev[0] == E.EV_ACCEPTED)
+    for cmd in (amend(1, oid, 3500, 2000), cancel(1, oid)):
+        out = ok(core, cmd)
+        entries.append((out.seq, T0, cmd, out.events))
+    tracker = history.OrderTracker()
+    tracker.watched = watched
+    folded = tracker.apply_commit(entries)
+    seqs = [e[0] for e in entries]
+
+    def state(o):
+        return (o.status, o.remaining, o.filled, len(o.fills))
+    assert state(tracker.as_of(seqs[0], oid)) == ("new", 5000, 0, 0)  # the place's answer
+    assert state(tracker.as_of(seqs[3], oid)) == ("partially_filled", 2000, 2000, 2)  # the amend's
+    assert state(tracker.as_of(seqs[4], oid)) == ("cancelled", 0, 2000, 2)  # the cancel's
+    assert state(tracker.get(oid)) == ("cancelled", 0, 2000, 2)
+    per_entry = [state(f.orders[oid]) for f in folded]
+    if watched:
+        assert per_entry == [("new", 5000, 0, 0), ("partially_filled", 4000, 1000, 1),
+                             ("partially_filled", 3000, 2000, 2), ("partially_filled", 2000, 2000, 2),
+                             ("cancelled", 0, 2000, 2)]
+    else:  # the first trade copied the placed order; the second changed that copy in place
+        assert per_entry[0] == ("new", 5000, 0, 0)
+        assert folded[1].orders[oid] is folded[2].orders[oid] is folded[3].orders[oid] is not folded[0].orders[oid]
+        assert per_entry[1] == per_entry[2] == per_entry[3] == ("partially_filled", 2000, 2000, 2)
