@@ -17,9 +17,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from api.models import AmendRequest, FillCursor, OrderRequest
-from api.wire import EPOCH, order_view
+from api.wire import EPOCH, fill_view, order_view
 from exchange.errors import CarbonxError
-from exchange.history import Fill, fill_from_row, order_from_row
+from exchange.history import VIEW_FILLS, Fill, OrderState, fill_from_row, fills_known, order_from_row
 from exchange.offsetting import OFFSET_COID
 from exchange.service import ExchangeService
 from matching import events as E
@@ -28,7 +28,7 @@ from matching.reference import LIMIT_MAX_PRICE, MAX_CASH, MAX_QTY
 from matching.units import UnitError, format_cash, format_price, format_tonnes, parse_cash, parse_price, parse_tonnes
 
 TIFS = {"GTC": E.GTC, "IOC": E.IOC, "FOK": E.FOK, "GTD": E.GTD}
-ORDER_FILLS = 100  # the newest fills an order view carries, however it is read (all of them: GET /v1/fills)
+ORDER_FILLS = VIEW_FILLS  # the newest fills an order view carries, however it is read (all of them: GET /v1/fills)
 # A member's fills, newest first, in a total order (FillCursor): the key (symbol, trade_id, side)
 # breaks ties between the fills of one command.
 FILL_ORDER = "seq DESC, symbol DESC, trade_id DESC, side DESC"
@@ -206,13 +206,16 @@ class Trading:
         refused(out)
         return self._tracked(account, out.order_id, out.seq)
 
-    def _tracked(self, account: int, order_id: int | None, seq: int | None = None) -> dict[str, Any] | None:
-        """The tracker's view of the order: as entry `seq` left it (a command's answer), else now."""
+    def _state(self, account: int, order_id: int | None, seq: int | None) -> OrderState | None:
+        """The tracker's order of `account`: as entry `seq` left it (a command's answer), else now."""
         tracker = self.service.orders
         o = None if order_id is None else tracker.get(order_id) if seq is None else tracker.as_of(seq, order_id)
-        if o is not None and o.account == account and sum(f.qty for f in o.fills) == o.filled:
-            return order_view(o, o.fills[-ORDER_FILLS:] if len(o.fills) > ORDER_FILLS else None)
-        return None
+        return o if o is not None and o.account == account else None
+
+    def _tracked(self, account: int, order_id: int | None, seq: int | None = None) -> dict[str, Any] | None:
+        """The tracker's view of the order (see :meth:`_state`), if it has the order's newest fills."""
+        o = self._state(account, order_id, seq)
+        return order_view(o, o.fills[-ORDER_FILLS:]) if o is not None and fills_known(o) else None
 
     # ---- whole requests ------------------------------------------------------------------------
 
@@ -251,8 +254,16 @@ class Trading:
         it when the tracker still knows (a command's answer)."""
         if order_id is None:
             raise CarbonxError("not_found", "no such order")
-        view = self._tracked(account, order_id, seq)
-        if view is not None:
+        o = self._state(account, order_id, seq)
+        if o is not None and fills_known(o):
+            return order_view(o, o.fills[-ORDER_FILLS:])
+        if o is not None and seq is not None:
+            # A command's answer on an order with fills from before this process: the order as
+            # the command left it, taken now (it changes on), and its newest fills up to that
+            # entry from the history tables (their row would be the order as it is by then).
+            view = order_view(o, [])
+            fills = await self.fills(account, order_id=order_id, limit=ORDER_FILLS, upto=seq)
+            view["fills"] = [fill_view(f) for f in reversed(fills)]
             return view
         # Older than this process, or with fills from before it: the history tables have them all.
         await self.service.caught_up(orders=True)
@@ -264,14 +275,16 @@ class Trading:
         return order_view(order_from_row(row), fills[::-1])
 
     async def fills(self, account: int, order_id: int | None = None, symbol: str | None = None,
-                    limit: int = 100, before: FillCursor | None = None) -> list[Fill]:
-        """The account's fills, newest first, after `before` when given (GET /v1/fills's pages)."""
+                    limit: int = 100, before: FillCursor | None = None, upto: int | None = None) -> list[Fill]:
+        """The account's fills, newest first, after `before` when given (GET /v1/fills's pages),
+        of journal entries up to `upto` when given."""
         await self.service.caught_up(orders=True)
         if before is None:
             rows = await self.service.pool.fetch(
                 f"""SELECT * FROM fills WHERE account_id = $1 AND ($2::bigint IS NULL OR order_id = $2)
-                      AND ($3::text IS NULL OR symbol = $3) ORDER BY {FILL_ORDER} LIMIT $4""",
-                account, order_id, symbol, limit)
+                      AND ($3::text IS NULL OR symbol = $3) AND ($5::bigint IS NULL OR seq <= $5)
+                    ORDER BY {FILL_ORDER} LIMIT $4""",
+                account, order_id, symbol, limit, upto)
         else:
             # `seq <= $5` repeats what the row comparison implies, so that the account's index on
             # (account_id, seq DESC) bounds the scan; the row comparison alone it cannot use.

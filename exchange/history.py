@@ -31,6 +31,7 @@ KIND = ("limit", "market")
 TIF = ("GTC", "IOC", "FOK", "GTD")
 OPEN = ("new", "partially_filled")
 RECENT = 100_000  # closed orders the tracker remembers (answers to cancels and resends)
+VIEW_FILLS = 100  # the newest fills an order view carries (api/orders.py); the tracker keeps no more
 
 
 @dataclass(slots=True)
@@ -71,13 +72,22 @@ class OrderState:
     reason: str | None = None
     created_ts: int = 0
     updated_ts: int = 0
-    fills: list[Fill] = field(default_factory=list)  # only those folded in this process
+    # The newest of those folded in this process: VIEW_FILLS at least, once there are that many
+    # (trimmed as it grows: a market maker's order may fill thousands of times).
+    fills: list[Fill] = field(default_factory=list)
     # Sum of price x quantity over the fills (fen per tonne x kg): the average price's numerator.
     # `value` cannot be: each trade's value is rounded to the fen, and on a 1 kg lot a 1 kg fill
     # at 35.00 is worth 0.04 CNY, which averaged to 40.00.
     notional: int = 0
     seq: int = 0  # the journal entry that last changed it (in this process's folding)
     answered: int = 0  # the last entry that changed it by its owner's command (answered with it)
+    earlier_fills: bool = False  # it had fills before this process, which `fills` lacks
+
+
+def fills_known(o: OrderState) -> bool:
+    """Whether `o.fills` holds the order's newest VIEW_FILLS fills (or all, when fewer): not so
+    for an order loaded at start with fills, until it has filled VIEW_FILLS times more."""
+    return not o.earlier_fills or len(o.fills) >= VIEW_FILLS
 
 
 def _copied(o: OrderState) -> OrderState:
@@ -85,7 +95,8 @@ def _copied(o: OrderState) -> OrderState:
     that trades twice in one commit, on the order-entry path)."""
     return OrderState(o.order_id, o.account, o.symbol, o.side, o.kind, o.tif, o.post_only, o.price, o.quantity,
                       o.remaining, o.filled, o.value, o.fee, o.max_cash, o.expire_ts, o.client_order_id, o.status,
-                      o.reason, o.created_ts, o.updated_ts, list(o.fills), o.notional, o.seq, o.answered)
+                      o.reason, o.created_ts, o.updated_ts, o.fills[-VIEW_FILLS:], o.notional, o.seq, o.answered,
+                      o.earlier_fills)
 
 
 @dataclass(slots=True)
@@ -157,6 +168,8 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
                 out.fills.append(f)
                 if keep_fills:
                     o.fills.append(f)
+                    if len(o.fills) >= 2 * VIEW_FILLS:
+                        del o.fills[:-VIEW_FILLS]
                 o.filled += qty
                 o.remaining -= qty
                 o.value += value
@@ -368,6 +381,8 @@ class OrderTracker:
     async def load(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
         rows = await conn.fetch("SELECT * FROM orders WHERE status IN ('new', 'partially_filled')")
         self.open = {r["order_id"]: order_from_row(r) for r in rows}
+        for o in self.open.values():
+            o.earlier_fills = o.filled > 0
 
     def apply_commit(self, entries: list[tuple[int, int, dict, list]]) -> list[Folded]:
         """Fold one commit's entries in order. Each entry's Folded (and :meth:`as_of` its seq)

@@ -707,3 +707,33 @@ def test_daily_candles_are_shanghai_trading_days(db, run):
             assert [c["volume"] for c in candles] == ["1.000", "1.000"], candles
             starts = [c["start"] for c in candles]
             assert all(x.endswith("T16:00:00.000000Z") for x in starts), starts
+
+
+def test_an_answer_is_the_order_as_its_command_left_it_also_with_fills_from_before_a_restart(db, run):
+    """After a restart the tracker knows an open order without its earlier fills, and answered it
+    from the history tables, which showed the order as the whole commit left it: an amend
+    sequenced with a cancel behind it was answered "cancelled" (review14)."""
+    from api.models import AmendRequest
+    from api.orders import Trading
+    from matching import events as E
+    from tests.test_service import _listed, _started, place
+
+    async def main():
+        svc, dev, buy = await _listed(db, funds=10_000_000)
+        ask = await svc.submit(place(dev, E.ASK, 3500, 10_000))
+        assert (await svc.submit(place(buy, E.BID, 3500, 2_000))).accepted  # 2 t of the ask filled
+        await svc.stop()
+        svc = await _started(db)
+        try:
+            t = Trading(svc)
+            amend = t.amend_now(dev, ask.order_id, AmendRequest(quantity="3.000"))
+            cancel = t.cancel_now(dev, ask.order_id)
+            amended, cancelled = await t.answer(dev, *amend), await t.answer(dev, *cancel)
+            assert (amended["status"], amended["remaining_quantity"], amended["filled_quantity"]) == \
+                ("partially_filled", "3.000", "2.000"), amended
+            assert [f["quantity"] for f in amended["fills"]] == ["2.000"], amended  # from the history tables
+            assert (cancelled["status"], cancelled["remaining_quantity"]) == ("cancelled", "0.000"), cancelled
+        finally:
+            await svc.stop()
+
+    run(main())
