@@ -829,6 +829,11 @@ class ExchangeService:
         return (await registry_positions(self._pool, symbol))["available"]
 
     async def _adjust_for_outside_changes(self) -> None:
+        # First what fell due while stopped (a GTD buy that expired overnight frees the cash a
+        # payout made meanwhile may have taken), projected, so that the registry's encumbrances
+        # agree with the core's again before the two are compared.
+        self._housekeep(max(self.clock(), self.core.ts))
+        await self.caught_up(registry=True)
         cash, credits = await outside_changes(self._pool, self.core)
         # Cash paid out while stopped that open buy orders had reserved (the command line checks,
         # a hand-made change may not): taking it in would let those orders trade with money that

@@ -234,6 +234,49 @@ def test_a_withdrawal_while_stopped_leaves_what_open_buys_reserve(url_env, db, r
     run(by_hand_then_start())
 
 
+def test_cash_an_expired_gtd_buy_reserved_may_be_paid_out_while_stopped(url_env, db, run):
+    """A GTD buy that expired while the exchange was stopped reserves nothing: the next start
+    expires it first. The payout check and the start counted its reserve all the same (review14)."""
+    import time
+
+    from exchange.service import ExchangeService, now_us
+    from matching import events as E
+
+    carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=url_env)
+    carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=url_env)
+    carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
+            "--developer", "KILN-DEV", env=url_env)
+    carbonx("registry", "issue", "KILN", "2023", "100", env=url_env)
+    carbonx("cash", "deposit", "HOTEL", "1000", "--reference", "bank-1", env=url_env)
+
+    async def gtd_buy() -> tuple[int, int]:
+        svc = await _started(ExchangeService(db))
+        try:
+            await svc.list_instrument("KILN-2023", {"rules": {"always_open": True}})
+            hotel = await svc.account("HOTEL")
+            expires = now_us() + 1_000_000
+            out = await svc.submit({"op": "place", "account": hotel, "symbol": "KILN-2023", "side": E.BID,
+                                    "price": 3500, "qty": 25_000, "tif": E.GTD, "expire_ts": expires})
+            assert out.accepted and svc.core.cash[hotel][1] > 0, out
+            return out.order_id, expires
+        finally:
+            await svc.stop(snapshot=False)  # stopped before it expired
+    order_id, expires = run(gtd_buy())
+    time.sleep(max(0.0, (expires - now_us()) / 1e6) + 0.2)
+
+    out = carbonx("cash", "withdraw", "HOTEL", "1000.00", "--reference", "out-1", env=url_env).stdout
+    assert "balance 0.00 CNY" in out, out
+
+    async def start() -> None:
+        svc = await _started(ExchangeService(db))  # not reserved_cash_withdrawn
+        try:
+            assert order_id not in svc.core.orders and svc.core.cash[await svc.account("HOTEL")] == [0, 0]
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+    run(start())
+
+
 async def _started(svc):
     await svc.start()
     return svc
