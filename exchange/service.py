@@ -606,11 +606,13 @@ class ExchangeService:
         conn = self._conn
         try:
             while True:
-                await self._wake.wait()
                 if not self._rows:
                     if self._closing:
                         return
+                    # Cleared only here, with nothing to write: cleared with a batch taken, a
+                    # stop() that woke the writer during the gathering sleep below was lost.
                     self._wake.clear()
+                    await self._wake.wait()
                     continue
                 if self.flush_interval and len(self._rows) < self.max_batch and not self._backlog:
                     await asyncio.sleep(self.flush_interval)  # let more commands join this commit
@@ -618,7 +620,6 @@ class ExchangeService:
                 self._rows, self._future, self._entries = [], None, []
                 waiters, self._waiters = self._waiters, []
                 self._inflight_waiters = waiters
-                self._wake.clear()
                 self._inflight = fut
                 snap = None
                 if rows[-1][0] - self._last_snapshot >= self.snapshot_every:

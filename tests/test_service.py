@@ -765,3 +765,18 @@ def test_reconcile_beside_orders_retirements_and_issuances_finds_nothing(db, run
         assert found == [], found[:5]
 
     run(main())
+
+
+def test_a_stop_while_a_commit_gathers_commands_finishes(db, run):
+    """stop() woke the journal writer while it slept to let a commit gather more commands; the
+    writer then cleared that wake-up with the batch and waited for the next one for ever, and
+    stop() with it (review14)."""
+    async def main():
+        svc, dev, _ = await _listed(db, flush_interval=0.2)
+        out, durable = svc.apply(place(dev, E.ASK, 3500, 1000))
+        await asyncio.sleep(0.05)  # the writer is in its gathering sleep
+        await asyncio.wait_for(svc.stop(), 10)
+        await durable
+        assert out.accepted and svc.durable_seq == out.seq
+
+    run(main())
