@@ -289,3 +289,56 @@ def test_the_tracker_keeps_an_orders_newest_fills_only():
     assert o.filled == 5000 and history.VIEW_FILLS <= len(o.fills) < 2 * history.VIEW_FILLS
     assert [f.seq for f in o.fills] == sorted(f.seq for f in o.fills) and o.fills[-1].seq == core.seq
     assert history.fills_known(o)
+
+
+def _state(o: history.OrderState) -> tuple:
+    """What a view of the order shows (its fills by trade id)."""
+    return (o.status, o.reason, o.price, o.quantity, o.remaining, o.filled, o.value, o.fee, o.notional,
+            o.updated_ts, tuple((f.symbol, f.trade_id) for f in o.fills[-history.VIEW_FILLS:]))
+
+
+@pytest.mark.parametrize("watch_all", [False, True])
+def test_commits_of_any_size_answer_each_command_as_folding_one_by_one_would(watch_all):
+    """Random command streams (tests/test_core.py's Stream: orders, trades, amends, cancels,
+    expiries, day closes over two instruments) cut into commits at random: each owner's command
+    is answered (as_of) with the order as folding the entries one at a time left it, and for
+    watched accounts every entry's Folded shows each order as that entry left it."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from matching.core import ExchangeCore
+    from tests.test_core import SETTINGS, Stream, steps
+
+    @settings(max_examples=60, **SETTINGS)
+    @given(seeds=steps, cuts=st.lists(st.integers(1, 40), min_size=1, max_size=60))
+    def check(seeds, cuts):
+        stream = Stream([ExchangeCore("cython")])
+        for seed in seeds:
+            stream.step(seed)
+        entries = [(out.seq, ts, cmd, out.events) for cmd, ts, out in stream.log]
+        one = history.OrderTracker()  # the truth: an entry per commit
+        truth: list[dict[int, tuple]] = []
+        for entry in entries:
+            (folded,) = one.apply_commit([entry])
+            truth.append({oid: _state(o) for oid, o in folded.orders.items()})
+        batched = history.OrderTracker()
+        if watch_all:
+            batched.watched = range(1, 100)
+        at, i = 0, 0
+        while at < len(entries):
+            commit = entries[at:at + cuts[i % len(cuts)]]
+            folded = batched.apply_commit(commit)
+            for k, (entry, f) in enumerate(zip(commit, folded, strict=True)):
+                seq, _, cmd, _ = entry
+                expected = truth[at + k]
+                for oid, o in f.orders.items():
+                    if watch_all or o.account == cmd.get("account"):
+                        assert _state(batched.as_of(seq, oid)) == expected[oid], (seq, cmd, oid)
+                    if watch_all:
+                        assert _state(o) == expected[oid], (seq, cmd, oid)
+            at += len(commit)
+            i += 1
+        assert {oid: _state(o) for oid, o in batched.open.items()} == \
+            {oid: _state(o) for oid, o in one.open.items()}
+
+    check()
