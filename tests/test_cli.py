@@ -117,6 +117,17 @@ def test_ctrl_c_stops_serve_cleanly_without_alarm(url_env):
     assert proc.returncode in (0, 130), (proc.returncode, text)
 
 
+def kiln_and_hotel(env: dict) -> None:
+    """Through the command line: KILN-DEV's project KILN with 100 t of 2023 issued, and HOTEL
+    with 1,000 CNY deposited (reference bank-1)."""
+    carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=env)
+    carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=env)
+    carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
+            "--developer", "KILN-DEV", env=env)
+    carbonx("registry", "issue", "KILN", "2023", "100", env=env)
+    carbonx("cash", "deposit", "HOTEL", "1000", "--reference", "bank-1", env=env)
+
+
 def test_member_changes_wait_for_the_journal_to_be_settled(url_env, db, run):
     """After a stop that left journal entries unsettled (here: a service that did not project, as
     a crash would leave it), a change to member cash or credits is refused until `clearing settle`
@@ -127,12 +138,7 @@ def test_member_changes_wait_for_the_journal_to_be_settled(url_env, db, run):
     from exchange.service import ExchangeService
     from matching import events as E
 
-    carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=url_env)
-    carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=url_env)
-    carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
-            "--developer", "KILN-DEV", env=url_env)
-    carbonx("registry", "issue", "KILN", "2023", "100", env=url_env)
-    carbonx("cash", "deposit", "HOTEL", "1000", "--reference", "bank-1", env=url_env)
+    kiln_and_hotel(url_env)
 
     async def trade_unsettled() -> None:
         await (await _started(ExchangeService(db))).stop()  # takes in the deposit made while stopped
@@ -180,12 +186,7 @@ def test_a_withdrawal_while_stopped_leaves_what_open_buys_reserve(url_env, db, r
     from exchange.service import ExchangeService
     from matching import events as E
 
-    carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=url_env)
-    carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=url_env)
-    carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
-            "--developer", "KILN-DEV", env=url_env)
-    carbonx("registry", "issue", "KILN", "2023", "100", env=url_env)
-    carbonx("cash", "deposit", "HOTEL", "1000", "--reference", "bank-1", env=url_env)
+    kiln_and_hotel(url_env)
 
     async def resting_buy() -> int:
         svc = await _started(ExchangeService(db))
@@ -242,12 +243,7 @@ def test_cash_an_expired_gtd_buy_reserved_may_be_paid_out_while_stopped(url_env,
     from exchange.service import ExchangeService, now_us
     from matching import events as E
 
-    carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=url_env)
-    carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=url_env)
-    carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
-            "--developer", "KILN-DEV", env=url_env)
-    carbonx("registry", "issue", "KILN", "2023", "100", env=url_env)
-    carbonx("cash", "deposit", "HOTEL", "1000", "--reference", "bank-1", env=url_env)
+    kiln_and_hotel(url_env)
 
     async def gtd_buy() -> tuple[int, int]:
         svc = await _started(ExchangeService(db))
