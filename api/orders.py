@@ -206,15 +206,20 @@ class Trading:
         refused(out)
         return self._tracked(account, out.order_id, out.seq)
 
-    def _state(self, account: int, order_id: int | None, seq: int | None) -> OrderState | None:
-        """The tracker's order of `account`: as entry `seq` left it (a command's answer), else now."""
+    def _state(self, account: int, order_id: int | None, seq: int | None) -> tuple[OrderState | None, bool]:
+        """The tracker's order of `account`, and whether it is as entry `seq` left it (a command's
+        answer, while its commit is the last one) rather than as it stands now."""
+        if order_id is None:
+            return None, False
         tracker = self.service.orders
-        o = None if order_id is None else tracker.get(order_id) if seq is None else tracker.as_of(seq, order_id)
-        return o if o is not None and o.account == account else None
+        o = tracker.as_of(seq, order_id) if seq is not None else None
+        exact = o is not None
+        o = o or tracker.get(order_id)
+        return (o, exact) if o is not None and o.account == account else (None, False)
 
     def _tracked(self, account: int, order_id: int | None, seq: int | None = None) -> dict[str, Any] | None:
         """The tracker's view of the order (see :meth:`_state`), if it has the order's newest fills."""
-        o = self._state(account, order_id, seq)
+        o, _ = self._state(account, order_id, seq)
         return order_view(o, o.fills[-ORDER_FILLS:]) if o is not None and fills_known(o) else None
 
     # ---- whole requests ------------------------------------------------------------------------
@@ -254,10 +259,10 @@ class Trading:
         it when the tracker still knows (a command's answer)."""
         if order_id is None:
             raise CarbonxError("not_found", "no such order")
-        o = self._state(account, order_id, seq)
+        o, exact = self._state(account, order_id, seq)
         if o is not None and fills_known(o):
             return order_view(o, o.fills[-ORDER_FILLS:])
-        if o is not None and seq is not None:
+        if exact:
             # A command's answer on an order with fills from before this process: the order as
             # the command left it, taken now (it changes on), and its newest fills up to that
             # entry from the history tables (their row would be the order as it is by then).

@@ -395,10 +395,9 @@ class OrderTracker:
 
     def as_of(self, seq: int, order_id: int) -> OrderState | None:
         """The order as entry `seq` left it, if that entry is of the last commit and touched it;
-        else as it stands."""
+        else None (the tracker no longer knows: :meth:`get` has the order as it stands)."""
         touched = self._as_of.get(seq)
-        o = touched.get(order_id) if touched else None
-        return o if o is not None else self.get(order_id)
+        return touched.get(order_id) if touched else None
 
     def apply(self, seq: int, ts: int, command: dict, events: list, fresh_from: int | None = None) -> Folded:
         out = fold(seq, ts, command, events, self.open, keep_fills=True, fresh_from=fresh_from, watched=self.watched)

@@ -737,3 +737,32 @@ def test_an_answer_is_the_order_as_its_command_left_it_also_with_fills_from_befo
             await svc.stop()
 
     run(main())
+
+
+def test_a_late_answer_shows_an_order_and_fills_of_one_moment(db, run):
+    """An answer built after a later commit (the tracker then no longer holds the command's state)
+    took the order as it stood and its fills up to the command: 3 t filled beside fills of 2 t
+    (review15, latent: the answer paths build theirs before the next commit)."""
+    from api.models import AmendRequest
+    from api.orders import Trading
+    from matching import events as E
+    from tests.test_service import _listed, _started, place
+
+    async def main():
+        svc, dev, buy = await _listed(db, funds=10_000_000)
+        ask = await svc.submit(place(dev, E.ASK, 3500, 10_000))
+        assert (await svc.submit(place(buy, E.BID, 3500, 2_000))).accepted
+        await svc.stop()
+        svc = await _started(db)
+        try:
+            t = Trading(svc)
+            out, durable = t.amend_now(dev, ask.order_id, AmendRequest(quantity="5.000"))
+            await durable
+            assert (await svc.submit(place(buy, E.BID, 3500, 1_000))).accepted  # a later commit fills 1 t
+            view = await t.order(dev, out.order_id, out.seq)
+            assert view["filled_quantity"] == "3.000" and [f["quantity"] for f in view["fills"]] == \
+                ["2.000", "1.000"], view
+        finally:
+            await svc.stop()
+
+    run(main())
