@@ -186,7 +186,7 @@ class Client:
                     # Everything queued, server_shutdown last, is in the socket's buffer: Feed.stop
                     # may close now, the close frame after it.
                     return
-        except ConnectionClosed:
+        except (ConnectionClosed, OSError):  # drain() raises the transport's error once the peer is gone
             pass
 
 

@@ -616,6 +616,8 @@ class ExchangeService:
                     continue
                 if self.flush_interval and len(self._rows) < self.max_batch and not self._backlog:
                     await asyncio.sleep(self.flush_interval)  # let more commands join this commit
+                    if not self._rows:  # a failure elsewhere (a consumer's) dropped them meanwhile
+                        continue
                 rows, fut, entries = self._rows, self._future, self._entries
                 self._rows, self._future, self._entries = [], None, []
                 waiters, self._waiters = self._waiters, []
@@ -647,7 +649,8 @@ class ExchangeService:
                         listener(published)
                     except Exception:  # a broken subscriber must not stop the exchange
                         log.exception("a journal listener failed")
-                fut.set_result(None)
+                if not fut.done():  # a failure elsewhere during the commit has told its callers
+                    fut.set_result(None)
                 for w in waiters:
                     if not w.done():
                         w.set_result(None)

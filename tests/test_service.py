@@ -780,3 +780,22 @@ def test_a_stop_while_a_commit_gathers_commands_finishes(db, run):
         assert out.accepted and svc.durable_seq == out.seq
 
     run(main())
+
+
+def test_a_failure_while_a_commit_gathers_commands_is_not_a_second_failure(db, run, caplog):
+    """A failure elsewhere (a consumer's) while the journal writer slept to gather a commit emptied
+    its batch; the writer then failed on the empty batch and logged a journal failure of its own."""
+    async def main():
+        svc, dev, _ = await _listed(db, flush_interval=0.2)
+        try:
+            _, durable = svc.apply(place(dev, E.ASK, 3500, 1000))
+            await asyncio.sleep(0.05)
+            svc._fail(RuntimeError("the consumers process ended"), None)
+            with pytest.raises(CarbonxError):
+                await durable
+            await asyncio.sleep(0.3)
+        finally:
+            await asyncio.wait_for(svc.stop(), 10)
+
+    run(main())
+    assert "journal writer failed" not in caplog.text, caplog.text
