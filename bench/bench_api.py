@@ -34,6 +34,7 @@ no slow_consumer).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import resource
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from bench_service import SUBMITTERS, Flow, _summary, drive, open_market
@@ -78,10 +80,36 @@ UNLIMITED = Limits(key_rate=1e7, key_burst=1e7, address_rate=1e7, address_burst=
 _BASELINE: dict[str, float] = {}
 
 
+def _cpu_seconds(pids: set[int]) -> float:
+    """CPU seconds so far of these processes (Linux /proc; a process gone meanwhile counts 0)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
+
+
 @dataclass
 class Live:
     server: ServerThread
     keys: dict[str, str]
+
+    def processes(self) -> dict[str, set[int]]:
+        """This exchange's other processes: its PostgreSQL server's (backends and background
+        workers, as pg_stat_activity lists them) and the journal consumers'."""
+        async def backends() -> set[int]:
+            conn = await asyncpg.connect(self.server.dsn)
+            try:
+                return {r["pid"] for r in await conn.fetch("SELECT pid FROM pg_stat_activity")}
+            finally:
+                await conn.close()
+        child = self.server.exchange.service._child
+        return {"postgres": asyncio.run(backends()), "consumers": {child.pid} if child else set()}
 
     def loadgen(self, mode: str, key: str, *args: Any) -> dict[str, Any]:
         """Run one load; the answer also says the CPU seconds this process (the server's thread:
@@ -89,12 +117,16 @@ class Live:
         inflate the way it inflates wall-clock rates."""
         cmd = [sys.executable, str(LOADGEN), mode, "--ws", self.server.ws, "--http", self.server.http,
                "--key", self.keys[key], "--symbol", SYMBOL, *map(str, args)]
+        pids = self.processes()
+        others = {k: _cpu_seconds(p) for k, p in pids.items()}
         cpu = time.process_time()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
         cpu = time.process_time() - cpu
+        others = {k: _cpu_seconds(p) - others[k] for k, p in pids.items()}
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
         out = orjson.loads(r.stdout.strip().splitlines()[-1])
         out["server_cpu_s"] = round(cpu, 3)
+        out.update({f"{k}_cpu_s": round(v, 3) for k, v in others.items()})
         return out
 
     def seed_asks(self, crossing_orders: int) -> None:
@@ -124,6 +156,16 @@ def _ratio(rate: float) -> str:
 
 def _per_order(out: dict[str, Any], n: int) -> str:
     return f"{out['server_cpu_s'] / n * 1e6:,.0f} us/order"
+
+
+def _cpu_split(out: dict[str, Any], n: int) -> str:
+    """CPU per order by process during a load run, and how many cores they kept busy together
+    (the bench runs the server, PostgreSQL, the consumers and the load generator on one machine)."""
+    parts = {"server": out["server_cpu_s"], "PostgreSQL": out["postgres_cpu_s"], "consumers": out["consumers_cpu_s"],
+             "loadgen": out["loadgen_cpu_s"]}
+    busy = sum(parts.values()) / out["seconds"]
+    return ", ".join(f"{k} {v / n * 1e6:,.0f} us/order" for k, v in parts.items()) + \
+        f"; {busy:.2f} of {os.cpu_count()} cores busy over {out['seconds']} s"
 
 
 def _goal(ok: bool) -> str:
@@ -181,6 +223,7 @@ def test_ws_orders(benchmark, request, live):
              f"{out['orders_with_fills']:,} traded; server CPU {_per_order(out, WS_ORDERS)}, loadgen CPU "
              f"{out['loadgen_cpu_s']} s in {out['seconds']} s); "
              f"{_goal(rate >= GOAL_WS)} >= {GOAL_WS:,}/s")
+    _summary(request, "network API", "websocket run, where the 2 cores went: " + _cpu_split(out, WS_ORDERS))
 
 
 def test_rest_orders(benchmark, request, live):
