@@ -120,7 +120,11 @@ class Exchange:
         if self.fast_orders:
             app = self.orders_path = FastOrders(app, gate, trading, problem_response)
         app = Guard(app, gate)
+        # proxy_headers=False: uvicorn otherwise believes X-Forwarded-For from loopback peers, and
+        # any client through a local tunnel or TCP proxy named a new address per request, past
+        # the per-address rate limit (review16); the feed counts the real peer too.
         config = uvicorn.Config(app, host=self.host, port=self.http_port, log_level="warning", lifespan="off",
+                                proxy_headers=False,
                                 access_log=False, loop="none", timeout_graceful_shutdown=5)
         self._http = _Uvicorn(config)
         self._http_task = asyncio.create_task(self._serve_http(), name="carbonx-http")

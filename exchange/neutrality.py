@@ -205,7 +205,10 @@ def _quantity(value: Any, field: str) -> Fraction:
 def _count(value: Any, field: str) -> int:
     """A whole number of people, days, meals: an int or a string of digits."""
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        value = int(value.strip())
+        digits = value.strip().lstrip("0") or "0"
+        if len(digits) > len(str(_MAX_QUANTITY)):  # before int(): past 4,300 digits it raises (a 500)
+            raise ActivityError(field, f"must be at most {_MAX_QUANTITY}, got a number of {len(digits):,} digits")
+        value = int(digits)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ActivityError(field, f"must be a whole number, got {value!r}")
     if value < 0:

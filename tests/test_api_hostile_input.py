@@ -423,3 +423,15 @@ def test_messages_that_are_not_json_objects_are_rate_limited_too(limited):
         got = _errors(ws)
     refused = [m for m in got if m.get("code") == "rate_limited"]
     assert refused and all(m["id"] in range(6) for m in refused), got
+
+
+def test_x_forwarded_for_does_not_name_another_address(limited):
+    """The per-address limit counts the connection's peer. uvicorn believed X-Forwarded-For from
+    loopback peers, so a client through a local tunnel or proxy named a new address per request
+    and was never limited (review16)."""
+    with client(limited.http) as anon:
+        plain = [anon.get("/v1/health").status_code for _ in range(5)]
+        assert 429 in plain, plain
+        spoofed = [anon.get("/v1/health", headers={"X-Forwarded-For": f"198.51.100.{i}"}).status_code
+                   for i in range(10)]
+    assert spoofed.count(429) >= 8, spoofed

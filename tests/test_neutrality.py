@@ -306,6 +306,8 @@ def test_empty_activity_is_zero():
     ({"attendees": -1}, "attendees"),
     ({"days": "one"}, "days"),
     ({"flights": []}, "flights"),                                                           # unknown top-level
+    ({"attendees": "9" * 5000}, "attendees"),  # int() of it raised ValueError: a 500 (review16)
+    ({"meals": [{"kind": "standard", "count": "0" * 10 + "9" * 4400}]}, "meals[0].count"),
 ])
 def test_bad_activity_is_refused_naming_the_field(activity, field):
     with pytest.raises(ActivityError) as e:
