@@ -19,7 +19,9 @@ import pytest
 from websockets.sync.client import connect
 
 from api.auth import Limits
+from api.wire import iso
 from exchange.service import now_us
+from matching.units import format_price, format_tonnes
 from tests.api_clients import FeedClient, WsTrader, add_listing, crc, quiesce, rest_book, wait_for
 from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key
 
@@ -766,3 +768,61 @@ def test_a_late_answer_shows_an_order_and_fills_of_one_moment(db, run):
             await svc.stop()
 
     run(main())
+
+
+def test_candles_projects_and_retirement_filters_read_only_what_they_show(db, run):
+    """The public reads review16 found reading whole tables now read what they show, and show the
+    same: candles are the newest `limit` intervals that have trades, however far apart and
+    however much history lies before them; a project's traded total counts its own instruments
+    only (`LIKE code-____` read every trade, and its `_` matched any letter); the retirement
+    filters find a member's or a project's retirements, or none."""
+    import random
+
+    import asyncpg
+
+    key = run(operator_key(db))
+    rng = random.Random(16)
+    minute = 60_000_000
+    base = 1_700_000_000_000_000 // minute * minute
+    at = [0, 1, 5, 40, 41, 500, 2000]  # minutes from base: neighbours, gaps, and far apart
+    trades = sorted((base + rng.choice(at) * minute + rng.randrange(minute), rng.randint(3000, 4000),
+                     rng.randint(1, 9) * 1000) for _ in range(300))
+
+    async def fill() -> None:
+        conn = await asyncpg.connect(db)
+        try:
+            await conn.executemany(
+                "INSERT INTO trades (symbol, trade_id, price_fen, qty_kg, taker_side, ts, seq) "
+                "VALUES ($1, $2, $3, $4, 'buy', $5, $2)",
+                [(SYMBOL, i + 1, p, q, ts) for i, (ts, p, q) in enumerate(trades)])
+            # another project's instrument: not FOREST's to count
+            await conn.executemany("INSERT INTO trades (symbol, trade_id, price_fen, qty_kg, taker_side, ts, seq) "
+                                   "VALUES ($1, 1, 3500, 7000, 'buy', $2, 1)", [("FORESTX-2023", base)])
+        finally:
+            await conn.close()
+
+    with ServerThread(db) as s:
+        w = build_world(s.http, key)
+        run(fill())
+        by_minute: dict[int, list] = {}
+        for ts, p, q in trades:
+            by_minute.setdefault(ts // minute * minute, []).append((p, q))
+        expected = [{"start": iso(m), "open": format_price(v[0][0]), "close": format_price(v[-1][0]),
+                     "volume": format_tonnes(sum(q for _, q in v)), "trades": len(v)}
+                    for m, v in sorted(by_minute.items())]
+        with client(s.http) as anon:
+            for limit in (1, 2, 3, 7, 1000):
+                got = ok(anon.get(f"/v1/candles/{SYMBOL}", params={"interval": "1m", "limit": limit}))
+                assert [{k: c[k] for k in ("start", "open", "close", "volume", "trades")} for c in got] == \
+                    expected[-limit:], limit
+            project = ok(anon.get(f"/v1/registry/projects/{SYMBOL.rsplit('-', 1)[0]}"))
+            assert project["traded"] == format_tonnes(sum(q for *_, q in trades)), project
+            with w.as_("DEV") as dev:
+                ret = ok(dev.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "Expo",
+                                                           "purpose": "filters"}), 201)
+
+            def ids(**params: str) -> list[str]:
+                return [r["id"] for r in ok(anon.get("/v1/registry/retirements", params=params))]
+            assert ids(account="DEV") == ids(project="FOREST") == ids(account="DEV", project="FOREST") == [ret["id"]]
+            assert ids(account="BUY") == ids(account="NOBODY") == ids(project="NOPE") == []
+            assert ids(account="DEV", before=ret["id"]) == []
