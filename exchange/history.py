@@ -130,6 +130,16 @@ def new_order(seq: int, ts: int, command: dict, accepted: tuple) -> OrderState:
                       command.get("coid"), "new", None, ts, ts, [], 0, seq, seq)
 
 
+def _changing(orders: dict[int, OrderState], o: OrderState, seq: int, fresh: int,
+              watched: Container[int]) -> OrderState:
+    """`o`, about to be changed by entry `seq`: a copy put in its place when an earlier entry's
+    state of it is still to be shown (see :func:`fold`)."""
+    if fresh <= o.seq < seq and (o.answered == o.seq or o.account in watched):
+        o = orders[o.order_id] = _copied(o)
+    o.seq = seq
+    return o
+
+
 def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[int, OrderState],
          out: Folded | None = None, keep_fills: bool = False, fresh_from: int | None = None,
          watched: Container[int] = ()) -> Folded:
@@ -160,9 +170,7 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
                 o = orders.get(oid)
                 if o is None:
                     raise KeyError(f"trade {symbol}:{tid} names order {oid}, which the history does not know")
-                if fresh <= o.seq < seq and (o.answered == o.seq or o.account in watched):
-                    o = orders[oid] = _copied(o)
-                o.seq = seq
+                o = _changing(orders, o, seq, fresh, watched)
                 fee = bfee if o.side == E.BID else sfee
                 f = Fill(symbol, tid, oid, o.account, o.side, is_maker, price, qty, value, fee, ts, seq)
                 out.fills.append(f)
@@ -182,9 +190,7 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
             o = orders.get(ev[2])
             if o is None:
                 raise KeyError(f"entry {seq} closes order {ev[2]}, which the history does not know")
-            if fresh <= o.seq < seq and (o.answered == o.seq or o.account in watched):
-                o = orders[ev[2]] = _copied(o)
-            o.seq = seq
+            o = _changing(orders, o, seq, fresh, watched)
             if o.account == owner:
                 o.answered = seq
             o.remaining = 0
@@ -197,9 +203,7 @@ def fold(seq: int, ts: int, command: dict, events: Iterable[Any], orders: dict[i
             o = orders.get(oid)
             if o is None:
                 raise KeyError(f"entry {seq} amends order {oid}, which the history does not know")
-            if fresh <= o.seq < seq and (o.answered == o.seq or o.account in watched):
-                o = orders[oid] = _copied(o)
-            o.seq = seq
+            o = _changing(orders, o, seq, fresh, watched)
             o.answered = seq  # only its owner amends it
             o.price, o.remaining, o.quantity = price, qty, o.filled + qty
             o.updated_ts = ts
