@@ -342,3 +342,27 @@ def test_commits_of_any_size_answer_each_command_as_folding_one_by_one_would(wat
             {oid: _state(o) for oid, o in one.open.items()}
 
     check()
+
+
+def test_each_instruments_traded_total_follows_its_trades(conn, run):
+    """instrument_volume (migration 0013) is kept by the database as trades are written, whoever
+    writes them and however (COPY in batches, INSERT), so a project page reads totals instead of
+    summing every trade; a trade is never changed."""
+    async def main():
+        async def totals() -> dict[str, int]:
+            return dict(await conn.fetch("SELECT symbol, traded_kg FROM instrument_volume"))
+
+        async def sums() -> dict[str, int]:
+            return dict(await conn.fetch("SELECT symbol, sum(qty_kg)::bigint FROM trades GROUP BY symbol"))
+        rng = random.Random(13)
+        rows = [(rng.choice(["A-2023", "B-2024"]), i, 3500, rng.randint(1, 9_000), "buy", i, i) for i in range(1, 400)]
+        columns = ("symbol", "trade_id", "price_fen", "qty_kg", "taker_side", "ts", "seq")
+        await conn.copy_records_to_table("trades", columns=columns, records=rows[:300])
+        await conn.executemany("INSERT INTO trades VALUES ($1, $2, $3, $4, $5, $6, $7)", rows[300:])
+        assert await totals() == await sums() and set(await totals()) == {"A-2023", "B-2024"}
+        await conn.execute("DELETE FROM trades WHERE trade_id % 3 = 0")
+        assert await totals() == {**dict.fromkeys(await totals(), 0), **await sums()}
+        with pytest.raises(asyncpg.RaiseError, match="not changed"):
+            await conn.execute("UPDATE trades SET qty_kg = qty_kg + 1 WHERE trade_id = 1")
+
+    run(main())
