@@ -86,6 +86,27 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+def apply_due(core: ExchangeCore, ts: int) -> tuple[tuple[dict, Outcome], ...]:
+    """Apply to `core` what time has made due at `ts`; each command with its outcome: expiries
+    first (the core takes no other command while one is due, the close among them; an expiry
+    trades nothing, so it cannot change a close's price), then the last trading day's close.
+    (A tuple, not a generator: this runs before every command, and mostly finds nothing.)"""
+    done: tuple[tuple[dict, Outcome], ...] = ()
+    if core.expiry_due(ts):
+        done = (_apply_due(core, EXPIRE, ts),)
+    if core.roll_due(ts):
+        done += (_apply_due(core, ROLL, ts),)
+    return done
+
+
+def _apply_due(core: ExchangeCore, command: dict, ts: int) -> tuple[dict, Outcome]:
+    # A refusal would be a bug, and must not reach a journal as an entry without a sequence number.
+    out = core.apply(command, ts)
+    if out.seq is None:
+        raise AssertionError(f"the core refused its due {command['op']}: {out.code} {out.detail}")
+    return command, out
+
+
 async def refuse_while_serving(conn: asyncpg.Connection) -> None:
     """Raise `service_running` if an exchange service owns this database right now."""
     free = await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", SERVICE_LOCK_KEY)
@@ -323,14 +344,9 @@ class ExchangeService:
         return out
 
     def _housekeep(self, ts: int) -> None:
-        """Journal what time has made due at `ts`: expiries first (the core takes no other command
-        while one is due, the close among them; an expiry trades nothing, so it cannot change a
-        close's price), then the last trading day's close."""
-        core = self.core
-        if core.expiry_due(ts):
-            self._journal(EXPIRE, self._housekeeping(EXPIRE, ts), ts)
-        if core.roll_due(ts):
-            self._journal(ROLL, self._housekeeping(ROLL, ts), ts)
+        """Journal what time has made due at `ts` (:func:`apply_due`)."""
+        for command, out in apply_due(self.core, ts):
+            self._journal(command, out, ts)
 
     async def _timer_loop(self) -> None:
         """Apply expiries and a day's close when they fall due, not only before the next command:
@@ -353,14 +369,6 @@ class ExchangeService:
     async def _sequence(self, command: dict) -> Outcome:
         out, durable = self.apply(command)
         await durable
-        return out
-
-    def _housekeeping(self, command: dict, ts: int) -> Outcome:
-        """Apply an expiry or a day's close the core has said is due; a refusal would be a bug,
-        and must not reach the journal as an entry without a sequence number."""
-        out = self.core.apply(command, ts)
-        if out.seq is None:
-            raise AssertionError(f"the core refused its due {command['op']}: {out.code} {out.detail}")
         return out
 
     def _journal(self, command: dict, out: Outcome, ts: int) -> None:

@@ -10,7 +10,7 @@ import typer
 from exchange import journal, ledger
 from exchange.accounts import get_account
 from exchange.cli.common import DataDir, fail, run_db
-from exchange.service import EXPIRE, ROLL, now_us
+from exchange.service import apply_due, now_us
 from matching.units import UnitError, format_cash, parse_cash
 
 app = typer.Typer(no_args_is_help=True)
@@ -63,10 +63,7 @@ def withdraw(
         # The ledger knows balances, not the cash the journal's open buy orders reserve: a payout
         # of that cash left the next start a core paying for trades with money gone.
         core = await journal.recover(conn)
-        ts = max(now_us(), core.ts)
-        for due, command in ((core.expiry_due, EXPIRE), (core.roll_due, ROLL)):  # as the next start will
-            if due(ts):
-                core.apply(command, ts)  # frees what an expired GTD buy reserved (this copy only)
+        apply_due(core, max(now_us(), core.ts))  # as the next start will: an expired GTD buy reserves nothing
         acct = await get_account(conn, account)
         reserved = core.cash.get(acct.id, [0, 0])[1]
         p = await ledger.withdraw(conn, account=account, amount_fen=fen, reference=reference, reserved_fen=reserved)
