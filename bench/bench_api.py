@@ -94,22 +94,33 @@ def _cpu_seconds(pids: set[int]) -> float:
     return total
 
 
+def _schedstat(tid: int) -> list[int]:
+    """Nanoseconds a thread of this process has run and has waited, runnable, for a core (Linux)."""
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return [int(x) for x in f.read().split()[:2]]
+
+
 @dataclass
 class Live:
     server: ServerThread
     keys: dict[str, str]
 
     def processes(self) -> dict[str, set[int]]:
-        """This exchange's other processes: its PostgreSQL server's (backends and background
-        workers, as pg_stat_activity lists them) and the journal consumers'."""
-        async def backends() -> set[int]:
+        """This exchange's other processes: its PostgreSQL server's, each backend by the carbonx
+        connection it serves (exchange/database.named) or its background job (WAL writer,
+        checkpointer, ...), and the journal consumers'."""
+        async def backends() -> list[asyncpg.Record]:
             conn = await asyncpg.connect(self.server.dsn)
             try:
-                return {r["pid"] for r in await conn.fetch("SELECT pid FROM pg_stat_activity")}
+                return await conn.fetch("SELECT pid, backend_type, application_name FROM pg_stat_activity")
             finally:
                 await conn.close()
+        groups: dict[str, set[int]] = {}
+        for r in asyncio.run(backends()):
+            job = r["application_name"] if r["application_name"].startswith("carbonx ") else r["backend_type"]
+            groups.setdefault(f"pg {job.removeprefix('carbonx ')}", set()).add(r["pid"])
         child = self.server.exchange.service._child
-        return {"postgres": asyncio.run(backends()), "consumers": {child.pid} if child else set()}
+        return {**groups, "consumers": {child.pid} if child else set()}
 
     def loadgen(self, mode: str, key: str, *args: Any) -> dict[str, Any]:
         """Run one load; the answer also says the CPU seconds this process (the server's thread:
@@ -119,13 +130,16 @@ class Live:
                "--key", self.keys[key], "--symbol", SYMBOL, *map(str, args)]
         pids = self.processes()
         others = {k: _cpu_seconds(p) for k, p in pids.items()}
+        sched = _schedstat(self.server.thread.native_id)
         cpu = time.process_time()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
         cpu = time.process_time() - cpu
+        sched = [b - a for a, b in zip(sched, _schedstat(self.server.thread.native_id), strict=True)]
         others = {k: _cpu_seconds(p) - others[k] for k, p in pids.items()}
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
         out = orjson.loads(r.stdout.strip().splitlines()[-1])
         out["server_cpu_s"] = round(cpu, 3)
+        out["server_thread_ran_s"], out["server_thread_waited_s"] = round(sched[0] / 1e9, 3), round(sched[1] / 1e9, 3)
         out.update({f"{k}_cpu_s": round(v, 3) for k, v in others.items()})
         return out
 
@@ -159,13 +173,18 @@ def _per_order(out: dict[str, Any], n: int) -> str:
 
 
 def _cpu_split(out: dict[str, Any], n: int) -> str:
-    """CPU per order by process during a load run, and how many cores they kept busy together
-    (the bench runs the server, PostgreSQL, the consumers and the load generator on one machine)."""
-    parts = {"server": out["server_cpu_s"], "PostgreSQL": out["postgres_cpu_s"], "consumers": out["consumers_cpu_s"],
+    """CPU per order by process during a load run, PostgreSQL's by backend, and how many cores they
+    kept busy together (the bench runs the server, PostgreSQL, the consumers and the load generator
+    on one machine)."""
+    pg = {k.removesuffix("_cpu_s"): v for k, v in out.items() if k.startswith("pg ") and k.endswith("_cpu_s")}
+    parts = {"server": out["server_cpu_s"], "PostgreSQL": sum(pg.values()), "consumers": out["consumers_cpu_s"],
              "loadgen": out["loadgen_cpu_s"]}
     busy = sum(parts.values()) / out["seconds"]
-    return ", ".join(f"{k} {v / n * 1e6:,.0f} us/order" for k, v in parts.items()) + \
-        f"; {busy:.2f} of {os.cpu_count()} cores busy over {out['seconds']} s"
+    each = ", ".join(f"{k} {v / n * 1e6:,.1f}" for k, v in sorted(pg.items(), key=lambda kv: -kv[1]) if v)
+    ran, waited = out["server_thread_ran_s"], out["server_thread_waited_s"]
+    return (", ".join(f"{k} {v / n * 1e6:,.0f} us/order" for k, v in parts.items())
+            + f" (PostgreSQL by backend, us/order: {each}); {busy:.2f} of {os.cpu_count()} cores busy over "
+            f"{out['seconds']} s; the server's thread ran {ran} s and waited {waited} s for a core")
 
 
 def _goal(ok: bool) -> str:

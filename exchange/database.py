@@ -146,9 +146,15 @@ async def migrate(conn: asyncpg.Connection) -> list[Migration]:
 CONSUMER_SETTINGS: dict[str, dict[str, str]] = {"history": {"plan_cache_mode": "force_custom_plan"}, "projector": {}}
 
 
+def named(role: str) -> dict[str, str]:
+    """Server settings that name a carbonx connection by its job in pg_stat_activity (and let the
+    bench say which of them the database's CPU went to)."""
+    return {"application_name": f"carbonx {role}"}
+
+
 async def connect_consumer(dsn: str, name: str) -> asyncpg.Connection:
     """A connection for the journal consumer `name` ("projector" or "history")."""
-    return await asyncpg.connect(dsn, server_settings=CONSUMER_SETTINGS[name])
+    return await asyncpg.connect(dsn, server_settings={**CONSUMER_SETTINGS[name], **named(name)})
 
 
 async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:

@@ -38,7 +38,7 @@ import orjson
 
 from exchange import history, journal, projector, registry
 from exchange.consumers import DELAY as CONSUMER_DELAY
-from exchange.database import connect_consumer
+from exchange.database import connect_consumer, named
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
@@ -201,13 +201,13 @@ class ExchangeService:
             raise
 
     async def _start(self) -> None:
-        self._conn = await asyncpg.connect(self.dsn)
+        self._conn = await asyncpg.connect(self.dsn, server_settings=named("journal"))
         if not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SERVICE_LOCK_KEY):
             await self._conn.close()
             raise CarbonxError("service_running", "another carbonx exchange service is running on this database")
         self._proj = await connect_consumer(self.dsn, "projector")
         self._hist = await connect_consumer(self.dsn, "history")
-        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, server_settings=named("reads"))
         began = time.perf_counter()
         self.core = await journal.recover(self._conn, engine=self.engine, verify=self.verify_recovery,
                                           progress=self.progress)

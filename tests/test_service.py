@@ -799,3 +799,16 @@ def test_a_failure_while_a_commit_gathers_commands_is_not_a_second_failure(db, r
 
     run(main())
     assert "journal writer failed" not in caplog.text, caplog.text
+
+
+def test_the_database_names_each_connection_by_its_job(db, run):
+    """pg_stat_activity says which backend serves what (the bench splits the database's CPU so)."""
+    async def body() -> set[str]:
+        svc = await _started(db)
+        try:
+            await svc.pool.fetchval("SELECT 1")
+            return {r["application_name"] for r in await svc.pool.fetch(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()")}
+        finally:
+            await svc.stop()
+    assert {"carbonx journal", "carbonx projector", "carbonx history", "carbonx reads"} <= run(body())
