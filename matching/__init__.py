@@ -4,3 +4,7 @@ Start with matching/README.md. ``matching.book.make_book`` picks the Cython book
 reference book (``engine=`` or CARBONX_BOOK=cython|reference); ``matching.engine.MatchingEngine``
 applies per-instrument rules and routes commands to one book per instrument.
 """
+
+from cext.accelerated import check as _check_build
+
+_check_build()  # a compiled module of this package must be of its current source
