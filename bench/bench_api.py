@@ -184,7 +184,8 @@ def _cpu_split(out: dict[str, Any], n: int) -> str:
     ran, waited = out["server_thread_ran_s"], out["server_thread_waited_s"]
     return (", ".join(f"{k} {v / n * 1e6:,.0f} us/order" for k, v in parts.items())
             + f" (PostgreSQL by backend, us/order: {each}); {busy:.2f} of {os.cpu_count()} cores busy over "
-            f"{out['seconds']} s; the server's thread ran {ran} s and waited {waited} s for a core")
+            f"{out['seconds']} s; the server's thread ran {ran} s and waited {waited} s for a core, the load "
+            f"generator ran {out['loadgen_ran_s']} s and waited {out['loadgen_waited_s']} s")
 
 
 def _goal(ok: bool) -> str:

@@ -608,6 +608,8 @@ def main(argv: list[str] | None = None) -> None:
     result = asyncio.run(fn(args))
     use = resource.getrusage(resource.RUSAGE_SELF)
     result["loadgen_cpu_s"] = round(use.ru_utime + use.ru_stime, 2)  # is the client the bottleneck?
+    with open("/proc/self/schedstat") as f:
+        result["loadgen_ran_s"], result["loadgen_waited_s"] = (round(int(x) / 1e9, 3) for x in f.read().split()[:2])
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 
