@@ -1,17 +1,18 @@
 """Build script: compiles the Cython order book in cext/ and the pure-Python modules on the
-order-entry path (cext/accelerated.py says which, and why); metadata lives in pyproject.toml."""
+order-entry path (cext/accelerated.py says which, how they are found and why they are checked);
+metadata lives in pyproject.toml."""
 
-import hashlib
-import json
 import os
 import runpy
 from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
 ACCELERATED = runpy.run_path(str(HERE / "cext" / "accelerated.py"))
+STAMPED = Path("build") / "accelerated-src"  # the copies compiled, each with its source's digest
 
 extensions = [
     Extension(
@@ -26,17 +27,54 @@ extensions = [
     ),
 ]
 
-# The Python modules compile as Python: annotations do not become C types (a `tuple` parameter
-# would refuse the list that orjson gives for the same event), and the defaults keep Python's
-# bounds checks, negative indexing and division.
-accelerated = [Extension(m, [f"{m.replace('.', '/')}.py"], extra_compile_args=["-O2"])
-               for m in ACCELERATED["MODULES"]]
-(HERE / "cext" / "accelerated.json").write_text(json.dumps(
-    {m: hashlib.sha256((HERE / f"{m.replace('.', '/')}.py").read_bytes()).hexdigest() for m in ACCELERATED["MODULES"]},
-    indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+def stamped_copy(module: str) -> str:
+    """The source of `module` with the line that names its digest, rewritten only when it
+    differs (Cython rebuilds what is newer than its C file: a content change, never a clock's)."""
+    rel = Path(*module.split(".")).with_suffix(".py")
+    text = ACCELERATED["stamped"]((HERE / rel).read_bytes())
+    copy = HERE / STAMPED / rel
+    if not copy.exists() or copy.read_bytes() != text:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(text)
+    return str(STAMPED / rel)
+
+
+class BuildExt(build_ext):
+    """Names each compiled pure-Python module so that only cext/accelerated.py's finder loads it.
+
+    setuptools asks for a module's file name with its dotted name (where it copies the module in
+    place, what it installs) and distutils with its last part (where it links it), so both
+    hooks rename; a last part alone is never renamed (cext.book and matching.book share one)."""
+
+    def get_ext_filename(self, fullname: str) -> str:
+        return _tagged(super().get_ext_filename(fullname), fullname)
+
+    def get_ext_fullpath(self, ext_name: str) -> str:
+        return _tagged(super().get_ext_fullpath(ext_name), self.get_ext_fullname(ext_name))
+
+
+def _tagged(path: str, fullname: str) -> str:
+    if fullname not in ACCELERATED["MODULES"]:
+        return path
+    p = Path(path)
+    last = fullname.rpartition(".")[2]
+    if not p.name.startswith(last + ".") or p.name.startswith(last + ACCELERATED["TAG"]):
+        return path
+    return str(p.with_name(ACCELERATED["compiled_name"](fullname, p.name[len(last):])))
+
+
+# Compiled as Python: annotations do not become C types (a `tuple` parameter would refuse the list
+# that orjson gives for the same event), and the defaults keep Python's bounds checks, negative
+# indexing and division. The module's name is its own, so classes and functions keep theirs.
+accelerated = [Extension(m, [stamped_copy(m)], extra_compile_args=["-O2"]) for m in ACCELERATED["MODULES"]]
+# One compiler per core this process may use; CARBONX_BUILD_JOBS overrides (each takes up to
+# about 350 MB, for exchange/service.py).
+jobs = int(os.environ.get("CARBONX_BUILD_JOBS") or len(os.sched_getaffinity(0)))
 
 setup(
-    options={"build_ext": {"parallel": os.cpu_count() or 1}},  # the modules compile one per core
+    cmdclass={"build_ext": BuildExt},
+    options={"build_ext": {"parallel": jobs}},
     ext_modules=cythonize(
         extensions,
         language_level=3,

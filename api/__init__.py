@@ -1,5 +1,5 @@
 """The network API: REST, websocket feeds, auth and the web page. It translates and delegates."""
 
-from cext.accelerated import check as _check_build
+from cext.accelerated import install as _install_compiled
 
-_check_build()  # a compiled module of this package must be of its current source
+_install_compiled()  # this package's listed modules run compiled when built from their current source

@@ -1,4 +1,4 @@
 """C-level hot paths in Cython: the order book (book.pyx) and the replay stream parser
 (streamparse.pyx); and accelerated.py, which names the pure-Python modules that setup.py also
-compiles and guards against running a stale build of them. Build in place with
+compiles and loads each only when it is of its current source. Build in place with
 `pip install -e .` (or `python setup.py build_ext --inplace`)."""

@@ -5,6 +5,6 @@ reference book (``engine=`` or CARBONX_BOOK=cython|reference); ``matching.engine
 applies per-instrument rules and routes commands to one book per instrument.
 """
 
-from cext.accelerated import check as _check_build
+from cext.accelerated import install as _install_compiled
 
-_check_build()  # a compiled module of this package must be of its current source
+_install_compiled()  # this package's listed modules run compiled when built from their current source

@@ -1,64 +1,49 @@
-"""The compiled pure-Python modules (cext/accelerated.py): imported in place of their sources when
-built, and refused when their source changed since."""
+"""The compiled pure-Python modules (cext/accelerated.py): each listed module runs from its
+compiled form when that was built from the source beside it, is refused when the source changed
+since, and is never picked up by Python's own import (an older checkout, a module dropped from
+the list) or under CARBONX_PURE_PYTHON."""
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
+import shutil
 import subprocess
 import sys
-from importlib.machinery import EXTENSION_SUFFIXES
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 import pytest
 
-from cext import accelerated
-from cext.accelerated import MODULES, compiled, digest, source, stale
+from cext.accelerated import MODULES, PURE_ENV, REBUILD, ROOT, STAMP, compiled, digest, source
+
+BUILT = [m for m in MODULES if compiled(m) is not None]
+needs_build = pytest.mark.skipif(not BUILT, reason="nothing is compiled in this tree")
 
 
-def _tree(tmp_path: Path, text: str = "X = 1\n") -> Path:
-    """A package `pkg` with a module `mod`, its 'compiled' form beside it and a manifest."""
-    (tmp_path / "pkg").mkdir()
-    src = tmp_path / "pkg" / "mod.py"
-    src.write_text(text)
-    (tmp_path / "pkg" / f"mod{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
-    (tmp_path / "manifest.json").write_text(json.dumps({"pkg.mod": digest(src)}))
+def _python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter that imports from `cwd` (a copy of the tree, or the tree)."""
+    clean = {k: v for k, v in os.environ.items() if k != PURE_ENV}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**clean, "PYTHONPATH": str(cwd), **env})
+
+
+def _copy(tmp_path: Path) -> Path:
+    """The matching and cext packages, sources and compiled forms, in a tree of their own."""
+    for pkg in ("matching", "cext"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.c"))
     return tmp_path
 
 
-def test_a_compiled_module_of_the_same_source_is_not_stale(tmp_path):
-    root = _tree(tmp_path)
-    assert stale(("pkg.mod",), root, root / "manifest.json") == []
-
-
-def test_a_source_changed_since_its_build_is_stale(tmp_path):
-    root = _tree(tmp_path)
-    (root / "pkg" / "mod.py").write_text("X = 2\n")
-    assert stale(("pkg.mod",), root, root / "manifest.json") == ["pkg.mod"]
-
-
-def test_a_compiled_module_without_a_record_is_stale(tmp_path):
-    root = _tree(tmp_path)
-    assert stale(("pkg.mod",), root, root / "missing.json") == ["pkg.mod"]
-    (root / "manifest.json").write_text("{not json")
-    assert stale(("pkg.mod",), root, root / "manifest.json") == ["pkg.mod"]
-
-
-def test_a_source_without_a_compiled_module_is_never_stale(tmp_path):
-    root = _tree(tmp_path)
-    (root / "pkg" / f"mod{EXTENSION_SUFFIXES[0]}").unlink()
-    (root / "pkg" / "mod.py").write_text("X = 3\n")
-    assert stale(("pkg.mod",), root, root / "missing.json") == []
-
-
-def test_each_module_is_imported_compiled_when_built(tmp_path):
-    """Python takes the extension module over the source beside it, and the build is current."""
-    assert stale() == []
+def test_each_module_is_imported_compiled_when_built():
     for name in MODULES:
+        module = importlib.import_module(name)
         built = compiled(name)
-        expected = built if built is not None else source(name)
-        assert Path(importlib.import_module(name).__file__).resolve() == expected.resolve(), name
+        if built is None:
+            assert Path(module.__file__) == source(name), name
+        else:
+            assert Path(module.__file__) == built, name
+            assert getattr(module, STAMP) == digest(source(name).read_bytes()), name
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="a local tree may run its sources (CI builds them all)")
@@ -66,16 +51,55 @@ def test_ci_runs_the_compiled_modules():
     assert [m for m in MODULES if compiled(m) is None] == []
 
 
-def test_a_stale_build_stops_the_import_with_the_rebuild_command(tmp_path):
-    """A fresh interpreter with a manifest that no longer matches refuses to import the packages."""
-    if all(compiled(m) is None for m in MODULES):
-        pytest.skip("nothing is compiled here")
-    manifest = tmp_path / "accelerated.json"
-    manifest.write_text(json.dumps({m: "0" * 64 for m in MODULES}))
-    code = ("import cext.accelerated as a, pathlib, sys; a.MANIFEST = pathlib.Path(sys.argv[1]); "
-            "import matching.core")
-    r = subprocess.run([sys.executable, "-c", code, str(manifest)], capture_output=True, text=True,
-                       cwd=accelerated.ROOT)
+@needs_build
+def test_a_source_changed_since_its_build_stops_its_import_with_the_rebuild_command(tmp_path):
+    if "matching.units" not in BUILT:
+        pytest.skip("matching.units is not compiled here")
+    root = _copy(tmp_path)
+    ok = _python("import matching.units as u; print(u.__file__)", root)
+    assert ok.returncode == 0 and ".carbonx." in ok.stdout, ok.stderr
+    src = root / "matching" / "units.py"
+    src.write_bytes(src.read_bytes() + b"\n# edited\n")
+    r = _python("import matching.units", root)
     assert r.returncode != 0
-    assert "StaleBuild" in r.stderr and "changed since they were compiled" in r.stderr
-    assert accelerated.REBUILD in r.stderr
+    assert "StaleBuild" in r.stderr and "changed since it was compiled" in r.stderr and REBUILD in r.stderr
+    # The sources themselves still run, on request.
+    pure = _python("import matching.units as u; print(u.__file__)", root, **{PURE_ENV: "1"})
+    assert pure.returncode == 0 and pure.stdout.strip().endswith("units.py"), pure.stderr
+
+
+@needs_build
+def test_a_compiled_module_without_its_source_is_refused(tmp_path):
+    if "matching.units" not in BUILT:
+        pytest.skip("matching.units is not compiled here")
+    root = _copy(tmp_path)
+    (root / "matching" / "units.py").unlink()
+    r = _python("import matching.units", root)
+    assert r.returncode != 0 and "StaleBuild" in r.stderr and "missing" in r.stderr
+
+
+@needs_build
+def test_python_alone_never_imports_a_compiled_module():
+    """What an older checkout sees (no finder): the sources, though the compiled files lie beside them."""
+    for name in BUILT:
+        spec = PathFinder.find_spec(name, [str(ROOT / name.rpartition(".")[0])])
+        assert spec is not None and Path(spec.origin) == source(name), name
+
+
+@needs_build
+def test_a_compiled_file_of_a_module_off_the_list_is_ignored(tmp_path):
+    root = _copy(tmp_path)
+    built = compiled("matching.units", root)
+    if built is None:
+        pytest.skip("matching.units is not compiled here")
+    shutil.copy(built, built.with_name(built.name.replace("units", "workloads", 1)))
+    r = _python("import matching.workloads as w; print(w.__file__)", root)
+    assert r.returncode == 0 and r.stdout.strip().endswith("workloads.py"), r.stderr
+
+
+def test_pure_python_runs_every_source(tmp_path):
+    code = "import importlib, sys; print('\\n'.join(importlib.import_module(m).__file__ for m in sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, *MODULES], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, PURE_ENV: "1"})
+    assert r.returncode == 0, r.stderr
+    assert [Path(p) for p in r.stdout.split()] == [source(m) for m in MODULES]
