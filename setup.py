@@ -4,8 +4,10 @@ metadata lives in pyproject.toml."""
 
 import os
 import runpy
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
+from Cython import __version__ as cython_version
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -32,12 +34,17 @@ def stamped_copy(module: str) -> str:
     """The source of `module` with the line that names its digest, rewritten only when it
     differs (Cython rebuilds what is newer than its C file: a content change, never a clock's)."""
     rel = Path(*module.split(".")).with_suffix(".py")
-    text = ACCELERATED["stamped"]((HERE / rel).read_bytes())
+    text = ACCELERATED["stamped"]((HERE / rel).read_bytes(), BUILD)
     copy = HERE / STAMPED / rel
     if not copy.exists() or copy.read_bytes() != text:
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_bytes(text)
     return str(STAMPED / rel)
+
+
+# What the compiled code also depends on, written into each copy: a change recompiles.
+DIRECTIVES = {"annotation_typing": False}
+BUILD = f"Cython {cython_version} with {DIRECTIVES} and -O2"
 
 
 class BuildExt(build_ext):
@@ -46,6 +53,15 @@ class BuildExt(build_ext):
     setuptools asks for a module's file name with its dotted name (where it copies the module in
     place, what it installs) and distutils with its last part (where it links it), so both
     hooks rename; a last part alone is never renamed (cext.book and matching.book share one)."""
+
+    def run(self) -> None:
+        # A listed module compiled under Python's own name (by a build from before the tags)
+        # would be imported unchecked; the finder refuses to run beside one, so take them away.
+        for m in ACCELERATED["MODULES"]:
+            src = HERE / Path(*m.split(".")).with_suffix(".py")
+            for suffix in EXTENSION_SUFFIXES:
+                src.with_name(src.stem + suffix).unlink(missing_ok=True)
+        super().run()
 
     def get_ext_filename(self, fullname: str) -> str:
         return _tagged(super().get_ext_filename(fullname), fullname)
@@ -70,7 +86,8 @@ def _tagged(path: str, fullname: str) -> str:
 accelerated = [Extension(m, [stamped_copy(m)], extra_compile_args=["-O2"]) for m in ACCELERATED["MODULES"]]
 # One compiler per core this process may use; CARBONX_BUILD_JOBS overrides (each takes up to
 # about 350 MB, for exchange/service.py).
-jobs = int(os.environ.get("CARBONX_BUILD_JOBS") or len(os.sched_getaffinity(0)))
+cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+jobs = int(os.environ.get("CARBONX_BUILD_JOBS") or cores or 1)
 
 setup(
     cmdclass={"build_ext": BuildExt},
@@ -83,6 +100,6 @@ setup(
         accelerated,
         language_level=3,
         build_dir="build/cython",
-        compiler_directives={"annotation_typing": False},
+        compiler_directives=DIRECTIVES,
     ),
 )

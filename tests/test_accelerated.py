@@ -32,6 +32,7 @@ def _copy(tmp_path: Path) -> Path:
     """The matching and cext packages, sources and compiled forms, in a tree of their own."""
     for pkg in ("matching", "cext"):
         shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.c"))
+    shutil.copy(ROOT / "setup.py", tmp_path)  # a source tree: StaleBuild names the command that rebuilds
     return tmp_path
 
 
@@ -66,6 +67,36 @@ def test_a_source_changed_since_its_build_stops_its_import_with_the_rebuild_comm
     # The sources themselves still run, on request.
     pure = _python("import matching.units as u; print(u.__file__)", root, **{PURE_ENV: "1"})
     assert pure.returncode == 0 and pure.stdout.strip().endswith("units.py"), pure.stderr
+
+
+@needs_build
+def test_stale_code_that_fails_before_its_end_is_still_named_stale(tmp_path):
+    """The old compiled book imports a name the current reference book no longer has: the error
+    says the build is stale, not that the name is missing."""
+    if "matching.book" not in BUILT:
+        pytest.skip("matching.book is not compiled here")
+    root = _copy(tmp_path)
+    ref = root / "matching" / "reference.py"
+    ref.write_text(ref.read_text().replace("class ReferenceBook", "class RenamedBook"))
+    current = _python("import matching.book", root)  # compiled from the current source: its own error
+    assert current.returncode != 0 and "ImportError" in current.stderr and "StaleBuild" not in current.stderr
+    book = root / "matching" / "book.py"
+    book.write_bytes(book.read_bytes() + b"\n# edited\n")
+    stale = _python("import matching.book", root)
+    assert stale.returncode != 0 and "StaleBuild" in stale.stderr and "changed since it was compiled" in stale.stderr
+
+
+@needs_build
+def test_a_compiled_file_under_pythons_own_name_is_refused(tmp_path):
+    """A build from before the tags left core.cpython-311-….so: Python would import it unchecked."""
+    root = _copy(tmp_path)
+    built = compiled("matching.units", root)
+    if built is None:
+        pytest.skip("matching.units is not compiled here")
+    shutil.copy(built, built.with_name(built.name.replace(".carbonx", "", 1)))
+    for env in ({}, {PURE_ENV: "1"}):
+        r = _python("import matching.units", root, **env)
+        assert r.returncode != 0 and "StaleBuild" in r.stderr and "older build" in r.stderr, (env, r.stderr)
 
 
 @needs_build
