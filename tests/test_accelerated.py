@@ -36,6 +36,15 @@ def _copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _units_copy(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the tree (see _copy) and its compiled matching.units; skips where it is not built."""
+    root = _copy(tmp_path)
+    built = compiled("matching.units", root)
+    if built is None:
+        pytest.skip("matching.units is not compiled here")
+    return root, built
+
+
 def test_each_module_is_imported_compiled_when_built():
     for name in MODULES:
         module = importlib.import_module(name)
@@ -54,9 +63,7 @@ def test_ci_runs_the_compiled_modules():
 
 @needs_build
 def test_a_source_changed_since_its_build_stops_its_import_with_the_rebuild_command(tmp_path):
-    if "matching.units" not in BUILT:
-        pytest.skip("matching.units is not compiled here")
-    root = _copy(tmp_path)
+    root, _ = _units_copy(tmp_path)
     ok = _python("import matching.units as u; print(u.__file__)", root)
     assert ok.returncode == 0 and ".carbonx." in ok.stdout, ok.stderr
     src = root / "matching" / "units.py"
@@ -89,10 +96,7 @@ def test_stale_code_that_fails_before_its_end_is_still_named_stale(tmp_path):
 @needs_build
 def test_a_compiled_file_under_pythons_own_name_is_refused(tmp_path):
     """A build from before the tags left core.cpython-311-….so: Python would import it unchecked."""
-    root = _copy(tmp_path)
-    built = compiled("matching.units", root)
-    if built is None:
-        pytest.skip("matching.units is not compiled here")
+    root, built = _units_copy(tmp_path)
     shutil.copy(built, built.with_name(built.name.replace(".carbonx", "", 1)))
     for env in ({}, {PURE_ENV: "1"}):
         r = _python("import matching.units", root, **env)
@@ -101,9 +105,7 @@ def test_a_compiled_file_under_pythons_own_name_is_refused(tmp_path):
 
 @needs_build
 def test_a_compiled_module_without_its_source_is_refused(tmp_path):
-    if "matching.units" not in BUILT:
-        pytest.skip("matching.units is not compiled here")
-    root = _copy(tmp_path)
+    root, _ = _units_copy(tmp_path)
     (root / "matching" / "units.py").unlink()
     r = _python("import matching.units", root)
     assert r.returncode != 0 and "StaleBuild" in r.stderr and "missing" in r.stderr
@@ -119,10 +121,7 @@ def test_python_alone_never_imports_a_compiled_module():
 
 @needs_build
 def test_a_compiled_file_of_a_module_off_the_list_is_ignored(tmp_path):
-    root = _copy(tmp_path)
-    built = compiled("matching.units", root)
-    if built is None:
-        pytest.skip("matching.units is not compiled here")
+    root, built = _units_copy(tmp_path)
     shutil.copy(built, built.with_name(built.name.replace("units", "workloads", 1)))
     r = _python("import matching.workloads as w; print(w.__file__)", root)
     assert r.returncode == 0 and r.stdout.strip().endswith("workloads.py"), r.stderr
