@@ -44,7 +44,8 @@ def stamped_copy(module: str) -> str:
 
 # What the compiled code also depends on, written into each copy: a change recompiles.
 DIRECTIVES = {"annotation_typing": False}
-BUILD = f"Cython {cython_version} with {DIRECTIVES} and -O2"
+CFLAGS = ["-O2"]
+BUILD = f"Cython {cython_version} with {DIRECTIVES} and {' '.join(CFLAGS)}"
 
 
 class BuildExt(build_ext):
@@ -83,7 +84,7 @@ def _tagged(path: str, fullname: str) -> str:
 # Compiled as Python: annotations do not become C types (a `tuple` parameter would refuse the list
 # that orjson gives for the same event), and the defaults keep Python's bounds checks, negative
 # indexing and division. The module's name is its own, so classes and functions keep theirs.
-accelerated = [Extension(m, [stamped_copy(m)], extra_compile_args=["-O2"]) for m in ACCELERATED["MODULES"]]
+accelerated = [Extension(m, [stamped_copy(m)], extra_compile_args=CFLAGS) for m in ACCELERATED["MODULES"]]
 # One compiler per core this process may use; CARBONX_BUILD_JOBS overrides (each takes up to
 # about 350 MB, for exchange/service.py).
 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
