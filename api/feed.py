@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import math
 import time
@@ -37,7 +38,7 @@ from websockets.protocol import State
 
 from api import auth
 from api.auth import Gate, RateLimited
-from api.models import AmendRequest, OrderRequest, id_input
+from api.models import MAX_ID, AmendRequest, OrderRequest, id_input
 from api.orders import Trading
 from api.wire import checksum, fill_view, levels, order_view
 from exchange.accounts import Account
@@ -80,13 +81,19 @@ def _binance_code(code: str) -> int:
 
 
 def _ident(raw: str | bytes) -> Any:
-    """The id of a message refused before it was read (rate limited), for the error to carry it
-    as it would otherwise: a JSON object's "id", else None."""
+    """The id of a message refused before it was read (rate limited, or not strict JSON), for the
+    error to carry it as it would otherwise: a JSON object's "id", else None. Python's own parser
+    is the fallback: it reads what orjson refuses (NaN, 1e400, a lone surrogate) around an id a
+    pipelining client needs back."""
     try:
         msg = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None
-    return msg.get("id") if isinstance(msg, dict) else None
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            return None
+    ident = msg.get("id") if isinstance(msg, dict) else None
+    return ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None
 
 
 def text_frame(data: bytes) -> bytes:
@@ -410,7 +417,7 @@ class Feed:
                 try:
                     msg = orjson.loads(raw)
                 except orjson.JSONDecodeError:
-                    self._error(client, None, "invalid_json", "messages are JSON objects")
+                    self._error(client, _ident(raw), "invalid_json", "messages are JSON objects")
                     continue
                 if not isinstance(msg, dict):
                     self._error(client, None, "invalid_request", "messages are JSON objects")
@@ -679,7 +686,7 @@ class Feed:
                     order_id = id_input(fields.pop("order_id", None))
                 except ValueError:
                     order_id = None
-                if order_id is None or not 0 < order_id < 2**62:
+                if order_id is None or not 0 < order_id <= MAX_ID:  # REST's bound (api/models.IdInput)
                     raise CarbonxError("invalid_request", "order_id must be an order id")
                 if op == "order.cancel":
                     if fields:

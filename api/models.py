@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from exchange.text import UNSAFE_RANGES, UNSAFE_TEXT
@@ -157,14 +157,14 @@ class Problem(BaseModel):
 
 
 class OrderRequest(Strict):
-    symbol: str = Field(min_length=1, max_length=40)
+    symbol: Text = Field(min_length=1, max_length=40)
     side: Literal["buy", "sell"]
     type: Literal["limit", "market"] = "limit"
     price: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
     quantity: Decimal = Field(pattern=_DEC, max_length=24)
     time_in_force: Literal["GTC", "GTD", "IOC", "FOK"] | None = None
     expire_time: str | None = Field(default=None, max_length=40, description="ISO 8601, for GTD")
-    post_only: bool = False
+    post_only: StrictBool = False  # true or false: "yes" and 1 were taken as true
     max_cash: Decimal | None = Field(default=None, pattern=_DEC, max_length=24, description="market buys: CNY cap")
     client_order_id: Text | None = Field(default=None, min_length=1, max_length=64)
 

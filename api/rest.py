@@ -255,6 +255,10 @@ def create_app(ctx: Context) -> FastAPI:
         description="Exchange, clearing house and registry for certified carbon-inclusion reductions. "
                     "Prices are CNY per tonne, quantities tonnes, cash CNY, all as decimal strings.",
         default_response_class=JSON, openapi_url="/openapi.json", docs_url=None, redoc_url=None,
+        # A path with a slash too many is not found rather than redirected: DELETE /v1/orders/
+        # (an empty order id) was sent on to DELETE /v1/orders, cancel-all, by any client that
+        # follows redirects.
+        redirect_slashes=False,
     )
     app.state.ctx = ctx
     service, market, gate, trading = ctx.service, ctx.market, ctx.gate, ctx.trading
@@ -686,7 +690,9 @@ def create_app(ctx: Context) -> FastAPI:
             out.setdefault(r["order_id"], []).append(fill_from_row(r))
         return out
 
-    OrderId = Annotated[int, Path(ge=1, le=2**62)]
+    # As every id the API takes (M.IdInput): decimal digits only. A plain int parameter took
+    # "12.0", "+12", " 12" and "1_2" as order 12, which the websocket refuses.
+    OrderId = Annotated[M.IdInput, Path()]
 
     @app.get("/v1/orders/{order_id}", response_model=M.Order, responses=MEMBER, tags=["orders"])
     async def order(order_id: OrderId, who: Member) -> Any:
