@@ -33,6 +33,7 @@ from exchange.blockplan import (
 )
 from exchange.errors import CarbonxError
 from exchange.serials import SerialRange, format_serial, parse_serial
+from exchange.text import blank
 from matching.units import format_tonnes
 
 METHODOLOGIES = (
@@ -683,9 +684,9 @@ async def retire(
     `request` is the (idempotency key, request digest) the retirement is recorded under, if any
     (see retirement_by_request)."""
     beneficiary, purpose = (beneficiary or "").strip(), (purpose or "").strip()
-    if not 1 <= len(beneficiary) <= 200:
+    if blank(beneficiary) or len(beneficiary) > 200:
         raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
-    if not 1 <= len(purpose) <= 500:
+    if blank(purpose) or len(purpose) > 500:
         raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
     if not isinstance(quantity_kg, int) or quantity_kg <= 0:
         raise CarbonxError("invalid_quantity", f"quantity must be positive, got {quantity_kg!r} kg")
@@ -737,7 +738,7 @@ async def retired_serials(conn: asyncpg.Connection, retirement_ids: list[int]) -
 
 async def _by_serial(conn: asyncpg.Connection, serial: str, allowed: frozenset[str], to_state: str,
                      cause: str, reason: str) -> MovementResult:
-    if not reason or not reason.strip():
+    if not reason or blank(reason):
         raise CarbonxError("invalid_reason", f"say why: a {cause} needs a reason that the history will show")
     iss, rng = await resolve_serial(conn, serial)
     [res] = await apply_movements(conn, [ByRange(iss.id, rng.lo, rng.hi, allowed, to_state, cause,

@@ -41,6 +41,7 @@ from exchange.consumers import DELAY as CONSUMER_DELAY
 from exchange.database import connect_consumer, named
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
+from exchange.text import blank
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
 from matching.units import format_cash, format_tonnes
 
@@ -480,9 +481,9 @@ class ExchangeService:
         account_id = await self.account(account)
         if type(quantity_kg) is not int or not 0 < quantity_kg < 2**63:  # the registry's bigint
             raise CarbonxError("invalid_quantity", "quantity must be positive and at most 9223372036854775.807 t")
-        if not 1 <= len((beneficiary or "").strip()) <= 200:
+        if blank(beneficiary or "") or len((beneficiary or "").strip()) > 200:
             raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
-        if not 1 <= len((purpose or "").strip()) <= 500:
+        if blank(purpose or "") or len((purpose or "").strip()) > 500:
             raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
         async with self._registry_change():  # also orders a key's repeats: the first is recorded before the next looks
             if request is not None:
@@ -538,7 +539,7 @@ class ExchangeService:
 
     async def _by_serial(self, serial: str, reason: str, change: Callable, states: tuple[str, ...],
                          take: bool) -> registry.MovementResult:
-        if not (reason or "").strip():
+        if blank(reason or ""):
             raise CarbonxError("invalid_reason", "say why: the registry's history shows the reason")
         async with self._registry_change():
             # The registry as of now: what the range holds per member is what the core gives or takes.

@@ -10,6 +10,14 @@ else's).
 from __future__ import annotations
 
 import re
+import unicodedata
 
 UNSAFE_RANGES = r"\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069"  # a regex character class's ranges
 UNSAFE_TEXT = re.compile(f"[{UNSAFE_RANGES}]")
+
+
+def blank(text: str) -> bool:
+    """Whether `text` shows nothing: only whitespace and invisible format characters (Unicode Cf:
+    a zero-width space, a bidi mark), which str.strip() keeps (a certificate's beneficiary of one
+    zero-width space printed as blank)."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)

@@ -178,6 +178,25 @@ def test_offset_with_a_nul_in_its_beneficiary_buys_nothing(world, run):
     assert trace(server, w, run) == before
 
 
+def test_text_that_shows_nothing_is_refused_as_blank(world, run):
+    """A beneficiary, purpose or reason of only invisible characters (a zero-width space, a bidi
+    mark) got a certificate whose beneficiary printed blank (review21): refused as blank is,
+    changing nothing, over retirement, offset and the operator's freeze."""
+    server, w = world
+    before = trace(server, w, run)
+    invisible = "\u200b \u200f"
+    retire = {"symbol": SYMBOL, "quantity": "1.000", "beneficiary": "b", "purpose": "p"}
+    with w.as_("BUY") as buy:
+        for field, code in (("beneficiary", "invalid_beneficiary"), ("purpose", "invalid_purpose")):
+            problem(buy.post("/v1/retirements", json={**retire, field: invisible}), 400, code)
+            problem(buy.post("/v1/neutrality/offset", json={**retire, "max_cash": "100.00", field: invisible},
+                             headers={"Idempotency-Key": f"blank-{field}"}), 400, "invalid_request", "beneficiary")
+    with w.as_("OPS") as ops:
+        problem(ops.post("/v1/registry/freeze", json={"serial": "CDHF-FOREST-2023-1-1", "reason": invisible}),
+                400, "invalid_reason")
+    assert trace(server, w, run) == before
+
+
 def test_the_text_rule_is_the_same_everywhere_and_stated_in_the_schema():
     # Exactly Unicode's Cc and the bidi embeddings, overrides and isolates, in the models and in
     # offsetting (which checks before it buys).
