@@ -11,7 +11,16 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from exchange.text import UNSAFE_RANGES, UNSAFE_TEXT
@@ -449,7 +458,7 @@ class ProjectRequest(Strict):
 
 class IssuanceRequest(Strict):
     project: Text = Field(min_length=1, max_length=32)
-    vintage: int = Field(ge=1990, le=2100)
+    vintage: StrictInt = Field(ge=1990, le=2100)  # a JSON integer: "2023" and 2023.0 were taken
     quantity: Decimal = Field(pattern=_DEC, max_length=24)
     to_account: Text | None = Field(default=None, min_length=1, max_length=40)
     reference: Text = Field(default="", max_length=200)
@@ -472,10 +481,11 @@ class ListingRequest(Strict):
     min_quantity: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
     band_percent: Decimal = Field(default="10", pattern=_DEC, max_length=8)
     reference_price: Decimal | None = Field(default=None, pattern=_DEC, max_length=24)
-    maker_fee_bp: int = Field(default=0, ge=0, le=1000)
-    taker_fee_bp: int = Field(default=0, ge=0, le=1000)
+    # JSON integers and booleans: "5", true (a 1 bp fee) and "yes" were taken.
+    maker_fee_bp: StrictInt = Field(default=0, ge=0, le=1000)
+    taker_fee_bp: StrictInt = Field(default=0, ge=0, le=1000)
     resale_rule: Literal["T+1", "T+0"] = "T+1"
-    always_open: bool = False
+    always_open: StrictBool = False
 
 
 class EstimateLine(BaseModel):

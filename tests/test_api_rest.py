@@ -578,6 +578,10 @@ def test_listings_no_order_could_trade_under_are_refused(server):
             ({"band_percent": "0.00"}, "invalid_request"),
             ({"band_percent": "0.02"}, "invalid_rules"),  # 35.00 +- 0.007: no tick but 35.00 itself
             ({"band_percent": "0.10", "tick": "0.05"}, "invalid_rules"),  # +- 0.035, the tick 0.05
+            # JSON's own types only (review21): a fee of "5" or true (1 bp), always_open "yes".
+            ({"maker_fee_bp": "5"}, "invalid_request"),
+            ({"taker_fee_bp": True}, "invalid_request"),
+            ({"always_open": "yes"}, "invalid_request"),
         ]):
             body = {"symbol": f"FOREST-{2040 + i}", "reference_price": "35.00", "always_open": True, **extra}
             problem(ops.post("/v1/instruments", json=body), 400, code)
@@ -826,3 +830,14 @@ def test_candles_projects_and_retirement_filters_read_only_what_they_show(db, ru
             assert ids(account="DEV") == ids(project="FOREST") == ids(account="DEV", project="FOREST") == [ret["id"]]
             assert ids(account="BUY") == ids(account="NOBODY") == ids(project="NOPE") == []
             assert ids(account="DEV", before=ret["id"]) == []
+
+
+def test_an_issuance_vintage_is_a_json_integer(server):
+    """"2023" and 2023.0 were taken as the vintage 2023 (review21); refused, issuing nothing."""
+    build_world(server.http, server.ops_key)
+    with client(server.http, server.ops_key) as ops, client(server.http) as anon:
+        before = ok(anon.get("/v1/registry/projects/FOREST"))
+        for vintage in ("2023", 2023.0, True):
+            body = {"project": "FOREST", "vintage": vintage, "quantity": "1.000", "reference": f"v-{vintage!r}"}
+            problem(ops.post("/v1/registry/issuances", json=body), 400, "invalid_request")
+        assert ok(anon.get("/v1/registry/projects/FOREST")) == before
