@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from exchange.errors import CarbonxError
 from exchange.registry import Retirement
 from exchange.service import ExchangeService
-from exchange.text import UNSAFE_TEXT, blank
+from exchange.text import UNSAFE_TEXT, fits
 from matching import events as E
 from matching.core import KEPT_COID_PREFIX
 from matching.engine import InstrumentRules
@@ -92,7 +92,7 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
         raise CarbonxError("unknown_instrument", f"no instrument {symbol!r}")
     # Everything the retirement would refuse is refused before the purchase: a refusal after it
     # would leave the buyer holding credits it asked to retire, and its cash spent.
-    if blank(beneficiary) or len(beneficiary.strip()) > 200 or blank(purpose) or len(purpose.strip()) > 500:
+    if not fits(beneficiary, 200) or not fits(purpose, 500):
         raise CarbonxError("invalid_request", "beneficiary (1–200 characters) and purpose (1–500) are needed")
     for what, text in (("beneficiary", beneficiary), ("purpose", purpose)):
         bad = UNSAFE_TEXT.search(text)

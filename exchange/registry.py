@@ -33,7 +33,7 @@ from exchange.blockplan import (
 )
 from exchange.errors import CarbonxError
 from exchange.serials import SerialRange, format_serial, parse_serial
-from exchange.text import blank
+from exchange.text import blank, fits
 from matching.units import format_tonnes
 
 METHODOLOGIES = (
@@ -684,9 +684,9 @@ async def retire(
     `request` is the (idempotency key, request digest) the retirement is recorded under, if any
     (see retirement_by_request)."""
     beneficiary, purpose = (beneficiary or "").strip(), (purpose or "").strip()
-    if blank(beneficiary) or len(beneficiary) > 200:
+    if not fits(beneficiary, 200):
         raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
-    if blank(purpose) or len(purpose) > 500:
+    if not fits(purpose, 500):
         raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
     if not isinstance(quantity_kg, int) or quantity_kg <= 0:
         raise CarbonxError("invalid_quantity", f"quantity must be positive, got {quantity_kg!r} kg")

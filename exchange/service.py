@@ -41,7 +41,7 @@ from exchange.consumers import DELAY as CONSUMER_DELAY
 from exchange.database import connect_consumer, named
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
-from exchange.text import blank
+from exchange.text import blank, fits
 from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
 from matching.units import format_cash, format_tonnes
 
@@ -481,9 +481,9 @@ class ExchangeService:
         account_id = await self.account(account)
         if type(quantity_kg) is not int or not 0 < quantity_kg < 2**63:  # the registry's bigint
             raise CarbonxError("invalid_quantity", "quantity must be positive and at most 9223372036854775.807 t")
-        if blank(beneficiary or "") or len((beneficiary or "").strip()) > 200:
+        if not fits(beneficiary, 200):
             raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
-        if blank(purpose or "") or len((purpose or "").strip()) > 500:
+        if not fits(purpose, 500):
             raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
         async with self._registry_change():  # also orders a key's repeats: the first is recorded before the next looks
             if request is not None:

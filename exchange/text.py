@@ -21,3 +21,9 @@ def blank(text: str) -> bool:
     a zero-width space, a bidi mark), which str.strip() keeps (a certificate's beneficiary of one
     zero-width space printed as blank)."""
     return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
+def fits(text: str | None, most: int) -> bool:
+    """Whether `text` shows something and, without the whitespace around it, is at most `most`
+    characters: the rule for a beneficiary (200) and a purpose (500), wherever it is checked."""
+    return text is not None and not blank(text) and len(text.strip()) <= most
