@@ -146,15 +146,21 @@ async def migrate(conn: asyncpg.Connection) -> list[Migration]:
 CONSUMER_SETTINGS: dict[str, dict[str, str]] = {"history": {"plan_cache_mode": "force_custom_plan"}, "projector": {}}
 
 
-def named(role: str) -> dict[str, str]:
+def named(role: str, dsn: str) -> dict[str, str]:
     """Server settings that name a carbonx connection by its job in pg_stat_activity (and let the
-    bench say which of them the database's CPU went to)."""
-    return {"application_name": f"carbonx {role}"}
+    bench say which of them the database's CPU went to): "carbonx journal", "carbonx reads", ...
+
+    An `application_name` the operator put in the URL stays the prefix ("billing-east journal"):
+    asyncpg would otherwise let the explicit setting replace it, and whoever watches the server
+    by that name would lose sight of the exchange's sessions.
+    """
+    given = urllib.parse.parse_qs(urllib.parse.urlsplit(dsn).query).get("application_name")
+    return {"application_name": f"{given[-1] if given else 'carbonx'} {role}"}
 
 
 async def connect_consumer(dsn: str, name: str) -> asyncpg.Connection:
     """A connection for the journal consumer `name` ("projector" or "history")."""
-    return await asyncpg.connect(dsn, server_settings={**CONSUMER_SETTINGS[name], **named(name)})
+    return await asyncpg.connect(dsn, server_settings={**CONSUMER_SETTINGS[name], **named(name, dsn)})
 
 
 async def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 8) -> asyncpg.Pool:

@@ -202,13 +202,14 @@ class ExchangeService:
             raise
 
     async def _start(self) -> None:
-        self._conn = await asyncpg.connect(self.dsn, server_settings=named("journal"))
+        self._conn = await asyncpg.connect(self.dsn, server_settings=named("journal", self.dsn))
         if not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SERVICE_LOCK_KEY):
             await self._conn.close()
             raise CarbonxError("service_running", "another carbonx exchange service is running on this database")
         self._proj = await connect_consumer(self.dsn, "projector")
         self._hist = await connect_consumer(self.dsn, "history")
-        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, server_settings=named("reads"))
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4,
+                                               server_settings=named("reads", self.dsn))
         began = time.perf_counter()
         self.core = await journal.recover(self._conn, engine=self.engine, verify=self.verify_recovery,
                                           progress=self.progress)

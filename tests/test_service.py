@@ -812,3 +812,22 @@ def test_the_database_names_each_connection_by_its_job(db, run):
         finally:
             await svc.stop()
     assert {"carbonx journal", "carbonx projector", "carbonx history", "carbonx reads"} <= run(body())
+
+
+def test_an_application_name_in_the_url_stays_the_prefix(db, run):
+    """An operator who names the exchange in DATABASE_URL still finds every one of its sessions by
+    that name (the crash test waits for a killed process's sessions to end so)."""
+    dsn = db + ("&" if "?" in db else "?") + "application_name=billing-east"
+
+    async def body() -> set[str]:
+        svc = await _started(dsn)
+        try:
+            await svc.pool.fetchval("SELECT 1")
+            return {r["application_name"] for r in await svc.pool.fetch(
+                """SELECT application_name FROM pg_stat_activity
+                   WHERE datname = current_database() AND pid <> pg_backend_pid()""")}
+        finally:
+            await svc.stop()
+    names = run(body())
+    assert {"billing-east journal", "billing-east projector", "billing-east history"} <= names, names
+    assert not {n for n in names if n.startswith("carbonx")}, names
