@@ -119,6 +119,23 @@ async def apply_movements(conn: asyncpg.Connection, movements: Sequence[Movement
         return await _apply_with_retries(conn, movements)
 
 
+async def check_movements(conn: asyncpg.Connection, movements: Sequence[Movement]) -> list[MovementResult]:
+    """What `apply_movements` would move as the registry stands, changing and locking nothing:
+    raises the `CarbonxError` it would raise (insufficient_credits, credits_frozen, ...).
+
+    For a caller with a step to take before the change (the exchange journals the take of the
+    credits from its core first) that must leave no trace of a change the registry refuses. The
+    change itself can still be refused, by what moves in between; the caller undoes its step then.
+    """
+    if not movements:
+        return []
+    for m in movements:
+        _check_movement(m)
+    # One snapshot: no range changes hands between the look-ups, so the plan is never None.
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _plan(conn, movements, BlockPlan(), set(), lock=False)
+
+
 async def _apply_with_retries(conn: asyncpg.Connection, movements: Sequence[Movement]) -> list[MovementResult]:
     for _attempt in range(5):
         results = await _try_apply(conn, movements)
@@ -141,7 +158,34 @@ def _check_movement(m: Movement) -> None:
 
 async def _try_apply(conn: asyncpg.Connection, movements: Sequence[Movement]) -> list[MovementResult] | None:
     """One attempt; None when a serial range changed owner between the look-up and the lock."""
+    plan = BlockPlan()
     owners: set[int] = set()
+    results = await _plan(conn, movements, plan, owners, lock=True)
+    if results is None:
+        return None
+    await _load_neighbours(conn, plan, owners)
+    plan.normalize()
+    deletes, inserts = plan.diff()
+    if deletes:
+        await conn.execute("DELETE FROM blocks WHERE id = ANY($1::bigint[])", deletes)
+    if inserts:
+        await conn.execute(
+            """INSERT INTO blocks (issuance_id, serials, owner_account_id, state, retirement_id)
+               SELECT iss, int8range(lo, hi), owner, state, ret
+               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[])
+                    AS t(iss, lo, hi, owner, state, ret)""",
+            [b.issuance_id for b in inserts], [b.lo for b in inserts], [b.hi for b in inserts],
+            [b.owner for b in inserts], [b.state for b in inserts], [b.retirement_id for b in inserts],
+        )
+    await _write_transfers(conn, movements, results, plan)
+    return results
+
+
+async def _plan(conn: asyncpg.Connection, movements: Sequence[Movement], plan: BlockPlan, owners: set[int],
+                *, lock: bool) -> list[MovementResult] | None:
+    """Load the blocks `movements` touch into `plan`, locking them and their holders (`owners`,
+    filled in) when `lock`, and make the movements in it. The results; None when a range changed
+    hands between the look-up of its holders and their lock. Raises what refuses a movement."""
     for m in movements:
         if isinstance(m, ByQuantity):
             owners.update((m.from_owner, m.to_owner))
@@ -157,11 +201,12 @@ async def _try_apply(conn: asyncpg.Connection, movements: Sequence[Movement]) ->
             [m.issuance_id for m in ranges], [m.lo for m in ranges], [m.hi for m in ranges],
         )
         owners.update(r[0] for r in rows)
-    await conn.execute(
-        "SELECT id FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", sorted(owners)
-    )
+    if lock:
+        await conn.execute(
+            "SELECT id FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE", sorted(owners)
+        )
+    locking = "FOR UPDATE" if lock else ""
 
-    plan = BlockPlan()
     holders = sorted({(m.from_owner, m.from_state, iss) for m in movements if isinstance(m, ByQuantity)
                       for iss in m.issuance_ids})
     if holders:
@@ -169,7 +214,7 @@ async def _try_apply(conn: asyncpg.Connection, movements: Sequence[Movement]) ->
             f"""SELECT {_BLOCK_COLUMNS} FROM blocks
                 WHERE (owner_account_id, state, issuance_id) IN
                       (SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[]))
-                ORDER BY id FOR UPDATE""",
+                ORDER BY id {locking}""",
             [h[0] for h in holders], [h[1] for h in holders], [h[2] for h in holders],
         )
         for r in rows:
@@ -179,7 +224,7 @@ async def _try_apply(conn: asyncpg.Connection, movements: Sequence[Movement]) ->
             f"""SELECT {_BLOCK_COLUMNS} FROM blocks b
                 WHERE EXISTS (SELECT 1 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS r(iss, lo, hi)
                               WHERE b.issuance_id = r.iss AND b.serials && int8range(r.lo, r.hi))
-                ORDER BY id FOR UPDATE""",
+                ORDER BY id {locking}""",
             [m.issuance_id for m in ranges], [m.lo for m in ranges], [m.hi for m in ranges],
         )
         if any(r["owner_account_id"] not in owners for r in rows):
@@ -203,22 +248,6 @@ async def _try_apply(conn: asyncpg.Connection, movements: Sequence[Movement]) ->
                 raise CarbonxError(e.code, f"movement {i + 1} of {len(movements)}: {e.message}") from None
             raise
         results.append(MovementResult(pieces))
-
-    await _load_neighbours(conn, plan, owners)
-    plan.normalize()
-    deletes, inserts = plan.diff()
-    if deletes:
-        await conn.execute("DELETE FROM blocks WHERE id = ANY($1::bigint[])", deletes)
-    if inserts:
-        await conn.execute(
-            """INSERT INTO blocks (issuance_id, serials, owner_account_id, state, retirement_id)
-               SELECT iss, int8range(lo, hi), owner, state, ret
-               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[])
-                    AS t(iss, lo, hi, owner, state, ret)""",
-            [b.issuance_id for b in inserts], [b.lo for b in inserts], [b.hi for b in inserts],
-            [b.owner for b in inserts], [b.state for b in inserts], [b.retirement_id for b in inserts],
-        )
-    await _write_transfers(conn, movements, results, plan)
     return results
 
 
@@ -679,10 +708,12 @@ def new_certificate_code() -> str:
 async def retire(
     conn: asyncpg.Connection, *, account: str, quantity_kg: int, beneficiary: str, purpose: str,
     symbol: str | None = None, issuance_id: int | None = None, request: tuple[str, bytes] | None = None,
-) -> Retirement:
+    dry_run: bool = False,
+) -> Retirement | None:
     """Retire available credits for a named beneficiary; the retired ranges can never move again.
     `request` is the (idempotency key, request digest) the retirement is recorded under, if any
-    (see retirement_by_request)."""
+    (see retirement_by_request). A `dry_run` refuses what the retirement would be refused for as
+    the registry stands, and records, changes and locks nothing (returns None)."""
     beneficiary, purpose = (beneficiary or "").strip(), (purpose or "").strip()
     if not fits(beneficiary, 200):
         raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
@@ -692,6 +723,9 @@ async def retire(
         raise CarbonxError("invalid_quantity", f"quantity must be positive, got {quantity_kg!r} kg")
     acct = await get_account(conn, account)
     ids = await resolve_issuances(conn, symbol=symbol, issuance_id=issuance_id)
+    if dry_run:
+        await check_movements(conn, [_retirement(ids, acct.id, quantity_kg, None)])
+        return None
     async with conn.transaction():
         code = new_certificate_code()
         key, digest = request if request is not None else (None, None)
@@ -701,13 +735,17 @@ async def retire(
                VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id""",
             acct.id, quantity_kg, beneficiary, purpose, code, key, digest,
         )
-        [res] = await apply_movements(conn, [ByQuantity(ids, acct.id, AVAILABLE, acct.id, RETIRED, quantity_kg,
-                                                        "retirement", f"retirement:{ret_id}", ret_id)])
+        [res] = await apply_movements(conn, [_retirement(ids, acct.id, quantity_kg, ret_id)])
     serials = []
     for p in res.pieces:
         iss = await get_issuance(conn, p.issuance_id)
         serials.append(format_serial(iss.scheme, iss.project_code, iss.vintage, p.lo, p.hi))
     return Retirement(ret_id, acct.id, quantity_kg, beneficiary, purpose, code, tuple(serials))
+
+
+def _retirement(ids: tuple[int, ...], account_id: int, quantity_kg: int, ret_id: int | None) -> ByQuantity:
+    return ByQuantity(ids, account_id, AVAILABLE, account_id, RETIRED, quantity_kg, "retirement",
+                      f"retirement:{ret_id}", ret_id)
 
 
 async def retirement_by_request(conn: asyncpg.Connection, account_id: int, key: str
@@ -737,28 +775,31 @@ async def retired_serials(conn: asyncpg.Connection, retirement_ids: list[int]) -
 
 
 async def _by_serial(conn: asyncpg.Connection, serial: str, allowed: frozenset[str], to_state: str,
-                     cause: str, reason: str) -> MovementResult:
+                     cause: str, reason: str, dry_run: bool) -> MovementResult:
     if not reason or blank(reason):
         raise CarbonxError("invalid_reason", f"say why: a {cause} needs a reason that the history will show")
     iss, rng = await resolve_serial(conn, serial)
-    [res] = await apply_movements(conn, [ByRange(iss.id, rng.lo, rng.hi, allowed, to_state, cause,
-                                                 reason.strip())])
+    movement = ByRange(iss.id, rng.lo, rng.hi, allowed, to_state, cause, reason.strip())
+    [res] = await (check_movements if dry_run else apply_movements)(conn, [movement])
     return res
 
+# A `dry_run` of freeze, unfreeze or cancel refuses what the change would be refused for as the
+# registry stands, and returns what it would move; it changes and locks nothing.
 
-async def freeze(conn: asyncpg.Connection, *, serial: str, reason: str) -> MovementResult:
+
+async def freeze(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False) -> MovementResult:
     """Operator: freeze available credits in a serial range (e.g. under investigation)."""
-    return await _by_serial(conn, serial, frozenset({AVAILABLE}), FROZEN, "freeze", reason)
+    return await _by_serial(conn, serial, frozenset({AVAILABLE}), FROZEN, "freeze", reason, dry_run)
 
 
-async def unfreeze(conn: asyncpg.Connection, *, serial: str, reason: str) -> MovementResult:
+async def unfreeze(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False) -> MovementResult:
     """Operator: make frozen credits in a serial range available again."""
-    return await _by_serial(conn, serial, frozenset({FROZEN}), AVAILABLE, "unfreeze", reason)
+    return await _by_serial(conn, serial, frozenset({FROZEN}), AVAILABLE, "unfreeze", reason, dry_run)
 
 
-async def cancel(conn: asyncpg.Connection, *, serial: str, reason: str) -> MovementResult:
+async def cancel(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False) -> MovementResult:
     """Operator: cancel available or frozen credits for good (e.g. a reversal of a sink)."""
-    return await _by_serial(conn, serial, frozenset({AVAILABLE, FROZEN}), CANCELLED, "cancel", reason)
+    return await _by_serial(conn, serial, frozenset({AVAILABLE, FROZEN}), CANCELLED, "cancel", reason, dry_run)
 
 
 # --------------------------------------------------------------------------------------------

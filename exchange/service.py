@@ -434,9 +434,11 @@ class ExchangeService:
     #
     # Member credits of a listed instrument live in the core while the service runs, so a change
     # made in the registry must be sequenced too. Changes that take credits away (retire, freeze,
-    # cancel) first journal an ``adjust`` that takes them from the core (refused if the core
-    # cannot spare them), wait until the registry has caught up with that point, and then change
-    # the registry; if the registry refuses, a second ``adjust`` gives them back. Changes that add
+    # cancel) are first tried on paper against the registry (a dry run, which journals nothing
+    # when it refuses), then journal an ``adjust`` that takes them from the core (refused if the
+    # core cannot spare them), wait until the registry has caught up with that point, and then
+    # change the registry; if the registry still refuses (something moved since the dry run), a
+    # second ``adjust`` gives them back. Changes that add
     # credits (issue, unfreeze) change the registry first and then journal the ``adjust``. A crash
     # between the two steps leaves the registry and the core apart by exactly that change, which
     # the next start-up finds and journals (:meth:`_adjust_for_outside_changes`).
@@ -500,9 +502,10 @@ class ExchangeService:
                 listed = f"{code}-{vintage}"
             debit = {account_id: quantity_kg} if listed in self.core.listings else {}
 
-            async def change(conn: asyncpg.Connection) -> registry.Retirement:
+            async def change(conn: asyncpg.Connection, dry_run: bool = False) -> registry.Retirement | None:
                 return await registry.retire(conn, account=account, quantity_kg=quantity_kg, beneficiary=beneficiary,
-                                             purpose=purpose, symbol=symbol, issuance_id=issuance_id, request=request)
+                                             purpose=purpose, symbol=symbol, issuance_id=issuance_id, request=request,
+                                             dry_run=dry_run)
             ret = await self._take_then_change(listed, debit, change, "retirement", locked_first=True)
             self._tell_registry("retirement", {"id": ret.id, "symbol": listed, "quantity_kg": ret.quantity_kg,
                                                "beneficiary": ret.beneficiary, "purpose": ret.purpose,
@@ -558,7 +561,9 @@ class ExchangeService:
             symbol = f"{iss.project_code}-{iss.vintage}"
             moved = {r["account"]: r["kg"] for r in rows} if symbol in self.core.listings else {}
 
-            async def apply_change(conn: asyncpg.Connection) -> registry.MovementResult:
+            async def apply_change(conn: asyncpg.Connection, dry_run: bool = False) -> registry.MovementResult:
+                if dry_run:
+                    return await change(conn, serial=serial, reason=reason, dry_run=True)
                 async with conn.transaction():
                     result = await change(conn, serial=serial, reason=reason)
                     # Orders settled since the range was read (a release, a delivery) may have put
@@ -580,6 +585,9 @@ class ExchangeService:
 
     async def _take_then_change(self, symbol: str, debit: dict[int, int], change: Callable, cause: str,
                                 locked_first: bool = False) -> Any:
+        """Take `debit` (kg per account) of `symbol` from the core, then make the registry `change`
+        (called as change(conn) and, to check it first, change(conn, dry_run=True)); give the
+        credits back if the registry refuses."""
         if debit:
             positions = self.core.credits[symbol]
             for account, kg in debit.items():
@@ -588,6 +596,15 @@ class ExchangeService:
                     raise CarbonxError("insufficient_credits",
                                        f"needs {kg} kg of {symbol} available, has {pos[P_AVAILABLE] + pos[P_LOCKED]}"
                                        " (credits in open sell orders are encumbered)")
+            # What the registry refuses as it stands (part of the range frozen, encumbered or
+            # retired; the member's credits in another issuance than the one named) is refused
+            # here, before the take: a refusal then leaves the journal as it was, and no order is
+            # refused meanwhile for credits taken and given back. Only a change refused for what
+            # moved since this look still takes and gives back. The registry is first brought up
+            # to the core, or it could refuse credits that a trade has just delivered.
+            await self.caught_up(registry=True)
+            async with self._pool.acquire() as conn:
+                await change(conn, dry_run=True)
             # The take comes from available credits first, then from those bought today (the
             # core's adjust), or the other way round (`locked_first`: a retirement may use what
             # cannot be sold today, and an offset retires the tonnes it just bought; it used to

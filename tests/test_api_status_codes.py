@@ -124,11 +124,24 @@ def test_registry_state_conflicts_are_409_and_change_nothing(world, run) -> None
         ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.00", "quantity": "60.000"}),
            201)
         ok(ops.post("/v1/registry/freeze", json={"serial": SER.format(90001, 100000), "reason": "audit"}))
+        # Another issuance of the same vintage, held by BUY2: DEV holds none of it.
+        other = ok(ops.post("/v1/registry/issuances", json={"project": "FOREST", "vintage": 2023,
+                                                             "quantity": "1.000", "to_account": "BUY2"}), 201)["id"]
         before = state(w)
+        journal_end = db_rows(run, server.dsn, "SELECT max(seq) FROM journal")[0][0]
         problem(ops.post("/v1/registry/freeze", json={"serial": SER.format(1, 10000), "reason": "audit"}),
                 409, "credits_encumbered")
         problem(ops.post("/v1/registry/cancel", json={"serial": SER.format(1, 10000), "reason": "audit"}),
                 409, "credits_encumbered")
+        # Partly available: the available part would be taken from the exchange's core before the
+        # registry refused the rest, and given back, two journal entries for nothing (review21).
+        for path in ("/v1/registry/freeze", "/v1/registry/cancel"):
+            problem(ops.post(path, json={"serial": SER.format(59991, 60100), "reason": "audit"}),
+                    409, "credits_encumbered")
+        problem(ops.post("/v1/registry/freeze", json={"serial": SER.format(89991, 90100), "reason": "audit"}),
+                409, "credits_frozen")
+        problem(dev.post("/v1/retirements", json={"issuance_id": other, "quantity": "1.000", "beneficiary": "B",
+                                                  "purpose": "p"}), 422, "insufficient_credits")
         problem(ops.post("/v1/registry/unfreeze", json={"serial": SER.format(60001, 70000), "reason": "audit"}),
                 409, "credits_available")
         problem(ops.post("/v1/registry/freeze", json={"serial": SER.format(95001, 96000), "reason": "again"}),
@@ -142,6 +155,7 @@ def test_registry_state_conflicts_are_409_and_change_nothing(world, run) -> None
             db_rows(run, server.dsn, "UPDATE projects SET status = 'active' WHERE code = 'FOREST'")
         assert db_rows(run, server.dsn, "SELECT count(*) FROM issuances")[0][0] == issuances
         assert state(w) == before
+        assert db_rows(run, server.dsn, "SELECT max(seq) FROM journal")[0][0] == journal_end, "a refusal journaled"
         ok(ops.post("/v1/registry/unfreeze", json={"serial": SER.format(90001, 100000), "reason": "cleared"}))
         ok(dev.delete("/v1/orders"))
         # /openapi.json says so: these routes document 409.

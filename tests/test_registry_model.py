@@ -4,7 +4,9 @@ The model tracks every kilogram (unit) of every issuance: who holds it and in wh
 every step the database must agree unit for unit, every issuance's blocks must cover exactly its
 range, adjacent blocks of one holder and state must be merged, and replaying the append-only
 transfer history from nothing must give the blocks as they are. Refusals must come with the code
-the model predicts and change nothing.
+the model predicts and change nothing. A dry run of each retirement, freeze, unfreeze and cancel,
+made first, must refuse exactly what the change refuses, move on paper what it moves, and change
+nothing.
 """
 
 import itertools
@@ -49,6 +51,27 @@ def test_registry_agrees_with_unit_model(conn, run):
             for iss in sorted(i for i, v in self.vintage_of.items() if v == vintage):
                 for k, u in enumerate(self.units[iss]):
                     yield iss, k, u
+
+        def _registry_state(self):
+            return run(conn.fetchrow(
+                """SELECT (SELECT coalesce(max(id), 0) FROM transfers) AS transfers,
+                          (SELECT coalesce(max(id), 0) FROM retirements) AS retirements,
+                          (SELECT md5(coalesce(string_agg(concat_ws(' ', id, serials, owner_account_id, state),
+                                                          ',' ORDER BY id), '')) FROM blocks) AS blocks"""))
+
+        def _expect_dry_run_then(self, call, code, moved=None):
+            """`call(dry_run)` dry, then for real: the same outcome, and the dry run changes nothing."""
+            before = self._registry_state()
+            try:
+                result = run(call(True))
+            except CarbonxError as e:
+                assert e.code == code, f"the dry run refused with {e}, the model expects {code}"
+            else:
+                assert code is None, f"the dry run went through, the model expects {code}"
+                if moved is not None:
+                    assert result.quantity == moved, (result, moved)
+            assert self._registry_state() == before, "a dry run changed the registry"
+            return self._expect(call(False), code)
 
         def _expect(self, call, code):
             try:
@@ -96,8 +119,9 @@ def test_registry_agrees_with_unit_model(conn, run):
         def retire(self, vintage, a, qty):
             holder = self.accounts[a]
             code, picked = self._move_lowest(vintage, holder, qty, holder, "retired")
-            ok = self._expect(registry.retire(conn, account=holder, quantity_kg=qty, beneficiary="b", purpose="p",
-                                              symbol=f"{self.project}-{vintage}"), code)
+            ok = self._expect_dry_run_then(
+                lambda dry: registry.retire(conn, account=holder, quantity_kg=qty, beneficiary="b", purpose="p",
+                                            symbol=f"{self.project}-{vintage}", dry_run=dry), code)
             if ok:
                 for i, k in picked:
                     self.units[i][k] = (holder, "retired")
@@ -114,7 +138,8 @@ def test_registry_agrees_with_unit_model(conn, run):
             code = None if bad is None else f"credits_{bad}"
             first = self.first[iss]
             serial = format_serial("CDHF", self.project, self.vintage_of[iss], first + lo, first + hi)
-            if self._expect(action(conn, serial=serial, reason="model"), code):
+            if self._expect_dry_run_then(lambda dry: action(conn, serial=serial, reason="model", dry_run=dry), code,
+                                         hi - lo):
                 for k in range(lo, hi):
                     self.units[iss][k] = (self.units[iss][k][0], to_state)
 

@@ -513,11 +513,13 @@ def test_a_range_that_changes_under_a_freeze_is_refused_and_changes_nothing(db, 
             dev, buy = await svc.account("DEV"), await svc.account("BUY")
             freeze = registry.freeze
 
-            async def settled_meanwhile(conn: asyncpg.Connection, **kw) -> registry.MovementResult:
-                # as if a delivery to BUY had been settled in the range after the take
-                await registry.apply_movements(conn, [registry.ByQuantity(
-                    (iss.id,), dev, "available", buy, "available", 1000, "trade", "trade:meanwhile")])
-                return await freeze(conn, **kw)
+            async def settled_meanwhile(conn: asyncpg.Connection, dry_run: bool = False,
+                                        **kw) -> registry.MovementResult:
+                # as if a delivery to BUY had been settled in the range after the check and the take
+                if not dry_run:
+                    await registry.apply_movements(conn, [registry.ByQuantity(
+                        (iss.id,), dev, "available", buy, "available", 1000, "trade", "trade:meanwhile")])
+                return await freeze(conn, dry_run=dry_run, **kw)
 
             monkeypatch.setattr(registry, "freeze", settled_meanwhile)
             before = list(svc.core.credits[SYMBOL][dev])
@@ -621,6 +623,15 @@ def test_a_give_back_after_an_expiry_journaled_with_the_take_relocks_only_what_w
     (locked). A retirement of 1 t is refused: its take came from the 1 t the due expiry freed
     (journaled just before the take), so the give-back returns it available, not locked."""
     monkeypatch.setattr(service_module, "TIMER_MAX", 3600.0)  # the take's own housekeeping, not the timer's
+    retire = registry.retire
+
+    async def refused_after_the_check(conn: asyncpg.Connection, dry_run: bool = False, **kw):
+        # The registry's check before the take refuses a retirement from an issuance the member
+        # holds none of, journaling nothing; here it is refused only after the take, as when
+        # the credits moved in between, so that the give-back runs.
+        return None if dry_run else await retire(conn, **kw)
+
+    monkeypatch.setattr(registry, "retire", refused_after_the_check)
 
     async def main():
         clock = Clock(local_ts(2026, 11, 23, 10, 0))
