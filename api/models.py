@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from exchange.text import UNSAFE_RANGES, UNSAFE_TEXT
+from exchange.text import UNSAFE_DESCRIPTION, UNSAFE_RANGES, UNSAFE_TEXT
 
 Decimal = str  # a decimal string such as "13.89" or "1.200"
 _DEC = r"^[0-9]+(\.[0-9]+)?$"
@@ -75,8 +75,7 @@ def _unsafe(value: str) -> str | None:
     m = UNSAFE_TEXT.search(value)
     if m is None:
         return None
-    return (f"must not contain control characters (such as NUL, a tab or a line break) or bidirectional "
-            f"formatting characters (U+202A-U+202E, U+2066-U+2069): U+{ord(m[0]):04X} at position {m.start()}")
+    return f"must not contain {UNSAFE_DESCRIPTION}: U+{ord(m[0]):04X} at position {m.start()}"
 
 
 def plain_text(value: str) -> str:

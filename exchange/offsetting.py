@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from exchange.errors import CarbonxError
 from exchange.registry import Retirement
 from exchange.service import ExchangeService
-from exchange.text import UNSAFE_TEXT, fits
+from exchange.text import UNSAFE_DESCRIPTION, UNSAFE_TEXT, fits
 from matching import events as E
 from matching.core import KEPT_COID_PREFIX
 from matching.engine import InstrumentRules
@@ -97,8 +97,8 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
     for what, text in (("beneficiary", beneficiary), ("purpose", purpose)):
         bad = UNSAFE_TEXT.search(text)
         if bad is not None:
-            raise CarbonxError("invalid_request", f"{what}: must not contain control characters or bidirectional "
-                                                  f"formatting characters, found U+{ord(bad[0]):04X}")
+            raise CarbonxError("invalid_request", f"{what}: must not contain {UNSAFE_DESCRIPTION}, "
+                                                  f"found U+{ord(bad[0]):04X}")
     account_id = await service.account(account)
     coid = earlier = None
     if request is not None:

@@ -2,9 +2,11 @@
 checks made before anything changes (an offset validates its beneficiary before it buys).
 
 Refused: control characters (Unicode category Cc: NUL, which PostgreSQL cannot store, tabs, line
-breaks, C1 controls) and the bidirectional embeddings, overrides and isolates, which make text
-display in another order than it is stored (a certificate's beneficiary could read as someone
-else's).
+breaks, C1 controls), the line and paragraph separators U+2028 and U+2029 (line breaks too, which
+a one-line field such as a beneficiary must not hold), and every bidirectional formatting
+character (Bidi_Control: the marks U+061C, U+200E and U+200F, the embeddings and overrides, the
+isolates), which make text display in another order than it is stored (a certificate's
+beneficiary could read as someone else's).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import re
 import unicodedata
 
-UNSAFE_RANGES = r"\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069"  # a regex character class's ranges
+UNSAFE_RANGES = (r"\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069")  # regex class
+UNSAFE_DESCRIPTION = ("control characters (such as NUL, a tab or a line break), line or paragraph separators "
+                      "(U+2028, U+2029) or bidirectional formatting characters (U+061C, U+200E, U+200F, "
+                      "U+202A-U+202E, U+2066-U+2069)")
 UNSAFE_TEXT = re.compile(f"[{UNSAFE_RANGES}]")
 
 
