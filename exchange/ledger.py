@@ -30,6 +30,17 @@ class Payment:
     replayed: bool  # True when this reference had been recorded already (nothing changed now)
 
 
+def check_payee(code: str, role: str, direction: str) -> None:
+    """Refuse a payment the account cannot take: none to or from a system account (its cash is
+    the exchange's own), and no deposit into an operator's account, which cannot trade, so that
+    the cash could only be withdrawn again (a mistyped account code, most likely)."""
+    if role == "system":
+        raise CarbonxError("forbidden", f"{code} is a system account")
+    if direction == "deposit" and role != "member":
+        raise CarbonxError("invalid_request", f"cash can only be deposited into a member account; "
+                                              f"{code} is an {role} account")
+
+
 async def _payment(conn: asyncpg.Connection, account: str, direction: str, amount_fen: int,
                    reference: str, reserved_fen: int = 0) -> Payment:
     if not isinstance(amount_fen, int) or amount_fen <= 0:
@@ -38,8 +49,7 @@ async def _payment(conn: asyncpg.Connection, account: str, direction: str, amoun
         raise CarbonxError("invalid_reference",
                            "payment reference must be 1–100 characters of letters, digits and . _ : / -")
     acct = await get_account(conn, account)
-    if acct.role == "system":
-        raise CarbonxError("forbidden", f"{account} is a system account")
+    check_payee(acct.code, acct.role, direction)
     async with conn.transaction():
         existing = await conn.fetchrow(
             "SELECT id, account_id, direction, amount_fen FROM payments WHERE reference = $1", reference

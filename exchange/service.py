@@ -36,7 +36,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from exchange import history, journal, projector, registry
+from exchange import history, journal, ledger, projector, registry
 from exchange.consumers import DELAY as CONSUMER_DELAY
 from exchange.database import connect_consumer, named
 from exchange.errors import CarbonxError
@@ -320,6 +320,11 @@ class ExchangeService:
         recorded before the service existed is refused like any duplicate)."""
         if command.get("op") in ("deposit", "withdraw"):
             await self._check_reference_unused(command)
+            account = command.get("account")
+            payee = await self._pool.fetchrow("SELECT code, role FROM accounts WHERE id = $1",
+                                              account) if type(account) is int else None
+            if payee is not None:  # else the core refuses the command
+                ledger.check_payee(payee["code"], payee["role"], command["op"])
 
     def apply(self, command: dict) -> tuple[Outcome, Awaitable[None]]:
         """Sequence `command` now, synchronously, and return its outcome with an awaitable that

@@ -23,7 +23,7 @@ from api.wire import iso
 from exchange.service import now_us
 from matching.units import format_price, format_tonnes
 from tests.api_clients import FeedClient, WsTrader, add_listing, crc, quiesce, rest_book, wait_for
-from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key
+from tests.api_helpers import SYMBOL, ServerThread, build_world, client, db_rows, ok, operator_key
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code"}
 
@@ -607,6 +607,25 @@ def test_repeated_payment_answers_with_the_original_payment(server):
         problem(ops.post("/v1/accounts/BUY/deposits", json={"amount": "250.00", "reference": "dep-1"}), 409,
                 "duplicate_reference")
         assert ok(buy.get("/v1/account"))["cash_available"] == cash
+
+
+def test_cash_is_deposited_only_into_a_member_account(server, run):
+    """An operator cannot trade, so a deposit into its account (a mistyped code, most likely) is
+    refused and changes nothing; a system account's cash is the exchange's own (review21)."""
+    w = build_world(server.http, server.ops_key)
+    with client(server.http, server.ops_key) as ops:
+        end = db_rows(run, server.dsn, "SELECT max(seq) FROM journal")[0][0]
+        body = problem(ops.post("/v1/accounts/OPS/deposits", json={"amount": "10.00", "reference": "op-dep"}), 400,
+                       "invalid_request")
+        assert "member account" in body["detail"] and "OPS" in body["detail"], body
+        problem(ops.post("/v1/accounts/CX-FEES/deposits", json={"amount": "10.00", "reference": "fee-dep"}), 403,
+                "forbidden")
+        assert db_rows(run, server.dsn, "SELECT max(seq) FROM journal")[0][0] == end
+        assert db_rows(run, server.dsn, "SELECT count(*) FROM payments WHERE reference IN ('op-dep', 'fee-dep')"
+                       )[0][0] == 0
+        ok(ops.post("/v1/accounts/BUY/deposits", json={"amount": "10.00", "reference": "op-dep"}), 201)
+        with w.as_("BUY") as buy:
+            assert ok(buy.get("/v1/account"))["cash_available"] == "1000010.00"
 
 
 def test_registry_times_have_the_one_wire_form(server):

@@ -107,6 +107,11 @@ BAD_CALLS = {
                                                                    reference="dep-1"), "duplicate_reference"),
     "withdraw more than held": (lambda c: ledger.withdraw(c, account="BUY", amount_fen=50_001, reference="w1"),
                                 "insufficient_funds"),
+    # An operator cannot trade: cash paid into its account could only be withdrawn again (review21).
+    "deposit into an operator account": (lambda c: ledger.deposit(c, account="OPS", amount_fen=1, reference="d2"),
+                                         "invalid_request"),
+    "deposit into a system account": (lambda c: ledger.deposit(c, account="CX-FEES", amount_fen=1, reference="d3"),
+                                      "forbidden"),
     "withdraw from system account": (lambda c: ledger.withdraw(c, account="CX-FEES", amount_fen=1, reference="w2"),
                                      "forbidden"),
     "bad reference": (lambda c: ledger.deposit(c, account="BUY", amount_fen=1, reference="has space"),
