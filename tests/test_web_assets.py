@@ -19,8 +19,12 @@ STATIC = ROOT / "api" / web.STATIC_DIR
 
 
 def _shipped(name: str) -> bool:
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    return any(fnmatch.fnmatch(f"{web.STATIC_DIR}/{name}", pattern) for pattern in data.get("api", []))
+    """Whether pyproject.toml ships api/web_static/`name`: the folder is a package of its own
+    (setuptools warns of a folder that is not) whose package data matches the name."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package = f"api.{web.STATIC_DIR}"
+    return package in config["packages"] and any(fnmatch.fnmatch(name, pattern)
+                                                 for pattern in config["package-data"].get(package, []))
 
 
 def test_every_referenced_file_is_shipped_and_served(run) -> None:
