@@ -115,12 +115,7 @@ class BlockPlan:
         """
         if qty <= 0:
             raise CarbonxError("invalid_quantity", f"quantity must be positive, got {qty} kg")
-        held = self.held(issuance_ids, owner, state)
-        if held < qty:
-            raise CarbonxError(
-                "insufficient_credits",
-                f"{qty} kg asked for, but only {held} kg are held {state}",
-            )
+        check_held(qty, self.held(issuance_ids, owner, state), state)
         pieces: list[Piece] = []
         need = qty
         for iss in issuance_ids:
@@ -242,6 +237,13 @@ class BlockPlan:
         key = (block.issuance_id, block.owner, block.state)
         self._by_holder[key].remove(block.lo)
         self._held[key] -= block.size
+
+
+def check_held(qty: int, held: int, state: str) -> None:
+    """Refuse a take of `qty` kg from a holder of `held` kg in `state` (BlockPlan.take's rule, for
+    a check made with a sum instead of the blocks)."""
+    if held < qty:
+        raise CarbonxError("insufficient_credits", f"{qty} kg asked for, but only {held} kg are held {state}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,10 +30,11 @@ from exchange.blockplan import (
     BlockPlan,
     Piece,
     QuantityPlan,
+    check_held,
 )
 from exchange.errors import CarbonxError
 from exchange.serials import SerialRange, format_serial, parse_serial
-from exchange.text import blank, fits
+from exchange.text import blank, fits, unsafe
 from matching.units import format_tonnes
 
 METHODOLOGIES = (
@@ -131,9 +132,25 @@ async def check_movements(conn: asyncpg.Connection, movements: Sequence[Movement
         return []
     for m in movements:
         _check_movement(m)
-    # One snapshot: no range changes hands between the look-ups, so the plan is never None.
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await _plan(conn, movements, BlockPlan(), set(), lock=False)
+    if conn.is_in_transaction():  # the caller's snapshot (READ COMMITTED: one per statement)
+        results = await _plan(conn, movements, BlockPlan(), set(), lock=False)
+    else:
+        # One snapshot: no range changes hands between the look-ups, so the plan is never None.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            results = await _plan(conn, movements, BlockPlan(), set(), lock=False)
+    if results is None:
+        raise CarbonxError("busy", "the credits changed hands while being looked at; try again")
+    return results
+
+
+async def _check_held(conn: asyncpg.Connection, m: ByQuantity) -> None:
+    """Refuse `m` as BlockPlan.take would, from a sum rather than the holder's blocks (a member
+    may hold thousands): a movement by quantity is refused only for want of credits."""
+    held = await conn.fetchval(
+        """SELECT coalesce(sum(upper(serials) - lower(serials)), 0)::bigint FROM blocks
+           WHERE owner_account_id = $1 AND state = $2 AND issuance_id = ANY($3::bigint[])""",
+        m.from_owner, m.from_state, list(m.issuance_ids))
+    check_held(m.qty, held, m.from_state)
 
 
 async def _apply_with_retries(conn: asyncpg.Connection, movements: Sequence[Movement]) -> list[MovementResult]:
@@ -719,12 +736,19 @@ async def retire(
         raise CarbonxError("invalid_beneficiary", "beneficiary must be 1–200 characters")
     if not fits(purpose, 500):
         raise CarbonxError("invalid_purpose", "purpose must be 1–500 characters")
+    # The API refuses such text before it gets here; the command line and other callers do not.
+    for code, what, text in (("invalid_beneficiary", "beneficiary", beneficiary),
+                             ("invalid_purpose", "purpose", purpose)):
+        if (why := unsafe(text)) is not None:
+            raise CarbonxError(code, f"{what}: {why}")
     if not isinstance(quantity_kg, int) or quantity_kg <= 0:
         raise CarbonxError("invalid_quantity", f"quantity must be positive, got {quantity_kg!r} kg")
     acct = await get_account(conn, account)
     ids = await resolve_issuances(conn, symbol=symbol, issuance_id=issuance_id)
+    # Checked before the certificate's row is made: a refusal then uses up no retirement id (the
+    # ids are public, on certificates), unless the credits move between the check and the take.
+    await _check_held(conn, _retirement(ids, acct.id, quantity_kg, None))
     if dry_run:
-        await check_movements(conn, [_retirement(ids, acct.id, quantity_kg, None)])
         return None
     async with conn.transaction():
         code = new_certificate_code()
@@ -778,6 +802,8 @@ async def _by_serial(conn: asyncpg.Connection, serial: str, allowed: frozenset[s
                      cause: str, reason: str, dry_run: bool) -> MovementResult:
     if not reason or blank(reason):
         raise CarbonxError("invalid_reason", f"say why: a {cause} needs a reason that the history will show")
+    if (why := unsafe(reason)) is not None:
+        raise CarbonxError("invalid_reason", f"reason: {why}")
     iss, rng = await resolve_serial(conn, serial)
     movement = ByRange(iss.id, rng.lo, rng.hi, allowed, to_state, cause, reason.strip())
     [res] = await (check_movements if dry_run else apply_movements)(conn, [movement])

@@ -320,11 +320,12 @@ class ExchangeService:
         recorded before the service existed is refused like any duplicate)."""
         if command.get("op") in ("deposit", "withdraw"):
             await self._check_reference_unused(command)
-            account = command.get("account")
-            payee = await self._pool.fetchrow("SELECT code, role FROM accounts WHERE id = $1",
-                                              account) if type(account) is int else None
-            if payee is not None:  # else the core refuses the command
-                ledger.check_payee(payee["code"], payee["role"], command["op"])
+            account, ref = command.get("account"), command.get("ref")
+            # A repeated reference is the core's to answer (the payment it made, or a duplicate).
+            if type(account) is int and ref not in self.core.payments:
+                payee = await self._pool.fetchrow("SELECT code, role FROM accounts WHERE id = $1", account)
+                if payee is not None:  # else the core refuses the command
+                    ledger.check_payee(payee["code"], payee["role"], command["op"])
 
     def apply(self, command: dict) -> tuple[Outcome, Awaitable[None]]:
         """Sequence `command` now, synchronously, and return its outcome with an awaitable that
@@ -588,19 +589,24 @@ class ExchangeService:
                                       "cause": "operator"})
             return result
 
+    def _check_spare(self, symbol: str, debit: dict[int, int]) -> None:
+        """Refuse a take of `debit` (kg per account) of `symbol` that the core cannot spare: only
+        available credits and those bought today (locked) can be taken, not those in sell orders."""
+        positions = self.core.credits[symbol]
+        for account, kg in debit.items():
+            pos = positions.get(account, [0, 0, 0, 0])
+            if pos[P_AVAILABLE] + pos[P_LOCKED] < kg:
+                raise CarbonxError("insufficient_credits",
+                                   f"needs {kg} kg of {symbol} available, has {pos[P_AVAILABLE] + pos[P_LOCKED]}"
+                                   " (credits in open sell orders are encumbered)")
+
     async def _take_then_change(self, symbol: str, debit: dict[int, int], change: Callable, cause: str,
                                 locked_first: bool = False) -> Any:
         """Take `debit` (kg per account) of `symbol` from the core, then make the registry `change`
         (called as change(conn) and, to check it first, change(conn, dry_run=True)); give the
         credits back if the registry refuses."""
         if debit:
-            positions = self.core.credits[symbol]
-            for account, kg in debit.items():
-                pos = positions.get(account, [0, 0, 0, 0])
-                if pos[P_AVAILABLE] + pos[P_LOCKED] < kg:
-                    raise CarbonxError("insufficient_credits",
-                                       f"needs {kg} kg of {symbol} available, has {pos[P_AVAILABLE] + pos[P_LOCKED]}"
-                                       " (credits in open sell orders are encumbered)")
+            self._check_spare(symbol, debit)
             # What the registry refuses as it stands (part of the range frozen, encumbered or
             # retired; the member's credits in another issuance than the one named) is refused
             # here, before the take: a refusal then leaves the journal as it was, and no order is
@@ -610,6 +616,10 @@ class ExchangeService:
             await self.caught_up(registry=True)
             async with self._pool.acquire() as conn:
                 await change(conn, dry_run=True)
+            # Again, with nothing awaited between it and the take: a sell accepted meanwhile may
+            # have encumbered the credits, and the core's adjust takes whatever it is told to.
+            self._check_spare(symbol, debit)
+            positions = self.core.credits[symbol]
             # The take comes from available credits first, then from those bought today (the
             # core's adjust), or the other way round (`locked_first`: a retirement may use what
             # cannot be sold today, and an offset retires the tonnes it just bought; it used to

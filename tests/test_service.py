@@ -660,6 +660,68 @@ def test_a_give_back_after_an_expiry_journaled_with_the_take_relocks_only_what_w
     run(main())
 
 
+def test_a_sell_accepted_during_the_registry_check_is_not_taken_from(db, run, monkeypatch):
+    """A retirement of all DEV holds looks at the core, then waits for the registry's dry run; a
+    sell of DEV's accepted meanwhile encumbers 10 t. The take is checked again with nothing
+    awaited before it: the retirement is refused and journals nothing, where the core used to
+    take the 100 t anyway (its adjust takes what it is told) and be left at -10 t (review22)."""
+    async def main():
+        conn = await asyncpg.connect(db)
+        await world(conn)  # DEV holds 100 t
+        await conn.close()
+        svc = await _started(db)
+        try:
+            assert (await svc.list_instrument(SYMBOL, LISTING)).accepted
+            dev = await svc.account("DEV")
+            retire, sells = registry.retire, []
+
+            async def sell_meanwhile(conn: asyncpg.Connection, dry_run: bool = False, **kw):
+                out = await retire(conn, dry_run=dry_run, **kw)
+                if dry_run:
+                    sells.append(await svc.submit(place(dev, E.ASK, 5000, 10_000)))
+                return out
+
+            monkeypatch.setattr(registry, "retire", sell_meanwhile)
+            seq = svc.core.seq
+            with pytest.raises(CarbonxError) as refused:
+                await svc.retire(account="DEV", quantity_kg=100_000, beneficiary="Expo", purpose="offset",
+                                 symbol=SYMBOL)
+            assert refused.value.code == "insufficient_credits"
+            assert [s.accepted for s in sells] == [True]
+            assert svc.core.seq == seq + 1  # the sell, and nothing for the refused retirement
+            assert svc.core.credits[SYMBOL][dev][:3] == [90_000, 10_000, 0]
+            assert svc.core.check_invariants() == [] and await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_a_repeat_of_a_deposit_made_before_the_member_rule_is_answered_with_it(db, run):
+    """Deposits into an operator's account are refused now; one the service journaled before the
+    rule is still a payment, and its repeat is answered with it (a duplicate), as every repeat is."""
+    async def main():
+        conn = await asyncpg.connect(db)
+        await world(conn)
+        await conn.close()
+        svc = await _started(db)
+        try:
+            ops = await svc.account("OPS")
+            old = {"op": "deposit", "account": ops, "amount": 1000, "ref": "old-ops-1"}
+            out, durable = svc.apply(dict(old))  # journaled as the service did before the rule
+            await durable
+            assert out.accepted
+            again = await svc.submit(dict(old))
+            assert again.duplicate and again.code is None
+            with pytest.raises(CarbonxError) as refused:
+                await svc.submit({**old, "ref": "new-ops-1"})
+            assert refused.value.code == "invalid_request"
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 def test_reconcile_is_not_raced_by_the_timer(db, run):
     """On a quiet exchange GTD orders expire on the timer while reconcile runs again and again:
     reconcile holds the timer, so it never sets a core an entry ahead against a registry an
