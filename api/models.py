@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from exchange.text import UNSAFE_DESCRIPTION, UNSAFE_RANGES, UNSAFE_TEXT
+from exchange.text import UNSAFE_RANGES, unsafe
 
 Decimal = str  # a decimal string such as "13.89" or "1.200"
 _DEC = r"^[0-9]+(\.[0-9]+)?$"
@@ -72,10 +72,7 @@ TEXT_PATTERN = f"^[^{UNSAFE_RANGES}]*$"  # the rule as /openapi.json states it (
 
 def _unsafe(value: str) -> str | None:
     """Why `value` is not plain text, or None."""
-    m = UNSAFE_TEXT.search(value)
-    if m is None:
-        return None
-    return f"must not contain {UNSAFE_DESCRIPTION}: U+{ord(m[0]):04X} at position {m.start()}"
+    return unsafe(value)
 
 
 def plain_text(value: str) -> str:

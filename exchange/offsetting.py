@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from exchange.errors import CarbonxError
 from exchange.registry import Retirement
 from exchange.service import ExchangeService
-from exchange.text import UNSAFE_DESCRIPTION, UNSAFE_TEXT, fits
+from exchange.text import fits, unsafe
 from matching import events as E
 from matching.core import KEPT_COID_PREFIX
 from matching.engine import InstrumentRules
@@ -95,10 +95,9 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
     if not fits(beneficiary, 200) or not fits(purpose, 500):
         raise CarbonxError("invalid_request", "beneficiary (1–200 characters) and purpose (1–500) are needed")
     for what, text in (("beneficiary", beneficiary), ("purpose", purpose)):
-        bad = UNSAFE_TEXT.search(text)
-        if bad is not None:
-            raise CarbonxError("invalid_request", f"{what}: must not contain {UNSAFE_DESCRIPTION}, "
-                                                  f"found U+{ord(bad[0]):04X}")
+        why = unsafe(text)
+        if why is not None:
+            raise CarbonxError("invalid_request", f"{what}: {why}")
     account_id = await service.account(account)
     coid = earlier = None
     if request is not None:

@@ -21,6 +21,14 @@ UNSAFE_DESCRIPTION = ("control characters (such as NUL, a tab or a line break), 
 UNSAFE_TEXT = re.compile(f"[{UNSAFE_RANGES}]")
 
 
+def unsafe(text: str) -> str | None:
+    """Why `text` breaks the rule ("must not contain ...: U+202E at position 3"), or None."""
+    m = UNSAFE_TEXT.search(text)
+    if m is None:
+        return None
+    return f"must not contain {UNSAFE_DESCRIPTION}: U+{ord(m[0]):04X} at position {m.start()}"
+
+
 def blank(text: str) -> bool:
     """Whether `text` shows nothing: only whitespace and invisible format characters (Unicode Cf:
     a zero-width space, a bidi mark), which str.strip() keeps (a certificate's beneficiary of one

@@ -25,6 +25,7 @@ from websockets.sync.client import connect
 from api import models as M
 from api.auth import Limits
 from exchange import offsetting, registry
+from exchange.text import unsafe
 from tests.api_clients import WsTrader
 from tests.api_helpers import SYMBOL, build_world, client, db_rows, ok, own_server
 
@@ -201,11 +202,11 @@ def test_the_text_rule_is_the_same_everywhere_and_stated_in_the_schema():
     # Exactly Unicode's Cc, the line and paragraph separators (Zl, Zp) and the Bidi_Control
     # characters, in the models and in offsetting (which checks before it buys). U+200E, U+200F,
     # U+061C and U+2028 were taken inside a beneficiary until review21 found them.
-    assert offsetting.UNSAFE_TEXT is M.UNSAFE_TEXT  # one rule, exchange/text.py
+    assert offsetting.unsafe is M.unsafe is registry.unsafe  # one rule, exchange/text.py
     bidi_control = {0x061C, 0x200E, 0x200F} | set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
     for cp in range(0x110000):
         category = unicodedata.category(chr(cp))
-        refused = M.UNSAFE_TEXT.search(chr(cp)) is not None
+        refused = unsafe(chr(cp)) is not None
         assert refused == (category in ("Cc", "Zl", "Zp") or cp in bidi_control), hex(cp)
     # Every string field of every request model states its rule in /openapi.json: a pattern (text,
     # decimals) or an enum. OrderRequest's expire_time is read, never stored: a bad time is

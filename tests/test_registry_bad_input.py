@@ -53,6 +53,17 @@ BAD_CALLS = {
                                                                   purpose="\ufeff", symbol=SYM), "invalid_purpose"),
     "freeze for an invisible reason": (lambda c: registry.freeze(c, serial="CDHF-FOREST-2023-5000-5001",
                                                                  reason="\u200b"), "invalid_reason"),
+    # The API refuses such text in its models; the registry refuses it too, for the command line
+    # (review22: a bidi mark reached a certificate through `carbonx retire`).
+    "retire for a beneficiary with a bidi mark": (lambda c: registry.retire(c, account="DEV", quantity_kg=1,
+                                                                            beneficiary="Acme\u200fCorp",
+                                                                            purpose="p", symbol=SYM),
+                                                  "invalid_beneficiary"),
+    "retire for a purpose with a line separator": (lambda c: registry.retire(c, account="DEV", quantity_kg=1,
+                                                                             beneficiary="b", purpose="a\u2028b",
+                                                                             symbol=SYM), "invalid_purpose"),
+    "freeze for a reason with an override": (lambda c: registry.freeze(c, serial="CDHF-FOREST-2023-5000-5001",
+                                                                       reason="fraud\u202e"), "invalid_reason"),
     "retire zero": (lambda c: registry.retire(c, account="DEV", quantity_kg=0, beneficiary="b", purpose="p",
                                               symbol=SYM), "invalid_quantity"),
     "freeze frozen": (lambda c: registry.freeze(c, serial="CDHF-FOREST-2023-3400-3600", reason="r"),
