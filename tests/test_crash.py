@@ -73,7 +73,7 @@ LISTING = {"rules": {"always_open": True}, "maker_bp": 5, "taker_bp": 10, "t1": 
 MEMBERS = ("DEV", "BUY", "MM")
 CREDITS_T = {"DEV": 100, "BUY": 40, "MM": 60}  # tonnes of FOREST-2023 each member holds at listing
 SEED_CASH = {"DEV": 5_000_000, "BUY": 20_000_000, "MM": 10_000_000}  # fen, deposited before the first start
-APP = "carbonx-crash-test"  # prefix of the service's application_names ("... journal"), to see them in pg_stat_activity
+APP = "carbonx-crash-test"  # the service's application_name in pg_stat_activity, bare or with its job ("... journal")
 WINDOW = 256  # at most this many commands written and not yet answered
 BID, ASK, LIMIT, MARKET, IOC = 0, 1, 0, 1, 1
 EV_ACCEPTED, EV_TRADE, EV_CANCELLED, EV_EXPIRED, EV_AMENDED = 1, 3, 4, 5, 6
@@ -355,7 +355,8 @@ class Harness:
     async def _service_sessions(self) -> list:
         return await self.conn.fetch(
             """SELECT pid, state, query, application_name FROM pg_stat_activity
-               WHERE application_name LIKE $1 || ' %' AND datname = current_database()""", APP)
+               WHERE (application_name = $1 OR application_name LIKE $1 || ' %')
+                 AND datname = current_database()""", APP)
 
     async def _wait_sessions_gone(self) -> None:
         deadline = time.monotonic() + 20
