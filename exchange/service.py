@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -46,6 +47,21 @@ from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Out
 from matching.units import format_cash, format_tonnes
 
 log = logging.getLogger("carbonx.service")
+
+
+def _to_the_end(method: Callable) -> Callable:
+    """A registry change, once begun, runs to its end whatever happens to its caller: a client
+    gone, a server's graceful-shutdown timeout or a caller's wait_for cancels only the caller's
+    wait. Cancelled half-way, a change could leave the registry and the core apart (a retirement
+    made in the registry whose credits the core then gave back, review23); stop() waits for the
+    changes under way (each bounded by its own time limits)."""
+    @functools.wraps(method)
+    async def run(self: ExchangeService, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        self._changes.add(task)
+        task.add_done_callback(self._change_done)
+        return await asyncio.shield(task)
+    return run
 
 SUMMARY_ITEMS = 8  # changes named in adjustment_summary's line; the rest are counted
 
@@ -180,6 +196,8 @@ class ExchangeService:
         self._urgent = 0  # callers of caught_up() waiting right now
         self._urgent_event = asyncio.Event()
         self._registry_lock = asyncio.Lock()  # one operator registry change at a time
+        self._changes: set[asyncio.Future] = set()  # registry changes under way (_to_the_end)
+        self._project_hold: int | None = None  # the projector goes no further while a take's change is made
         self._pool: asyncpg.Pool | None = None  # look-ups made while serving requests
         self._tasks: list[asyncio.Task] = []
         self._running = False
@@ -268,6 +286,8 @@ class ExchangeService:
         """Finish what was accepted, bring the registry up to date, release the database."""
         if not self._running and not self._tasks:
             return
+        while self._changes:  # registry changes under way end first, with the consumers still running
+            await asyncio.gather(*self._changes, return_exceptions=True)
         self._running = False
         self._closing = True
         # Let both loops finish what they are doing (a commit, a snapshot, a projection) and exit.
@@ -407,6 +427,12 @@ class ExchangeService:
             fut.set_result(None)
         return fut
 
+    def _change_done(self, task: asyncio.Future) -> None:
+        self._changes.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that was cancelled never will
+
+    @_to_the_end
     async def list_instrument(self, symbol: str, listing: dict | None = None) -> Outcome:
         """List a project vintage; the members' available credits of it come from the registry."""
         # Under the registry lock: an issuance (or retirement, freeze, cancel) between the read and
@@ -465,6 +491,7 @@ class ExchangeService:
                     await self.caught_up(registry=True)
                 await conn.execute("SELECT pg_advisory_unlock($1)", REGISTRY_CHANGE_KEY)
 
+    @_to_the_end
     async def issue(self, *, project: str, vintage: int, quantity_kg: int, to_account: str | None = None,
                     reference: str = "") -> registry.Issuance:
         async with self._registry_change():
@@ -481,6 +508,7 @@ class ExchangeService:
                                              "quantity_kg": iss.quantity, "account": iss.issued_to_account_id})
             return iss
 
+    @_to_the_end
     async def retire(self, *, account: str, quantity_kg: int, beneficiary: str, purpose: str,
                      symbol: str | None = None, issuance_id: int | None = None,
                      request: tuple[str, bytes] | None = None) -> registry.Retirement:
@@ -547,6 +575,7 @@ class ExchangeService:
     async def cancel_serials(self, *, serial: str, reason: str) -> registry.MovementResult:
         return await self._by_serial(serial, reason, registry.cancel, ("available",), take=True)
 
+    @_to_the_end
     async def _by_serial(self, serial: str, reason: str, change: Callable, states: tuple[str, ...],
                          take: bool) -> registry.MovementResult:
         if blank(reason or ""):
@@ -605,42 +634,70 @@ class ExchangeService:
         """Take `debit` (kg per account) of `symbol` from the core, then make the registry `change`
         (called as change(conn) and, to check it first, change(conn, dry_run=True)); give the
         credits back if the registry refuses."""
-        if debit:
-            self._check_spare(symbol, debit)
-            # What the registry refuses as it stands (part of the range frozen, encumbered or
-            # retired; the member's credits in another issuance than the one named) is refused
-            # here, before the take: a refusal then leaves the journal as it was, and no order is
-            # refused meanwhile for credits taken and given back. Only a change refused for what
-            # moved since this look still takes and gives back. The registry is first brought up
-            # to the core, or it could refuse credits that a trade has just delivered.
-            await self.caught_up(registry=True)
-            async with self._pool.acquire() as conn:
-                await change(conn, dry_run=True)
-            # Again, with nothing awaited between it and the take: a sell accepted meanwhile may
-            # have encumbered the credits, and the core's adjust takes whatever it is told to.
-            self._check_spare(symbol, debit)
-            positions = self.core.credits[symbol]
-            # The take comes from available credits first, then from those bought today (the
-            # core's adjust), or the other way round (`locked_first`: a retirement may use what
-            # cannot be sold today, and an offset retires the tonnes it just bought; it used to
-            # take the member's older, sellable ones). A give-back puts each part back where it
-            # was, or a refused retirement would free today's purchases (T+1). What came from the
-            # locked part is read off the position around the take itself, applied at once:
-            # an expiry journaled just before it (housekeeping) frees credits, never locked ones.
-            locked = {a: positions.get(a, [0, 0, 0, 0])[P_LOCKED] for a in debit}
-            takes = [[symbol, a, -kg, kg] if locked_first else [symbol, a, -kg] for a, kg in sorted(debit.items())]
-            out, durable = self.apply({"op": "adjust", "credits": takes, "cause": cause})
-            back = [[symbol, a, kg, locked[a] - positions.get(a, [0, 0, 0, 0])[P_LOCKED]]
-                    for a, kg in sorted(debit.items())]
-            await durable
-            await self.caught_up(out.seq, registry=True)
-        try:
+        if not debit:
             async with self._pool.acquire() as conn:
                 return await change(conn)
-        except BaseException:
-            if debit:
-                await self._sequence({"op": "adjust", "credits": back, "cause": f"{cause} refused"})
+        self._check_spare(symbol, debit)
+        # What the registry refuses as it stands (part of the range frozen, encumbered or
+        # retired; the member's credits in another issuance than the one named) is refused here,
+        # before the take: a refusal then leaves the journal as it was, and no order is refused
+        # meanwhile for credits taken and given back. Only a change refused for what moved since
+        # this look still takes and gives back. The registry is first brought up to the core, or
+        # it could refuse credits that a trade has just delivered.
+        await self.caught_up(registry=True)
+        async with self._pool.acquire() as conn:
+            await change(conn, dry_run=True)
+        # Again, with nothing awaited between it and the take: a sell accepted meanwhile may
+        # have encumbered the credits, and the core's adjust takes whatever it is told to.
+        self._check_spare(symbol, debit)
+        positions = self.core.credits[symbol]
+        # The take comes from available credits first, then from those bought today (the
+        # core's adjust), or the other way round (`locked_first`: a retirement may use what
+        # cannot be sold today, and an offset retires the tonnes it just bought; it used to
+        # take the member's older, sellable ones). A give-back puts each part back where it
+        # was, or a refused retirement would free today's purchases (T+1). What came from the
+        # locked part is read off the position around the take itself, applied at once:
+        # an expiry journaled just before it (housekeeping) frees credits, never locked ones.
+        locked = {a: positions.get(a, [0, 0, 0, 0])[P_LOCKED] for a in debit}
+        takes = [[symbol, a, -kg, kg] if locked_first else [symbol, a, -kg] for a, kg in sorted(debit.items())]
+        out, durable = self.apply({"op": "adjust", "credits": takes, "cause": cause})
+        back = [[symbol, a, kg, locked[a] - positions.get(a, [0, 0, 0, 0])[P_LOCKED]]
+                for a, kg in sorted(debit.items())]
+        # Until the registry has changed, the projector goes no further than the take: a sell
+        # accepted meanwhile would be encumbered, in the registry, on the lowest serials, which
+        # may be the very range being frozen (still available there), and the freeze refused.
+        self._project_hold = out.seq
+        asked = give_back = False
+        try:
+            await durable
+            await self.caught_up(out.seq, registry=True)
+            async with self._pool.acquire() as conn:
+                asked = True
+                return await change(conn)
+        except CarbonxError:
+            give_back = True  # refused (its transaction rolled back), or never asked
             raise
+        except BaseException:
+            # Not a refusal: a lost connection, say, perhaps while committing. Given back, credits
+            # the registry did move would be the core's again, and the next settlement of them
+            # would fail in the registry; kept taken, the core only holds less than the registry
+            # until the next start compares the two and adjusts.
+            give_back = not asked
+            if asked:
+                log.error("a registry change (%s) failed after its credits were taken from the core, and whether "
+                          "the registry made it is not known: the core keeps them taken until the next start "
+                          "compares it with the registry", cause, exc_info=True)
+            raise
+        finally:
+            self._project_hold = None
+            self._project_wake.set()
+            self._tell_child(str(self.durable_seq))
+            if give_back:
+                try:
+                    await self._sequence({"op": "adjust", "credits": back, "cause": f"{cause} refused"})
+                except CarbonxError:
+                    log.error("credits taken for a refused registry change (%s) could not be given back (the "
+                              "exchange is stopping); the next start compares the core with the registry", cause)
 
     # ---- background work ---------------------------------------------------------------------
 
@@ -685,7 +742,7 @@ class ExchangeService:
                 if self._child is None:
                     self._queue_history(published)
                 else:
-                    self._tell_child(str(self.durable_seq))
+                    self._tell_child(str(self._projectable()))
                 for listener in self.listeners:
                     try:
                         listener(published)
@@ -713,7 +770,7 @@ class ExchangeService:
                 await self._project_wake.wait()
                 await self._gather(lambda: self.durable_seq - self.projected_seq)
                 self._project_wake.clear()
-                upto = self.durable_seq
+                upto = self._projectable()
                 await projector.catch_up(self._proj, upto=upto)
                 self.projected_seq = max(self.projected_seq, upto)
                 self._progress.set()
@@ -787,6 +844,12 @@ class ExchangeService:
             raise RuntimeError(f"the journal consumers process did not start (exit status {code})")
         self._child_task = asyncio.create_task(self._child_reports(self._child), name="carbonx-consumers")
 
+    def _projectable(self) -> int:
+        """How far the consumers may apply the journal: what is durable, or less while a take's
+        registry change is being made (the child applies order history no further either)."""
+        hold = self._project_hold
+        return self.durable_seq if hold is None else min(self.durable_seq, hold)
+
     def _tell_child(self, line: str) -> None:
         child = self._child
         if child is not None and child.returncode is None and not child.stdin.is_closing():
@@ -837,6 +900,8 @@ class ExchangeService:
         while (registry and self.project and self.projected_seq < seq) or (orders and self.history_seq < seq):
             if self._failure is not None:
                 raise CarbonxError("unavailable", f"the exchange stopped: {self._failure}")
+            if self._closing:  # its consumers have stopped: nothing will come
+                raise CarbonxError("unavailable", "the exchange is stopping")
             left = deadline - loop.time()
             if left <= 0:
                 raise CarbonxError("unavailable", "the registry did not catch up with the exchange in time")

@@ -18,6 +18,7 @@ import pytest
 from exchange import journal, ledger, offsetting, projector, registry
 from exchange import service as service_module
 from exchange.errors import CarbonxError
+from exchange.serials import format_serial
 from exchange.service import SERVICE_LOCK_KEY, SUMMARY_ITEMS, ExchangeService, adjustment_summary, refuse_while_serving
 from matching import events as E
 from matching.core import P_AVAILABLE, ExchangeCore
@@ -691,6 +692,138 @@ def test_a_sell_accepted_during_the_registry_check_is_not_taken_from(db, run, mo
             assert svc.core.seq == seq + 1  # the sell, and nothing for the refused retirement
             assert svc.core.credits[SYMBOL][dev][:3] == [90_000, 10_000, 0]
             assert svc.core.check_invariants() == [] and await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+async def _dev_listed(db: str) -> tuple[ExchangeService, int]:
+    """DEV holding 100 t of the listed SYMBOL."""
+    conn = await asyncpg.connect(db)
+    await world(conn)
+    await conn.close()
+    svc = await _started(db)
+    assert (await svc.list_instrument(SYMBOL, LISTING)).accepted
+    return svc, await svc.account("DEV")
+
+
+def test_a_registry_change_runs_to_its_end_when_its_caller_is_cancelled(db, run, monkeypatch):
+    """A client gone, a server's graceful-shutdown timeout, a wait_for: the caller of a retirement
+    is cancelled after the take. The retirement still ends (made, here), and the core and the
+    registry agree; half-way, a cancel once left the take without change or give-back, and one
+    after the registry's commit gave the credits back (review23)."""
+    async def main():
+        svc, dev = await _dev_listed(db)
+        try:
+            caught_up, callers = svc.caught_up, []
+
+            async def cancel_the_caller(seq=None, **kw):
+                if seq is not None:  # the wait after the take
+                    callers[0].cancel()
+                return await caught_up(seq, **kw)
+
+            monkeypatch.setattr(svc, "caught_up", cancel_the_caller)
+            callers.append(asyncio.ensure_future(svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo",
+                                                            purpose="offset", symbol=SYMBOL)))
+            with pytest.raises(asyncio.CancelledError):
+                await callers[0]
+            monkeypatch.undo()
+            while svc._changes:
+                await asyncio.sleep(0.01)
+            assert svc.core.credits[SYMBOL][dev][:3] == [90_000, 0, 0]
+            assert await svc.pool.fetchval("SELECT sum(quantity_kg) FROM retirements") == 10_000
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_stop_lets_a_registry_change_under_way_end(db, run, monkeypatch):
+    """stop() the moment a retirement's take is journaled: the retirement ends first, with the
+    consumers still running (it used to wait 30 s for a projector that had stopped, and fail,
+    and the next start journaled the take back as a change made outside the service)."""
+    async def main():
+        svc, dev = await _dev_listed(db)
+        apply, stopping = svc.apply, []
+
+        def stop_after_the_take(command):
+            out = apply(command)
+            if command.get("cause") == "retirement" and not stopping:
+                stopping.append(asyncio.ensure_future(svc.stop()))
+            return out
+
+        monkeypatch.setattr(svc, "apply", stop_after_the_take)
+        began = time.monotonic()
+        ret = await svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo", purpose="offset",
+                               symbol=SYMBOL)
+        await stopping[0]
+        assert time.monotonic() - began < 10 and ret.quantity_kg == 10_000
+        again = await _started(db)
+        try:
+            last = await again.pool.fetchval("SELECT command FROM journal ORDER BY seq DESC LIMIT 1")
+            assert orjson.loads(last)["cause"] == "retirement", last  # no adjust at the start
+            assert again.core.credits[SYMBOL][dev][:3] == [90_000, 0, 0] and await again.reconcile() == []
+        finally:
+            await again.stop()
+
+    run(main())
+
+
+def test_credits_taken_for_a_change_the_registry_was_never_asked_for_are_given_back(db, run, monkeypatch):
+    """The projector does not catch up with the take in time: the retirement fails unavailable
+    and the credits go back (they stayed taken, the registry still holding them, until a restart)."""
+    async def main():
+        svc, dev = await _dev_listed(db)
+        try:
+            caught_up = svc.caught_up
+
+            async def slow_projector(seq=None, **kw):
+                if seq is not None:
+                    raise CarbonxError("unavailable", "the registry did not catch up with the exchange in time")
+                return await caught_up(seq, **kw)
+
+            monkeypatch.setattr(svc, "caught_up", slow_projector)
+            with pytest.raises(CarbonxError) as failed:
+                await svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo", purpose="offset",
+                                 symbol=SYMBOL)
+            monkeypatch.undo()
+            assert failed.value.code == "unavailable"
+            assert svc.core.credits[SYMBOL][dev][:3] == [100_000, 0, 0] and await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_a_sell_accepted_after_a_freezes_take_does_not_encumber_the_range(db, run, monkeypatch):
+    """The operator freezes DEV's lowest 10 t; DEV offers its other 90 t after the take. The
+    projector stays at the take until the freeze is made, so the sell's encumbrance falls on the
+    other serials: the freeze used to be refused (credits_encumbered on its own range, review23)."""
+    async def main():
+        svc, dev = await _dev_listed(db)
+        try:
+            iss = await svc.pool.fetchrow("SELECT p.scheme, p.code, i.vintage, lower(i.serials) AS lo "
+                                          "FROM issuances i JOIN projects p ON p.id = i.project_id")
+            lowest = format_serial(iss["scheme"], iss["code"], iss["vintage"], iss["lo"], iss["lo"] + 10_000)
+            freeze, sells = registry.freeze, []
+
+            async def sell_meanwhile(conn: asyncpg.Connection, dry_run: bool = False, **kw):
+                if not dry_run and not sells:
+                    sells.append(await svc.submit(place(dev, E.ASK, 5000, 90_000)))
+                    await asyncio.sleep(0.2)  # time enough for a projector that were not held
+                return await freeze(conn, dry_run=dry_run, **kw)
+
+            monkeypatch.setattr(registry, "freeze", sell_meanwhile)
+            assert (await svc.freeze(serial=lowest, reason="audit")).quantity == 10_000
+            monkeypatch.undo()
+            assert sells[0].accepted
+            await svc.caught_up(registry=True)
+            states = await svc.pool.fetch("SELECT state, sum(upper(serials) - lower(serials)) AS kg FROM blocks "
+                                          "WHERE lower(serials) < $1 GROUP BY 1", iss["lo"] + 10_000)
+            assert {r["state"]: r["kg"] for r in states} == {"frozen": 10_000}
+            assert await svc.reconcile() == []
         finally:
             await svc.stop()
 
