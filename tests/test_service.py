@@ -698,12 +698,12 @@ def test_a_sell_accepted_during_the_registry_check_is_not_taken_from(db, run, mo
     run(main())
 
 
-async def _dev_listed(db: str) -> tuple[ExchangeService, int]:
+async def _dev_listed(db: str, **options) -> tuple[ExchangeService, int]:
     """DEV holding 100 t of the listed SYMBOL."""
     conn = await asyncpg.connect(db)
     await world(conn)
     await conn.close()
-    svc = await _started(db)
+    svc = await _started(db, **options)
     assert (await svc.list_instrument(SYMBOL, LISTING)).accepted
     return svc, await svc.account("DEV")
 
@@ -797,12 +797,14 @@ def test_credits_taken_for_a_change_the_registry_was_never_asked_for_are_given_b
     run(main())
 
 
-def test_a_sell_accepted_after_a_freezes_take_does_not_encumber_the_range(db, run, monkeypatch):
+@pytest.mark.parametrize("consumers", ["task", "process"])
+def test_a_sell_accepted_after_a_freezes_take_does_not_encumber_the_range(db, run, monkeypatch, consumers):
     """The operator freezes DEV's lowest 10 t; DEV offers its other 90 t after the take. The
     projector stays at the take until the freeze is made, so the sell's encumbrance falls on the
-    other serials: the freeze used to be refused (credits_encumbered on its own range, review23)."""
+    other serials: the freeze used to be refused (credits_encumbered on its own range, review23).
+    The network server runs the consumers in a process of their own, told how far to go."""
     async def main():
-        svc, dev = await _dev_listed(db)
+        svc, dev = await _dev_listed(db, consumers=consumers)
         try:
             iss = await svc.pool.fetchrow("SELECT p.scheme, p.code, i.vintage, lower(i.serials) AS lo "
                                           "FROM issuances i JOIN projects p ON p.id = i.project_id")
