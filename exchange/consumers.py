@@ -10,8 +10,10 @@ The parent (:class:`ExchangeService` with ``consumers="process"``) talks over pi
 message:
 
 - parent to child, on stdin: ``<seq>`` (the journal is durable up to seq), ``hurry`` (someone
-  waits: apply the backlog now rather than letting it grow for ``--delay``), ``stop`` (apply
-  everything announced, then exit). End of input — the parent died, even by SIGKILL — means stop.
+  waits: apply the backlog now rather than letting it grow for ``--delay``), ``hold <seq>`` and
+  ``release`` (the projector goes no further than seq until released: a registry change is
+  being made at that point; order history goes on), ``stop`` (apply everything announced, then
+  exit). End of input — the parent died, even by SIGKILL — means stop.
 - child to parent, on stdout: ``ready`` once connected, then ``projector <seq>`` and ``history <seq>``
   each time one of them has committed its position.
 
@@ -50,6 +52,7 @@ class Consumers:
         self.delay = delay
         self.say = say
         self.durable = 0
+        self.hold: int | None = None  # the projector's limit while a registry change is made
         self.stopping = False
         self.wake = {"projector": asyncio.Event(), "history": asyncio.Event()}
         # One per consumer: a hurry is spent by the apply that covers what was announced before
@@ -66,6 +69,16 @@ class Consumers:
         for e in self.wake.values():
             e.set()
 
+    def hold_at(self, seq: int | None) -> None:
+        self.hold = seq
+        self.wake["projector"].set()
+
+    def limit(self, name: str) -> int:
+        """How far consumer `name` may go: what is durable, less for the projector while held."""
+        if name == "projector" and self.hold is not None and not self.stopping:
+            return min(self.durable, self.hold)
+        return self.durable
+
     def stop(self) -> None:
         self.stopping = True
         self.hurry_up()
@@ -81,11 +94,11 @@ class Consumers:
             while True:
                 await wake.wait()
                 wake.clear()
-                if self.durable <= done:
-                    if self.stopping:
+                if self.limit(name) <= done:
+                    if self.stopping and self.durable <= done:
                         return
                     continue
-                if self.delay and not self.stopping and self.durable - done < BACKLOG_NOW and not hurry.is_set():
+                if self.delay and not self.stopping and self.limit(name) - done < BACKLOG_NOW and not hurry.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(hurry.wait(), self.delay)
                 # Spent here, with no await before reading the position: the parent announces a
@@ -93,7 +106,7 @@ class Consumers:
                 # (Clearing it before the gathering lost a hurry read together with its position:
                 # every caught_up then waited the whole delay.)
                 hurry.clear()
-                upto = self.durable
+                upto = self.limit(name)
                 await apply(conn, upto=upto)
                 done = upto
                 self.say(f"{name} {done}")
@@ -128,6 +141,10 @@ async def run(dsn: str, delay: float, project: bool) -> None:
                 break
             if line == b"hurry":
                 c.hurry_up()
+            elif line.startswith(b"hold "):
+                c.hold_at(int(line[5:]))
+            elif line == b"release":
+                c.hold_at(None)
             else:
                 c.announce(int(line))
         c.stop()

@@ -57,6 +57,8 @@ def _to_the_end(method: Callable) -> Callable:
     changes under way (each bounded by its own time limits)."""
     @functools.wraps(method)
     async def run(self: ExchangeService, *args: Any, **kwargs: Any) -> Any:
+        if not self._running:  # stop() has begun (or start() has not ended): touch nothing
+            raise CarbonxError("unavailable", "the exchange service is not running") from self._failure
         task = asyncio.ensure_future(method(self, *args, **kwargs))
         self._changes.add(task)
         task.add_done_callback(self._change_done)
@@ -287,7 +289,7 @@ class ExchangeService:
         if not self._running and not self._tasks:
             return
         while self._changes:  # registry changes under way end first, with the consumers still running
-            await asyncio.gather(*self._changes, return_exceptions=True)
+            await asyncio.wait(set(self._changes))  # (gather would cancel them if stop() were cancelled)
         self._running = False
         self._closing = True
         # Let both loops finish what they are doing (a commit, a snapshot, a projection) and exit.
@@ -618,6 +620,21 @@ class ExchangeService:
                                       "cause": "operator"})
             return result
 
+    async def _unchanged(self, symbol: str, debit: dict[int, int], before: dict[int, int], cause: str) -> bool:
+        """After a change failed other than by a refusal: whether the registry is as it was (the
+        credits are to go back). Logged when that cannot be told; they stay taken then."""
+        try:
+            now = (await registry_positions(self._pool, symbol, accounts=list(debit)))["available"]
+        except Exception:
+            now = None
+        if now == before:
+            return True
+        if now is None or any(now.get(a, 0) != before.get(a, 0) - kg for a, kg in debit.items()):
+            log.error("a registry change (%s) failed after its credits were taken from the core, and whether "
+                      "the registry made it cannot be told: the core keeps them taken until the next start "
+                      "compares it with the registry", cause, exc_info=True)
+        return False
+
     def _check_spare(self, symbol: str, debit: dict[int, int]) -> None:
         """Refuse a take of `debit` (kg per account) of `symbol` that the core cannot spare: only
         available credits and those bought today (locked) can be taken, not those in sell orders."""
@@ -667,31 +684,31 @@ class ExchangeService:
         # accepted meanwhile would be encumbered, in the registry, on the lowest serials, which
         # may be the very range being frozen (still available there), and the freeze refused.
         self._project_hold = out.seq
-        asked = give_back = False
+        self._tell_child(f"hold {out.seq}")
+        before: dict[int, int] | None = None
+        give_back = False
         try:
             await durable
             await self.caught_up(out.seq, registry=True)
             async with self._pool.acquire() as conn:
-                asked = True
+                before = (await registry_positions(conn, symbol, accounts=list(debit)))["available"]
                 return await change(conn)
         except CarbonxError:
             give_back = True  # refused (its transaction rolled back), or never asked
             raise
-        except BaseException:
-            # Not a refusal: a lost connection, say, perhaps while committing. Given back, credits
-            # the registry did move would be the core's again, and the next settlement of them
-            # would fail in the registry; kept taken, the core only holds less than the registry
-            # until the next start compares the two and adjusts.
-            give_back = not asked
-            if asked:
-                log.error("a registry change (%s) failed after its credits were taken from the core, and whether "
-                          "the registry made it is not known: the core keeps them taken until the next start "
-                          "compares it with the registry", cause, exc_info=True)
+        except Exception:
+            # Not a refusal: a lost connection or a statement timeout, perhaps while committing.
+            # With the projector held at the take, nothing but the change moves these members'
+            # available credits in the registry: unchanged, it was not made; less by the take, it
+            # was. Given back although made, the credits would be the core's again and their
+            # next settlement would fail in the registry; kept although not made, the core holds
+            # less than the registry until the next start compares the two and adjusts.
+            give_back = before is None or await self._unchanged(symbol, debit, before, cause)
             raise
         finally:
             self._project_hold = None
             self._project_wake.set()
-            self._tell_child(str(self.durable_seq))
+            self._tell_child("release")
             if give_back:
                 try:
                     await self._sequence({"op": "adjust", "credits": back, "cause": f"{cause} refused"})
@@ -742,7 +759,7 @@ class ExchangeService:
                 if self._child is None:
                     self._queue_history(published)
                 else:
-                    self._tell_child(str(self._projectable()))
+                    self._tell_child(str(self.durable_seq))
                 for listener in self.listeners:
                     try:
                         listener(published)
@@ -771,6 +788,8 @@ class ExchangeService:
                 await self._gather(lambda: self.durable_seq - self.projected_seq)
                 self._project_wake.clear()
                 upto = self._projectable()
+                if upto <= self.projected_seq:  # held at a take: nothing to do (nor progress to tell)
+                    continue
                 await projector.catch_up(self._proj, upto=upto)
                 self.projected_seq = max(self.projected_seq, upto)
                 self._progress.set()
@@ -845,8 +864,8 @@ class ExchangeService:
         self._child_task = asyncio.create_task(self._child_reports(self._child), name="carbonx-consumers")
 
     def _projectable(self) -> int:
-        """How far the consumers may apply the journal: what is durable, or less while a take's
-        registry change is being made (the child applies order history no further either)."""
+        """How far the projector may apply the journal: what is durable, or less while a take's
+        registry change is being made (the consumers' process is told `hold SEQ` and `release`)."""
         hold = self._project_hold
         return self.durable_seq if hold is None else min(self.durable_seq, hold)
 
@@ -1016,9 +1035,10 @@ async def member_balances(conn: asyncpg.Connection | asyncpg.Pool) -> dict[int, 
     return {r["id"]: r["balance"] for r in rows}
 
 
-async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: str,
-                             members_only: bool = True) -> dict[str, dict[int, int]]:
-    """kg of `symbol` per account, available and encumbered (empty when nothing is issued)."""
+async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, members_only: bool = True,
+                             accounts: list[int] | None = None) -> dict[str, dict[int, int]]:
+    """kg of `symbol` per account (of `accounts`, if given), available and encumbered (empty when
+    nothing is issued)."""
     out: dict[str, dict[int, int]] = {"available": {}, "encumbered": {}}
     try:
         ids = await resolve_issuances(conn, symbol=symbol)
@@ -1028,8 +1048,8 @@ async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: st
         """SELECT b.owner_account_id AS account, b.state, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
            FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
            WHERE b.issuance_id = ANY($1::bigint[]) AND b.state IN ('available', 'encumbered')
-             AND (a.role <> 'system' OR NOT $2)
-           GROUP BY 1, 2""", list(ids), members_only)
+             AND (a.role <> 'system' OR NOT $2) AND ($3::bigint[] IS NULL OR b.owner_account_id = ANY($3))
+           GROUP BY 1, 2""", list(ids), members_only, accounts)
     for r in rows:
         out[r["state"]][r["account"]] = r["kg"]
     return out
