@@ -45,6 +45,21 @@ async def _started(dsn: str, **options) -> ExchangeService:
     return svc
 
 
+async def _world_started(db: str, **options) -> ExchangeService:
+    """A service on the registry world of tests.registry_helpers (DEV holding 100 t, nothing listed)."""
+    conn = await asyncpg.connect(db)
+    await world(conn)
+    await conn.close()
+    return await _started(db, **options)
+
+
+async def _dev_listed(db: str, **options) -> tuple[ExchangeService, int]:
+    """DEV holding 100 t of the listed SYMBOL."""
+    svc = await _world_started(db, **options)
+    assert (await svc.list_instrument(SYMBOL, LISTING)).accepted
+    return svc, await svc.account("DEV")
+
+
 async def _listed(dsn: str, listing: dict = LISTING, funds: int = 0, **options) -> tuple[ExchangeService, int, int]:
     """A world, a service, SYMBOL listed; BUY given `funds` fen (reference bank-1) if any."""
     conn = await asyncpg.connect(dsn)
@@ -289,10 +304,7 @@ def test_an_issuance_during_a_listing_reaches_the_core(db, run):
     """A listing reads the vintage's holdings from the registry and then lists: an issuance
     landing between the two saw the symbol unlisted and left the core short of it."""
     async def main():
-        conn = await asyncpg.connect(db)
-        await world(conn)
-        await conn.close()
-        svc = await _started(db)
+        svc = await _world_started(db)
         try:
             await svc.issue(project="FOREST", vintage=2019, quantity_kg=5_000)
             read = svc._registry_available
@@ -667,13 +679,8 @@ def test_a_sell_accepted_during_the_registry_check_is_not_taken_from(db, run, mo
     awaited before it: the retirement is refused and journals nothing, where the core used to
     take the 100 t anyway (its adjust takes what it is told) and be left at -10 t (review22)."""
     async def main():
-        conn = await asyncpg.connect(db)
-        await world(conn)  # DEV holds 100 t
-        await conn.close()
-        svc = await _started(db)
+        svc, dev = await _dev_listed(db)
         try:
-            assert (await svc.list_instrument(SYMBOL, LISTING)).accepted
-            dev = await svc.account("DEV")
             retire, sells = registry.retire, []
 
             async def sell_meanwhile(conn: asyncpg.Connection, dry_run: bool = False, **kw):
@@ -696,16 +703,6 @@ def test_a_sell_accepted_during_the_registry_check_is_not_taken_from(db, run, mo
             await svc.stop()
 
     run(main())
-
-
-async def _dev_listed(db: str, **options) -> tuple[ExchangeService, int]:
-    """DEV holding 100 t of the listed SYMBOL."""
-    conn = await asyncpg.connect(db)
-    await world(conn)
-    await conn.close()
-    svc = await _started(db, **options)
-    assert (await svc.list_instrument(SYMBOL, LISTING)).accepted
-    return svc, await svc.account("DEV")
 
 
 def test_a_registry_change_runs_to_its_end_when_its_caller_is_cancelled(db, run, monkeypatch):
@@ -836,10 +833,7 @@ def test_a_repeat_of_a_deposit_made_before_the_member_rule_is_answered_with_it(d
     """Deposits into an operator's account are refused now; one the service journaled before the
     rule is still a payment, and its repeat is answered with it (a duplicate), as every repeat is."""
     async def main():
-        conn = await asyncpg.connect(db)
-        await world(conn)
-        await conn.close()
-        svc = await _started(db)
+        svc = await _world_started(db)
         try:
             ops = await svc.account("OPS")
             old = {"op": "deposit", "account": ops, "amount": 1000, "ref": "old-ops-1"}
