@@ -422,3 +422,64 @@ def test_retirements(benchmark, conn, run):
     _assert_holdings(held, dict(retired), RETIRED)
     n = run(conn.fetchval("SELECT count(*) FROM retirements"))
     assert n == len(certificates) == len(set(certificates)) == RETIRE_PER_ROUND * (RETIRE_ROUNDS + 1)
+
+
+SERVICE_RETIRE_PER_ROUND = 50
+
+
+def test_retirements_through_the_service(benchmark, db, conn, run):
+    """ExchangeService.retire of a listed vintage, one after the other: the registry's dry run,
+    the take journaled, the registry change made with the projector held at the take, and the
+    wait for the registry. Against registry.retire alone, measured in the same run (before the
+    listing, on other holders): the ratio is what retiring costs while the exchange serves."""
+    from exchange.service import ExchangeService
+
+    (_seller,), (iss_id,) = run(_setup_sellers(conn, 1, SELLER_KG))
+    holders = run(_bulk_accounts(conn, "HOLD", 2 * RETIRE_HOLDERS))
+    run(registry.apply_movements(conn, [ByQuantity((iss_id,), _seller[0], AVAILABLE, hid, AVAILABLE, 100_000,
+                                                   "transfer", f"fund-{hid}") for hid, _ in holders]))
+    direct_holders, served_holders = holders[:RETIRE_HOLDERS], holders[RETIRE_HOLDERS:]
+    rng = random.Random(5)
+    counter = [0]
+
+    def work_for(group: list[tuple[int, str]]) -> list[tuple[str, int]]:
+        out = []
+        for _ in range(SERVICE_RETIRE_PER_ROUND):
+            _hid, code = group[counter[0] % len(group)]
+            counter[0] += 1
+            out.append((code, rng.randint(100, 2_000)))
+        return out
+
+    async def direct(work: list[tuple[str, int]]) -> float:
+        began = time.perf_counter()
+        for code, kg in work:
+            await registry.retire(conn, account=code, quantity_kg=kg, beneficiary=f"{code} staff",
+                                  purpose="Offsetting business travel", symbol=SYMBOL)
+        return (time.perf_counter() - began) / len(work)
+
+    alone = [run(direct(work_for(direct_holders))) for _ in range(3)]
+    base = Baseline(conn, run)
+    base.measure()
+    service = ExchangeService(db)
+    run(service.start())
+    try:
+        assert run(service.list_instrument(SYMBOL, {"rules": {"always_open": True}})).accepted
+
+        async def served(work: list[tuple[str, int]]) -> None:
+            for code, kg in work:
+                await service.retire(account=code, quantity_kg=kg, beneficiary=f"{code} staff",
+                                     purpose="Offsetting business travel", symbol=SYMBOL)
+
+        benchmark.pedantic(lambda work: run(served(work)), setup=lambda: ((work_for(served_holders),), {}),
+                           rounds=RETIRE_ROUNDS, warmup_rounds=1)
+        assert run(service.reconcile()) == []
+    finally:
+        run(service.stop())
+    base.measure()
+    registry_alone = statistics.median(alone)
+    per_op = benchmark.stats.stats.median / SERVICE_RETIRE_PER_ROUND
+    _report(benchmark, "retirements through the service, 1 caller", SERVICE_RETIRE_PER_ROUND, base,
+            registry_retire_alone_us=round(registry_alone * 1e6), over_registry_alone=round(per_op / registry_alone, 2))
+    run(_check_invariants(conn))
+    n = run(conn.fetchval("SELECT count(*) FROM retirements"))
+    assert n == SERVICE_RETIRE_PER_ROUND * (3 + RETIRE_ROUNDS + 1)
