@@ -620,20 +620,26 @@ class ExchangeService:
                                       "cause": "operator"})
             return result
 
-    async def _unchanged(self, symbol: str, debit: dict[int, int], before: dict[int, int], cause: str) -> bool:
-        """After a change failed other than by a refusal: whether the registry is as it was (the
-        credits are to go back). Logged when that cannot be told; they stay taken then."""
-        try:
-            now = (await registry_positions(self._pool, symbol, accounts=list(debit)))["available"]
-        except Exception:
-            now = None
-        if now == before:
-            return True
-        if now is None or any(now.get(a, 0) != before.get(a, 0) - kg for a, kg in debit.items()):
-            log.error("a registry change (%s) failed after its credits were taken from the core, and whether "
-                      "the registry made it cannot be told: the core keeps them taken until the next start "
-                      "compares it with the registry", cause, exc_info=True)
-        return False
+    async def _rolled_back(self, xid: int, cause: str) -> bool:
+        """After a change failed other than by a refusal: whether its transaction `xid` is known to
+        have been rolled back (the credits taken for it go back then). The server may still be
+        finishing it (a COMMIT under way when the connection went): asked again until it has
+        ended, for up to 10 s. When that cannot be told, the credits stay taken and it is logged."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                status = await self._pool.fetchval("SELECT txid_status($1)", xid)
+            except Exception:
+                status = None
+            if status in ("aborted", "committed"):
+                return status == "aborted"
+            if status != "in progress" or loop.time() > deadline:
+                log.error("a registry change (%s) failed after its credits were taken from the core, and whether "
+                          "the registry made it cannot be told: the core keeps them taken until the next start "
+                          "compares it with the registry", cause)
+                return False
+            await asyncio.sleep(0.05)
 
     def _check_spare(self, symbol: str, debit: dict[int, int]) -> None:
         """Refuse a take of `debit` (kg per account) of `symbol` that the core cannot spare: only
@@ -685,25 +691,27 @@ class ExchangeService:
         # may be the very range being frozen (still available there), and the freeze refused.
         self._project_hold = out.seq
         self._tell_child(f"hold {out.seq}")
-        before: dict[int, int] | None = None
+        xid: int | None = None
         give_back = False
         try:
             await durable
             await self.caught_up(out.seq, registry=True)
-            async with self._pool.acquire() as conn:
-                before = (await registry_positions(conn, symbol, accounts=list(debit)))["available"]
+            async with self._pool.acquire() as conn, conn.transaction():
+                # The change's transaction by its id, which PostgreSQL can be asked about later.
+                xid = await conn.fetchval("SELECT txid_current()")
                 return await change(conn)
         except CarbonxError:
             give_back = True  # refused (its transaction rolled back), or never asked
             raise
-        except Exception:
-            # Not a refusal: a lost connection or a statement timeout, perhaps while committing.
-            # With the projector held at the take, nothing but the change moves these members'
-            # available credits in the registry: unchanged, it was not made; less by the take, it
-            # was. Given back although made, the credits would be the core's again and their
-            # next settlement would fail in the registry; kept although not made, the core holds
-            # less than the registry until the next start compares the two and adjusts.
-            give_back = before is None or await self._unchanged(symbol, debit, before, cause)
+        except BaseException:
+            # Not a refusal: a lost connection or a statement timeout, perhaps while committing,
+            # or a cancel. Given back although made, the credits would be the core's again and
+            # their next settlement would fail in the registry; kept although not made, the core
+            # holds less than the registry until the next start compares the two and adjusts.
+            # So they go back only when the registry was never asked, or its transaction is
+            # known to have been rolled back (a look at the registry's holdings right away once
+            # saw a commit still under way as not made: review25).
+            give_back = xid is None or await self._rolled_back(xid, cause)
             raise
         finally:
             self._project_hold = None
@@ -1035,10 +1043,9 @@ async def member_balances(conn: asyncpg.Connection | asyncpg.Pool) -> dict[int, 
     return {r["id"]: r["balance"] for r in rows}
 
 
-async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, members_only: bool = True,
-                             accounts: list[int] | None = None) -> dict[str, dict[int, int]]:
-    """kg of `symbol` per account (of `accounts`, if given), available and encumbered (empty when
-    nothing is issued)."""
+async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: str,
+                             members_only: bool = True) -> dict[str, dict[int, int]]:
+    """kg of `symbol` per account, available and encumbered (empty when nothing is issued)."""
     out: dict[str, dict[int, int]] = {"available": {}, "encumbered": {}}
     try:
         ids = await resolve_issuances(conn, symbol=symbol)
@@ -1048,8 +1055,8 @@ async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: st
         """SELECT b.owner_account_id AS account, b.state, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
            FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
            WHERE b.issuance_id = ANY($1::bigint[]) AND b.state IN ('available', 'encumbered')
-             AND (a.role <> 'system' OR NOT $2) AND ($3::bigint[] IS NULL OR b.owner_account_id = ANY($3))
-           GROUP BY 1, 2""", list(ids), members_only, accounts)
+             AND (a.role <> 'system' OR NOT $2)
+           GROUP BY 1, 2""", list(ids), members_only)
     for r in rows:
         out[r["state"]][r["account"]] = r["kg"]
     return out

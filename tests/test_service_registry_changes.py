@@ -1,7 +1,8 @@
 """Registry changes made through the running service (retire, freeze, issue, ...) against what
 goes on around them: a stop() that is itself cancelled, a change begun after stop(), a database
-connection lost before the change, and the order history while the projector is held at a take
-(review24; the review23 cases are in test_service.py)."""
+connection lost before the change or while it commits, a change task cancelled, and the order
+history while the projector is held at a take (review24, review25; the review23 cases are in
+test_service.py)."""
 
 from __future__ import annotations
 
@@ -139,5 +140,92 @@ def test_a_change_begun_after_stop_began_is_refused_before_the_registry_changes(
         after = await conn.fetchval("SELECT count(*) FROM issuances")
         await conn.close()
         assert outcome != "issued" and after == before, (outcome, before, after)
+
+    run(main())
+
+
+SLOW_COMMIT = """
+CREATE OR REPLACE FUNCTION slow_commit_commit() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN PERFORM pg_sleep(1.0); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON retirements
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit_commit();
+"""
+
+
+def test_connection_lost_during_commit_is_not_given_back(db, run, monkeypatch):
+    """The client loses the change's connection while the server is still committing it (the
+    server finishes it). The service asks PostgreSQL how the change's transaction ended, waits
+    while it is in progress, finds it committed and keeps the credits taken. A look at the
+    holdings right away saw the registry as it was and gave them back (review25)."""
+    async def main():
+        svc, dev = await _dev_listed(db)
+        c = await asyncpg.connect(db)
+        await c.execute(SLOW_COMMIT)
+        retire = registry.retire
+
+        cut: list[asyncio.Task] = []
+
+        async def cut_in_commit(conn: asyncpg.Connection) -> None:
+            pid = conn.get_server_pid()
+            for _ in range(500):  # until the backend sleeps inside the COMMIT (the deferred trigger)
+                if await c.fetchval("SELECT wait_event FROM pg_stat_activity WHERE pid=$1", pid) == "PgSleep":
+                    conn.terminate()  # the client side goes (network blip, proxy); the server goes on
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("the change never reached its COMMIT")
+
+        async def lost_in_commit(conn, dry_run=False, **kw):
+            if not dry_run:
+                cut.append(asyncio.ensure_future(cut_in_commit(conn)))
+            return await retire(conn, dry_run=dry_run, **kw)
+
+        monkeypatch.setattr(registry, "retire", lost_in_commit)
+        try:
+            with pytest.raises(Exception) as failed:
+                await svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo", purpose="offset",
+                                 symbol=SYMBOL)
+            monkeypatch.undo()
+            assert not isinstance(failed.value, CarbonxError), failed.value
+            await cut[0]
+            retired = await c.fetchval("SELECT count(*) FROM retirements")
+            problems = await svc.reconcile()
+            assert retired == 1 and svc.core.credits[SYMBOL][dev][:3] == [90_000, 0, 0]
+            assert problems == [], problems
+        finally:
+            await c.execute("DROP TRIGGER slow_commit ON retirements")
+            await c.close()
+            await svc.stop()
+
+    run(main())
+
+
+def test_cancelled_before_the_change_is_asked_gives_back(db, run, monkeypatch):
+    """The change task itself is cancelled (loop teardown, a KeyboardInterrupt) while it waits for
+    the take to be projected, before the registry is asked: the credits go back (review25)."""
+    async def main():
+        svc, dev = await _dev_listed(db)
+        caught_up = svc.caught_up
+        waiting = asyncio.Event()
+
+        async def slow_caught_up(seq=None, **kw):
+            if seq is not None and svc._project_hold == seq:
+                waiting.set()
+                await asyncio.sleep(5)
+            return await caught_up(seq, **kw)
+
+        svc.caught_up = slow_caught_up
+        try:
+            caller = asyncio.ensure_future(svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo",
+                                                      purpose="offset", symbol=SYMBOL))
+            await waiting.wait()
+            (task,) = list(svc._changes)
+            task.cancel()
+            await asyncio.gather(caller, return_exceptions=True)
+            del svc.caught_up
+            retired = await svc.pool.fetchval("SELECT count(*) FROM retirements")
+            problems = await svc.reconcile()
+            assert retired == 0 and problems == [], (svc.core.credits[SYMBOL][dev][:3], problems)
+        finally:
+            await svc.stop()
 
     run(main())
