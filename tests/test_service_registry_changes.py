@@ -18,6 +18,14 @@ from matching import events as E
 from tests.test_service import SYMBOL, _dev_listed, place
 
 
+async def _fails_unrefused(svc, monkeypatch) -> None:
+    """DEV's retirement of 10 t, which the patched registry makes fail other than by a refusal."""
+    with pytest.raises(Exception) as failed:
+        await svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo", purpose="offset", symbol=SYMBOL)
+    monkeypatch.undo()
+    assert not isinstance(failed.value, CarbonxError), failed.value
+
+
 def test_cancelling_stop_does_not_cancel_a_registry_change_under_way(db, run, monkeypatch):
     """A stop() that is itself cancelled (wait_for, a cancelled main task) while it waits for a
     retirement under way: the retirement still runs to its end (a gather there cancelled it
@@ -70,11 +78,7 @@ def test_a_change_that_surely_did_not_commit_gives_the_credits_back(db, run, mon
 
         monkeypatch.setattr(registry, "retire", lost)
         try:
-            with pytest.raises(Exception) as failed:
-                await svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo", purpose="offset",
-                                 symbol=SYMBOL)
-            monkeypatch.undo()
-            assert not isinstance(failed.value, CarbonxError), failed.value
+            await _fails_unrefused(svc, monkeypatch)
             assert await svc.pool.fetchval("SELECT count(*) FROM retirements") == 0
             problems = await svc.reconcile()
             assert svc.core.credits[SYMBOL][dev][:3] == [100_000, 0, 0] and problems == []
@@ -181,11 +185,7 @@ def test_connection_lost_during_commit_is_not_given_back(db, run, monkeypatch):
 
         monkeypatch.setattr(registry, "retire", lost_in_commit)
         try:
-            with pytest.raises(Exception) as failed:
-                await svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo", purpose="offset",
-                                 symbol=SYMBOL)
-            monkeypatch.undo()
-            assert not isinstance(failed.value, CarbonxError), failed.value
+            await _fails_unrefused(svc, monkeypatch)
             await cut[0]
             retired = await c.fetchval("SELECT count(*) FROM retirements")
             problems = await svc.reconcile()
