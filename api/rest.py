@@ -860,8 +860,7 @@ def create_app(ctx: Context) -> FastAPI:
         amount = _units(parse_cash, req.amount, "amount", most=MAX_CASH_FEN)
         account_id = await service.account(code)
         cmd = {"op": op, "account": account_id, "amount": amount, "ref": req.reference}
-        await service.prepare(cmd)
-        out = await service.submit(cmd)
+        out = await service.submit(cmd)  # which makes the payment's look-ups (service.prepare) first
         if out.code is not None:
             raise CarbonxError(out.code, out.detail or out.code)
         seq = out.seq
