@@ -569,17 +569,21 @@ class ExchangeService:
                 log.exception("a registry listener failed")
 
     async def freeze(self, *, serial: str, reason: str) -> registry.MovementResult:
-        return await self._by_serial(serial, reason, registry.freeze, ("available",), take=True)
+        return await self._by_serial(serial, reason, registry.freeze, ("available",), take=True, frozen=True)
 
     async def unfreeze(self, *, serial: str, reason: str) -> registry.MovementResult:
-        return await self._by_serial(serial, reason, registry.unfreeze, ("frozen",), take=False)
+        return await self._by_serial(serial, reason, registry.unfreeze, ("frozen",), take=False, frozen=True)
 
     async def cancel_serials(self, *, serial: str, reason: str) -> registry.MovementResult:
         return await self._by_serial(serial, reason, registry.cancel, ("available",), take=True)
 
     @_to_the_end
     async def _by_serial(self, serial: str, reason: str, change: Callable, states: tuple[str, ...],
-                         take: bool) -> registry.MovementResult:
+                         take: bool, frozen: bool = False) -> registry.MovementResult:
+        """Freeze, unfreeze or cancel a serial range, and take (or give back) in the core what
+        it moves of each member's credits. A freeze's take and an unfreeze's give-back are
+        marked ``frozen`` (core adjust): an unfreeze on the day of the freeze gives back locked
+        what the freeze took of that day's purchases, so they stay unsellable until the next (T+1)."""
         if blank(reason or ""):
             raise CarbonxError("invalid_reason", "say why: the registry's history shows the reason")
         async with self._registry_change():
@@ -612,12 +616,12 @@ class ExchangeService:
                                                    "changed: try again")
                     return result
             if take:
-                return await self._take_then_change(symbol, moved, apply_change, "operator")
+                return await self._take_then_change(symbol, moved, apply_change, "operator", frozen=frozen)
             async with self._pool.acquire() as conn:
                 result = await apply_change(conn)
             if moved:
                 await self._sequence({"op": "adjust", "credits": [[symbol, a, kg] for a, kg in sorted(moved.items())],
-                                      "cause": "operator"})
+                                      "cause": "operator", **({"frozen": True} if frozen else {})})
             return result
 
     async def _rolled_back(self, xid: int, cause: str) -> bool:
@@ -653,10 +657,11 @@ class ExchangeService:
                                    " (credits in open sell orders are encumbered)")
 
     async def _take_then_change(self, symbol: str, debit: dict[int, int], change: Callable, cause: str,
-                                locked_first: bool = False) -> Any:
+                                locked_first: bool = False, frozen: bool = False) -> Any:
         """Take `debit` (kg per account) of `symbol` from the core, then make the registry `change`
         (called as change(conn) and, to check it first, change(conn, dry_run=True)); give the
-        credits back if the registry refuses."""
+        credits back if the registry refuses. `frozen`: the take is into a freeze (core adjust)."""
+        mark = {"frozen": True} if frozen else {}
         if not debit:
             async with self._pool.acquire() as conn:
                 return await change(conn)
@@ -683,7 +688,7 @@ class ExchangeService:
         # an expiry journaled just before it (housekeeping) frees credits, never locked ones.
         locked = {a: positions.get(a, [0, 0, 0, 0])[P_LOCKED] for a in debit}
         takes = [[symbol, a, -kg, kg] if locked_first else [symbol, a, -kg] for a, kg in sorted(debit.items())]
-        out, durable = self.apply({"op": "adjust", "credits": takes, "cause": cause})
+        out, durable = self.apply({"op": "adjust", "credits": takes, "cause": cause, **mark})
         back = [[symbol, a, kg, locked[a] - positions.get(a, [0, 0, 0, 0])[P_LOCKED]]
                 for a, kg in sorted(debit.items())]
         # Until the registry has changed, the projector goes no further than the take: a sell
@@ -719,7 +724,7 @@ class ExchangeService:
             self._tell_child("release")
             if give_back:
                 try:
-                    await self._sequence({"op": "adjust", "credits": back, "cause": f"{cause} refused"})
+                    await self._sequence({"op": "adjust", "credits": back, "cause": f"{cause} refused", **mark})
                 except CarbonxError:
                     log.error("credits taken for a refused registry change (%s) could not be given back (the "
                               "exchange is stopping); the next start compares the core with the registry", cause)

@@ -16,7 +16,9 @@ What the core holds, besides the books (matching/engine.py):
 - credits per instrument and account: ``[available, encumbered, locked, locked_day]`` kg. A sell
   encumbers; a fill delivers from the encumbrance; cancels and expiries release it. Credits
   bought on a trading day are ``locked`` until the next Shanghai calendar day when the
-  instrument has the T+1 resale rule (on by default).
+  instrument has the T+1 resale rule (on by default). Of the credits a freeze took from the core
+  today, the kg that were bought today: ``frozen_locked[(symbol, account)] = [day, kg]``, so
+  that an unfreeze on the same day gives them back locked (kept until the next ``roll``).
 - open orders: ``[symbol, account, side, kind, price, remaining, reserved, expire_ts]``.
 - client order ids per account (resending one returns the original order): each is kept while
   its order is open and, once the order has closed, until the second trading-day close after
@@ -90,7 +92,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "resume": ("symbol",),
     "expire": (),
     "roll": ("cancel_outside_band",),
-    "adjust": ("cash", "credits"),
+    "adjust": ("cash", "credits", "frozen"),
     "stp": ("account", "mode"),
 }
 
@@ -241,6 +243,7 @@ class ExchangeCore:
         self.coids: dict[int, dict[str, list]] = {}
         self.stp: dict[int, int] = {}  # accounts whose self-trade prevention is not cancel-resting
         self.payments: dict[str, list] = {}
+        self.frozen_locked: dict[tuple[str, int], list[int]] = {}
         self.trade_ids: dict[str, int] = {}
         self._gtd: list[tuple[int, int]] = []
         # The current trading day's trades per symbol: [sum of price * qty, sum of qty].
@@ -606,6 +609,9 @@ class ExchangeCore:
         self.day_stats = {}
         self.stats_day = 0
         self._forget_coids()
+        # Bought before today: free once the day has passed, so nothing to relock any more.
+        today = trading_day(ts)
+        self.frozen_locked = {k: v for k, v in self.frozen_locked.items() if v[0] >= today}
         return self._accept(ts, out)
 
     def _cancel_outside_band(self, symbol: str, ts: int) -> list:
@@ -737,8 +743,18 @@ class ExchangeCore:
         giving back what a refused retirement took restores the position it took them from; of a
         negative delta, the kg to take from bought-today credits first (a retirement: those
         cannot be sold today anyway, and an offset retires what it just bought). Otherwise a take
-        comes from available credits first."""
+        comes from available credits first.
+
+        ``"frozen": true`` marks credits going into a freeze (negative deltas) or coming out of
+        one (positive): what a take into a freeze finds it must take from bought-today credits is
+        remembered per position for the day, and a give-back out of a freeze without its own
+        relock relocks as much of that as it can (an unfreeze on the same day would otherwise
+        make today's purchase sellable today, T+1). A relock, given or worked out, uses the
+        remembered kg up."""
         cash, credits = c.get("cash") or [], c.get("credits") or []
+        frozen = c.get("frozen", False)
+        if not isinstance(frozen, bool):
+            raise Rejected("invalid_command", "frozen must be true or false")
         cash_ok = isinstance(cash, list) and all(
             isinstance(x, list) and len(x) == 2 and all(map(_is_int, x)) for x in cash)
         credits_ok = isinstance(credits, list) and all(
@@ -758,19 +774,37 @@ class ExchangeCore:
         day = trading_day(ts)
         for symbol, account, delta, *relock in credits:
             pos = self.credits[symbol].setdefault(account, [0, 0, 0, 0])
+            held = self.frozen_locked.get((symbol, account)) if frozen else None
+            if held is not None and held[0] < day:
+                held = None
+            if frozen and delta > 0 and not relock and held is not None:
+                relock = [min(delta, held[1])]
             # Still the day they were bought: they go back locked (a later day would have freed them).
             if delta >= 0:
                 back = relock[0] if relock and pos[P_LOCKED_DAY] >= day else 0
             else:
                 back = -min(relock[0], pos[P_LOCKED]) if relock else 0
+            locked_before = pos[P_LOCKED]
             pos[P_LOCKED] += back
             pos[P_AVAILABLE] += delta - back
             if pos[P_AVAILABLE] < 0:  # the outside change took credits bought today
                 pos[P_LOCKED] += pos[P_AVAILABLE]
                 pos[P_AVAILABLE] = 0
+            if frozen:
+                self._frozen_locked(symbol, account, held, pos[P_LOCKED] - locked_before,
+                                    day if pos[P_LOCKED_DAY] >= day else 0)
             out.append((EV_CREDITS_ADJUSTED, symbol, account, delta))
         self.seq += 1
         return self._accept(ts, out)
+
+    def _frozen_locked(self, symbol: str, account: int, held: list[int] | None, change: int, day: int) -> None:
+        """Remember `change` kg more (taken into a freeze) or fewer (relocked out of one) frozen
+        bought-today credits of a position locked on `day` (0: not locked today, nothing to remember)."""
+        kg = (held[1] if held is not None else 0) - change
+        if day and kg > 0:
+            self.frozen_locked[(symbol, account)] = [day, kg]
+        else:
+            self.frozen_locked.pop((symbol, account), None)
 
     # ---- views -------------------------------------------------------------------------------
 
@@ -849,6 +883,7 @@ class ExchangeCore:
             "coids": sorted([a, k, *v] for a, m in self.coids.items() for k, v in m.items()),
             "stp": sorted([a, m] for a, m in self.stp.items()),
             "payments": sorted([k, *v] for k, v in self.payments.items()),
+            "frozen_locked": sorted([s, a, *v] for (s, a), v in self.frozen_locked.items()),
             # sum of price * qty as text: a long day could pass orjson's 64-bit integers
             "book_seqs": sorted([s, n] for s, n in self.book_seqs.items()),
             "day": [self.stats_day, sorted([s, str(pq), q] for s, (pq, q) in self.day_stats.items())],
@@ -900,6 +935,7 @@ class ExchangeCore:
                 v += [None, None, None, None, 0]
             core.coids.setdefault(account, {})[coid] = v
         core.payments = {k: v for k, *v in state["payments"]}
+        core.frozen_locked = {(s, a): v for s, a, *v in state.get("frozen_locked", [])}  # none before it was kept
         for account, mode in state.get("stp", []):  # snapshots from before the setting have none
             core.stp[account] = mode
             core.engine.set_account_stp(account, mode)

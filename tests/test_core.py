@@ -543,6 +543,52 @@ def test_a_give_back_returns_todays_purchase_locked_while_its_day_lasts(engine):
     ok(core, sell(2, 1000, 3000), T0 + 24 * HOUR)
 
 
+def test_an_unfreeze_on_the_day_of_the_freeze_gives_todays_purchase_back_locked(engine):
+    """A freeze takes available credits first, then bought-today ones; an unfreeze the same day
+    gives those back locked (T+1), however it is split, and never more than the freeze took of
+    them. Without ``frozen`` the give-back made the day's purchase sellable at once."""
+    core = make_core(engine, cash=((2, 10_000_000),))
+    ok(core, sell(1, 1000, 2000))
+    ok(core, buy(2, 1000, 2000))  # Monday: sellable on Tuesday
+    tue = T0 + 24 * HOUR
+    ok(core, {"op": "roll", "cancel_outside_band": True}, tue)
+    ok(core, sell(1, 1000, 3000), tue)
+    ok(core, buy(2, 1000, 3000), tue)  # Tuesday: locked
+    assert core.position(SYM, 2, tue) == (2000, 0, 3000)
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -4000]], "frozen": True}, tue)  # 2 t free, 2 t of today's
+    assert core.position(SYM, 2, tue) == (0, 0, 1000)
+    assert core.frozen_locked == {(SYM, 2): [trading_day(tue), 2000]}
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, 1500]], "frozen": True}, tue)  # part of the unfreeze
+    assert core.position(SYM, 2, tue) == (0, 0, 2500)
+    restored = ExchangeCore.restore(core.snapshot(), engine)
+    assert restored.state_digest() == core.state_digest() and restored.frozen_locked == core.frozen_locked
+    for c in (core, restored):
+        ok(c, {"op": "adjust", "credits": [[SYM, 2, 2500]], "frozen": True}, tue)  # the rest: 500 kg locked
+        assert c.position(SYM, 2, tue) == (2000, 0, 3000) and c.frozen_locked == {}
+        rejected(c, sell(2, 1100, 3000), "insufficient_credits", tue)
+        ok(c, sell(2, 1100, 2000), tue)
+    assert restored.state_digest() == core.state_digest()
+    rejected(core, {"op": "adjust", "credits": [[SYM, 2, 1]], "frozen": 1}, "invalid_command", tue)
+
+
+def test_what_a_freeze_took_of_todays_purchase_is_forgotten_when_the_day_ends(engine):
+    """Frozen on Monday, unfrozen on Tuesday: Monday's purchase is free by then, and the next
+    roll drops what was remembered (snapshots do not carry it for ever). A give-back with its own
+    relock (a refused freeze's) uses the remembered kg up."""
+    core = make_core(engine, cash=((2, 10_000_000),))
+    ok(core, sell(1, 1000, 3000))
+    ok(core, buy(2, 1000, 3000))
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -3000]], "frozen": True})
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, 1000, 1000]], "frozen": True})  # a refused part goes back
+    assert core.frozen_locked == {(SYM, 2): [trading_day(T0), 2000]}
+    tue = T0 + 24 * HOUR
+    ok(core, {"op": "roll", "cancel_outside_band": True}, tue)
+    assert core.frozen_locked == {}
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, 2000]], "frozen": True}, tue)
+    assert core.position(SYM, 2, tue) == (3000, 0, 0)
+    ok(core, sell(2, 1100, 3000), tue)
+
+
 def test_payments_are_idempotent_by_reference(engine):
     core = make_core(engine, cash=())
     out = ok(core, deposit(2, 500, "d1"))

@@ -420,6 +420,43 @@ def test_a_refused_retirement_gives_back_todays_purchase_still_locked(db, run):
     run(main())
 
 
+def test_an_unfreeze_on_the_day_of_the_freeze_keeps_todays_purchase_locked(db, run):
+    """The operator freezes 4 t of a member's range holding 2 t bought yesterday and 2 t of 3 t
+    bought today, and unfreezes it the same day: today's purchase stays unsellable until
+    tomorrow (T+1), yesterday's is sellable. The unfreeze used to give all 4 t back sellable."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 23, 10, 0))
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
+        try:
+            await svc.submit(place(dev, E.ASK, 3500, 2000))
+            await svc.submit(place(buy, E.BID, 3500, 2000))  # Monday
+            clock.ts = local_ts(2026, 11, 24, 10, 0)
+            await svc.submit(place(dev, E.ASK, 3500, 3000))
+            await svc.submit(place(buy, E.BID, 3500, 3000))  # Tuesday: locked
+            await svc.caught_up(registry=True)
+            held = await svc.pool.fetchrow(
+                "SELECT p.scheme, p.code, i.vintage, min(lower(b.serials)) AS lo, "
+                "sum(upper(b.serials) - lower(b.serials)) AS kg FROM blocks b JOIN issuances i ON i.id = b.issuance_id "
+                "JOIN projects p ON p.id = i.project_id WHERE b.owner_account_id = $1 GROUP BY 1, 2, 3", buy)
+            assert held["kg"] == 5000
+            serial = format_serial(held["scheme"], held["code"], held["vintage"], held["lo"], held["lo"] + 4000)
+            assert (await svc.freeze(serial=serial, reason="audit")).quantity == 4000
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 1000)
+            assert (await svc.unfreeze(serial=serial, reason="audit done")).quantity == 4000
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (2000, 0, 3000)
+            assert (await svc.submit(place(buy, E.ASK, 3600, 3000))).code == "insufficient_credits"
+            assert (await svc.submit(place(buy, E.ASK, 3600, 2000))).accepted
+            assert await svc.reconcile() == []
+            adjusts = [orjson.loads(r["command"]) for r in await _journal_rows(db)
+                       if orjson.loads(r["command"])["op"] == "adjust"]
+            assert [(a["credits"], a.get("frozen")) for a in adjusts] == [
+                ([[SYMBOL, buy, -4000]], True), ([[SYMBOL, buy, 4000]], True)]
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 def test_a_retirement_uses_todays_purchase_first(db, run):
     """Credits bought today cannot be sold today (T+1): a retirement takes them first and leaves
     the member's older, sellable credits. An offset (buy, then retire what it bought) on Tuesday
