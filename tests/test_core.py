@@ -56,6 +56,7 @@ from hypothesis import strategies as st
 
 from matching import events as E
 from matching.core import (
+    EV_CREDITS_ADJUSTED,
     EV_DEPOSIT,
     EV_LISTED,
     EV_WITHDRAWAL,
@@ -589,6 +590,74 @@ def test_what_a_freeze_took_of_todays_purchase_is_forgotten_when_the_day_ends(en
     ok(core, sell(2, 1100, 3000), tue)
 
 
+def test_a_freeze_on_the_next_day_before_its_roll_remembers_only_that_days_purchase(engine):
+    """Monday's freeze took 2 t bought on Monday; on Tuesday, before the roll (commands can
+    come first), 1 t is bought and a freeze of everything takes it: an unfreeze gives back only
+    Tuesday's 1 t locked, Monday's are free by then."""
+    core = make_core(engine, cash=((2, 10_000_000),), holdings=((1, 10_000), (2, 1000)))
+    ok(core, sell(1, 1000, 2000))
+    ok(core, buy(2, 1000, 2000))
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -3000]], "frozen": True})  # 1 t free, 2 t of Monday's
+    tue = T0 + 24 * HOUR
+    assert core.roll_due(tue)
+    ok(core, sell(1, 1000, 1000), tue)
+    ok(core, buy(2, 1000, 1000), tue)
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -1000]], "frozen": True}, tue)
+    assert core.frozen_locked == {(SYM, 2): [trading_day(tue), 1000]}
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, 4000]], "frozen": True}, tue)
+    assert core.position(SYM, 2, tue) == (3000, 0, 1000)
+
+
+FREEZE_OPS = st.lists(st.tuples(st.sampled_from(("buy", "sell", "freeze", "unfreeze", "snapshot", "next day")),
+                                st.integers(0, 4)), max_size=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=FREEZE_OPS)
+def test_freezes_and_unfreezes_never_free_todays_purchase(ops):
+    """Buys, resting sells, freezes of some or all of a position and unfreezes of some or all of
+    what is frozen, in any order over a day or two, on both engines and across snapshots: what
+    the buyer may sell is always exactly what it holds, less its open sells, less what it bought
+    that day (T+1), and what the core remembers never exceeds what is frozen."""
+    engines = ("cython", "reference")
+    cores = [make_core(e, cash=((2, 10_000_000),), holdings=((1, 100_000), (2, 5_000))) for e in engines]
+    frozen = bought = 0
+    ts = T0
+    for op, n in ops:
+        core = cores[0]
+        available, encumbered, locked = core.position(SYM, 2, ts)
+        cmd = None
+        if op == "buy" and n:
+            ok(core, sell(1, 1000, n * 1000), ts)  # rests until the buy takes it
+            for c in cores[1:]:
+                ok(c, sell(1, 1000, n * 1000), ts)
+            cmd, bought = buy(2, 1000, n * 1000), bought + n * 1000
+        elif op == "sell" and n and n * 1000 <= available:
+            cmd = sell(2, 1050, n * 1000)  # rests: the buys below take account 1's at 1000
+        elif op == "freeze" and available + locked:
+            kg = min(n * 1000, available + locked) if n else available + locked
+            cmd, frozen = {"op": "adjust", "credits": [[SYM, 2, -kg]], "frozen": True}, frozen + kg
+        elif op == "unfreeze" and frozen:
+            kg = min(n * 1000, frozen) if n else frozen
+            cmd, frozen = {"op": "adjust", "credits": [[SYM, 2, kg]], "frozen": True}, frozen - kg
+        elif op == "snapshot":
+            cores = [ExchangeCore.restore(c.snapshot(), e) for c, e in zip(cores, engines, strict=True)]
+        elif op == "next day":
+            ts, bought = ts + 24 * HOUR, 0
+            if core.roll_due(ts) and n % 2:  # or not yet: the day check stands without the roll
+                cmd = {"op": "roll", "cancel_outside_band": True}
+        if cmd is not None:
+            for c in cores:
+                ok(c, cmd, ts)
+        assert len({c.state_digest() for c in cores}) == 1
+        core = cores[0]
+        available, encumbered, locked = core.position(SYM, 2, ts)
+        held = available + encumbered + locked
+        assert available == max(0, held - encumbered - bought), (op, n, core.credits[SYM][2], frozen, bought)
+        remembered = core.frozen_locked.get((SYM, 2))
+        assert remembered is None or 0 < remembered[1] <= frozen
+
+
 def test_payments_are_idempotent_by_reference(engine):
     core = make_core(engine, cash=())
     out = ok(core, deposit(2, 500, "d1"))
@@ -819,7 +888,7 @@ def opening() -> list[dict]:
     return cmds + [deposit(a, OPENING_CASH[a], f"open-{a}") for a in ACCOUNTS]
 
 
-OP_MIX = ("place",) * 16 + ("amend",) * 2 + ("pay",) * 2 + ("cancel", "resend", "halt", "expire")
+OP_MIX = ("place",) * 16 + ("amend",) * 2 + ("pay",) * 2 + ("cancel", "resend", "halt", "expire", "freeze")
 
 
 def random_step(seed: int) -> tuple[int, tuple]:
@@ -865,6 +934,8 @@ def random_step(seed: int) -> tuple[int, tuple]:
         op = ("resend", r.randrange(1000))
     elif kind == "halt":
         op = ("halt", r.choice(SYMBOLS), r.randint(1, 8))  # resumed that many steps later
+    elif kind == "freeze":  # a freeze's take (0: some, 1: all it can) or an unfreeze's give-back (2: some, 3: all)
+        op = ("freeze", r.choice(ACCOUNTS), r.choice(SYMBOLS), r.randint(1, 6), r.randrange(4))
     else:
         op = ("expire",)
     return dt, op
@@ -926,6 +997,7 @@ class Model:
         self.forgotten = 0
         self.expiry: dict[int, int] = {}  # GTD order id -> expire_ts
         self.halted: set[str] = set()
+        self.frozen: dict[tuple[str, int], int] = defaultdict(int)  # kg taken into freezes, not given back
 
     def feed(self, cmd: dict, out: Outcome, ts: int) -> None:
         op = cmd["op"]
@@ -950,6 +1022,10 @@ class Model:
             elif e[0] == EV_WITHDRAWAL:
                 self.cash[e[1]] -= e[2]
                 self.net_payments -= e[2]
+            elif e[0] == EV_CREDITS_ADJUSTED:
+                self.credits[e[1], e[2]] += e[3]
+                if cmd.get("frozen"):
+                    self.frozen[e[1], e[2]] -= e[3]
             elif e[0] == E.EV_TRADE:
                 _, symbol, trade_id, _, _, buyer, seller, side, price, qty, value, bfee, sfee = e
                 listing = LISTINGS[symbol]
@@ -1103,6 +1179,16 @@ class Stream:
             if op[1] not in self.resume_at:
                 self.resume_at[op[1]] = self.steps + op[2]
             return {"op": "halt", "symbol": op[1]}
+        if kind == "freeze":  # as the service sends them: a take only of what the core can spare
+            _, account, symbol, lots, what = op
+            if what < 2:
+                available, _, locked = core.position(symbol, account)
+                kg = -min(lots * LOT[symbol], available + locked) if what == 0 else -(available + locked)
+            else:
+                frozen = model.frozen[symbol, account]
+                kg = frozen if what == 3 else min(lots * LOT[symbol], frozen)
+            if kg:
+                return {"op": "adjust", "credits": [[symbol, account, kg]], "frozen": True}
         return EXPIRE
 
     def expect(self, cmd: dict) -> tuple:
@@ -1121,6 +1207,8 @@ class Stream:
             return ("code", None if model.due(core, ts) else "invalid_command")
         if op == "roll":
             return ("code", None if core.roll_due(ts) else "invalid_command")
+        if op == "adjust":
+            return ("code", None)
         if op in ("halt", "resume"):
             return ("code", {"halt": "already_halted", "resume": "not_halted"}[op]
                     if (cmd["symbol"] in model.halted) == (op == "halt") else None)
@@ -1210,6 +1298,12 @@ class Stream:
                 assert available + encumbered + locked == model.credits[symbol, account]
                 if not LISTINGS[symbol]["t1"]:
                     assert locked == 0
+                # T+1 exactly, freezes and unfreezes included: sellable now is what is held, less
+                # open sells, less what was bought today (the core never frees more, nor less)
+                assert core.position(symbol, account, self.ts)[0] == max(0, model.sellable(core, symbol, account,
+                                                                                           self.ts))
+                held = core.frozen_locked.get((symbol, account))
+                assert held is None or 0 < held[1] <= model.frozen[symbol, account]
 
     def describe(self) -> str:
         def result(out: Outcome) -> object:
@@ -1221,8 +1315,8 @@ class Stream:
         core, model = self.core, self.model
         assert sum(balance for balance, _ in core.cash.values()) + model.fees == model.net_payments
         for symbol in SYMBOLS:
-            assert sum(sum(core.position(symbol, a)) for a in core.credits[symbol]) == sum(
-                kg for _, kg in HOLDINGS[symbol])
+            assert sum(sum(core.position(symbol, a)) for a in core.credits[symbol]) + sum(
+                model.frozen[symbol, a] for a in ACCOUNTS) == sum(kg for _, kg in HOLDINGS[symbol])
             ids = model.trade_ids[symbol]
             assert ids == list(range(1, len(ids) + 1)) and core.trade_ids[symbol] == len(ids)
 
