@@ -26,7 +26,8 @@ from exchange.errors import CarbonxError
 
 
 async def _demo_setup(dsn: str) -> list[tuple[str, str]]:
-    """Play the launch scenario (idempotent) and make API keys to try the API with."""
+    """Play the launch scenario (idempotent) and make API keys to try the API with (each start
+    revokes the keys the previous one printed)."""
     import asyncpg
 
     from exchange.demo.scenario import load_scenario, run_scenario
@@ -38,7 +39,7 @@ async def _demo_setup(dsn: str) -> list[tuple[str, str]]:
         keys = []
         for code in (sc["operator"]["code"], sc["event"]["organiser"]):
             a = await acc.get_account(conn, code)
-            keys.append((f"{code} ({a.role})", await acc.create_api_key(conn, a.id)))
+            keys.append((f"{code} ({a.role})", await acc.create_api_key(conn, a.id, demo=True)))
         return keys
     finally:
         await conn.close()

@@ -83,13 +83,22 @@ async def list_accounts(conn: asyncpg.Connection) -> list[Account]:
     return [Account(**dict(r)) for r in rows]
 
 
-async def create_api_key(conn: asyncpg.Connection, account_id: int) -> str:
-    """A new API key for the account; the key is returned once and only its hash is kept."""
-    key = "cx_" + secrets.token_urlsafe(32)
-    await conn.execute(
-        "INSERT INTO api_keys (account_id, key_hash, key_prefix) VALUES ($1, $2, $3)",
-        account_id, hash_key(key), key[:10],
-    )
+DEMO_KEY = "cx_demo_"
+
+
+async def create_api_key(conn: asyncpg.Connection, account_id: int, *, demo: bool = False) -> str:
+    """A new API key for the account; the key is returned once and only its hash is kept. A
+    `demo` key (``carbonx serve --demo``) replaces the account's earlier demo keys: they are
+    revoked in the same transaction, so restarting the demo never leaves a trail of live keys."""
+    key = (DEMO_KEY if demo else "cx_") + secrets.token_urlsafe(32)
+    async with conn.transaction():
+        if demo:
+            await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE account_id = $1 AND revoked_at IS NULL "
+                               "AND starts_with(key_prefix, $2)", account_id, DEMO_KEY)
+        await conn.execute(
+            "INSERT INTO api_keys (account_id, key_hash, key_prefix) VALUES ($1, $2, $3)",
+            account_id, hash_key(key), key[:10],
+        )
     return key
 
 
