@@ -468,6 +468,8 @@ class SerialRequest(Strict):
 class SerialResult(BaseModel):
     serials: list[str]
     quantity: Decimal
+    replayed: bool = Field(description="true when this is what an earlier request with the same Idempotency-Key "
+                                        "moved (nothing was moved now)")
 
 
 class ListingRequest(Strict):

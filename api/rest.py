@@ -193,7 +193,8 @@ def paged(what: str, problems: dict = MEMBER, *, page: str | None = None,
 
 
 # Retirements are for good: a retry of a request that may have reached the server must find what
-# it made, not retire again (the IETF's Idempotency-Key header; Stripe's convention).
+# it made, not retire again (the IETF's Idempotency-Key header; Stripe's convention). An operator's
+# freeze, unfreeze or cancel takes one too: its retry would otherwise be refused as already moved.
 IdempotencyKey = Annotated[str | None, Header(
     alias="Idempotency-Key", min_length=1, max_length=48, pattern=r"^[!-~]+$",
     description="makes a retry safe: a repeat with the same key answers with what the first made "
@@ -920,27 +921,33 @@ def create_app(ctx: Context) -> FastAPI:
         return JSON(body | {"replayed": iss.repeated}, status_code=200 if iss.repeated else 201,
                     headers=headers or None)
 
-    async def serial_action(req: M.SerialRequest, fn: Callable[..., Awaitable[registry.MovementResult]]) -> Any:
-        res = await fn(serial=req.serial, reason=req.reason)
+    async def serial_action(req: M.SerialRequest, fn: Callable[..., Awaitable[registry.MovementResult]],
+                            who: Account, key: str | None, action: str) -> Any:
+        # As parse_serial reads the serial, and the reason as the history keeps it.
+        request = (who.id, key, request_digest(action, req.serial.strip().upper(), req.reason.strip())) if key else None
+        res = await fn(serial=req.serial, reason=req.reason, request=request)
         async def names(conn: asyncpg.Connection) -> list[str]:
             out = []
             for p in res.pieces:
                 iss = await registry.get_issuance(conn, p.issuance_id)
                 out.append(format_serial(iss.scheme, iss.project_code, iss.vintage, p.lo, p.hi))
             return out
-        return {"serials": await db(names), "quantity": format_tonnes(res.quantity)}
+        body = {"serials": await db(names), "quantity": format_tonnes(res.quantity), "replayed": res.replayed}
+        return JSON(body, headers={"Idempotent-Replayed": "true"} if res.replayed else None)
 
-    @app.post("/v1/registry/freeze", response_model=M.SerialResult, responses=MEMBER, tags=["operator"])
-    async def freeze(req: M.SerialRequest, _: Operator) -> Any:
-        return await serial_action(req, service.freeze)
+    SERIAL_ACTION = {**MEMBER, 200: {"description": "the serial ranges moved", "headers": REPLAYED}}
 
-    @app.post("/v1/registry/unfreeze", response_model=M.SerialResult, responses=MEMBER, tags=["operator"])
-    async def unfreeze(req: M.SerialRequest, _: Operator) -> Any:
-        return await serial_action(req, service.unfreeze)
+    @app.post("/v1/registry/freeze", response_model=M.SerialResult, responses=SERIAL_ACTION, tags=["operator"])
+    async def freeze(req: M.SerialRequest, who: Operator, key: OneIdempotencyKey) -> Any:
+        return await serial_action(req, service.freeze, who, key, "freeze")
 
-    @app.post("/v1/registry/cancel", response_model=M.SerialResult, responses=MEMBER, tags=["operator"])
-    async def cancel_serials(req: M.SerialRequest, _: Operator) -> Any:
-        return await serial_action(req, service.cancel_serials)
+    @app.post("/v1/registry/unfreeze", response_model=M.SerialResult, responses=SERIAL_ACTION, tags=["operator"])
+    async def unfreeze(req: M.SerialRequest, who: Operator, key: OneIdempotencyKey) -> Any:
+        return await serial_action(req, service.unfreeze, who, key, "unfreeze")
+
+    @app.post("/v1/registry/cancel", response_model=M.SerialResult, responses=SERIAL_ACTION, tags=["operator"])
+    async def cancel_serials(req: M.SerialRequest, who: Operator, key: OneIdempotencyKey) -> Any:
+        return await serial_action(req, service.cancel_serials, who, key, "cancel")
 
     @app.post("/v1/instruments", status_code=201, response_model=M.Instrument, responses=MEMBER, tags=["operator"])
     async def list_instrument(req: M.ListingRequest, _: Operator) -> Any:

@@ -143,12 +143,12 @@ class BlockPlan:
         overlapping = self._overlapping(issuance_id, lo, hi)
         covered = sum(min(b.hi, hi) - max(b.lo, lo) for b in overlapping)
         if covered != hi - lo:
-            raise CarbonxError("not_found", f"serials [{lo}, {hi}) are not all issued in issuance {issuance_id}")
+            raise CarbonxError("not_found", f"serials {lo} to {hi - 1} are not all issued in issuance {issuance_id}")
         for b in overlapping:
             if b.state not in allowed:
                 raise CarbonxError(
                     f"credits_{b.state}",
-                    f"serials [{max(b.lo, lo)}, {min(b.hi, hi)}) are {b.state}; "
+                    f"serials {max(b.lo, lo)} to {min(b.hi, hi) - 1} are {b.state}; "
                     f"only {', '.join(sorted(allowed))} credits can be moved here",
                 )
         pieces = []

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import asyncpg
+import orjson
 
 from exchange.accounts import Account, get_account, validate_code
 from exchange.blockplan import (
@@ -87,10 +88,16 @@ class MovementResult:
     """The ranges one movement moved, lowest first."""
 
     pieces: list[Piece] = field(default_factory=list)
+    replayed: bool = False  # found by its idempotency key (freeze, unfreeze, cancel), not made now
 
     @property
     def quantity(self) -> int:
         return sum(p.size for p in self.pieces)
+
+
+# An operator's change of a serial range under an idempotency key: (account id, key, digest of
+# the request), the digest telling a repeat from another request under a reused key.
+ChangeRequest = tuple[int, str, bytes]
 
 
 _BLOCK_COLUMNS = "id, issuance_id, lower(serials) AS lo, upper(serials) AS hi, owner_account_id, state, retirement_id"
@@ -799,33 +806,63 @@ async def retired_serials(conn: asyncpg.Connection, retirement_ids: list[int]) -
 
 
 async def _by_serial(conn: asyncpg.Connection, serial: str, allowed: frozenset[str], to_state: str,
-                     cause: str, reason: str, dry_run: bool) -> MovementResult:
+                     cause: str, reason: str, dry_run: bool, request: ChangeRequest | None) -> MovementResult:
     if not reason or blank(reason):
         raise CarbonxError("invalid_reason", f"say why: a {cause} needs a reason that the history will show")
     if (why := unsafe(reason)) is not None:
         raise CarbonxError("invalid_reason", f"reason: {why}")
     iss, rng = await resolve_serial(conn, serial)
     movement = ByRange(iss.id, rng.lo, rng.hi, allowed, to_state, cause, reason.strip())
-    [res] = await (check_movements if dry_run else apply_movements)(conn, [movement])
+    if dry_run:
+        return (await check_movements(conn, [movement]))[0]
+    async with conn.transaction():
+        if request is not None:
+            found = await change_by_request(conn, request)
+            if found is not None:
+                return found
+        [res] = await apply_movements(conn, [movement])
+        if request is not None:
+            await conn.execute(
+                "INSERT INTO registry_change_requests (account_id, request_key, request_hash, action, pieces) "
+                "VALUES ($1, $2, $3, $4, $5::jsonb)", *request, cause,
+                orjson.dumps([[p.issuance_id, p.lo, p.hi, p.from_owner, p.from_state] for p in res.pieces]).decode())
     return res
 
+
+async def change_by_request(conn: asyncpg.Connection, request: ChangeRequest) -> MovementResult | None:
+    """What the freeze, unfreeze or cancel that account request[0] made under idempotency key
+    request[1] moved (`replayed`); None if it made none; `idempotency_key_reused` if that change
+    was asked for by another request (its digest is not request[2])."""
+    row = await conn.fetchrow("SELECT request_hash, action, pieces FROM registry_change_requests "
+                              "WHERE account_id = $1 AND request_key = $2", request[0], request[1])
+    if row is None:
+        return None
+    if bytes(row["request_hash"]) != request[2]:
+        raise CarbonxError("idempotency_key_reused", f"Idempotency-Key {request[1]!r} was used for another "
+                                                     f"request (a {row['action']})")
+    return MovementResult([Piece(*p) for p in orjson.loads(row["pieces"])], replayed=True)
+
 # A `dry_run` of freeze, unfreeze or cancel refuses what the change would be refused for as the
-# registry stands, and returns what it would move; it changes and locks nothing.
+# registry stands, and returns what it would move; it changes and locks nothing. With `request`
+# (an idempotency key), a repeat returns what the first request moved and changes nothing.
 
 
-async def freeze(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False) -> MovementResult:
+async def freeze(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False,
+                request: ChangeRequest | None = None) -> MovementResult:
     """Operator: freeze available credits in a serial range (e.g. under investigation)."""
-    return await _by_serial(conn, serial, frozenset({AVAILABLE}), FROZEN, "freeze", reason, dry_run)
+    return await _by_serial(conn, serial, frozenset({AVAILABLE}), FROZEN, "freeze", reason, dry_run, request)
 
 
-async def unfreeze(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False) -> MovementResult:
+async def unfreeze(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False,
+                  request: ChangeRequest | None = None) -> MovementResult:
     """Operator: make frozen credits in a serial range available again."""
-    return await _by_serial(conn, serial, frozenset({FROZEN}), AVAILABLE, "unfreeze", reason, dry_run)
+    return await _by_serial(conn, serial, frozenset({FROZEN}), AVAILABLE, "unfreeze", reason, dry_run, request)
 
 
-async def cancel(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False) -> MovementResult:
+async def cancel(conn: asyncpg.Connection, *, serial: str, reason: str, dry_run: bool = False,
+                request: ChangeRequest | None = None) -> MovementResult:
     """Operator: cancel available or frozen credits for good (e.g. a reversal of a sink)."""
-    return await _by_serial(conn, serial, frozenset({AVAILABLE, FROZEN}), CANCELLED, "cancel", reason, dry_run)
+    return await _by_serial(conn, serial, frozenset({AVAILABLE, FROZEN}), CANCELLED, "cancel", reason, dry_run, request)
 
 
 # --------------------------------------------------------------------------------------------

@@ -568,25 +568,38 @@ class ExchangeService:
             except Exception:
                 log.exception("a registry listener failed")
 
-    async def freeze(self, *, serial: str, reason: str) -> registry.MovementResult:
-        return await self._by_serial(serial, reason, registry.freeze, ("available",), take=True, frozen=True)
+    async def freeze(self, *, serial: str, reason: str,
+                     request: registry.ChangeRequest | None = None) -> registry.MovementResult:
+        return await self._by_serial(serial, reason, registry.freeze, ("available",), take=True, frozen=True,
+                                     request=request)
 
-    async def unfreeze(self, *, serial: str, reason: str) -> registry.MovementResult:
-        return await self._by_serial(serial, reason, registry.unfreeze, ("frozen",), take=False, frozen=True)
+    async def unfreeze(self, *, serial: str, reason: str,
+                       request: registry.ChangeRequest | None = None) -> registry.MovementResult:
+        return await self._by_serial(serial, reason, registry.unfreeze, ("frozen",), take=False, frozen=True,
+                                     request=request)
 
-    async def cancel_serials(self, *, serial: str, reason: str) -> registry.MovementResult:
-        return await self._by_serial(serial, reason, registry.cancel, ("available",), take=True)
+    async def cancel_serials(self, *, serial: str, reason: str,
+                             request: registry.ChangeRequest | None = None) -> registry.MovementResult:
+        return await self._by_serial(serial, reason, registry.cancel, ("available",), take=True, request=request)
 
     @_to_the_end
     async def _by_serial(self, serial: str, reason: str, change: Callable, states: tuple[str, ...],
-                         take: bool, frozen: bool = False) -> registry.MovementResult:
+                         take: bool, frozen: bool = False,
+                         request: registry.ChangeRequest | None = None) -> registry.MovementResult:
         """Freeze, unfreeze or cancel a serial range, and take (or give back) in the core what
         it moves of each member's credits. A freeze's take and an unfreeze's give-back are
         marked ``frozen`` (core adjust): an unfreeze on the day of the freeze gives back locked
-        what the freeze took of that day's purchases, so they stay unsellable until the next (T+1)."""
+        what the freeze took of that day's purchases, so they stay unsellable until the next (T+1).
+        With `request` (operator account, idempotency key, digest), a repeat of a change made
+        returns what it moved (`replayed`) and changes nothing, the core included."""
         if blank(reason or ""):
             raise CarbonxError("invalid_reason", "say why: the registry's history shows the reason")
-        async with self._registry_change():
+        async with self._registry_change():  # also orders a key's repeats: the first is recorded before the next looks
+            if request is not None:
+                async with self._pool.acquire() as conn:
+                    found = await registry.change_by_request(conn, request)
+                if found is not None:
+                    return found
             # The registry as of now: what the range holds per member is what the core gives or takes.
             await self.caught_up(registry=True)
             async with self._pool.acquire() as conn:
@@ -606,7 +619,7 @@ class ExchangeService:
                 if dry_run:
                     return await change(conn, serial=serial, reason=reason, dry_run=True)
                 async with conn.transaction():
-                    result = await change(conn, serial=serial, reason=reason)
+                    result = await change(conn, serial=serial, reason=reason, request=request)
                     # Orders settled since the range was read (a release, a delivery) may have put
                     # other credits in it or taken some out: the core would then have been told
                     # another amount than the registry moved, and the two would disagree for good.

@@ -18,6 +18,7 @@ import pytest
 
 from exchange.database import drop_database, ensure_database, with_database
 from exchange.errors import CarbonxError
+from exchange.serials import format_serial
 from exchange.service import now_us
 from matching import events as E
 from tests.api_helpers import SYMBOL, ServerThread, World, build_world, client, db_rows, ok, operator_key, own_server
@@ -328,6 +329,77 @@ def test_an_issuance_repeated_with_its_reference_issues_once(world, run) -> None
         finally:
             q(server, run, "UPDATE projects SET status = 'active' WHERE code = $1", project)
         assert len(issued()) == count + 2
+
+
+def dev_range(server: ServerThread, run: Any, kg: int) -> str:
+    """The top `kg` serials of DEV's highest available block (sells encumber the lowest first)."""
+    [b] = q(server, run, """SELECT p.scheme, p.code, i.vintage, upper(b.serials) AS hi FROM blocks b
+                            JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
+                            JOIN accounts a ON a.id = b.owner_account_id
+                            WHERE a.code = 'DEV' AND b.state = 'available' AND p.code || '-' || i.vintage = $1
+                            ORDER BY upper(b.serials) DESC LIMIT 1""", SYMBOL)
+    return format_serial(b["scheme"], b["code"], b["vintage"], b["hi"] - kg, b["hi"])
+
+
+def changes_of(server: ServerThread, run: Any, serial: str) -> list[tuple[str, int]]:
+    lo, hi = (int(x) for x in serial.rsplit("-", 2)[1:])
+    rows = q(server, run, """SELECT cause, upper(serials) - lower(serials) AS kg FROM transfers
+                             WHERE serials && int8range($1, $2) AND cause IN ('freeze', 'unfreeze', 'cancel')
+                             ORDER BY id""", lo, hi + 1)
+    return [(r["cause"], r["kg"]) for r in rows]
+
+
+def test_a_retried_freeze_unfreeze_or_cancel_moves_once(world, run) -> None:
+    """A freeze, unfreeze or cancel whose answer was lost (a crash after its commit) is retried with
+    its Idempotency-Key: the retry answers what the first moved, 200 Idempotent-Replayed, and moves
+    nothing in the registry or the core; without a key it is refused as already moved (review26)."""
+    server, w = world
+    serial = dev_range(server, run, 3000)
+    journal_end = "SELECT max(seq) AS seq FROM journal"
+    with w.as_("OPS") as ops, w.as_("DEV") as dev:
+        for path, key in (("freeze", "fz-1"), ("unfreeze", "uf-1"), ("freeze", "fz-2"), ("cancel", "cx-1")):
+            body = {"serial": serial, "reason": f"case 17: {path}"}
+            first = ops.post(f"/v1/registry/{path}", json=body, headers=keyed(key))
+            assert first.status_code == 200 and "idempotent-replayed" not in first.headers, first.text
+            assert first.json() == {"serials": [serial], "quantity": "3.000", "replayed": False}
+            held, end = ok(dev.get("/v1/account")), q(server, run, journal_end)
+            # The same request, spelt otherwise (case, spaces): what the first moved, nothing more.
+            spelt = {"serial": f" {serial.lower()}", "reason": f"{body['reason']} "}
+            again = ops.post(f"/v1/registry/{path}", json=spelt, headers=keyed(key))
+            assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
+            assert again.json() == first.json() | {"replayed": True}
+            assert ok(dev.get("/v1/account")) == held and q(server, run, journal_end) == end
+            if path != "cancel":
+                plain = ops.post(f"/v1/registry/{path}", json=body)
+                assert plain.status_code == 409, plain.text
+                lo, hi = (int(x) for x in serial.rsplit("-", 2)[1:])
+                assert f"serials {lo} to {hi} are" in plain.json()["detail"], plain.text
+        assert changes_of(server, run, serial) == [("freeze", 3000), ("unfreeze", 3000), ("freeze", 3000),
+                                                   ("cancel", 3000)]
+
+
+def test_a_reused_registry_change_key_is_refused_and_changes_nothing(world, run) -> None:
+    server, w = world
+    serial = dev_range(server, run, 1000)
+    with w.as_("OPS") as ops:
+        ok(ops.post("/v1/registry/freeze", json={"serial": serial, "reason": "audit"}, headers=keyed("fz-reuse")))
+        other = dev_range(server, run, 2000)  # below the frozen range
+        before = changes_of(server, run, other)
+        for path, body in (("freeze", {"serial": other, "reason": "audit"}),
+                           ("freeze", {"serial": serial, "reason": "another audit"}),
+                           ("unfreeze", {"serial": serial, "reason": "audit"}),
+                           ("cancel", {"serial": serial, "reason": "audit"})):
+            r = ops.post(f"/v1/registry/{path}", json=body, headers=keyed("fz-reuse"))
+            assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused", r.text
+            assert "a freeze" in r.json()["detail"]
+        assert changes_of(server, run, other) == before
+        assert changes_of(server, run, serial) == [("freeze", 1000)]
+        # A refused change records no key: the same key makes the change once it can be made.
+        r = ops.post("/v1/registry/unfreeze", json={"serial": other, "reason": "audit"}, headers=keyed("uf-early"))
+        assert r.status_code == 409 and r.json()["code"] == "credits_available", r.text
+        ok(ops.post("/v1/registry/freeze", json={"serial": other, "reason": "audit"}))
+        r = ops.post("/v1/registry/unfreeze", json={"serial": other, "reason": "audit"}, headers=keyed("uf-early"))
+        assert r.status_code == 200 and r.json()["replayed"] is False, r.text
 
 
 @pytest.mark.parametrize("snapshot", [True, False], ids=["from-snapshot", "journal-only"])
