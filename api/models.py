@@ -239,6 +239,9 @@ class AccountView(BaseModel):
     cash_reserved: Decimal
     holdings: list[Holding]
     retired: list[dict[str, str]] = Field(description="retired tonnes per project vintage")
+    frozen: list[dict[str, str]] = Field(description="frozen tonnes per project vintage: still the account's in "
+                                                     "the registry, but out of trading until an operator unfreezes "
+                                                     "them")
     self_trade_prevention: SelfTradePrevention
 
 

@@ -760,15 +760,20 @@ def create_app(ctx: Context) -> FastAPI:
             if available or encumbered or locked:
                 holdings.append({"symbol": symbol, "available": format_tonnes(available),
                                  "encumbered": format_tonnes(encumbered), "locked": format_tonnes(locked)})
+        # Retired and frozen credits are the registry's: the core no longer holds them (a freeze
+        # takes them out of trading), yet they are the member's, and a frozen holding that simply
+        # vanished from its account would be a mystery to it.
         rows = await service.pool.fetch(
-            """SELECT p.code, i.vintage, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
+            """SELECT b.state, p.code, i.vintage, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
                FROM blocks b JOIN issuances i ON i.id = b.issuance_id JOIN projects p ON p.id = i.project_id
-               WHERE b.owner_account_id = $1 AND b.state = 'retired' GROUP BY 1, 2 ORDER BY 1, 2""", who.id)
+               WHERE b.owner_account_id = $1 AND b.state IN ('retired', 'frozen') GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+            who.id)
+        by_state: dict[str, list[dict[str, str]]] = {"retired": [], "frozen": []}
+        for r in rows:
+            by_state[r["state"]].append({"symbol": f"{r['code']}-{r['vintage']}", "quantity": format_tonnes(r["kg"])})
         return {"code": who.code, "name": who.name, "kind": who.kind, "role": who.role,
                 "cash_available": format_cash(balance - reserved), "cash_reserved": format_cash(reserved),
-                "holdings": holdings,
-                "retired": [{"symbol": f"{r['code']}-{r['vintage']}", "quantity": format_tonnes(r["kg"])}
-                            for r in rows],
+                "holdings": holdings, "retired": by_state["retired"], "frozen": by_state["frozen"],
                 "self_trade_prevention": STP_MODES[core.stp.get(who.id, E.STP_CANCEL_RESTING) - 1]}
 
     @app.post("/v1/retirements", status_code=201, response_model=M.RetirementView,

@@ -349,6 +349,10 @@ def changes_of(server: ServerThread, run: Any, serial: str) -> list[tuple[str, i
     return [(r["cause"], r["kg"]) for r in rows]
 
 
+def frozen(account: dict[str, Any]) -> Decimal:
+    return sum((Decimal(f["quantity"]) for f in account["frozen"] if f["symbol"] == SYMBOL), Decimal(0))
+
+
 def test_a_retried_freeze_unfreeze_or_cancel_moves_once(world, run) -> None:
     """A freeze, unfreeze or cancel whose answer was lost (a crash after its commit) is retried with
     its Idempotency-Key: the retry answers what the first moved, 200 Idempotent-Replayed, and moves
@@ -357,12 +361,15 @@ def test_a_retried_freeze_unfreeze_or_cancel_moves_once(world, run) -> None:
     serial = dev_range(server, run, 3000)
     journal_end = "SELECT max(seq) AS seq FROM journal"
     with w.as_("OPS") as ops, w.as_("DEV") as dev:
+        frozen_before = frozen(ok(dev.get("/v1/account")))  # other tests' freezes
         for path, key in (("freeze", "fz-1"), ("unfreeze", "uf-1"), ("freeze", "fz-2"), ("cancel", "cx-1")):
             body = {"serial": serial, "reason": f"case 17: {path}"}
             first = ops.post(f"/v1/registry/{path}", json=body, headers=keyed(key))
             assert first.status_code == 200 and "idempotent-replayed" not in first.headers, first.text
             assert first.json() == {"serials": [serial], "quantity": "3.000", "replayed": False}
             held, end = ok(dev.get("/v1/account")), q(server, run, journal_end)
+            # A frozen holding stays in sight: out of trading, still the member's.
+            assert frozen(held) == frozen_before + (Decimal("3.000") if path == "freeze" else 0), held
             # The same request, spelt otherwise (case, spaces): what the first moved, nothing more.
             spelt = {"serial": f" {serial.lower()}", "reason": f"{body['reason']} "}
             again = ops.post(f"/v1/registry/{path}", json=spelt, headers=keyed(key))
