@@ -23,6 +23,7 @@ from exchange.cli.serve import _Progress, serve_until_stopped
 from exchange.config import load_settings
 from exchange.database import prepare_database
 from exchange.errors import CarbonxError
+from exchange.service import refuse_while_serving
 
 
 async def _demo_setup(dsn: str) -> list[tuple[str, str]]:
@@ -34,6 +35,9 @@ async def _demo_setup(dsn: str) -> list[tuple[str, str]]:
 
     conn = await asyncpg.connect(dsn)
     try:
+        # Refused beside a running exchange (before the scenario writes a thing, or the demo keys
+        # it printed are revoked), and keeps one from starting until the scenario is in.
+        await refuse_while_serving(conn, hold=True)
         await run_scenario(conn, say=lambda line: typer.echo(f"  demo: {line}", err=True))
         sc = load_scenario()
         keys = []

@@ -126,14 +126,18 @@ def _apply_due(core: ExchangeCore, command: dict, ts: int) -> tuple[dict, Outcom
     return command, out
 
 
-async def refuse_while_serving(conn: asyncpg.Connection) -> None:
-    """Raise `service_running` if an exchange service owns this database right now."""
+async def refuse_while_serving(conn: asyncpg.Connection, hold: bool = False) -> None:
+    """Raise `service_running` if an exchange service owns this database right now. With `hold`,
+    keep the service off it until `conn` closes (or unlocks the shared lock): a command-line
+    change checked and then made with the lock let go could be made behind the back of a service
+    started meanwhile, which had read the member's cash or credits before it (review27)."""
     free = await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", SERVICE_LOCK_KEY)
     if not free:
         raise CarbonxError("service_running",
                            "the exchange service is running on this database and owns member cash and credits; "
                            "stop it first (or send the change through it)")
-    await conn.execute("SELECT pg_advisory_unlock_shared($1)", SERVICE_LOCK_KEY)
+    if not hold:
+        await conn.execute("SELECT pg_advisory_unlock_shared($1)", SERVICE_LOCK_KEY)
 
 
 class ExchangeService:
@@ -224,8 +228,17 @@ class ExchangeService:
     async def _start(self) -> None:
         self._conn = await asyncpg.connect(self.dsn, server_settings=named("journal", self.dsn))
         if not await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SERVICE_LOCK_KEY):
+            # Held exclusively by a service, or shared by command-line changes under way.
+            serving = await self._conn.fetchval(
+                "SELECT coalesce(bool_or(mode = 'ExclusiveLock'), false) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND classid = 0 AND objid = $1 AND objsubid = 1 AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", SERVICE_LOCK_KEY)
             await self._conn.close()
-            raise CarbonxError("service_running", "another carbonx exchange service is running on this database")
+            if serving:
+                raise CarbonxError("service_running", "another carbonx exchange service is running on this database")
+            raise CarbonxError("service_running", "a command-line change (carbonx cash, registry, demo or clearing) "
+                                                  "is under way on this database: start the exchange once it has "
+                                                  "finished")
         self._proj = await connect_consumer(self.dsn, "projector")
         self._hist = await connect_consumer(self.dsn, "history")
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4,

@@ -1,11 +1,14 @@
 """The `carbonx` command line as a user runs it: real subprocesses, real PostgreSQL."""
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+
+from exchange.errors import CarbonxError
 
 
 def carbonx(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -276,3 +279,51 @@ def test_cash_an_expired_gtd_buy_reserved_may_be_paid_out_while_stopped(url_env,
 async def _started(svc):
     await svc.start()
     return svc
+
+
+def test_a_command_line_change_keeps_the_exchange_from_starting_until_it_has_finished(url_env, db, run,
+                                                                                      monkeypatch):
+    """A withdrawal checks that no service runs and then works (a journal replay first): a service
+    started meanwhile read the member's cash before the payout, let it buy with it, and could then
+    neither settle the trade nor start again (review27, F1). The command holds the service off
+    for its whole run now, and the refused start says why."""
+    from exchange.cli.common import run_db
+    from exchange.service import ExchangeService
+
+    kiln_and_hotel(url_env)
+    monkeypatch.setenv("DATABASE_URL", db)
+    refused: list[CarbonxError] = []
+
+    async def body(conn) -> None:
+        with pytest.raises(CarbonxError) as err:
+            await _started(ExchangeService(db))
+        refused.append(err.value)
+
+    run_db(None, body, member_assets=True)
+    assert refused[0].code == "service_running" and "command-line change" in refused[0].message
+    run(_stopped_after_start(db))
+
+
+def test_clearing_settle_and_member_changes_are_refused_while_the_exchange_runs(url_env, db, run):
+    """`clearing settle` is for a stopped exchange: a running one settles by itself and holds its
+    projector back around registry changes, which a second projector would pass (review27, F6)."""
+    from exchange.service import ExchangeService
+
+    kiln_and_hotel(url_env)
+
+    async def beside_a_service() -> list:
+        svc = await _started(ExchangeService(db))
+        try:
+            return [await asyncio.to_thread(carbonx, *args, env=url_env, check=False)
+                    for args in (["clearing", "settle"], ["cash", "deposit", "HOTEL", "1", "--reference", "b-2"])]
+        finally:
+            await svc.stop()
+    for proc in run(beside_a_service()):
+        assert proc.returncode == 1 and "[service_running]" in proc.stderr, proc.stderr
+    assert "settled" in carbonx("clearing", "settle", env=url_env).stdout
+
+
+async def _stopped_after_start(db: str) -> None:
+    from exchange.service import ExchangeService
+
+    await (await _started(ExchangeService(db))).stop()

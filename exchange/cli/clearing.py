@@ -98,7 +98,8 @@ def settle(
             sys.stderr.write("\n")
         typer.echo(f"settled {done:,} journal entries; position {await projector.position(conn):,}")
 
-    run_db(data_dir, body)
+    # A running service settles by itself, and holds its projector back around registry changes.
+    run_db(data_dir, body, service_off=True)
 
 
 def reconcile(data_dir: DataDir = None) -> None:

@@ -43,22 +43,24 @@ def fail(message: str, code: str | None = None) -> None:
 
 
 def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable[T]], *,
-           member_assets: bool = False) -> T:
+           member_assets: bool = False, service_off: bool = False) -> T:
     """Open the database under `data_dir` (or DATABASE_URL), run `body`, close.
 
     `member_assets` marks a command that takes cash or credits from a member: it is refused while
     the exchange service runs, because the service then owns them (exchange/service.py), and
     while journal entries are not yet settled (after a crash): the journal may have promised the
     credits or cash to an order or a trade, and a change made under it would leave an entry the
-    next start could not settle.
+    next start could not settle. `service_off` refuses only while the service runs. Either keeps
+    the service from starting until `body` has finished.
     """
 
     async def main() -> T:
         dsn = await prepare_database(load_settings(data_dir))
         conn = await asyncpg.connect(dsn)
         try:
+            if member_assets or service_off:
+                await refuse_while_serving(conn, hold=True)  # let go when the connection closes
             if member_assets:
-                await refuse_while_serving(conn)
                 await refuse_while_unsettled(conn)
             return await body(conn)
         finally:
