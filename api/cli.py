@@ -18,7 +18,7 @@ from api.auth import Limits
 from api.server import Exchange
 from exchange import accounts as acc
 from exchange.cli import app
-from exchange.cli.common import DataDir, fail
+from exchange.cli.common import DataDir, fail, one_line_errors
 from exchange.cli.serve import _Progress, serve_until_stopped
 from exchange.config import load_settings
 from exchange.database import prepare_database
@@ -83,13 +83,15 @@ async def _serve(data_dir, host: str, http_port: int, ws_port: int, demo: bool, 
     if keys:
         # The fragment never reaches the server; the page takes the organiser's key from it.
         say(f"open      {ex.http_url}/#key={keys[-1][1]}   (the web page, as the launch event's organiser)")
-    await serve_until_stopped(service, stdio, ready=lambda: say("ready"))
+    stdin_failed = await serve_until_stopped(service, stdio, ready=lambda: say("ready"))
     if market is not None:
         await market.stop()
     failure = service.failure
     await ex.stop()
     if failure is not None:
         raise CarbonxError("unavailable", f"the exchange stopped: {failure}")
+    if stdin_failed is not None:
+        raise CarbonxError("stdin_failed", f"{stdin_failed}; the exchange stopped cleanly at seq {service.core.seq}")
     say(f"stopped cleanly at seq {service.core.seq}")
 
 
@@ -108,13 +110,9 @@ def serve(
     """Run the exchange, clearing, REST API and websocket feed until SIGTERM or Ctrl-C."""
     if book not in (None, "cython", "reference"):
         fail(f"unknown book {book!r}; expected cython or reference", "invalid_option")
-    try:
+    with one_line_errors(os_code="os_error"):
         asyncio.run(_serve(data_dir, host, http_port, ws_port, demo, stdio, snapshot_every, flush_ms, book,
                            rate_limit))
-    except CarbonxError as e:
-        fail(e.message, e.code)
-    except OSError as e:
-        fail(f"{e}", "os_error")
 
 
 app.registered_commands[:] = [c for c in app.registered_commands if c.name != "serve"]

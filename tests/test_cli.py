@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from exchange.errors import CarbonxError
@@ -327,3 +328,42 @@ async def _stopped_after_start(db: str) -> None:
     from exchange.service import ExchangeService
 
     await (await _started(ExchangeService(db))).stop()
+
+
+def test_serve_stdio_reads_commands_from_a_file(url_env, tmp_path):
+    """`serve --stdio < commands.jsonl`: a regular file cannot be watched by the event loop; its
+    lines are answered all the same, and the end of the file stops the exchange cleanly. It used
+    to answer nothing and spin a core until killed (review27, F5)."""
+    commands = tmp_path / "commands.jsonl"
+    commands.write_text("".join(orjson.dumps({"id": i, "op": "digest"}).decode() + "\n" for i in range(3)))
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CARBONX_DATA_DIR")} | url_env
+    with commands.open("rb") as stdin:
+        proc = subprocess.run([sys.executable, "-m", "exchange", "serve", "--stdio"], stdin=stdin,
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(orjson.loads(line)["id"] for line in proc.stdout.splitlines()) == [0, 1, 2]
+    assert "stopped cleanly" in proc.stderr
+
+
+def test_a_start_that_cannot_settle_says_why_in_one_line(url_env, db, run):
+    """A journaled entry the database refuses at the start's settlement (here a deposit to an
+    account that does not exist, as no real path journals) stops the start with one line that
+    says what the database refused, not a page of traceback (review27, F4)."""
+    from exchange.service import ExchangeService
+
+    async def journal_unsettleable() -> None:
+        svc = await _started(ExchangeService(db, project=False))
+        try:
+            _, durable = svc.apply({"op": "deposit", "account": 987_654, "amount": 100, "ref": "nobody"})
+            await durable
+        finally:
+            await svc.stop()
+    run(journal_unsettleable())
+    for command in (["-m", "exchange", "serve", "--stdio"], ["-m", "api", "serve", "--http-port", "0",
+                                                             "--ws-port", "0"]):
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CARBONX_DATA_DIR")} | url_env
+        proc = subprocess.run([sys.executable, *command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              env=env, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[-1].startswith("error: ") and "account" in lines[-1], proc.stderr

@@ -8,11 +8,14 @@ refused request into one clear line on stderr and exit status 1.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
+import click
 import typer
 
 from exchange import journal, projector
@@ -66,8 +69,20 @@ def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable
         finally:
             await conn.close()
 
-    try:
+    with one_line_errors():
         return asyncio.run(main())
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def one_line_errors(os_code: str = "database_error") -> Iterator[None]:
+    """Turn what stops a command into one clear line on stderr and exit status 1: a refusal, a
+    database's, an operating system's (`os_code`), and anything else by its type and message (a
+    traceback is for developers: CARBONX_TRACEBACK=1 lets it through)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, click.ClickException):
+        raise
     except CarbonxError as e:
         fail(e.message, e.code)
     except UnitError as e:
@@ -77,9 +92,14 @@ def run_db(data_dir: Path | None, body: Callable[[asyncpg.Connection], Awaitable
     except asyncpg.IntegrityConstraintViolationError as e:  # the message without the failing row's dump
         fail(f"the database refused it ({e.constraint_name or 'a rule'}): {e.args[0] if e.args else e}",
              "invalid_request")
-    except (OSError, asyncpg.PostgresError) as e:
+    except asyncpg.PostgresError as e:
         fail(f"database: {e}", "database_error")
-    raise AssertionError("unreachable")
+    except OSError as e:
+        fail(f"database: {e}" if os_code == "database_error" else str(e), os_code)
+    except Exception as e:
+        if os.environ.get("CARBONX_TRACEBACK"):
+            raise
+        fail(f"{type(e).__name__}: {e} (CARBONX_TRACEBACK=1 shows where)", "internal_error")
 
 
 async def refuse_while_unsettled(conn: asyncpg.Connection) -> None:

@@ -25,13 +25,13 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
 import typer
 
-from exchange.cli.common import DataDir, fail
+from exchange.cli.common import DataDir, fail, one_line_errors
 from exchange.config import load_settings
 from exchange.database import prepare_database
 from exchange.errors import CarbonxError
@@ -96,10 +96,24 @@ async def _after(durable: Awaitable[None], answer: dict[str, Any]) -> dict[str, 
     return answer
 
 
-async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
+async def _stdin_lines() -> AsyncIterator[bytes]:
+    """Lines of stdin as they come: through the event loop from a pipe, a socket or a terminal,
+    in a thread from a regular file (``serve --stdio < commands.jsonl``), which the loop cannot
+    watch (review27: that start failed unseen and the process spun)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    except ValueError:  # "Pipe transport is for pipes/sockets only"
+        while lines := await asyncio.to_thread(sys.stdin.buffer.readlines, 1 << 20):
+            for line in lines:
+                yield line
+        return
+    while line := await reader.readline():
+        yield line
+
+
+async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
     out = sys.stdout.buffer
     pending: set[asyncio.Task] = set()
 
@@ -110,9 +124,8 @@ async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
     async def deliver(answer: Awaitable[dict[str, Any]]) -> None:
         write(await answer)
 
-    while not stop.is_set():
-        line = await reader.readline()
-        if not line:
+    async for line in _stdin_lines():
+        if stop.is_set():
             break
         if not line.strip():
             continue
@@ -133,10 +146,12 @@ async def _stdio(service: ExchangeService, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def serve_until_stopped(service: ExchangeService, stdio: bool, ready: Callable[[], None] | None = None) -> None:
+async def serve_until_stopped(service: ExchangeService, stdio: bool,
+                              ready: Callable[[], None] | None = None) -> str | None:
     """Serve (and read stdin commands with `stdio`) until SIGTERM, Ctrl-C, the end of stdin or
     a failure of the service. `ready` is called once a signal stops it cleanly: a "ready" said
-    before that would let an early Ctrl-C end the process with a traceback."""
+    before that would let an early Ctrl-C end the process with a traceback. Returns what went
+    wrong with stdin, if anything did (the caller stops the service first, then says it)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,11 +163,16 @@ async def serve_until_stopped(service: ExchangeService, stdio: bool, ready: Call
     watch = [waiter] + ([worker] if worker else [])
     while not stop.is_set() and service.failure is None:
         await asyncio.wait(watch, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+        if worker is not None and worker.done():
+            break  # stdin ended (it set `stop`) or its reader failed: said below, never spun on
+    waiter.cancel()
     if worker is not None and not worker.done():
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await worker
-    waiter.cancel()
+    elif worker is not None and not worker.cancelled() and worker.exception() is not None:
+        return f"reading commands from stdin failed: {worker.exception()!r}"
+    return None
 
 
 async def _serve(data_dir, stdio: bool, snapshot_every: int, flush_ms: float, book: str | None) -> None:
@@ -171,11 +191,13 @@ async def _serve(data_dir, stdio: bool, snapshot_every: int, flush_ms: float, bo
                f"{time.perf_counter() - began:.2f} s; {len(core.listings)} instruments, "
                f"{len(core.orders):,} open orders", err=True)
     typer.echo(f"state {core.state_digest()} at seq {core.seq}", err=True)
-    await serve_until_stopped(service, stdio, ready=lambda: typer.echo("ready", err=True))
+    stdin_failed = await serve_until_stopped(service, stdio, ready=lambda: typer.echo("ready", err=True))
     failure = service.failure
     await service.stop()
     if failure is not None:
         raise CarbonxError("unavailable", f"the exchange stopped: {failure}")
+    if stdin_failed is not None:
+        raise CarbonxError("stdin_failed", f"{stdin_failed}; the exchange stopped cleanly at seq {service.core.seq}")
     typer.echo(f"stopped cleanly at seq {service.core.seq}", err=True)
 
 
@@ -189,9 +211,5 @@ def serve(
     """Run the exchange: recover from the journal, then accept commands until stopped."""
     if book not in (None, "cython", "reference"):
         fail(f"unknown book {book!r}; expected cython or reference", "invalid_option")
-    try:
+    with one_line_errors():
         asyncio.run(_serve(data_dir, stdio, snapshot_every, flush_ms, book))
-    except CarbonxError as e:
-        fail(e.message, e.code)
-    except OSError as e:
-        fail(f"database: {e}", "database_error")
