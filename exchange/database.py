@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 
 from exchange.config import Settings
+from exchange.errors import CarbonxError
 
 DATABASE_NAME = "carbonx"
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -177,7 +178,13 @@ async def prepare_database(settings: Settings) -> str:
     else:
         await ensure_database(server, DATABASE_NAME)
         dsn = with_database(server, DATABASE_NAME)
-    conn = await asyncpg.connect(dsn)
+    try:
+        conn = await asyncpg.connect(dsn)
+    except (ValueError, asyncpg.ClientConfigurationError) as e:  # asyncpg's reading of the URL
+        if not settings.database_url:
+            raise
+        raise CarbonxError("invalid_database_url", f"DATABASE_URL is not a PostgreSQL URL asyncpg can use: {e} "
+                                                   "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE)") from None
     try:
         await migrate(conn)
     finally:

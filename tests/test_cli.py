@@ -367,3 +367,11 @@ def test_a_start_that_cannot_settle_says_why_in_one_line(url_env, db, run):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert lines[-1].startswith("error: ") and "account" in lines[-1], proc.stderr
+
+
+@pytest.mark.parametrize("url", ["postgresql://u:s3cret-pw@127.0.0.1:notaport/x", "mysql://u:s3cret-pw@h/x"])
+def test_a_malformed_database_url_is_one_clear_line(url):
+    """It used to be a 70-line traceback (review27, F11); the password is never echoed."""
+    proc = carbonx("db", "status", env={"DATABASE_URL": url}, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "[invalid_database_url]" in proc.stderr and "s3cret" not in proc.stderr
