@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from exchange.errors import CarbonxError
+from exchange.text import unsafe
 
 KINDS = ("operator", "project_developer", "enterprise", "scenic_area", "event_organiser", "individual")
 ROLES = ("operator", "member")
@@ -60,6 +61,8 @@ async def create_account(
     name = (name or "").strip() or code
     if len(name) > 200:
         raise CarbonxError("invalid_name", "account name must be at most 200 characters")
+    if (why := unsafe(name)) is not None:  # REST refuses it too; the command line came here unchecked
+        raise CarbonxError("invalid_name", f"account name: {why}")
     row = await conn.fetchrow(
         """INSERT INTO accounts (code, name, kind, role) VALUES ($1, $2, $3, $4)
            ON CONFLICT (code) DO NOTHING RETURNING id""",

@@ -43,6 +43,7 @@ METHODOLOGIES = (
     "renewable_energy", "energy_efficiency", "methane_recovery", "low_carbon_transport", "other",
 )
 _SCHEME = re.compile(r"[A-Z][A-Z0-9]{1,15}")
+_PROJECT_CODE = re.compile(r"[A-Z0-9]+(-[A-Z0-9]+)*")  # projects_code_check
 MAX_SERIAL = 10_000_000_000  # ten digits of kilograms per project vintage
 _CERT_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # no 0/O, 1/I/L: codes are read aloud and typed
 
@@ -507,6 +508,9 @@ async def add_project(
 ) -> Project:
     """Register a project for a developer account; `project_exists` if the code is taken."""
     validate_code(code, "project code")
+    if len(code) > 32 or not _PROJECT_CODE.fullmatch(code):  # the table's CHECK, in words
+        raise CarbonxError("invalid_code", f"project code {code!r} must be at most 32 upper-case letters and digits, "
+                                           "in groups joined by single '-' (e.g. LQS-FS)")
     if methodology not in METHODOLOGIES:
         raise CarbonxError("invalid_methodology",
                            f"methodology {methodology!r} must be one of: {', '.join(METHODOLOGIES)}")
@@ -518,6 +522,11 @@ async def add_project(
                                               "starting with a letter (e.g. CDHF)")
     if not isinstance(region, str) or len(region) > 100:
         raise CarbonxError("invalid_project", "region must be at most 100 characters")
+    # Names and regions are printed on certificates and pages: REST refuses such text, and so
+    # must every other way in (the command line wrote it unchecked: review27).
+    for what, text in (("project name", name), ("region", region)):
+        if (why := unsafe(text)) is not None:
+            raise CarbonxError("invalid_name" if what == "project name" else "invalid_project", f"{what}: {why}")
     dev = _member(await get_account(conn, developer), "issued to (as the project's developer)")
     try:
         row = await conn.fetchrow(
@@ -580,6 +589,9 @@ async def issue(
     if not isinstance(vintage, int) or not 1990 <= vintage <= 2100:
         raise CarbonxError("invalid_vintage", f"vintage must be a year between 1990 and 2100, got {vintage!r}")
     reference = (reference or "").strip()  # "VR-1 " is VR-1, and only spaces is no reference
+    if len(reference) > 200 or (why := unsafe(reference)) is not None:
+        raise CarbonxError("invalid_reference", "reference must be at most 200 characters" if len(reference) > 200
+                           else f"reference: {why}")
     async with conn.transaction():
         proj = await get_project(conn, project)
         holder = _member(await get_account(conn, to_account), "issued to") if to_account else None
@@ -701,6 +713,10 @@ async def transfer(
     symbol: str | None = None, issuance_id: int | None = None, cause: str = "transfer", cause_ref: str,
 ) -> MovementResult:
     """Move available credits between accounts (over the counter, or a settled trade)."""
+    if not isinstance(cause_ref, str) or blank(cause_ref) or len(cause_ref) > 200:
+        raise CarbonxError("invalid_reference", "a transfer's reference must be 1–200 characters (not only spaces)")
+    if (why := unsafe(cause_ref)) is not None:
+        raise CarbonxError("invalid_reference", f"reference: {why}")
     src = await get_account(conn, from_account)
     dst = _member(await get_account(conn, to_account), "transferred to")
     if src.id == dst.id:
