@@ -384,3 +384,22 @@ def test_a_data_dir_with_a_space_works(tmp_path):
     for _ in range(2):  # a fresh server, then the same data directory again
         out = carbonx("db", "status", "--data-dir", str(data)).stdout
         assert "issuances: 0 rows" in out, out
+
+
+def test_file_commands_refuse_in_one_line(tmp_path, url_env):
+    """Files that cannot be written are the file's problem, said in one line, exit 1 (review27,
+    F10): they were tracebacks, or blamed on the database. A stream that is not one is a refusal
+    like any other (exit 1, not Click's usage error 2), and a negative count is refused."""
+    missing = tmp_path / "no" / "such"
+    stream = tmp_path / "s.txt"
+    carbonx("replay-gen", str(stream), "--commands", "10")
+    (bad := tmp_path / "bad.txt").write_text("hello\n")
+    for args in (["replay-gen", str(missing / "s.txt"), "--commands", "10"],
+                 ["replay", str(stream), "--fills", str(missing / "f.txt")],
+                 ["clearing", "report", "--date", "2026-11-22", "--out", str(missing / "x.csv")],
+                 ["replay", str(bad)]):
+        proc = carbonx(*args, env=url_env, check=False)
+        assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (
+            args, proc.stderr)
+        assert "database" not in proc.stderr, proc.stderr
+    assert carbonx("replay-gen", str(stream), "--commands", "-5", check=False).returncode == 2

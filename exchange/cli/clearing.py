@@ -14,6 +14,7 @@ import typer
 from clearing.report import SettledTrade, summarise, write_csv
 from exchange import projector
 from exchange.cli.common import DataDir, fail, run_db
+from exchange.errors import CarbonxError
 from exchange.reconcile import reconcile as run_reconcile
 from matching.core import DAY_US, Listing
 from matching.units import format_cash, format_price, format_tonnes
@@ -64,8 +65,11 @@ def report(
                WHERE t.ts >= $1 AND t.ts < $2 ORDER BY t.symbol, t.trade_id""", start, end)
         trades = [SettledTrade(*r) for r in rows]
         day = summarise(date, trades, await _ticks(conn))
-        with path.open("w", encoding="utf-8", newline="") as f:
-            n = write_csv(day, f)
+        try:
+            with path.open("w", encoding="utf-8", newline="") as f:
+                n = write_csv(day, f)
+        except OSError as e:  # the file's problem, not the database's
+            raise CarbonxError("cannot_write", f"cannot write the report to {str(path)!r}: {e.strerror or e}") from None
         typer.echo(f"settlement report for {date} (Asia/Shanghai): {len(trades):,} trades → {path} ({n} rows)")
         for symbol, i in sorted(day.instruments.items()):
             typer.echo(f"  {symbol}: {format_tonnes(i.volume)} t in {i.trades:,} trades, value "

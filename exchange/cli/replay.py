@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from exchange.cli.common import fail, one_line_errors
+
 app = typer.Typer()
 
 
@@ -19,7 +21,7 @@ def replay_cmd(
         str, typer.Option(help="cython (batch, inside C) | cython-api (per command) | reference")
     ] = "cython",
     fills: Annotated[
-        Path | None, typer.Option(help="Write fills here, one 'taker maker price qty' a line.")
+        Path | None, typer.Option(help="Write fills here, one 'taker maker price qty' a line.", dir_okay=False)
     ] = None,
     reduce_loses_priority: Annotated[
         bool, typer.Option("--reduce-loses-priority", help="R re-queues the order at the back.")
@@ -30,17 +32,17 @@ def replay_cmd(
 
     if engine not in REPLAY_ENGINES:
         raise typer.BadParameter(f"engine must be one of {', '.join(REPLAY_ENGINES)}")
-    out = fills.open("w") if fills is not None else None
-    try:
-        result = replay(parse_file_chunks(str(stream)), engine, reduce_loses_priority, out)
-    except StreamError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    finally:
-        if out is not None:
-            out.close()
-    typer.echo(f"{result.commands} commands in {result.seconds:.3f} s: "
-               f"{result.rate:.0f} commands/s")
+    with one_line_errors(os_code="os_error"):
+        out = fills.open("w") if fills is not None else None
+        try:
+            result = replay(parse_file_chunks(str(stream)), engine, reduce_loses_priority, out)
+        except StreamError as exc:  # a refusal of input, as every other command's: exit 1
+            fail(str(exc), "invalid_stream")
+        finally:
+            if out is not None:
+                out.close()
+    rate = f"{result.rate:.0f} commands/s" if result.commands else "nothing to replay"
+    typer.echo(f"{result.commands} commands in {result.seconds:.3f} s: {rate}")
     typer.echo(f"{result.fills} fills")
 
 
@@ -48,7 +50,7 @@ def replay_cmd(
 def replay_gen(
     out: Annotated[Path, typer.Argument(help="Where to write the stream.")],
     workload: Annotated[str, typer.Option(help="exchange-core | simple")] = "exchange-core",
-    commands: Annotated[int, typer.Option(help="Number of commands.")] = 3_000_000,
+    commands: Annotated[int, typer.Option(min=0, help="Number of commands.")] = 3_000_000,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same stream.")] = 1,
 ) -> None:
     """Write a deterministic benchmark stream for `carbonx replay` (or another engine)."""
@@ -56,5 +58,6 @@ def replay_gen(
 
     if workload not in WORKLOADS:
         raise typer.BadParameter(f"workload must be one of {', '.join(WORKLOADS)}")
-    write_stream(str(out), workload, commands, seed)
+    with one_line_errors(os_code="os_error"):
+        write_stream(str(out), workload, commands, seed)
     typer.echo(f"wrote {commands} {workload} commands to {out}")
