@@ -145,7 +145,7 @@ def test_cli_gen_and_replay(tmp_path) -> None:
     bad = tmp_path / "bad.txt"
     bad.write_text("P 1 2\n")
     res = runner.invoke(replay_cli.app, ["replay", str(bad)])
-    assert res.exit_code == 2
+    assert res.exit_code == 1  # a refused stream, as every refused input (a missing file is a usage error)
     res = runner.invoke(replay_cli.app, ["replay", str(tmp_path / "missing.txt")])
     assert res.exit_code == 2
     assert "Invalid value for 'stream'" in res.output
