@@ -24,6 +24,7 @@ from exchange.config import load_settings
 from exchange.database import prepare_database
 from exchange.errors import CarbonxError
 from exchange.service import refuse_while_serving
+from matching.units import format_tonnes
 
 
 async def _demo_setup(dsn: str) -> list[tuple[str, str]]:
@@ -38,7 +39,10 @@ async def _demo_setup(dsn: str) -> list[tuple[str, str]]:
         # Refused beside a running exchange (before the scenario writes a thing, or the demo keys
         # it printed are revoked), and keeps one from starting until the scenario is in.
         await refuse_while_serving(conn, hold=True)
-        await run_scenario(conn, say=lambda line: typer.echo(f"  demo: {line}", err=True))
+        res = await run_scenario(conn, say=lambda line: typer.echo(f"  demo: {line}", err=True))
+        typer.echo(f"  demo: {'retired' if res.first_run else 'already retired'} "
+                   f"{format_tonnes(res.retired_kg)} t for the launch event: certificate {res.certificate_code}",
+                   err=True)
         sc = load_scenario()
         keys = []
         for code in (sc["operator"]["code"], sc["event"]["organiser"]):

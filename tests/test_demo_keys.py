@@ -12,14 +12,18 @@ from exchange import accounts as acc
 from exchange.errors import CarbonxError
 
 
-def test_each_demo_start_replaces_the_keys_it_printed_before(db, run) -> None:
+def test_each_demo_start_replaces_the_keys_it_printed_before(db, run, capsys) -> None:
     async def main() -> None:
         first = dict(await _demo_setup(db))
+        # Every step is reported, the launch retirement and its certificate too (review27, F12).
+        said = capsys.readouterr().err
+        assert "demo: retired 1.200 t for the launch event: certificate CX-" in said, said
         conn = await asyncpg.connect(db)
         try:
             operator = await acc.get_account(conn, "OPERATOR")
             by_hand = await acc.create_api_key(conn, operator.id)
             second = dict(await _demo_setup(db))
+            assert "demo: already retired 1.200 t" in capsys.readouterr().err
             assert first.keys() == second.keys() and len(first) == 2
             for who in first:
                 assert first[who] != second[who]
