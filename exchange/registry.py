@@ -569,7 +569,8 @@ def _member(account: Account, what: str) -> Account:
     of its sight, and every reconcile after the next start reported them as a difference."""
     if account.role != "member":
         raise CarbonxError("invalid_request", f"credits can only be {what} a member account; "
-                                              f"{account.code} is a {account.role} account")
+                                              f"{account.code} is {'an' if account.role[0] in 'aeiou' else 'a'} "
+                                              f"{account.role} account")
     return account
 
 
