@@ -45,7 +45,9 @@ _BY_STATUS = {
           "price_out_of_band", "invalid_tick", "invalid_lot", "min_quantity", "offset_not_filled",
           "idempotency_key_reused"),
     429: ("rate_limited",),
-    500: ("internal_error",),
+    # The command line's own (no request reaches them): a data directory or DATABASE_URL the
+    # embedded server or asyncpg cannot use, a report file that cannot be written, stdin failing.
+    500: ("internal_error", "invalid_data_dir", "invalid_database_url", "cannot_write", "stdin_failed"),
     503: ("unavailable",),
 }
 STATUS = {code: status for status, codes in _BY_STATUS.items() for code in codes}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from sortedcontainers import SortedDict, SortedList
 
 from exchange.errors import CarbonxError
+from matching.units import format_tonnes
 
 AVAILABLE = "available"
 ENCUMBERED = "encumbered"
@@ -239,11 +240,15 @@ class BlockPlan:
         self._held[key] -= block.size
 
 
+def _short(qty: int, held: int, state: str) -> str:
+    return f"{format_tonnes(qty)} t asked for, but only {format_tonnes(held)} t are held {state}"
+
+
 def check_held(qty: int, held: int, state: str) -> None:
     """Refuse a take of `qty` kg from a holder of `held` kg in `state` (BlockPlan.take's rule, for
     a check made with a sum instead of the blocks)."""
     if held < qty:
-        raise CarbonxError("insufficient_credits", f"{qty} kg asked for, but only {held} kg are held {state}")
+        raise CarbonxError("insufficient_credits", _short(qty, held, state))
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +292,7 @@ class QuantityPlan:
         when fewer are held."""
         held = self.held(issuance_ids, owner, state)
         if qty <= 0 or held < qty:
-            raise CarbonxError("insufficient_credits", f"{qty} kg asked for, but only {held} kg are held {state}")
+            raise CarbonxError("insufficient_credits", _short(qty, held, state))
         pieces: list[Piece] = []
         need = qty
         for iss in issuance_ids:

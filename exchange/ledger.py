@@ -16,6 +16,7 @@ import asyncpg
 
 from exchange.accounts import SYSTEM_CUSTODY, get_account
 from exchange.errors import CarbonxError
+from matching.units import format_cash
 
 _REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$")
 
@@ -72,8 +73,9 @@ async def _payment(conn: asyncpg.Connection, account: str, direction: str, amoun
                 if sign < 0 and held - amount_fen < reserved_fen:
                     raise CarbonxError(
                         "insufficient_funds",
-                        f"{account} holds {held} fen, of which its open buy orders reserve {reserved_fen}; a "
-                        f"withdrawal of {amount_fen} fen is refused (at most {max(0, held - reserved_fen)})",
+                        f"{account} holds {format_cash(held)} CNY, of which its open buy orders reserve "
+                        f"{format_cash(reserved_fen)}; a withdrawal of {format_cash(amount_fen)} CNY is refused (at "
+                        f"most {format_cash(max(0, held - reserved_fen))})",
                     )
                 try:
                     await conn.execute(
@@ -84,7 +86,8 @@ async def _payment(conn: asyncpg.Connection, account: str, direction: str, amoun
                     if e.constraint_name == "cash_balances_not_negative":
                         raise CarbonxError(
                             "insufficient_funds",
-                            f"{account} holds {held} fen; a withdrawal of {amount_fen} fen is refused",
+                            f"{account} holds {format_cash(held)} CNY; a withdrawal of {format_cash(amount_fen)} CNY "
+                            "is refused",
                         ) from None
                     raise
                 pid = await conn.fetchval(

@@ -31,6 +31,7 @@ from exchange import journal, ledger, projector
 from exchange.errors import CarbonxError
 from exchange.service import REGISTRY_CHANGE_KEY, SERVICE_LOCK_KEY, compare_with_database, outside_changes
 from matching import events as E
+from matching.units import format_cash, format_tonnes
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +122,8 @@ async def _reconcile(conn: asyncpg.Connection) -> Reconciliation:
                   coalesce(sum(upper(b.serials) - lower(b.serials)), 0)::bigint AS covered,
                   min(lower(b.serials)) = lower(i.serials) AND max(upper(b.serials)) = upper(i.serials) AS ends
            FROM issuances i LEFT JOIN blocks b ON b.issuance_id = i.id GROUP BY i.id ORDER BY i.id""")
-    out.add("registry", [f"issuance {r['id']}: issued {r['issued']} kg, blocks hold {r['covered']} kg"
+    out.add("registry", [f"issuance {r['id']}: issued {format_tonnes(r['issued'])} t, blocks hold "
+                         f"{format_tonnes(r['covered'])} t"
                          for r in rows if r["issued"] != r["covered"] or not r["ends"]],
             f"{len(rows)} issuances: holdings + retired + cancelled = issued")
 
@@ -134,8 +136,10 @@ async def _reconcile(conn: asyncpg.Connection) -> Reconciliation:
             cash = credits = []  # an encumbrance differs: the comparison below names it
         if cash or credits:
             core.apply({"op": "adjust", "cash": cash, "credits": credits}, core.ts)
-            named = [f"account {a} cash {d:+} fen" for a, d in cash] + [f"{s} account {a} {d:+} kg"
-                                                                        for s, a, d in credits]
+            codes = dict(await conn.fetch("SELECT id, code FROM accounts WHERE id = ANY($1::bigint[])",
+                                          [a for a, _ in cash] + [a for _, a, _ in credits]))
+            named = [f"{codes.get(a, a)} {'+' if d > 0 else '-'}{format_cash(abs(d))} CNY" for a, d in cash] + [
+                f"{codes.get(a, a)} {'+' if d > 0 else '-'}{format_tonnes(abs(d))} t {s}" for s, a, d in credits]
             adjusted = (f"; {len(named)} changes made while the exchange was stopped, taken in at its "
                         f"next start: {', '.join(named[:10])}" + (", …" if len(named) > 10 else ""))
     out.add("reservations", core.check_invariants() + await compare_with_database(conn, core, position),

@@ -130,7 +130,7 @@ def test_reconcile_passes_then_finds_tampering(db, run):
     assert code == 1
     assert "FAIL settlement" in text and f"settled trade ('{SYMBOL}', 99) not in the journal" in text
     # cash that appeared while the exchange was stopped is what its next start takes in: named, pending
-    assert "ok   reservations" in text and "taken in at its next start: account" in text and "+100 fen" in text
+    assert "ok   reservations" in text and "taken in at its next start: BUY +1.00 CNY" in text
     assert "ok   ledger" in text  # still balanced: the tampering was double entry
 
 

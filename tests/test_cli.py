@@ -403,3 +403,13 @@ def test_file_commands_refuse_in_one_line(tmp_path, url_env):
             args, proc.stderr)
         assert "database" not in proc.stderr, proc.stderr
     assert carbonx("replay-gen", str(stream), "--commands", "-5", check=False).returncode == 2
+
+
+def test_refusals_speak_tonnes_and_cny_as_the_commands_do(url_env):
+    """The command line takes tonnes and CNY; its refusals said kilograms and fen (review27, F9)."""
+    kiln_and_hotel(url_env)
+    proc = carbonx("cash", "withdraw", "HOTEL", "2000", "--reference", "w-1", env=url_env, check=False)
+    assert proc.returncode == 1 and "withdrawal of 2000.00 CNY is refused (at most 1000.00)" in proc.stderr, proc.stderr
+    proc = carbonx("registry", "transfer", "KILN-DEV", "HOTEL", "1000", "--symbol", "KILN-2023", "--reference", "t1",
+                   env=url_env, check=False)
+    assert proc.returncode == 1 and "1000.000 t asked for, but only 100.000 t are held" in proc.stderr, proc.stderr
