@@ -54,7 +54,7 @@ def test_transfer_references_and_project_codes_are_refused_in_words(conn, run) -
                 await registry.transfer(conn, from_account="DEV", to_account="BUY", quantity_kg=1000,
                                         symbol="FOREST-2023", cause_ref=ref)
             assert err.value.code == "invalid_reference"
-        for code in ("KILN_X", "K" * 33, "A--B"):  # account codes allow them; the projects table does not
+        for code in ("KILN_X", "K" * 33, "A--B", "lower", "-AB"):  # the projects table's rule, not accounts'
             with pytest.raises(CarbonxError) as err:
                 await registry.add_project(conn, code=code, name="Kiln", methodology="other", developer="DEV")
             assert err.value.code == "invalid_code" and "at most 32" in err.value.message, err.value
