@@ -208,6 +208,12 @@ async def prepare_database(settings: Settings) -> str:
         dsn = with_database(server, DATABASE_NAME)
     try:
         conn = await asyncpg.connect(dsn)
+    except asyncpg.InvalidCatalogNameError as e:
+        if not settings.database_url:
+            raise
+        raise CarbonxError("invalid_database_url", f"{e}: DATABASE_URL names a database the server does not have; "
+                                                   "create it first (createdb NAME, or CREATE DATABASE name) — "
+                                                   "carbonx creates its tables in it") from None
     except (ValueError, asyncpg.ClientConfigurationError) as e:  # asyncpg's reading of the URL
         if not settings.database_url:
             raise

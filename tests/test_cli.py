@@ -413,3 +413,13 @@ def test_refusals_speak_tonnes_and_cny_as_the_commands_do(url_env):
     proc = carbonx("registry", "transfer", "KILN-DEV", "HOTEL", "1000", "--symbol", "KILN-2023", "--reference", "t1",
                    env=url_env, check=False)
     assert proc.returncode == 1 and "1000.000 t asked for, but only 100.000 t are held" in proc.stderr, proc.stderr
+
+
+def test_a_database_url_naming_no_database_says_to_create_it(pg_server):
+    """`db init` with DATABASE_URL naming a database the server lacks said only 'does not
+    exist' (review27, F12): the operator creates it, carbonx its tables."""
+    from exchange.database import with_database
+
+    missing = with_database(pg_server, "carbonx_never_created")
+    proc = carbonx("db", "init", env={"DATABASE_URL": missing}, check=False)
+    assert proc.returncode == 1 and "create it first" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
