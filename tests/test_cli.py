@@ -423,3 +423,16 @@ def test_a_database_url_naming_no_database_says_to_create_it(pg_server):
     missing = with_database(pg_server, "carbonx_never_created")
     proc = carbonx("db", "init", env={"DATABASE_URL": missing}, check=False)
     assert proc.returncode == 1 and "create it first" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_the_recovery_progress_line_ends_when_recovery_does(capsys):
+    """The start logs more before the progress closes; it used to run on after '(100%, …)' (review27)."""
+    from exchange.cli.serve import _Progress
+
+    progress = _Progress()
+    progress(25_000, 50_000)
+    progress(50_000, 50_000)
+    sys.stderr.write("carbonx exchange: took in changes\n")
+    progress.close()
+    err = capsys.readouterr().err
+    assert "/s)\ncarbonx exchange: took in changes\n" in err and err.count("\n") == 2, repr(err)

@@ -50,12 +50,15 @@ class _Progress:
         if total >= 50_000:
             rate = done / max(time.perf_counter() - self.began, 1e-9)
             sys.stderr.write(f"\rrecovering the journal: {done:,}/{total:,} ({100 * done // total}%, {rate:,.0f}/s)")
-            sys.stderr.flush()
             self.shown = True
+            if done >= total:  # ended here: the start's next messages come before close()
+                self.close()
+            sys.stderr.flush()
 
     def close(self) -> None:
         if self.shown:
             sys.stderr.write("\n")
+            self.shown = False
 
 
 def _reply(ident: Any, out: Outcome) -> dict[str, Any]:
