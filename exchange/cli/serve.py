@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -101,17 +103,19 @@ async def _after(durable: Awaitable[None], answer: dict[str, Any]) -> dict[str, 
 
 async def _stdin_lines() -> AsyncIterator[bytes]:
     """Lines of stdin as they come: through the event loop from a pipe, a socket or a terminal,
-    in a thread from a regular file (``serve --stdio < commands.jsonl``), which the loop cannot
-    watch (review27: that start failed unseen and the process spun)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    try:
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    except ValueError:  # "Pipe transport is for pipes/sockets only"
+    in a thread from a regular file (``serve --stdio < commands.jsonl``) or a device such as
+    /dev/null, which the loop cannot watch (review27: that start failed unseen and the process
+    spun; review28: /dev/null got past the pipe check and was waited on for ever)."""
+    mode = os.fstat(sys.stdin.fileno()).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or sys.stdin.isatty()):
+        # A regular file, or /dev/null (systemd's StandardInput=null, nohup): epoll refuses both.
         while lines := await asyncio.to_thread(sys.stdin.buffer.readlines, 1 << 20):
             for line in lines:
                 yield line
         return
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     while line := await reader.readline():
         yield line
 
