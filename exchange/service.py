@@ -642,13 +642,36 @@ class ExchangeService:
                                                    "changed: try again")
                     return result
             if take:
-                return await self._take_then_change(symbol, moved, apply_change, "operator", frozen=frozen)
+                result = await self._take_then_change(symbol, moved, apply_change, "operator", frozen=frozen)
+                await self._cap_frozen_locked(symbol, result)
+                return result
             async with self._pool.acquire() as conn:
                 result = await apply_change(conn)
             if moved:
                 await self._sequence({"op": "adjust", "credits": [[symbol, a, kg] for a, kg in sorted(moved.items())],
                                       "cause": "operator", **({"frozen": True} if frozen else {})})
             return result
+
+    async def _cap_frozen_locked(self, symbol: str, result: registry.MovementResult) -> None:
+        """After a cancel took frozen credits: tell the core what is still frozen of each member's
+        credits that it remembers a freeze took of the day's purchase, so that it never relocks
+        more than that (review28: a later same-day unfreeze locked credits not bought that day).
+        Only when there is something to cap; a crash before it leaves the excess until the roll."""
+        owners = sorted({p.from_owner for p in result.pieces if p.from_state == "frozen"
+                         and (symbol, p.from_owner) in self.core.frozen_locked})
+        if not owners:
+            return
+        async with self._pool.acquire() as conn:
+            issuances = list(await registry.resolve_issuances(conn, symbol=symbol))
+            rows = await conn.fetch(
+                """SELECT a.id, coalesce(sum(upper(b.serials) - lower(b.serials)), 0)::bigint AS kg
+                   FROM unnest($1::bigint[]) AS a(id) LEFT JOIN blocks b ON b.owner_account_id = a.id
+                    AND b.state = 'frozen' AND b.issuance_id = ANY($2::bigint[]) GROUP BY a.id""", owners, issuances)
+        try:
+            await self._sequence({"op": "adjust", "frozen_left": [[symbol, r["id"], r["kg"]] for r in rows],
+                                  "cause": "operator"})
+        except CarbonxError:  # stopping: the cancel is made, and the excess is dropped at the day's roll
+            log.warning("what a cancel left frozen could not be told to the core (the exchange is stopping)")
 
     async def _rolled_back(self, xid: int, cause: str) -> bool:
         """After a change failed other than by a refusal: whether its transaction `xid` is known to

@@ -92,7 +92,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "resume": ("symbol",),
     "expire": (),
     "roll": ("cancel_outside_band",),
-    "adjust": ("cash", "credits", "frozen"),
+    "adjust": ("cash", "credits", "frozen", "frozen_left"),
     "stp": ("account", "mode"),
 }
 
@@ -750,7 +750,8 @@ class ExchangeCore:
         remembered per position for the day, and a give-back out of a freeze without its own
         relock relocks as much of that as it can (an unfreeze on the same day would otherwise
         make today's purchase sellable today, T+1). A relock, given or worked out, uses the
-        remembered kg up."""
+        remembered kg up. ``frozen_left`` ([[symbol, account, kg]]): what is still frozen of the
+        member's credits after a cancel took frozen ones; the remembered kg never exceed it."""
         cash, credits = c.get("cash") or [], c.get("credits") or []
         frozen = c.get("frozen", False)
         if not isinstance(frozen, bool):
@@ -764,7 +765,12 @@ class ExchangeCore:
         if not (cash_ok and credits_ok):
             raise Rejected("invalid_command", "adjust takes cash [[account, delta]] and credits "
                                               "[[symbol, account, delta, locked?]] with 0 <= locked <= |delta|")
-        if not cash and not credits:
+        left = c.get("frozen_left") or []
+        if not (isinstance(left, list) and all(
+                isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and x[0] in self.listings
+                and _is_int(x[1]) and _is_int(x[2]) and x[2] >= 0 for x in left)):
+            raise Rejected("invalid_command", "frozen_left takes [[symbol, account, kg]] with kg >= 0")
+        if not cash and not credits and not left:
             raise Rejected("invalid_command", "nothing to adjust")
         out: list = []
         for account, delta in cash:
@@ -794,6 +800,12 @@ class ExchangeCore:
                 self._frozen_locked(symbol, account, held, pos[P_LOCKED] - locked_before,
                                     day if pos[P_LOCKED_DAY] >= day else 0)
             out.append((EV_CREDITS_ADJUSTED, symbol, account, delta))
+        # What is left frozen of a member's credits after frozen ones left the registry (a cancel):
+        # no more of it can have been bought today than that.
+        for symbol, account, kg in left:
+            held = self.frozen_locked.get((symbol, account))
+            if held is not None and held[1] > kg:
+                self._frozen_locked(symbol, account, held, held[1] - kg, held[0])
         self.seq += 1
         return self._accept(ts, out)
 

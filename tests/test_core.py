@@ -608,6 +608,27 @@ def test_a_freeze_on_the_next_day_before_its_roll_remembers_only_that_days_purch
     assert core.position(SYM, 2, tue) == (3000, 0, 1000)
 
 
+def test_what_is_left_frozen_caps_what_is_remembered(engine):
+    """A cancel of frozen credits leaves less frozen than a freeze took of the day's purchase:
+    ``frozen_left`` caps the remembered kg at what is left (review28), replays and restores alike,
+    and is refused when malformed, changing nothing."""
+    core = make_core(engine, cash=((2, 10_000_000),))
+    ok(core, sell(1, 1000, 3000))
+    ok(core, buy(2, 1000, 3000))
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -3000]], "frozen": True})
+    assert core.frozen_locked == {(SYM, 2): [trading_day(T0), 3000]}
+    for bad in ([[SYM, 2, -1]], [[SYM, 2]], [["NOPE-2024", 2, 0]], [[SYM, 2, 1.5]], {SYM: 1}):
+        rejected(core, {"op": "adjust", "frozen_left": bad}, "invalid_command")
+    assert ok(core, {"op": "adjust", "frozen_left": [[SYM, 2, 5000]]}).events == []  # more than remembered
+    ok(core, {"op": "adjust", "frozen_left": [[SYM, 2, 1000]]})
+    assert core.frozen_locked == {(SYM, 2): [trading_day(T0), 1000]}
+    assert ExchangeCore.restore(core.snapshot(), engine).frozen_locked == core.frozen_locked
+    ok(core, {"op": "adjust", "frozen_left": [[SYM, 2, 0]]})
+    assert core.frozen_locked == {}
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, 1000]], "frozen": True})  # nothing left to relock
+    assert core.position(SYM, 2, T0) == (1000, 0, 0)
+
+
 FREEZE_OPS = st.lists(st.tuples(st.sampled_from(("buy", "sell", "freeze", "unfreeze", "snapshot", "next day")),
                                 st.integers(0, 4)), max_size=30)
 

@@ -21,7 +21,7 @@ from exchange.errors import CarbonxError
 from exchange.serials import format_serial
 from exchange.service import SERVICE_LOCK_KEY, SUMMARY_ITEMS, ExchangeService, adjustment_summary, refuse_while_serving
 from matching import events as E
-from matching.core import P_AVAILABLE, ExchangeCore
+from matching.core import P_AVAILABLE, ExchangeCore, trading_day
 from matching.engine import local_ts
 from tests.registry_helpers import cover_violations, fingerprint, world
 
@@ -455,6 +455,46 @@ def test_an_unfreeze_on_the_day_of_the_freeze_keeps_todays_purchase_locked(db, r
             await svc.stop()
 
     run(main())
+
+
+def test_a_cancel_of_frozen_credits_caps_what_a_later_unfreeze_relocks(db, run):
+    """BUY's 3 t bought today are frozen, then cancelled for good; later that day it receives 2 t
+    by issuance, which the operator freezes and unfreezes: they come back sellable. The core used
+    to remember the 3 t and relock 2 t never bought that day (review28)."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 24, 10, 0))
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
+        try:
+            await svc.submit(place(dev, E.ASK, 3500, 3000))
+            await svc.submit(place(buy, E.BID, 3500, 3000))  # bought today: locked
+            await svc.caught_up(registry=True)
+            serial = await _held_range(svc, buy, 3000)
+            assert (await svc.freeze(serial=serial, reason="suspect delivery")).quantity == 3000
+            assert svc.core.frozen_locked == {(SYMBOL, buy): [trading_day(clock.ts), 3000]}
+            assert (await svc.cancel_serials(serial=serial, reason="invalidated")).quantity == 3000
+            assert svc.core.frozen_locked == {}
+            await svc.issue(project="FOREST", vintage=2023, quantity_kg=2000, to_account="BUY", reference="VR-2")
+            serial = await _held_range(svc, buy, 2000)
+            await svc.freeze(serial=serial, reason="check")
+            await svc.unfreeze(serial=serial, reason="check done")
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (2000, 0, 0)
+            assert (await svc.submit(place(buy, E.ASK, 3600, 2000))).accepted
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+async def _held_range(svc: ExchangeService, account: int, kg: int) -> str:
+    """The one contiguous range of `account`'s available credits, which must hold `kg`."""
+    row = await svc.pool.fetchrow(
+        "SELECT p.scheme, p.code, i.vintage, min(lower(b.serials)) AS lo, max(upper(b.serials)) AS hi, "
+        "sum(upper(b.serials) - lower(b.serials)) AS kg FROM blocks b JOIN issuances i ON i.id = b.issuance_id "
+        "JOIN projects p ON p.id = i.project_id WHERE b.owner_account_id = $1 AND b.state = 'available' "
+        "GROUP BY 1, 2, 3", account)
+    assert row["kg"] == kg and row["hi"] - row["lo"] == kg, row
+    return format_serial(row["scheme"], row["code"], row["vintage"], row["lo"], row["hi"])
 
 
 def test_a_retirement_uses_todays_purchase_first(db, run):
