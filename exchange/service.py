@@ -657,18 +657,15 @@ class ExchangeService:
         credits that it remembers a freeze took of the day's purchase, so that it never relocks
         more than that (review28: a later same-day unfreeze locked credits not bought that day).
         Only when there is something to cap; a crash before it leaves the excess until the roll."""
-        owners = sorted({p.from_owner for p in result.pieces if p.from_state == "frozen"
-                         and (symbol, p.from_owner) in self.core.frozen_locked})
-        if not owners:
+        if not any(p.from_state == "frozen" and (symbol, p.from_owner) in self.core.frozen_locked
+                   for p in result.pieces):
             return
         async with self._pool.acquire() as conn:
-            issuances = list(await registry.resolve_issuances(conn, symbol=symbol))
-            rows = await conn.fetch(
-                """SELECT a.id, coalesce(sum(upper(b.serials) - lower(b.serials)), 0)::bigint AS kg
-                   FROM unnest($1::bigint[]) AS a(id) LEFT JOIN blocks b ON b.owner_account_id = a.id
-                    AND b.state = 'frozen' AND b.issuance_id = ANY($2::bigint[]) GROUP BY a.id""", owners, issuances)
+            owners = [a for a in sorted(await _members_moved(conn, result, ("frozen",)))
+                      if (symbol, a) in self.core.frozen_locked]
+            left = (await registry_positions(conn, symbol, states=("frozen",)))["frozen"]
         try:
-            await self._sequence({"op": "adjust", "frozen_left": [[symbol, r["id"], r["kg"]] for r in rows],
+            await self._sequence({"op": "adjust", "frozen_left": [[symbol, a, left.get(a, 0)] for a in owners],
                                   "cause": "operator"})
         except CarbonxError:  # stopping: the cancel is made, and the excess is dropped at the day's roll
             log.warning("what a cancel left frozen could not be told to the core (the exchange is stopping)")
@@ -1097,10 +1094,10 @@ async def member_balances(conn: asyncpg.Connection | asyncpg.Pool) -> dict[int, 
     return {r["id"]: r["balance"] for r in rows}
 
 
-async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: str,
-                             members_only: bool = True) -> dict[str, dict[int, int]]:
-    """kg of `symbol` per account, available and encumbered (empty when nothing is issued)."""
-    out: dict[str, dict[int, int]] = {"available": {}, "encumbered": {}}
+async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: str, members_only: bool = True,
+                             states: tuple[str, ...] = ("available", "encumbered")) -> dict[str, dict[int, int]]:
+    """kg of `symbol` per account in each of `states` (empty when nothing is issued)."""
+    out: dict[str, dict[int, int]] = {state: {} for state in states}
     try:
         ids = await resolve_issuances(conn, symbol=symbol)
     except CarbonxError:
@@ -1108,9 +1105,9 @@ async def registry_positions(conn: asyncpg.Connection | asyncpg.Pool, symbol: st
     rows = await conn.fetch(
         """SELECT b.owner_account_id AS account, b.state, sum(upper(b.serials) - lower(b.serials))::bigint AS kg
            FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
-           WHERE b.issuance_id = ANY($1::bigint[]) AND b.state IN ('available', 'encumbered')
+           WHERE b.issuance_id = ANY($1::bigint[]) AND b.state = ANY($3::text[])
              AND (a.role <> 'system' OR NOT $2)
-           GROUP BY 1, 2""", list(ids), members_only)
+           GROUP BY 1, 2""", list(ids), members_only, list(states))
     for r in rows:
         out[r["state"]][r["account"]] = r["kg"]
     return out
