@@ -43,7 +43,7 @@ from exchange.database import connect_consumer, named
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
 from exchange.text import blank, fits
-from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome
+from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome, trading_day
 from matching.units import format_cash, format_tonnes
 
 log = logging.getLogger("carbonx.service")
@@ -734,7 +734,7 @@ class ExchangeService:
         # an expiry journaled just before it (housekeeping) frees credits, never locked ones.
         locked = {a: positions.get(a, [0, 0, 0, 0])[P_LOCKED] for a in debit}
         takes = [[symbol, a, -kg, kg] if locked_first else [symbol, a, -kg] for a, kg in sorted(debit.items())]
-        out, durable = self.apply({"op": "adjust", "credits": takes, "cause": cause, **mark})
+        out, durable = self.apply({"op": "adjust", "credits": takes, "cause": cause, "take": True, **mark})
         back = [[symbol, a, kg, locked[a] - positions.get(a, [0, 0, 0, 0])[P_LOCKED]]
                 for a, kg in sorted(debit.items())]
         # Until the registry has changed, the projector goes no further than the take: a sell
@@ -750,6 +750,10 @@ class ExchangeService:
             async with self._pool.acquire() as conn, conn.transaction():
                 # The change's transaction by its id, which PostgreSQL can be asked about later.
                 xid = await conn.fetchval("SELECT txid_current()")
+                if out.seq in self.core.locked_takes:
+                    # With the change or not at all: a start after a crash gives back, locked,
+                    # the bought-today credits of a take without its change (_end_takes_not_made).
+                    await conn.execute("INSERT INTO registry_takes_made (seq) VALUES ($1)", out.seq)
                 return await change(conn)
         except CarbonxError:
             give_back = True  # refused (its transaction rolled back), or never asked
@@ -770,7 +774,8 @@ class ExchangeService:
             self._tell_child("release")
             if give_back:
                 try:
-                    await self._sequence({"op": "adjust", "credits": back, "cause": f"{cause} refused", **mark})
+                    await self._sequence({"op": "adjust", "credits": back, "cause": f"{cause} refused",
+                                          "gives_back": out.seq, **mark})
                 except CarbonxError:
                     log.error("credits taken for a refused registry change (%s) could not be given back (the "
                               "exchange is stopping); the next start compares the core with the registry", cause)
@@ -1023,6 +1028,8 @@ class ExchangeService:
         # agree with the core's again before the two are compared.
         self._housekeep(max(self.clock(), self.core.ts))
         await self.caught_up(registry=True)
+        await self._end_takes_not_made()
+        await self._relock_unfrozen_while_away()
         cash, credits = await outside_changes(self._pool, self.core)
         # Cash paid out while stopped that open buy orders had reserved (the command line checks,
         # a hand-made change may not): taking it in would let those orders trade with money that
@@ -1042,6 +1049,51 @@ class ExchangeService:
             codes = {r["id"]: r["code"] for r in await self._pool.fetch(
                 "SELECT id, code FROM accounts WHERE id = ANY($1::bigint[])", ids)}
             log.warning("%s", adjustment_summary(out.seq, cash, credits, codes))
+
+    async def _end_takes_not_made(self) -> None:
+        """Give back, locked, what a take of the day's purchases took for a registry change that
+        was never made (a crash between the two, or a give-back that could not be journaled):
+        the comparison with the registry that follows would give it back sellable (T+1)."""
+        if not self.core.locked_takes:
+            return
+        made = {r["seq"] for r in await self._pool.fetch(
+            "SELECT seq FROM registry_takes_made WHERE seq = ANY($1::bigint[])", sorted(self.core.locked_takes))}
+        for seq, (_, frozen, took) in sorted(self.core.locked_takes.items()):
+            if seq not in made:
+                out = await self._sequence({"op": "adjust", "credits": took, "cause": "registry change not made",
+                                            "gives_back": seq, **({"frozen": True} if frozen else {})})
+                log.warning("entry %d took credits for a registry change that was not made: given back at %d "
+                            "(those bought today locked, T+1)", seq, out.seq)
+
+    async def _relock_unfrozen_while_away(self) -> None:
+        """Relock what left a freeze unseen by the core of the day's purchases it remembers frozen
+        (an unfreeze made while stopped, or a crash between an unfreeze and its give-back): fewer
+        kg are frozen in the registry than it remembers, and the member's available credits
+        grew. As much of that growth as the frozen kg fell short comes back locked, as the
+        unfreeze's own give-back would have brought it; the memory is capped at what is frozen."""
+        today = trading_day(max(self.clock(), self.core.ts))
+        by_symbol: dict[str, list[tuple[int, int]]] = {}
+        for (symbol, account), (day, kg) in sorted(self.core.frozen_locked.items()):
+            if day >= today:
+                by_symbol.setdefault(symbol, []).append((account, kg))
+        for symbol, held in by_symbol.items():
+            db = await registry_positions(self._pool, symbol, states=("available", "frozen"))
+            positions = self.core.credits[symbol]
+            credits, left = [], []
+            for account, kg in held:
+                frozen = db["frozen"].get(account, 0)
+                if frozen >= kg:
+                    continue
+                pos = positions.get(account, [0, 0, 0, 0])
+                grew = db["available"].get(account, 0) - pos[P_AVAILABLE] - pos[P_LOCKED]
+                if grew > 0:
+                    credits.append([symbol, account, grew, min(grew, kg - frozen)])
+                left.append([symbol, account, frozen])
+            if left:
+                out = await self._sequence({"op": "adjust", "credits": credits, "frozen_left": left, "frozen": True,
+                                            "cause": "unfrozen while stopped"})
+                log.warning("%s: frozen credits bought today left the freeze while the exchange was stopped; "
+                            "given back locked at %d (T+1)", symbol, out.seq)
 
     # ---- checks ------------------------------------------------------------------------------
 

@@ -19,6 +19,10 @@ What the core holds, besides the books (matching/engine.py):
   instrument has the T+1 resale rule (on by default). Of the credits a freeze took from the core
   today, the kg that were bought today: ``frozen_locked[(symbol, account)] = [day, kg]``, so
   that an unfreeze on the same day gives them back locked (kept until the next ``roll``).
+- takes for registry changes that took bought-today credits: ``locked_takes[seq] = [day, frozen,
+  [[symbol, account, kg, locked kg], ...]]`` for the day (an ``adjust`` marked ``take``), until
+  given back (``gives_back``). A start after a crash between a take and its registry change
+  gives those back locked, as the service's own give-back would have (exchange/service.py).
 - open orders: ``[symbol, account, side, kind, price, remaining, reserved, expire_ts]``.
 - client order ids per account (resending one returns the original order): each is kept while
   its order is open and, once the order has closed, until the second trading-day close after
@@ -92,7 +96,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "resume": ("symbol",),
     "expire": (),
     "roll": ("cancel_outside_band",),
-    "adjust": ("cash", "credits", "frozen", "frozen_left"),
+    "adjust": ("cash", "credits", "frozen", "frozen_left", "take", "gives_back"),
     "stp": ("account", "mode"),
 }
 
@@ -244,6 +248,7 @@ class ExchangeCore:
         self.stp: dict[int, int] = {}  # accounts whose self-trade prevention is not cancel-resting
         self.payments: dict[str, list] = {}
         self.frozen_locked: dict[tuple[str, int], list[int]] = {}
+        self.locked_takes: dict[int, list] = {}
         self.trade_ids: dict[str, int] = {}
         self._gtd: list[tuple[int, int]] = []
         # The current trading day's trades per symbol: [sum of price * qty, sum of qty].
@@ -612,6 +617,7 @@ class ExchangeCore:
         # Bought before today: free once the day has passed, so nothing to relock any more.
         today = trading_day(ts)
         self.frozen_locked = {k: v for k, v in self.frozen_locked.items() if v[0] >= today}
+        self.locked_takes = {k: v for k, v in self.locked_takes.items() if v[0] >= today}
         return self._accept(ts, out)
 
     def _cancel_outside_band(self, symbol: str, ts: int) -> list:
@@ -751,11 +757,22 @@ class ExchangeCore:
         relock relocks as much of that as it can (an unfreeze on the same day would otherwise
         make today's purchase sellable today, T+1). A relock, given or worked out, uses the
         remembered kg up. ``frozen_left`` ([[symbol, account, kg]]): what is still frozen of the
-        member's credits after a cancel took frozen ones; the remembered kg never exceed it."""
+        member's credits after a cancel took frozen ones; the remembered kg never exceed it.
+
+        ``"take": true`` marks the service's take for a registry change: what it takes of
+        bought-today credits is remembered for the day under this entry's seq (:attr:`locked_takes`),
+        and ``"gives_back": seq`` (the give-back of that take) forgets it. A start finds the takes
+        whose change the registry never made (a crash between the two) and gives them back locked."""
         cash, credits = c.get("cash") or [], c.get("credits") or []
-        frozen = c.get("frozen", False)
+        frozen, take, gives_back = c.get("frozen", False), c.get("take", False), c.get("gives_back")
         if not isinstance(frozen, bool):
             raise Rejected("invalid_command", "frozen must be true or false")
+        if not isinstance(take, bool):
+            raise Rejected("invalid_command", "take must be true or false")
+        if gives_back is not None and not (_is_int(gives_back) and 0 < gives_back <= self.seq):
+            raise Rejected("invalid_command", "gives_back names the seq of an earlier take")
+        if take and gives_back is not None:
+            raise Rejected("invalid_command", "an adjust is a take or a give-back, not both")
         cash_ok = isinstance(cash, list) and all(
             isinstance(x, list) and len(x) == 2 and all(map(_is_int, x)) for x in cash)
         credits_ok = isinstance(credits, list) and all(
@@ -778,6 +795,7 @@ class ExchangeCore:
             purse[0] += delta
             out.append((EV_CASH_ADJUSTED, account, delta))
         day = trading_day(ts)
+        took: list[list] = []
         for symbol, account, delta, *relock in credits:
             pos = self.credits[symbol].setdefault(account, [0, 0, 0, 0])
             held = self.frozen_locked.get((symbol, account)) if frozen else None
@@ -799,6 +817,8 @@ class ExchangeCore:
             if frozen:
                 self._frozen_locked(symbol, account, held, pos[P_LOCKED] - locked_before,
                                     day if pos[P_LOCKED_DAY] >= day else 0)
+            if take and delta < 0 and locked_before > pos[P_LOCKED] and pos[P_LOCKED_DAY] >= day:
+                took.append([symbol, account, -delta, locked_before - pos[P_LOCKED]])
             out.append((EV_CREDITS_ADJUSTED, symbol, account, delta))
         # What is left frozen of a member's credits after frozen ones left the registry (a cancel):
         # no more of it can have been bought today than that.
@@ -807,6 +827,10 @@ class ExchangeCore:
             if held is not None and held[1] > kg:
                 self._frozen_locked(symbol, account, held, held[1] - kg, held[0])
         self.seq += 1
+        if took:
+            self.locked_takes[self.seq] = [day, frozen, took]
+        if gives_back is not None:
+            self.locked_takes.pop(gives_back, None)
         return self._accept(ts, out)
 
     def _frozen_locked(self, symbol: str, account: int, held: list[int] | None, change: int, day: int) -> None:
@@ -896,6 +920,7 @@ class ExchangeCore:
             "stp": sorted([a, m] for a, m in self.stp.items()),
             "payments": sorted([k, *v] for k, v in self.payments.items()),
             "frozen_locked": sorted([s, a, *v] for (s, a), v in self.frozen_locked.items()),
+            "locked_takes": sorted([k, *v] for k, v in self.locked_takes.items()),
             # sum of price * qty as text: a long day could pass orjson's 64-bit integers
             "book_seqs": sorted([s, n] for s, n in self.book_seqs.items()),
             "day": [self.stats_day, sorted([s, str(pq), q] for s, (pq, q) in self.day_stats.items())],
@@ -948,6 +973,7 @@ class ExchangeCore:
             core.coids.setdefault(account, {})[coid] = v
         core.payments = {k: v for k, *v in state["payments"]}
         core.frozen_locked = {(s, a): v for s, a, *v in state.get("frozen_locked", [])}  # none before it was kept
+        core.locked_takes = {k: v for k, *v in state.get("locked_takes", [])}
         for account, mode in state.get("stp", []):  # snapshots from before the setting have none
             core.stp[account] = mode
             core.engine.set_account_stp(account, mode)

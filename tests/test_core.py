@@ -629,6 +629,32 @@ def test_what_is_left_frozen_caps_what_is_remembered(engine):
     assert core.position(SYM, 2, T0) == (1000, 0, 0)
 
 
+def test_a_take_of_todays_purchase_is_remembered_until_given_back_or_the_day_ends(engine):
+    """``take`` marks the service's take for a registry change: what it took of bought-today
+    credits is remembered under its seq (the next start gives it back locked if the registry
+    never made the change); ``gives_back`` forgets it, as does the day's roll. A take of nothing
+    bought today is not remembered. Snapshots carry it, and malformed marks change nothing."""
+    core = make_core(engine, cash=((2, 10_000_000),), holdings=((1, 10_000), (2, 1000)))
+    ok(core, sell(1, 1000, 3000))
+    ok(core, buy(2, 1000, 3000))  # locked today; 1 t older
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, -1000]], "take": True})  # the older tonne only
+    assert core.locked_takes == {}
+    out = ok(core, {"op": "adjust", "credits": [[SYM, 2, -2000, 2000]], "take": True, "cause": "retirement"})
+    assert core.locked_takes == {out.seq: [trading_day(T0), False, [[SYM, 2, 2000, 2000]]]}
+    frozen = ok(core, {"op": "adjust", "credits": [[SYM, 2, -1000]], "take": True, "frozen": True})
+    assert core.locked_takes[frozen.seq] == [trading_day(T0), True, [[SYM, 2, 1000, 1000]]]
+    restored = ExchangeCore.restore(core.snapshot(), engine)
+    assert restored.locked_takes == core.locked_takes and restored.state_digest() == core.state_digest()
+    for bad in ({"take": 1}, {"gives_back": 0}, {"gives_back": core.seq + 1}, {"gives_back": "5"},
+                {"take": True, "gives_back": out.seq}):
+        rejected(core, {"op": "adjust", "credits": [[SYM, 2, 1]], **bad}, "invalid_command")
+    ok(core, {"op": "adjust", "credits": [[SYM, 2, 2000, 2000]], "gives_back": out.seq})
+    assert list(core.locked_takes) == [frozen.seq] and core.position(SYM, 2) == (0, 0, 2000)
+    digest = core.state_digest()
+    ok(core, {"op": "roll", "cancel_outside_band": True}, T0 + 24 * HOUR)
+    assert core.locked_takes == {} and core.state_digest() != digest
+
+
 FREEZE_OPS = st.lists(st.tuples(st.sampled_from(("buy", "sell", "freeze", "unfreeze", "snapshot", "next day")),
                                 st.integers(0, 4)), max_size=30)
 
@@ -1208,8 +1234,9 @@ class Stream:
             else:
                 frozen = model.frozen[symbol, account]
                 kg = frozen if what == 3 else min(lots * LOT[symbol], frozen)
-            if kg:
-                return {"op": "adjust", "credits": [[symbol, account, kg]], "frozen": True}
+            if kg:  # the take remembers what it took of the day's purchase (locked_takes)
+                return {"op": "adjust", "credits": [[symbol, account, kg]], "frozen": True,
+                        **({"take": True} if kg < 0 else {})}
         return EXPIRE
 
     def expect(self, cmd: dict) -> tuple:

@@ -486,6 +486,86 @@ def test_a_cancel_of_frozen_credits_caps_what_a_later_unfreeze_relocks(db, run):
     run(main())
 
 
+def test_an_unfreeze_made_while_stopped_gives_todays_purchase_back_locked(db, run):
+    """The operator freezes BUY's 3 t bought today with the exchange running, stops it, and
+    unfreezes them from the command line (or the exchange died between an unfreeze and its
+    give-back). The next start, the same day, finds fewer kg frozen than the core remembers and
+    gives the 3 t back locked (T+1); the comparison with the registry gave them back sellable."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 24, 10, 0))
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
+        await svc.submit(place(dev, E.ASK, 3500, 3000))
+        await svc.submit(place(buy, E.BID, 3500, 3000))  # bought today: locked
+        await svc.caught_up(registry=True)
+        serial = await _held_range(svc, buy, 3000)
+        assert (await svc.freeze(serial=serial, reason="audit")).quantity == 3000
+        await svc.stop()
+        conn = await asyncpg.connect(db)
+        try:
+            await registry.unfreeze(conn, serial=serial, reason="audit done")
+        finally:
+            await conn.close()
+        clock.ts += 3_600_000_000
+        svc = await _started(db, clock=clock)
+        try:
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 3000)
+            assert svc.core.frozen_locked == {}
+            assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).code == "insufficient_credits"
+            assert await svc.reconcile() == []
+            clock.ts = local_ts(2026, 11, 25, 10, 0)  # the next day: sellable
+            assert (await svc.submit(place(buy, E.ASK, 3600, 3000))).accepted
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_a_freeze_whose_change_was_not_made_gives_todays_purchase_back_locked_at_the_next_start(db, run, monkeypatch):
+    """A freeze's take of BUY's 3 t bought today is journaled, then its registry change fails in a
+    way that cannot be told apart from a commit (the credits stay taken: they may be frozen). The
+    next start, the same day, finds no record that the change was made and gives the 3 t back
+    locked, and forgets what the freeze took; the comparison with the registry made them sellable."""
+    async def main():
+        clock = Clock(local_ts(2026, 11, 24, 10, 0))
+        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
+        await svc.submit(place(dev, E.ASK, 3500, 3000))
+        await svc.submit(place(buy, E.BID, 3500, 3000))  # bought today: locked
+        await svc.caught_up(registry=True)
+        serial = await _held_range(svc, buy, 3000)
+        freeze = registry.freeze
+
+        async def lost(conn, dry_run=False, **kw):
+            if dry_run:
+                return await freeze(conn, dry_run=True, **kw)
+            raise ConnectionResetError("the connection went")
+
+        async def cannot_tell(xid, cause):
+            return False
+
+        monkeypatch.setattr(registry, "freeze", lost)
+        monkeypatch.setattr(svc, "_rolled_back", cannot_tell)
+        with pytest.raises(ConnectionResetError):
+            await svc.freeze(serial=serial, reason="audit")
+        monkeypatch.undo()
+        taken = svc.core.seq  # the take (nothing was given back)
+        assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 0)
+        assert list(svc.core.locked_takes.values()) == [[trading_day(clock.ts), True, [[SYMBOL, buy, 3000, 3000]]]]
+        await svc.stop()
+        svc = await _started(db, clock=clock)
+        try:
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 3000)
+            assert svc.core.locked_takes == {} and svc.core.frozen_locked == {}
+            back = [orjson.loads(r["command"]) for r in await _journal_rows(db) if r["seq"] > taken]
+            assert [(c["op"], c.get("credits"), c.get("gives_back")) for c in back if c["op"] == "adjust"] == [
+                ("adjust", [[SYMBOL, buy, 3000, 3000]], taken)]
+            assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).code == "insufficient_credits"
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 async def _held_range(svc: ExchangeService, account: int, kg: int) -> str:
     """The one contiguous range of `account`'s available credits, which must hold `kg`."""
     row = await svc.pool.fetchrow(
