@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import math
+import socket
 import time
 from collections import deque
 from typing import Any
@@ -293,8 +294,10 @@ class Feed:
 
     # ---- life cycle --------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> Server:
-        self.server = await serve(self.handle, host, port, process_request=self._route, max_size=64 * 1024,
+    async def start(self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
+                    ) -> Server:
+        """Listen on `host`:`port`, or on `sock`, already bound."""
+        self.server = await serve(self.handle, host, port, sock=sock, process_request=self._route, max_size=64 * 1024,
                                   max_queue=64, compression=None, ping_interval=20, ping_timeout=20)
         self._tasks = [asyncio.create_task(self._heartbeats(), name="carbonx-heartbeat"),
                        asyncio.create_task(self._coalesce(), name="carbonx-coalesce"),

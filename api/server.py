@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from typing import Any
 
 import uvicorn
@@ -63,6 +64,15 @@ async def _recent_trades(service: ExchangeService, symbols: list[str]) -> list[T
     return [trade_from_row(r) for r in rows]
 
 
+def _listening(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` (0: a free port) for a server to accept on."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 class Exchange:
     """The whole exchange on loopback (or `host`) ports; 0 picks free ports."""
 
@@ -87,6 +97,7 @@ class Exchange:
         self.feed: Feed | None = None
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
+        self._sockets: list[socket.socket] = []  # bound before the service starts, until served
 
     @property
     def http_url(self) -> str:
@@ -97,15 +108,26 @@ class Exchange:
         return f"ws://{self.host}:{self.ws_port}"
 
     async def start(self) -> None:
-        """Start the service, then the feed, then HTTP; a start that fails part-way stops what
-        it had started (a port already taken used to leave the exchange serving the feed)."""
+        """Take both ports, then start the service, the feed and HTTP; a start that fails
+        part-way stops what it had started (a port already taken used to leave the exchange
+        serving the feed). A port taken is found before the service starts: its recovery
+        journals (outside changes, a snapshot) and the consumers' process are for a start that
+        can serve (review27)."""
         try:
             await self._start()
         except BaseException:
             await self.stop()
             raise
+        finally:
+            for sock in self._sockets:
+                sock.close()  # taken, but no server came to listen on it
+            self._sockets = []
 
     async def _start(self) -> None:
+        http_sock = _listening(self.host, self.http_port)
+        self._sockets.append(http_sock)
+        ws_sock = _listening(self.host, self.ws_port)
+        self._sockets.append(ws_sock)
         service = self.service
         await service.start()
         self.market.load(service.core, await _recent_trades(service, list(service.core.listings)))
@@ -113,7 +135,8 @@ class Exchange:
         gate = Gate(service.pool, self.limits)
         trading = Trading(service)
         self.feed = Feed(service, self.market, gate, trading, max_buffer=self.max_buffer, heartbeat=self.heartbeat)
-        await self.feed.start(self.host, self.ws_port)
+        await self.feed.start(sock=ws_sock)
+        self._sockets.remove(ws_sock)  # the feed's now: it closes it when it stops
         self.ws_port = self.feed.port
         ctx = Context(service, self.market, gate, trading, renderers=_renderers(), feed=self.feed)
         app = create_app(ctx)
@@ -127,22 +150,23 @@ class Exchange:
                                 proxy_headers=False,
                                 access_log=False, loop="none", timeout_graceful_shutdown=5)
         self._http = _Uvicorn(config)
-        self._http_task = asyncio.create_task(self._serve_http(), name="carbonx-http")
+        self._http_task = asyncio.create_task(self._serve_http(http_sock), name="carbonx-http")
         while not self._http.started:
             if self._http_task.done():
                 await self._http_task  # raises why it could not start
                 raise OSError(f"the HTTP server could not listen on {self.host}:{self.http_port}")
             await asyncio.sleep(0.01)
+        self._sockets.remove(http_sock)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
         ctx.public_url = self.http_url
         if self.gc_policy:
             self._gc_before = gcpolicy.apply()  # the recovered core and loaded views are start-up's: freeze
 
-    async def _serve_http(self) -> None:
-        # uvicorn logs why it cannot listen (the port is taken) and calls sys.exit: raised in a
-        # task, that would end the whole event loop, so it becomes the error it stands for.
+    async def _serve_http(self, sock: socket.socket) -> None:
+        # uvicorn logs why it cannot listen and calls sys.exit: raised in a task, that would end
+        # the whole event loop, so it becomes the error it stands for.
         try:
-            await self._http.serve()
+            await self._http.serve(sockets=[sock])
         except SystemExit as e:
             raise OSError(f"the HTTP server could not listen on {self.host}:{self.http_port}") from e
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 
+import asyncpg
 import orjson
 import pytest
 from websockets.sync.client import connect
@@ -120,18 +121,37 @@ def test_verification_page(server):
 
 
 def test_a_port_already_taken_stops_what_the_start_began(db, run):
-    """The HTTP port in use: the start fails, and neither the feed's port nor the service's lock
-    stays held (they used to, until the process ended)."""
+    """The HTTP port, or the feed's, in use: the start fails with the address in its message
+    before the service starts, so it journals nothing (no snapshot, no adjust) and leaves no port
+    or lock held (the feed's port and the service's lock stayed held until the process ended,
+    and the service's recovery journaled before the failure: review27)."""
+    async def journaled() -> tuple:
+        conn = await asyncpg.connect(db)
+        try:
+            return (await conn.fetchval("SELECT count(*) FROM journal"),
+                    await conn.fetchval("SELECT count(*) FROM snapshots"))
+        finally:
+            await conn.close()
+
     async def main() -> None:
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            ex = Exchange(db, http_port=taken.getsockname()[1], ws_port=0)
-            with pytest.raises(OSError):
-                await ex.start()
-            feed_port = ex.ws_port
-        with socket.socket() as probe:  # the feed's port is free again
-            probe.bind(("127.0.0.1", feed_port))
+        first = Exchange(db, http_port=0, ws_port=0)  # a journal with a listing to recover
+        await first.start()
+        assert (await first.service.list_instrument(SYMBOL, {"rules": {"always_open": True}})).accepted
+        await first.stop()
+        before = await journaled()
+        for which in ("http", "ws"):
+            with socket.socket() as taken:
+                taken.bind(("127.0.0.1", 0))
+                taken.listen()
+                port = taken.getsockname()[1]
+                ex = Exchange(db, **{"http_port": 0, "ws_port": 0, f"{which}_port": port})
+                with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+                    await ex.start()
+                other = ex.ws_port if which == "http" else ex.http_port
+            assert await journaled() == before, which
+            if other:
+                with socket.socket() as probe:  # the other port is free again
+                    probe.bind(("127.0.0.1", other))
         again = Exchange(db, http_port=0, ws_port=0)
         await again.start()  # not service_running
         await again.stop()
