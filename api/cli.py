@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from typing import Annotated
 
 import typer
@@ -54,13 +55,13 @@ async def _demo_setup(dsn: str) -> list[tuple[str, str]]:
 
 
 async def _serve(data_dir, host: str, http_port: int, ws_port: int, demo: bool, stdio: bool, snapshot_every: int,
-                 flush_ms: float, book: str | None, rate: float) -> None:
+                 flush_ms: float, book: str | None, rate: float, public_url: str) -> None:
     settings = load_settings(data_dir)
     dsn = await prepare_database(settings)
     keys = await _demo_setup(dsn) if demo else []
     progress = _Progress()
     limits = Limits(key_rate=rate, key_burst=2 * rate)
-    ex = Exchange(dsn, host=host, http_port=http_port, ws_port=ws_port, limits=limits,
+    ex = Exchange(dsn, host=host, http_port=http_port, ws_port=ws_port, limits=limits, public_url=public_url,
                   service_options={"engine": book, "snapshot_every": snapshot_every,
                                    "flush_interval": flush_ms / 1000, "progress": progress})
     began = time.perf_counter()
@@ -84,6 +85,8 @@ async def _serve(data_dir, host: str, http_port: int, ws_port: int, demo: bool, 
     for who, key in keys:
         say(f"API key for {who}: {key}")
     say(f"web       {ex.http_url}/")
+    if public_url:
+        say(f"public    {public_url}   (certificates' verification links)")
     if keys:
         # The fragment never reaches the server; the page takes the organiser's key from it.
         say(f"open      {ex.http_url}/#key={keys[-1][1]}   (the web page, as the launch event's organiser)")
@@ -110,13 +113,33 @@ def serve(
     flush_ms: Annotated[float, typer.Option(min=0.0, max=100.0, help="Group-commit wait in milliseconds.")] = 0.3,
     book: Annotated[str | None, typer.Option(help="Order book implementation: cython or reference.")] = None,
     rate_limit: Annotated[float, typer.Option(min=1.0, help="Requests per second per API key.")] = 50_000.0,
+    public_url: Annotated[str, typer.Option(
+        envvar="CARBONX_PUBLIC_URL", show_default=False,
+        help="Where people reach the REST API (https://registry.example.cn): certificates' verification links "
+             "and QR codes. Default: the address each request came to.")] = "",
 ) -> None:
     """Run the exchange, clearing, REST API and websocket feed until SIGTERM or Ctrl-C."""
     if book not in (None, "cython", "reference"):
         fail(f"unknown book {book!r}; expected cython or reference", "invalid_option")
+    if public_url and (why := _bad_public_url(public_url)):
+        fail(f"--public-url {public_url!r}: {why}", "invalid_option")
     with one_line_errors(os_code="os_error"):
         asyncio.run(_serve(data_dir, host, http_port, ws_port, demo, stdio, snapshot_every, flush_ms, book,
-                           rate_limit))
+                           rate_limit, public_url.rstrip("/")))
+
+
+def _bad_public_url(url: str) -> str | None:
+    """Why `url` cannot be the base of a certificate's link, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as e:
+        return str(e)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "give an absolute http:// or https:// URL with a host name"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return "no query, fragment or credentials: certificates append /verify/CODE to it"
+    return None
 
 
 app.registered_commands[:] = [c for c in app.registered_commands if c.name != "serve"]

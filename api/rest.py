@@ -6,6 +6,7 @@ every route documents the problems it can send, so /openapi.json describes exact
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations, some of them local.
+import asyncio
 import hashlib
 import html
 import logging
@@ -69,7 +70,10 @@ class Context:
     market: MarketData
     gate: Gate
     trading: Trading
-    public_url: str = ""  # where people reach this server (certificate QR codes)
+    # Where people reach this server, for certificates' verification links and QR codes (carbonx
+    # serve --public-url); empty: the address each request came to, never the one listened on
+    # (0.0.0.0 or loopback on a printed certificate can be opened by nobody: review30).
+    public_url: str = ""
     renderers: dict[str, Callable[..., Any]] | None = None  # certificate html/pdf, when available
     feed: Any = None  # api.feed.Feed, when the websocket feed runs alongside
 
@@ -599,35 +603,46 @@ def create_app(ctx: Context) -> FastAPI:
     async def certificate_data(code: str) -> dict[str, Any]:
         return await db(lambda conn: registry.retirement_by_code(conn, code))
 
-    async def rendered(code: str, kind: str, media: str) -> Response:
+    def public_url(request: Request) -> str:
+        return ctx.public_url or str(request.base_url).rstrip("/")
+
+    # A PDF takes a good part of a second to lay out (300 serial ranges: 0.55 s), in a thread so
+    # that order entry and the feed go on meanwhile (it held the loop: review30); two at a time,
+    # as more threads would only take turns at the interpreter with the loop.
+    pdf_turns = asyncio.Semaphore(2)
+
+    async def rendered(request: Request, code: str, kind: str, media: str) -> Response:
         data = await certificate_data(code)
         render = (ctx.renderers or {}).get(kind)
         if render is None:
             raise CarbonxError("not_found", f"certificates as {kind} are not available on this server")
-        return Response(render(data, ctx.public_url), media_type=media)
+        if kind != "pdf":
+            return Response(render(data, public_url(request)), media_type=media)
+        async with pdf_turns:
+            return Response(await asyncio.to_thread(render, data, public_url(request)), media_type=media)
 
     CertCode = Annotated[str, Path(min_length=1, max_length=64)]
 
     @app.get("/v1/certificates/{code}.html", response_class=Response, tags=["registry"],
              responses={**PUBLIC, 200: {"content": {"text/html": {"schema": {"type": "string"}}},
                                         "description": "the certificate as a printable page"}})
-    async def certificate_html(code: CertCode) -> Response:
-        return await rendered(code, "html", "text/html; charset=utf-8")
+    async def certificate_html(request: Request, code: CertCode) -> Response:
+        return await rendered(request, code, "html", "text/html; charset=utf-8")
 
     @app.get("/v1/certificates/{code}.pdf", response_class=Response, tags=["registry"],
              responses={**PUBLIC, 200: {"content": {"application/pdf": {"schema": {"type": "string",
                                                                                   "format": "binary"}}},
                                         "description": "the certificate as PDF"}})
-    async def certificate_pdf(code: CertCode) -> Response:
-        return await rendered(code, "pdf", "application/pdf")
+    async def certificate_pdf(request: Request, code: CertCode) -> Response:
+        return await rendered(request, code, "pdf", "application/pdf")
 
     @app.get("/verify/{code}", include_in_schema=False)
-    async def verify_page(code: CertCode) -> Response:
+    async def verify_page(request: Request, code: CertCode) -> Response:
         """The public verification page a certificate's QR code points to."""
         try:
             data = await certificate_data(code)
             return Response(certificates.render_certificate_html(
-                data, certificates.verification_url(ctx.public_url, data["certificate_code"]), verified=True),
+                data, certificates.verification_url(public_url(request), data["certificate_code"]), verified=True),
                 media_type="text/html; charset=utf-8")
         except CarbonxError as e:
             if e.code != "not_found":
@@ -827,7 +842,7 @@ def create_app(ctx: Context) -> FastAPI:
     @app.post("/v1/neutrality/offset", status_code=201, response_model=M.OffsetResult,
               responses={**MEMBER, 201: {"description": "what was bought and retired", "headers": REPLAYED}},
               tags=["neutrality"])
-    async def offset(req: M.OffsetRequest, who: Member, key: OneIdempotencyKey) -> Any:
+    async def offset(http: Request, req: M.OffsetRequest, who: Member, key: OneIdempotencyKey) -> Any:
         listing = instrument(req.symbol)
         if (req.activity is None) == (req.quantity is None):
             raise CarbonxError("invalid_request", "give exactly one of activity or quantity")
@@ -849,7 +864,8 @@ def create_app(ctx: Context) -> FastAPI:
         code = done.retirement.certificate_code
         return created({"estimate": estimate_view(est) if est else None, "quantity": format_tonnes(kg),
                         "order_id": str(done.order_id), "cost": format_cash(done.cost_fen), "retirement": views[0],
-                        "certificate_url": f"{ctx.public_url}/v1/certificates/{code}.pdf"}, done.retirement.replayed)
+                        "certificate_url": f"{public_url(http)}/v1/certificates/{code}.pdf"},
+                       done.retirement.replayed)
 
     # ---- operator ------------------------------------------------------------------------------
 

@@ -79,8 +79,9 @@ class Exchange:
     def __init__(self, dsn: str, *, host: str = "127.0.0.1", http_port: int = 8700, ws_port: int = 8701,
                  limits: Limits | None = None, max_buffer: int = 4 << 20, heartbeat: float = 1.0,
                  service_options: dict[str, Any] | None = None, fast_orders: bool = True,
-                 gc_policy: bool = True) -> None:
+                 gc_policy: bool = True, public_url: str = "") -> None:
         self.dsn = dsn
+        self.public_url = public_url  # certificates' links; empty: each request's own address
         self.host = host
         self.http_port = http_port
         self.ws_port = ws_port
@@ -158,7 +159,7 @@ class Exchange:
             await asyncio.sleep(0.01)
         self._sockets.remove(http_sock)
         self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
-        ctx.public_url = self.http_url
+        ctx.public_url = self.public_url
         if self.gc_policy:
             self._gc_before = gcpolicy.apply()  # the recovered core and loaded views are start-up's: freeze
 

@@ -470,3 +470,13 @@ def test_the_socket_directory_for_a_spaced_data_dir_must_be_private(tmp_path):
         assert err.value.code == "invalid_data_dir"
     finally:
         mine.rmdir()
+
+
+def test_serve_refuses_a_public_url_certificates_cannot_link_to(url_env):
+    """--public-url is printed on every certificate as its verification link: a URL that is not
+    absolute http(s), or that carries a query or credentials, is refused before anything starts."""
+    for bad in ("ftp://registry.example.cn", "registry.example.cn", "https://registry.example.cn/?a=1",
+                "http://registry.example.cn:port", "https://user:pw@registry.example.cn"):
+        proc = subprocess.run([sys.executable, "-m", "api", "serve", "--public-url", bad], capture_output=True,
+                              text=True, env={**os.environ, **url_env}, timeout=60)
+        assert proc.returncode == 1 and "--public-url" in proc.stderr and "invalid_option" in proc.stderr, (bad, proc)
