@@ -504,6 +504,8 @@ class EstimateLine(BaseModel):
 class Estimate(BaseModel):
     factor_table_version: str
     total: Decimal = Field(description="tonnes CO2e, half-up to the kg")
+    offset: Decimal = Field(description="tonnes to offset: the exact footprint rounded up to the kg (an offset then "
+                                        "rounds it up to the instrument's lot)")
     categories: dict[str, Decimal]
     lines: list[EstimateLine]
     attendees: int | None

@@ -813,6 +813,7 @@ def create_app(ctx: Context) -> FastAPI:
     def estimate_view(e: dict[str, Any]) -> dict[str, Any]:
         per = e["per_attendee_day_g"]
         return {"factor_table_version": e["factor_table_version"], "total": format_tonnes(e["total_kg"]),
+                "offset": format_tonnes(e["offset_kg"]),
                 "categories": {c: format_tonnes(kg) for c, kg in e["categories_kg"].items()},
                 "lines": [{k: v for k, v in line.items() if k != "g"} | {"co2e": format_decimal(line["g"], 6)}
                           for line in e["lines"]],
@@ -832,7 +833,7 @@ def create_app(ctx: Context) -> FastAPI:
         order size); an explicit quantity is an order size, so one finer than the lot is refused,
         never rounded (API.md)."""
         if est is not None:
-            return neutrality.quantity_to_offset(est["total_kg"], lot)
+            return neutrality.quantity_to_offset(est["offset_kg"], lot)
         kg = _units(parse_tonnes, quantity, "quantity", most=MAX_RETIRE_KG)
         if kg % lot:
             raise CarbonxError("invalid_lot", f"quantity {quantity} is not a whole number of lots of "

@@ -5,12 +5,14 @@ hotel room-nights, meals, materials, waste) into kg CO2e per category and in tot
 emission-factor table shipped in `exchange/data/emission_factors.json`; the estimate records the table
 version it used, and the table's `history` lists every value an earlier version had, so an estimate made
 with an earlier version can still be explained. `quantity_to_offset(total_kg, lot_kg)` is what to buy and
-retire: the footprint rounded up to the instrument's lot.
+retire: the footprint (`offset_kg`, its exact value rounded up to a whole kg) rounded up to the
+instrument's lot.
 
 Numbers: quantities are ints or decimal strings, never floats, and factors are decimal strings, so every
 product is exact (`fractions.Fraction`). Each reported figure is rounded half-up exactly once from the
 exact value: grams for lines and categories, kilograms for totals. Rounded parts therefore need not add
-up to a rounded total; the totals are the figures to offset.
+up to a rounded total. What to offset is rounded up instead, once, from the exact total (`offset_kg`):
+half-up would leave up to half a kilogram of the footprint unoffset (review30).
 
 Activity data (every field optional, unknown fields refused):
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -328,11 +331,12 @@ def estimate_footprint(activity: Mapping[str, Any], table: FactorTable | None = 
     """The footprint of the activity data (see the module docstring for its shape).
 
     Returns JSON-ready data:
-    `{"factor_table_version", "total_kg", "total_g", "total_tonnes", "categories_kg", "categories_g",
+    `{"factor_table_version", "total_kg", "offset_kg", "total_g", "total_tonnes", "categories_kg", "categories_g",
       "lines": [{"category", "field", "factor", "factor_value", "factor_unit", "factor_status",
                  "quantity", "quantity_unit", "g"}],
       "attendees", "days", "per_attendee_day_g", "rounding"}`.
-    `total_kg` is the figure to offset (`quantity_to_offset`); `per_attendee_day_g` is null unless both
+    `total_kg` is the footprint as reported (half-up), `offset_kg` the whole kilograms that cover it (up:
+    the figure for `quantity_to_offset`); `per_attendee_day_g` is null unless both
     attendees and days are given and non-zero.
     """
     table = table or default_factor_table()
@@ -352,6 +356,7 @@ def estimate_footprint(activity: Mapping[str, Any], table: FactorTable | None = 
     return {
         "factor_table_version": table.version,
         "total_kg": total_kg,
+        "offset_kg": math.ceil(total),
         "total_g": round_half_up(total * 1000),
         "total_tonnes": format_tonnes(total_kg),
         "categories_kg": {c: round_half_up(v) for c, v in exact.items()},

@@ -548,6 +548,31 @@ def test_offset_quantity_finer_than_the_lot_is_refused_not_rounded(server):
         assert done["quantity"] == done["retirement"]["quantity"] == "2.000"
 
 
+def test_an_offset_from_activity_covers_the_whole_footprint(server):
+    """533 standard meals are 1000.441 kg exactly: the estimate reports 1.000 t (half-up), and the
+    offset buys and retires 1.001 t on a 1 kg lot and 2 t on a 1 t lot, never less than the
+    footprint (it retired 1.000 t, and the certificate declared the event neutral: review30). A
+    footprint under half a kilogram (1 kWh in Sichuan, 140 g) is one lot to offset, not "zero"."""
+    w = build_world(server.http, server.ops_key, listing={"lot": "0.001", "min_quantity": "0.001"})
+    with w.as_("OPS") as ops:
+        tonne_lots = add_listing(ops, w.keys, "TEAGARDEN", "TEADEV")
+    meals = {"meals": [{"kind": "standard", "count": 533}]}
+    kwh = {"electricity": [{"kwh": "1", "region": "sichuan"}]}
+    with w.as_("DEV") as dev, w.as_("TEADEV") as tea, w.as_("BUY") as buy, client(server.http) as anon:
+        est = ok(anon.post("/v1/neutrality/estimate", json=meals))
+        assert (est["total"], est["offset"]) == ("1.000", "1.001")
+        est = ok(anon.post("/v1/neutrality/estimate", json=kwh))
+        assert (est["total"], est["offset"]) == ("0.000", "0.001")
+        ok(dev.post("/v1/orders", json=limit("sell", "35.00", "5.000")), 201)
+        ok(tea.post("/v1/orders", json={**limit("sell", "35.00", "5.000"), "symbol": tonne_lots}), 201)
+        cases = ((SYMBOL, meals, "1.001"), (tonne_lots, meals, "2.000"), (SYMBOL, kwh, "0.001"))
+        for symbol, activity, tonnes in cases:
+            done = ok(buy.post("/v1/neutrality/offset", json={"symbol": symbol, "activity": activity,
+                                                              "max_cash": "200.00", "beneficiary": "Lunch",
+                                                              "purpose": "p"}), 201)
+            assert done["quantity"] == done["retirement"]["quantity"] == tonnes, (symbol, activity, done)
+
+
 def test_unknown_symbol_filters_are_unknown_instruments(server):
     """GET /v1/orders, GET /v1/fills and DELETE /v1/orders answer an unlisted symbol alike: 404."""
     w = build_world(server.http, server.ops_key)

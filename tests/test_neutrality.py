@@ -188,8 +188,9 @@ def test_chengdu_one_day_conference_lands_near_the_scenarios_1_2_t():
     # scenario's figure and typical inputs agree. A result outside it means a factor or unit went wrong
     # (e.g. per-tonne factors read as per-kg would give hundreds of tonnes).
     assert 900 <= est["total_kg"] <= 1600
-    assert quantity_to_offset(est["total_kg"], 1000) == 2000   # a 1 t lot instrument: two lots
-    assert quantity_to_offset(est["total_kg"], 1) == 1222      # the retail/event instrument with 1 kg lots
+    assert est["offset_kg"] == 1223                              # 1,222.24 kg covered: rounded up, not half-up
+    assert quantity_to_offset(est["offset_kg"], 1000) == 2000  # a 1 t lot instrument: two lots
+    assert quantity_to_offset(est["offset_kg"], 1) == 1223     # the retail/event instrument with 1 kg lots
 
 
 def test_an_estimate_made_with_table_2026_1_is_still_explained_by_the_history(tmp_path):

@@ -51,7 +51,7 @@ def test_every_referenced_file_is_shipped_and_served(run) -> None:
         r = run(get(f"/web/{name}"))
         assert r.status_code == 200 and r.content == (STATIC / name).read_bytes(), name
     assert run(get("/web/missing.js")).status_code == 404
-    assert run(get("/web/config.json")).json() == {"feed_port": None, "feed_path": "/v1/ws", "public_url": ""}
+    assert run(get("/web/config.json")).json() == {"feed_port": None, "feed_path": "/v1/ws", "public_url": "http://web"}
     paths = run(get("/openapi.json")).json()["paths"]
     assert "/" not in paths and not [p for p in paths if p.startswith("/web")]
 

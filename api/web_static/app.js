@@ -573,7 +573,7 @@ async function wizardOffset(body, w, rerender) {
   if (!instruments.some((i) => i.symbol === o.symbol)) o.symbol = instruments[0]?.symbol;
   const inst = instruments.find((i) => i.symbol === o.symbol);
   const lotKg = kgOf(inst.lot);
-  const qtyKg = Math.ceil(kgOf(w.estimate.total) / lotKg) * lotKg;
+  const qtyKg = Math.ceil(kgOf(w.estimate.offset ?? w.estimate.total) / lotKg) * lotKg;
   const book = await api(`/v1/book/${o.symbol}?depth=50`);
   const offered = book.asks.reduce((s, [, q]) => s + kgOf(q), 0);
   // A cap that buys at any price in the band: quantity at the band's top, plus the larger fee.
