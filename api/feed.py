@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import socket
+import struct
 import time
 from collections import deque
 from typing import Any
@@ -60,10 +61,36 @@ MAX_SUBSCRIPTIONS = 1024
 MAX_STREAMS = 1024
 # How long a planned stop lets each connection's writer send what is queued for it, all together.
 SHUTDOWN_DRAIN_S = 2.0
+# What one write hands the transport: the rest stays queued, where a cut can drop it, so that the
+# slow_consumer error is behind little more than this and the socket's buffers (review29).
+WRITE_CHUNK = 64 * 1024
+# The kernel's send buffer per connection (Linux doubles it): fixed rather than grown up to 4 MiB
+# by autotuning, for the same reason; ample for a reader that keeps up.
+SEND_BUFFER = 256 * 1024
+# A cut connection reads what was ahead of its slow_consumer error (the socket's buffers and its
+# own receive buffer: megabytes, at a slow reader's pace) and then answers the close, within
+# CUT_CLOSE_S; it is dropped sooner if data waits on this side and none of it is taken for
+# CUT_PROGRESS_S (a peer gone or stuck). Dropped, it loses what its receive buffer held.
+CUT_PROGRESS_S = 10.0
+CUT_CLOSE_S = 120.0
+# The keepalive: a ping every PING_INTERVAL_S; a connection that neither answers nor takes any of
+# its data for PING_TIMEOUT_S is stuck or gone (a pong queued behind data the peer is still
+# reading is no reason to end it: that is the buffer bound's to judge).
+PING_INTERVAL_S = 20.0
+PING_TIMEOUT_S = 20.0
+# The fields each channel of a subscribe takes: a misspelt one is refused, not served with defaults.
+CHANNEL_FIELDS = {"book": {"name", "symbols", "depth", "interval_ms"}, "trades": {"name", "symbols"},
+                  "ticker": {"name", "symbols"}, "registry": {"name"}, "orders": {"name"}}
 BINANCE_INTERVALS = {"": 1000, "@100ms": 100, "@1000ms": 1000}
 # A tuple, not a set: `op` is whatever JSON the client sent, and an unhashable one (a list) must
 # get "unknown op", not a TypeError that closes the connection.
 ORDER_OPS = ("order.place", "order.cancel", "order.amend")
+try:  # Linux: a socket's bytes not yet acknowledged by the peer
+    import fcntl
+    import termios
+    _OUTQ: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # pragma: no cover - not Linux
+    _OUTQ = None
 
 
 def now_us() -> int:
@@ -126,6 +153,7 @@ class Client:
         # and returns, and only then is the connection closed: the close never overtakes it.
         self.ending = False
         self.writer_task: asyncio.Task | None = None
+        self.written = 0  # bytes handed to the transport (the keepalive's count of what the peer took)
         self.account: Account | None = None
         self.key: str | None = None
         # When the key must be asked about again before it is used (monotonic; never while unauthenticated).
@@ -146,56 +174,141 @@ class Client:
             return
         self.ready.set()
 
-    def cut(self) -> None:
+    def cut(self, detail: str | None = None) -> None:
         """Too slow: drop what is queued, say why, close with 1008."""
         self.closed = True
         self.queue.clear()
         self.pending = 0
+        self.ready.set()  # the writer ends
         self.feed.slow_consumers += 1
         loop = asyncio.get_running_loop()
         loop.call_soon(self.feed.forget, self)  # not now: the caller may be iterating a subscriber set
-        self.tasks.add(loop.create_task(self._close_slow()))
+        self.tasks.add(loop.create_task(self._close_slow(CUT_PROGRESS_S, detail, CUT_CLOSE_S)))
 
-    async def _close_slow(self, timeout: float = 5, detail: str | None = None) -> None:
+    async def _close_slow(self, timeout: float, detail: str | None = None, longest: float = 0.0) -> None:
+        """The error and the close, after whatever was already handed to the socket. The peer has
+        `timeout` seconds, and more while it goes on taking data (up to `longest` in all); a
+        connection that takes nothing for `timeout` is dropped."""
         detail = detail or f"more than {self.feed.max_buffer} bytes waited for this connection"
-        err = orjson.dumps({"type": "error", "code": "slow_consumer", "detail": detail})
+        if self.binance:  # the error in Binance's shape, as every other on its streams
+            err = orjson.dumps({"error": {"code": _binance_code("slow_consumer"), "msg": f"slow_consumer: {detail}"},
+                                "id": None})
+        else:
+            err = orjson.dumps({"type": "error", "code": "slow_consumer", "detail": detail})
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(timeout, longest)
+        # The library drops a connection whose close is not answered within close_timeout: the
+        # peer may need all of it to read up to the close.
+        self.ws.close_timeout = max(timeout, longest)
+        closing = asyncio.ensure_future(self._say_and_close(err, 1008, "slow consumer"))
         try:
-            await asyncio.wait_for(self._say_and_close(err, 1008, "slow consumer"), timeout)
-        except (TimeoutError, ConnectionClosed, OSError):
+            while True:
+                taken = self.delivered()
+                done, _ = await asyncio.wait({closing}, timeout=min(timeout, max(0.0, until - loop.time())))
+                if done:
+                    closing.result()
+                    return
+                # Stuck: data waits on this side and none was taken. All of it taken, the peer is
+                # reading up to the close (its receive buffer is out of sight): it is waited for.
+                stuck = self.delivered() <= taken and self.held() > 0
+                if stuck or loop.time() >= until:
+                    closing.cancel()
+                    self.ws.transport.abort()
+                    return
+        except (ConnectionClosed, OSError):
             self.ws.transport.abort()
+        except asyncio.CancelledError:
+            closing.cancel()
+            self.ws.transport.abort()
+            raise
 
     async def _say_and_close(self, data: bytes, code: int, reason: str) -> None:
         await self.ws.send(data, text=True)
         await self.ws.close(code, reason)
 
     async def writer(self) -> None:
-        """Send everything queued in one write: a frame per message, but one system call per
-        wake-up instead of one per message. With 1,000 subscribers the per-message send path was
-        over half the server's time (py-spy on the fan-out bench), most of it in socket writes.
-        Back-pressure is the library's own: ``drain`` waits while the socket's buffer is full,
-        and meanwhile the queue grows towards the slow-consumer cut-off."""
+        """Send what is queued, up to WRITE_CHUNK bytes a write: a frame per message, but one
+        system call per chunk instead of one per message. With 1,000 subscribers the per-message
+        send path was over half the server's time (py-spy on the fan-out bench), most of it in
+        socket writes. Back-pressure is the library's own: ``drain`` waits while the socket's
+        buffer is full, and meanwhile the queue grows towards the slow-consumer cut-off."""
         ws, queue = self.ws, self.queue
         protocol, transport = ws.protocol, ws.transport
         try:
             while not self.closed:
                 await self.ready.wait()
                 self.ready.clear()
-                if self.closed:
-                    continue
-                if queue:
+                while queue and not self.closed:
                     if protocol.state is not State.OPEN or transport.is_closing():
                         return
-                    frames = [text_frame(data) for data in queue]
-                    queue.clear()
-                    self.pending = 0
-                    transport.write(b"".join(frames))
+                    frames, size = [], 0
+                    while queue and (not frames or size + len(queue[0]) <= WRITE_CHUNK):
+                        data = queue.popleft()
+                        frames.append(text_frame(data))
+                        size += len(data)
+                    self.pending -= size
+                    chunk = b"".join(frames)
+                    self.written += len(chunk)
+                    transport.write(chunk)
                     await ws.drain()
+                if self.closed:
+                    return
                 if self.ending and not queue:
                     # Everything queued, server_shutdown last, is in the socket's buffer: Feed.stop
                     # may close now, the close frame after it.
                     return
         except (ConnectionClosed, OSError):  # drain() raises the transport's error once the peer is gone
             pass
+
+    def delivered(self) -> int:
+        """About how many bytes the peer's TCP has acknowledged: what was handed to the transport,
+        less what the transport and the socket still hold (Linux's unacknowledged bytes, TIOCOUTQ).
+        Where the socket cannot say, what the transport has passed on."""
+        return self.written - self.held()
+
+    def held(self) -> int:
+        """Bytes sent that the peer has not acknowledged yet: in the transport, and in the socket
+        (Linux; elsewhere only the transport's)."""
+        transport = self.ws.transport
+        held = transport.get_write_buffer_size()
+        if _OUTQ is not None:
+            try:
+                sock = transport.get_extra_info("socket")
+                held += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+            except (OSError, AttributeError, ValueError):
+                pass
+        return held
+
+    async def keepalive(self) -> None:
+        """Ping every PING_INTERVAL_S. No pong, and none of the connection's data taken either, for
+        PING_TIMEOUT_S: stuck or gone, ended as a slow consumer (the error is there for a peer
+        that reads again). A pong late behind data the peer is still reading is waited for."""
+        while not self.closed:
+            await asyncio.sleep(PING_INTERVAL_S)
+            if self.closed:
+                return
+            # The ping itself may wait (the library sends it only once the socket's buffer has
+            # room): that wait counts as not answered.
+            answered = asyncio.ensure_future(self._ping())
+            try:
+                while True:
+                    taken = self.delivered()
+                    done, _ = await asyncio.wait({answered}, timeout=PING_TIMEOUT_S)
+                    if done:
+                        if answered.exception() is not None:  # closed meanwhile
+                            return
+                        break
+                    if self.closed:
+                        return
+                    if self.delivered() <= taken:
+                        self.cut(f"no answer to a ping, and none of the data sent taken, for {PING_TIMEOUT_S:g} s")
+                        return
+            finally:
+                answered.cancel()
+
+    async def _ping(self) -> None:
+        pong = await self.ws.ping()
+        await pong
 
 
 class BookGroup:
@@ -297,8 +410,10 @@ class Feed:
     async def start(self, host: str | None = None, port: int | None = None, *, sock: socket.socket | None = None
                     ) -> Server:
         """Listen on `host`:`port`, or on `sock`, already bound."""
+        # The library's keepalive is off: its ping waits behind the data queued for the peer,
+        # and a reader still taking its data was closed 1011 (review29); Client.keepalive instead.
         self.server = await serve(self.handle, host, port, sock=sock, process_request=self._route, max_size=64 * 1024,
-                                  max_queue=64, compression=None, ping_interval=20, ping_timeout=20)
+                                  max_queue=64, compression=None, ping_interval=None)
         self._tasks = [asyncio.create_task(self._heartbeats(), name="carbonx-heartbeat"),
                        asyncio.create_task(self._coalesce(), name="carbonx-coalesce"),
                        asyncio.create_task(self._key_checks(), name="carbonx-key-checks")]
@@ -394,7 +509,10 @@ class Feed:
         binance = path == "/ws" or path.startswith("/ws/") or path == "/stream"
         client = Client(self, ws, binance=binance, combined=path == "/stream")
         self.clients.add(client)
+        with contextlib.suppress(OSError, AttributeError):  # not a TCP socket (a test's transport)
+            ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         writer = client.writer_task = asyncio.create_task(client.writer())
+        keepalive = asyncio.create_task(client.keepalive())
         if binance and path != "/ws":  # the streams the URL names (checked in _route)
             for name in self._url_streams(ws.request.path):
                 key = self.parse_stream(name)
@@ -444,6 +562,7 @@ class Feed:
             self.forget(client)
             client.ready.set()
             writer.cancel()
+            keepalive.cancel()
             # A slow consumer's error and 1008 close are under way: returning now would close 1000.
             if client.tasks:
                 await asyncio.gather(*client.tasks, return_exceptions=True)
@@ -596,6 +715,9 @@ class Feed:
         if not isinstance(ch, dict):
             raise CarbonxError("invalid_request", "a channel is an object with a name")
         name = ch.get("name")
+        if name in CHANNEL_FIELDS and (extra := set(ch) - CHANNEL_FIELDS[name]):
+            raise CarbonxError("invalid_request", f"channel {name} has no {', '.join(sorted(map(repr, extra)))}; "
+                                                  f"it takes {', '.join(sorted(CHANNEL_FIELDS[name]))}")
         if name in ("registry", "orders"):
             if name == "orders" and c.account is None:
                 raise CarbonxError("unauthorized", "the orders channel needs auth with a member's API key first")

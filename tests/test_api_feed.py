@@ -295,9 +295,10 @@ def test_slow_consumer_is_cut_and_the_reader_stays_gapless(db, run):
         dev = WsTrader(s.ws, w.keys["DEV"], orders_channel=False)
         buy = WsTrader(s.ws, w.keys["BUY"], orders_channel=False)
         try:
-            # Volume until the server gives up on the slow one: the kernel's socket buffers take a
-            # few MB first. (The counter only tells the test when to stop producing; the verdict
-            # comes from what the clients receive.)
+            # Volume until the server gives up on the slow one: the socket's buffers take some
+            # hundreds of kB first (the feed fixes a connection's send buffer at SEND_BUFFER). (The
+            # counter only tells the test when to stop producing; the verdict comes from what the
+            # clients receive.)
             for _ in range(150):
                 sweep_cycle(dev, buy)
                 if s.exchange.feed.slow_consumers:
@@ -316,7 +317,7 @@ def test_slow_consumer_is_cut_and_the_reader_stays_gapless(db, run):
             assert reader.closed is None
             assert_client_matches(reader, s.http, [SYMBOL])
             ids = [int(m["trade_id"]) for m in reader.of(lambda m: m.get("ch") == "trades")]
-            assert ids == list(range(1, len(ids) + 1)) and len(ids) > 10_000
+            assert ids == list(range(1, len(ids) + 1)) and len(ids) > 2_000
         finally:
             for c in (dev, buy):
                 c.close()
