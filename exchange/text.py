@@ -29,11 +29,19 @@ def unsafe(text: str) -> str | None:
     return f"must not contain {UNSAFE_DESCRIPTION}: U+{ord(m[0]):04X} at position {m.start()}"
 
 
+# Unicode's Default_Ignorable_Code_Point characters that are not format characters (Cf): Hangul
+# fillers, variation selectors, the combining grapheme joiner, ... (DerivedCoreProperties.txt),
+# and the braille blank, which shows as a space. Each alone shows nothing (review30).
+_INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u2800\u3164\ufe00-\ufe0f\uffa0"
+                        "\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
+
+
 def blank(text: str) -> bool:
-    """Whether `text` shows nothing: only whitespace and invisible format characters (Unicode Cf:
-    a zero-width space, a bidi mark), which str.strip() keeps (a certificate's beneficiary of one
-    zero-width space printed as blank)."""
-    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+    """Whether `text` shows nothing: only whitespace, invisible format characters (Unicode Cf: a
+    zero-width space, a bidi mark), which str.strip() keeps, and the other characters Unicode
+    says to show as nothing (a Hangul filler, a variation selector) or that show as a space (the
+    braille blank): a certificate's beneficiary of one of them printed as blank."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" or _INVISIBLE.match(ch) for ch in text)
 
 
 def fits(text: str | None, most: int) -> bool:

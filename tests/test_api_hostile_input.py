@@ -25,7 +25,7 @@ from websockets.sync.client import connect
 from api import models as M
 from api.auth import Limits
 from exchange import offsetting, registry
-from exchange.text import unsafe
+from exchange.text import blank, unsafe
 from tests.api_clients import WsTrader
 from tests.api_helpers import SYMBOL, build_world, client, db_rows, ok, own_server
 
@@ -196,6 +196,20 @@ def test_text_that_shows_nothing_is_refused_as_blank(world, run):
         problem(ops.post("/v1/registry/freeze", json={"serial": "CDHF-FOREST-2023-1-1", "reason": invisible}),
                 400, "invalid_reason")
     assert trace(server, w, run) == before
+
+
+@pytest.mark.parametrize("invisible", ["\u3164", "\u115f\u1160", "\uffa0", "\u2800", "\ufe0f", " \u034f "])
+def test_a_beneficiary_unicode_shows_as_nothing_is_refused_as_blank(world, run, invisible):
+    """Hangul fillers, a variation selector alone, the braille blank, a combining grapheme joiner:
+    not format characters (Cf), but shown as nothing (Unicode's default ignorables) or as a space.
+    Each was taken as a whole beneficiary and printed a blank certificate (review30)."""
+    server, w = world
+    before = trace(server, w, run)
+    with w.as_("BUY") as buy:
+        problem(buy.post("/v1/retirements", json={"symbol": SYMBOL, "quantity": "1.000", "beneficiary": invisible,
+                                                  "purpose": "p"}), 400, "invalid_beneficiary")
+    assert trace(server, w, run) == before
+    assert not blank(f"{invisible}李") and not blank("Café\u0301")  # with something to show, taken
 
 
 def test_the_text_rule_is_the_same_everywhere_and_stated_in_the_schema():
