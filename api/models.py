@@ -62,7 +62,7 @@ def serial_number_input(value: Any) -> Any:
 
 SerialNumberInput = Annotated[int, BeforeValidator(serial_number_input), Field(ge=1, le=MAX_SERIAL_NUMBER),
                               WithJsonSchema({"type": "string", "pattern": "^[0-9]{1,10}$",
-                                              "description": "a serial number: the first unit of a block"})]
+                                              "description": "a serial number"})]
 
 
 # Characters no text of a request may hold: exchange/text.py's rule, which the exchange's own

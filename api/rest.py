@@ -510,7 +510,7 @@ def create_app(ctx: Context) -> FastAPI:
             to = await conn.fetchval("SELECT code FROM accounts WHERE id = $1", iss.issued_to_account_id)
             return iss, to, await registry.issuance_blocks(conn, issuance_id, limit=limit + 1, after=after)
         iss, to, blocks = await db(q)
-        blocks = page_of(request, response, blocks, limit, lambda b: str(b["lo"]), param="after", url=url)
+        blocks = page_of(request, response, blocks, limit, lambda b: str(b["hi"] - 1), param="after", url=url)
         return {"id": str(iss.id), "project": iss.project_code, "vintage": iss.vintage, "serial": iss.serial,
                 "quantity": format_tonnes(iss.quantity), "issued_to": to,
                 "blocks": [block_view(iss, b) for b in blocks]}
@@ -523,7 +523,8 @@ def create_app(ctx: Context) -> FastAPI:
     async def issuance(request: Request, response: Response, issuance_id: Annotated[int, Path(ge=1, le=2**62)],
                        limit: RegistryLimit = 100,
                        after: Annotated[M.SerialNumberInput | None, Query(
-                           description="only blocks starting at a greater serial number: the next page's cursor, "
+                           description="only units at greater serial numbers (the block holding the next one cut "
+                                       "to start there): the next page's cursor, the last unit of the page before, "
                                        "as the Link header of the previous page gives it")] = None) -> Any:
         return await issuance_page(request, response, issuance_id, limit, after or 0)
 
@@ -544,15 +545,16 @@ def create_app(ctx: Context) -> FastAPI:
                          description="only movements with a greater id (newer): the next page of `history`, as the "
                                      'Link header rel="next" of the previous page gives it')] = None,
                      holders_after: Annotated[M.SerialNumberInput | None, Query(
-                         description="only holders' blocks starting at a greater serial number: the next page of "
-                                     '`holders`, as the Link header rel="next-holders" gives it')] = None) -> Any:
+                         description="only the range's units at greater serial numbers (blocks cut to start "
+                                     'there): the next page of `holders`, as the Link header rel="next-holders" '
+                                     "gives it")] = None) -> Any:
         async def q(conn: asyncpg.Connection) -> Any:
             return await registry.serial_history(conn, serial, limit=limit + 1, after=after or 0,
                                                  holders_after=holders_after or 0)
         iss, rng, hist, now = await db(q)
         # The history's link first, so that the header's order is the one /openapi.json states.
         hist = page_of(request, response, hist, limit, lambda h: str(h["id"]), param="after")
-        now = page_of(request, response, now, limit, lambda b: str(b["lo"]), param="holders_after",
+        now = page_of(request, response, now, limit, lambda b: str(b["hi"] - 1), param="holders_after",
                       rel="next-holders")
         return {"serial": format_serial(iss.scheme, iss.project_code, iss.vintage, rng.lo, rng.hi),
                 "issuance_id": str(iss.id), "history": [movement_view(iss, h) for h in hist],

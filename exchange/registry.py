@@ -899,14 +899,22 @@ async def holdings(conn: asyncpg.Connection, account: str) -> list[dict]:
 
 async def issuance_blocks(conn: asyncpg.Connection, issuance_id: int, *, limit: int | None = None,
                           after: int = 0) -> list[dict]:
-    """The blocks of an issuance in serial order, with who holds them: those starting after serial
-    number `after`, at most `limit` (None: all, for the operator's CLI). Blocks never overlap, so
-    their first serials order them totally and a page is one range of the index blocks_by_lower."""
+    """The blocks of an issuance in serial order, with who holds them: its units after serial
+    number `after` (the block holding after + 1 cut to start there), at most `limit` blocks (None:
+    all, for the operator's CLI). A page's cursor is its last unit, so a page that follows covers
+    the units after it whatever merged or split meanwhile (a cursor at the last block's start
+    skipped a block that merged into it: review30). Blocks never overlap: a page is the block
+    holding after + 1 (one probe) and one range of the index blocks_by_lower."""
     rows = await conn.fetch(
-        """SELECT lower(b.serials) AS lo, upper(b.serials) AS hi, a.code AS owner, b.state, r.certificate_code
+        """SELECT greatest(lower(b.serials), $2::bigint + 1) AS lo, upper(b.serials) AS hi, a.code AS owner, b.state,
+                  r.certificate_code
            FROM blocks b JOIN accounts a ON a.id = b.owner_account_id
            LEFT JOIN retirements r ON r.id = b.retirement_id
-           WHERE b.issuance_id = $1 AND lower(b.serials) > $2 ORDER BY lower(b.serials) LIMIT $3""",
+           WHERE b.issuance_id = $1 AND upper(b.serials) > $2::bigint + 1
+             AND lower(b.serials) >= coalesce((SELECT lower(serials) FROM blocks WHERE issuance_id = $1
+                                                 AND lower(serials) <= $2::bigint + 1 ORDER BY lower(serials) DESC LIMIT 1),
+                                                $2::bigint + 1)
+           ORDER BY lower(b.serials) LIMIT $3""",
         issuance_id, after, limit,
     )
     return [dict(r) for r in rows]
@@ -916,8 +924,8 @@ async def serial_history(conn: asyncpg.Connection, serial: str, *, limit: int | 
                          holders_after: int = 0) -> tuple[Issuance, SerialRange, list[dict], list[dict]]:
     """The movements that touched any unit of a serial range, oldest first, and who holds it now
     (blocks cut to the range, in serial order). Each list is a page of at most `limit` (None:
-    all, for the operator's CLI): movements with a transfer id above `after`, blocks starting
-    above serial number `holders_after` (a block cut at the range's start counts from there)."""
+    all, for the operator's CLI): movements with a transfer id above `after`, the range's units
+    after serial number `holders_after` (blocks cut to the range and to start after it)."""
     iss, rng = await resolve_serial(conn, serial)
     movements = """SELECT t.id, t.created_at, t.cause, t.cause_ref, lower(t.serials) AS lo, upper(t.serials) AS hi,
                           fa.code AS from_account, t.from_state, ta.code AS to_account, t.to_state
@@ -935,6 +943,8 @@ async def serial_history(conn: asyncpg.Connection, serial: str, *, limit: int | 
             iss.id, rng.lo, rng.hi, after, limit)
     # The blocks overlapping [lo, hi) are the one holding lo, if any, and those starting inside:
     # one range of blocks_by_lower from the start of the block holding lo (found by one probe).
+    # A page of holders starts after its cursor, the last unit the page before showed.
+    start = max(rng.lo, holders_after + 1)
     now = await conn.fetch(
         """SELECT greatest(lower(b.serials), $2) AS lo, least(upper(b.serials), $3) AS hi, a.code AS owner, b.state,
                   r.certificate_code
@@ -943,10 +953,9 @@ async def serial_history(conn: asyncpg.Connection, serial: str, *, limit: int | 
            WHERE b.issuance_id = $1 AND lower(b.serials) < $3 AND upper(b.serials) > $2
              AND lower(b.serials) >= coalesce((SELECT lower(serials) FROM blocks WHERE issuance_id = $1
                                                  AND lower(serials) <= $2 ORDER BY lower(serials) DESC LIMIT 1), $2)
-             AND lower(b.serials) > $4
-           ORDER BY lower(b.serials) LIMIT $5""",
-        iss.id, rng.lo, rng.hi, holders_after, limit,
-    )
+           ORDER BY lower(b.serials) LIMIT $4""",
+        iss.id, start, rng.hi, limit,
+    ) if start < rng.hi else []
     return iss, rng, [dict(r) for r in history], [dict(r) for r in now]
 
 
