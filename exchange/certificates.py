@@ -8,8 +8,10 @@ the page prints and encodes as a QR code (segno). Nothing here reads the databas
 - `render_certificate_html(cert, verify_url) -> str`: one self-contained page (inline CSS, inline SVG
   QR code, no external fonts, scripts or images). Every string from the record is HTML-escaped:
   beneficiary and purpose are user input.
-- `render_certificate_pdf(cert, verify_url) -> bytes`: the same content with reportlab. Chinese text
-  uses the CID font STSong-Light that reportlab ships (viewers supply the glyphs; it is not embedded).
+- `render_certificate_pdf(cert, verify_url) -> bytes`: the same content with reportlab. User text is
+  set run by run in a font that prints it: Chinese (GBK) in the CID font STSong-Light and Hangul in
+  HYSMyeongJo-Medium (reportlab's; viewers supply the glyphs, they are not embedded), everything
+  else in DejaVu Sans (exchange/data, embedded as a subset).
   Output is byte-for-byte deterministic for the same input (reportlab's invariant mode).
 
 Quantities are shown in tonnes with 3 decimals, times in China Standard Time (UTC+8, no daylight saving).
@@ -22,6 +24,7 @@ import html
 import io
 import re
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any
 
 import segno
@@ -236,14 +239,63 @@ again.</span></p>
 # PDF
 # --------------------------------------------------------------------------------------------
 _CJK = "STSong-Light"
+_KOREAN = "HYSMyeongJo-Medium"  # CID font as STSong-Light: the viewer supplies the glyphs
+_OTHER = "DejaVuSans"  # embedded (a subset): Latin, Greek, Cyrillic and more beyond GBK
+# GBK characters that STSong-Light's encoding (UniGB-UCS2-H) nevertheless leaves unmapped: the
+# middle dot, a few Latin letters, compatibility ideographs and vertical forms (checked against
+# the CMap with pdfminer.six).
+_NOT_IN_STSONG = frozenset([0x7F, 0xB7, 0x144, 0x148, 0x251, 0x261, 0xF979, 0xF995, 0xF9E7, 0xF9F1, 0xFA0C,
+                            0xFE31, *range(0xFE33, 0xFE45)])
 
 
 def _register_cjk_font() -> None:
     from reportlab.pdfbase import pdfmetrics
     from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+    from reportlab.pdfbase.ttfonts import TTFont
 
-    if _CJK not in pdfmetrics.getRegisteredFontNames():
-        pdfmetrics.registerFont(UnicodeCIDFont(_CJK))
+    registered = pdfmetrics.getRegisteredFontNames()
+    for name in (_CJK, _KOREAN):
+        if name not in registered:
+            pdfmetrics.registerFont(UnicodeCIDFont(name))
+    if _OTHER not in registered:
+        with resources.as_file(resources.files("exchange.data") / "DejaVuSans.ttf") as path:
+            pdfmetrics.registerFont(TTFont(_OTHER, str(path)))
+
+
+def _font_for(ch: str) -> str:
+    """The font that prints `ch`: Chinese (GBK) in STSong-Light, Hangul in the Korean CID font,
+    everything else in DejaVu Sans. All in STSong-Light, ø, Ł, ß or a Korean name printed as
+    nothing, while the JSON and HTML showed them (review30)."""
+    cp = ord(ch)
+    if 0xAC00 <= cp <= 0xD7A3 or 0x3131 <= cp <= 0x318E:  # Hangul syllables, compatibility jamo
+        return _KOREAN
+    if cp < 0x80 and cp != 0x7F:
+        return _CJK
+    try:
+        ch.encode("gbk")
+    except UnicodeEncodeError:
+        return _OTHER
+    return _OTHER if cp in _NOT_IN_STSONG else _CJK
+
+
+def _pdf_text(text: Any) -> str:
+    """`text` as Paragraph markup, escaped, each run of characters in a font that prints them."""
+    out, run, font = [], [], _CJK
+    for ch in str(text):
+        f = _font_for(ch)
+        if f != font and run:
+            out.append(_run(font, "".join(run)))
+            run = []
+        font = f
+        run.append(ch)
+    if run:
+        out.append(_run(font, "".join(run)))
+    return "".join(out)
+
+
+def _run(font: str, text: str) -> str:
+    escaped = _pdf_escape(text)
+    return escaped if font == _CJK else f'<font name="{font}">{escaped}</font>'
 
 
 def _pdf_escape(text: Any) -> str:
@@ -324,11 +376,11 @@ def render_certificate_pdf(cert: Mapping[str, Any], verify_url: str, *, compress
     def lab(zh: str, en: str) -> Paragraph:
         return Paragraph(f'{zh}<br/><font name="Helvetica" size="8">{en}</font>', label)
 
-    projects = "<br/>".join(f"{_pdf_escape(name)} ({_pdf_escape(pc)}) · {vintage}"
+    projects = "<br/>".join(f"{_pdf_text(name)} ({_pdf_escape(pc)}) {_pdf_text('·')} {vintage}"
                             for pc, name, vintage in _projects(cert))
     fields = [
-        [lab("受益方", "Beneficiary"), Paragraph(_pdf_escape(cert["beneficiary"]), base)],
-        [lab("用途", "Purpose"), Paragraph(_pdf_escape(cert["purpose"]), base)],
+        [lab("受益方", "Beneficiary"), Paragraph(_pdf_text(cert["beneficiary"]), base)],
+        [lab("用途", "Purpose"), Paragraph(_pdf_text(cert["purpose"]), base)],
         [lab("注销量", "Quantity retired"),
          Paragraph(f'<font name="Helvetica-Bold" size="14">{format_tonnes(cert["quantity_kg"])} t CO<sub>2</sub>e'
                    "</font>", base)],
@@ -350,8 +402,8 @@ def render_certificate_pdf(cert: Mapping[str, Any], verify_url: str, *, compress
         zh, en = _methodology(str(r["methodology"]))
         ranges.append([
             _serial_paragraph(str(r["serial"]), serial_width - 12, mono),
-            Paragraph(f"{_pdf_escape(r['project_name'])} ({_pdf_escape(r['project'])})<br/>"
-                      f"{_pdf_escape(zh)} · {_pdf_escape(en)}", small),
+            Paragraph(f"{_pdf_text(r['project_name'])} ({_pdf_escape(r['project'])})<br/>"
+                      f"{_pdf_escape(zh)} {_pdf_text('·')} {_pdf_escape(en)}", small),
             Paragraph(_pdf_escape(r["vintage"]), small),
             Paragraph(f'<font name="Helvetica">{format_tonnes(r["hi"] - r["lo"])}</font>', small),
         ])

@@ -912,8 +912,8 @@ async def issuance_blocks(conn: asyncpg.Connection, issuance_id: int, *, limit: 
            LEFT JOIN retirements r ON r.id = b.retirement_id
            WHERE b.issuance_id = $1 AND upper(b.serials) > $2::bigint + 1
              AND lower(b.serials) >= coalesce((SELECT lower(serials) FROM blocks WHERE issuance_id = $1
-                                                 AND lower(serials) <= $2::bigint + 1 ORDER BY lower(serials) DESC LIMIT 1),
-                                                $2::bigint + 1)
+                                                 AND lower(serials) <= $2::bigint + 1
+                                               ORDER BY lower(serials) DESC LIMIT 1), $2::bigint + 1)
            ORDER BY lower(b.serials) LIMIT $3""",
         issuance_id, after, limit,
     )

@@ -2,11 +2,16 @@
 verification URL (checked with a small independent QR reader below, since no decoder library is installed)."""
 
 import datetime as dt
+import io
 import re
 
 import pytest
 
 from exchange.certificates import (
+    _CJK,
+    _KOREAN,
+    _OTHER,
+    _font_for,
     _qr_drawing,
     qr_svg,
     render_certificate_html,
@@ -292,3 +297,37 @@ def test_a_serial_too_long_for_its_column_breaks_only_after_hyphens():
     # Broken only after hyphens, the unit numbers together on the last line, and no character lost.
     assert shown[0].endswith("-") and shown[1].endswith("0000000001-0000001200")
     assert shown[0] + shown[1] == r["serial"]
+
+
+@pytest.mark.parametrize("name", ["한국전력공사 (KEPCO)", "Søren Ærø, Łódź", "Muñoz Straße Åsa", "Ελληνικά · Жук",
+                                  "成都绿色公益平台 Chengdu", "Đà Nẵng xanh 2026"])
+def test_the_pdf_prints_a_beneficiary_in_any_script_as_it_was_given(name):
+    """Read back as a PDF reader does (pdfminer.six, through each font's own encoding): every
+    letter of the beneficiary, the project name and the purpose is there. In STSong-Light alone,
+    letters outside GBK (ø, Ł, ß, Hangul) printed as nothing (review30)."""
+    from pdfminer.high_level import extract_text
+
+    ranges = [_cert()["ranges"][0] | {"project_name": f"{name} park"}]
+    pdf = render_certificate_pdf(_cert(beneficiary=name, purpose=f"Offset for {name}", ranges=ranges, quantity_kg=1000),
+                                 URL)
+    text = "".join(extract_text(io.BytesIO(pdf)).split())
+    for shown in (name, f"Offsetfor{name}", f"{name}park"):
+        assert "".join(shown.split()) in text, (shown, text[:400])
+
+
+def test_each_character_goes_to_a_font_whose_encoding_maps_it():
+    """The CID fonts are not embedded: a character their encoding (CMap) does not map prints as
+    nothing. Every character of the Basic Multilingual Plane sent to STSong-Light or to the Korean
+    font is mapped by that font's CMap; the rest go to the embedded DejaVu Sans."""
+    from pdfminer.cmapdb import CMapDB
+
+    cmaps = {_CJK: CMapDB.get_cmap("UniGB-UCS2-H"), _KOREAN: CMapDB.get_cmap("UniKS-UCS2-H")}
+    unmapped = []
+    for cp in range(0x20, 0x10000):
+        if 0xD800 <= cp < 0xE000:
+            continue
+        font = _font_for(chr(cp))
+        if font in cmaps and list(cmaps[font].decode(cp.to_bytes(2, "big"))) in ([], [0]):
+            unmapped.append((hex(cp), font))
+    assert unmapped == []
+    assert {_font_for(c) for c in "한국"} == {_KOREAN} and {_font_for(c) for c in "øŁßĐ"} == {_OTHER}
