@@ -462,13 +462,8 @@ def test_a_cancel_of_frozen_credits_caps_what_a_later_unfreeze_relocks(db, run):
     by issuance, which the operator freezes and unfreezes: they come back sellable. The core used
     to remember the 3 t and relock 2 t never bought that day (review28)."""
     async def main():
-        clock = Clock(local_ts(2026, 11, 24, 10, 0))
-        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
+        svc, buy, clock, serial = await _bought_today(db, 3000)
         try:
-            await svc.submit(place(dev, E.ASK, 3500, 3000))
-            await svc.submit(place(buy, E.BID, 3500, 3000))  # bought today: locked
-            await svc.caught_up(registry=True)
-            serial = await _held_range(svc, buy, 3000)
             assert (await svc.freeze(serial=serial, reason="suspect delivery")).quantity == 3000
             assert svc.core.frozen_locked == {(SYMBOL, buy): [trading_day(clock.ts), 3000]}
             assert (await svc.cancel_serials(serial=serial, reason="invalidated")).quantity == 3000
@@ -492,12 +487,7 @@ def test_an_unfreeze_made_while_stopped_gives_todays_purchase_back_locked(db, ru
     give-back). The next start, the same day, finds fewer kg frozen than the core remembers and
     gives the 3 t back locked (T+1); the comparison with the registry gave them back sellable."""
     async def main():
-        clock = Clock(local_ts(2026, 11, 24, 10, 0))
-        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
-        await svc.submit(place(dev, E.ASK, 3500, 3000))
-        await svc.submit(place(buy, E.BID, 3500, 3000))  # bought today: locked
-        await svc.caught_up(registry=True)
-        serial = await _held_range(svc, buy, 3000)
+        svc, buy, clock, serial = await _bought_today(db, 3000)
         assert (await svc.freeze(serial=serial, reason="audit")).quantity == 3000
         await svc.stop()
         conn = await asyncpg.connect(db)
@@ -526,12 +516,7 @@ def test_a_freeze_whose_change_was_not_made_gives_todays_purchase_back_locked_at
     next start, the same day, finds no record that the change was made and gives the 3 t back
     locked, and forgets what the freeze took; the comparison with the registry made them sellable."""
     async def main():
-        clock = Clock(local_ts(2026, 11, 24, 10, 0))
-        svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
-        await svc.submit(place(dev, E.ASK, 3500, 3000))
-        await svc.submit(place(buy, E.BID, 3500, 3000))  # bought today: locked
-        await svc.caught_up(registry=True)
-        serial = await _held_range(svc, buy, 3000)
+        svc, buy, clock, serial = await _bought_today(db, 3000)
         freeze = registry.freeze
 
         async def lost(conn, dry_run=False, **kw):
@@ -564,6 +549,17 @@ def test_a_freeze_whose_change_was_not_made_gives_todays_purchase_back_locked_at
             await svc.stop()
 
     run(main())
+
+
+async def _bought_today(db: str, kg: int) -> tuple[ExchangeService, int, Clock, str]:
+    """A service at a fixed clock on which BUY bought `kg` from DEV today (T+1: locked), settled:
+    the service, BUY, the clock and the serial range BUY holds."""
+    clock = Clock(local_ts(2026, 11, 24, 10, 0))
+    svc, dev, buy = await _listed(db, {"rules": {"always_open": True}}, 1_000_000, clock=clock)  # T+1
+    await svc.submit(place(dev, E.ASK, 3500, kg))
+    await svc.submit(place(buy, E.BID, 3500, kg))
+    await svc.caught_up(registry=True)
+    return svc, buy, clock, await _held_range(svc, buy, kg)
 
 
 async def _held_range(svc: ExchangeService, account: int, kg: int) -> str:
