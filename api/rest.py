@@ -77,6 +77,10 @@ class Context:
     renderers: dict[str, Callable[..., Any]] | None = None  # certificate html/pdf, when available
     feed: Any = None  # api.feed.Feed, when the websocket feed runs alongside
 
+    def public_base(self, request: Request) -> str:
+        """The base URL people reach this server at: `public_url`, else the request's own."""
+        return self.public_url or str(request.base_url).rstrip("/")
+
 
 class JSON(JSONResponse):
     """A JSON response encoded by orjson (FastAPI's ORJSONResponse is deprecated). A JSONResponse,
@@ -605,9 +609,6 @@ def create_app(ctx: Context) -> FastAPI:
     async def certificate_data(code: str) -> dict[str, Any]:
         return await db(lambda conn: registry.retirement_by_code(conn, code))
 
-    def public_url(request: Request) -> str:
-        return ctx.public_url or str(request.base_url).rstrip("/")
-
     # A PDF takes a good part of a second to lay out (300 serial ranges: 0.55 s), in a thread so
     # that order entry and the feed go on meanwhile (it held the loop: review30); two at a time,
     # as more threads would only take turns at the interpreter with the loop.
@@ -619,9 +620,9 @@ def create_app(ctx: Context) -> FastAPI:
         if render is None:
             raise CarbonxError("not_found", f"certificates as {kind} are not available on this server")
         if kind != "pdf":
-            return Response(render(data, public_url(request)), media_type=media)
+            return Response(render(data, ctx.public_base(request)), media_type=media)
         async with pdf_turns:
-            return Response(await asyncio.to_thread(render, data, public_url(request)), media_type=media)
+            return Response(await asyncio.to_thread(render, data, ctx.public_base(request)), media_type=media)
 
     CertCode = Annotated[str, Path(min_length=1, max_length=64)]
 
@@ -644,7 +645,7 @@ def create_app(ctx: Context) -> FastAPI:
         try:
             data = await certificate_data(code)
             return Response(certificates.render_certificate_html(
-                data, certificates.verification_url(public_url(request), data["certificate_code"]), verified=True),
+                data, certificates.verification_url(ctx.public_base(request), data["certificate_code"]), verified=True),
                 media_type="text/html; charset=utf-8")
         except CarbonxError as e:
             if e.code != "not_found":
@@ -867,7 +868,7 @@ def create_app(ctx: Context) -> FastAPI:
         code = done.retirement.certificate_code
         return created({"estimate": estimate_view(est) if est else None, "quantity": format_tonnes(kg),
                         "order_id": str(done.order_id), "cost": format_cash(done.cost_fen), "retirement": views[0],
-                        "certificate_url": f"{public_url(http)}/v1/certificates/{code}.pdf"},
+                        "certificate_url": f"{ctx.public_base(http)}/v1/certificates/{code}.pdf"},
                        done.retirement.replayed)
 
     # ---- operator ------------------------------------------------------------------------------

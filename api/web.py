@@ -73,8 +73,8 @@ def install(app: FastAPI, ctx: Any) -> None:
         # The page builds ws://<its own host name>:<port>/v1/ws: the server may listen on 0.0.0.0,
         # which is no address a browser can connect to.
         port = feed.port if feed is not None and getattr(feed, "server", None) is not None else None
-        public = getattr(ctx, "public_url", "") or str(request.base_url).rstrip("/")
-        return JSONResponse({"feed_port": port, "feed_path": "/v1/ws", "public_url": public}, headers=headers)
+        return JSONResponse({"feed_port": port, "feed_path": "/v1/ws", "public_url": ctx.public_base(request)},
+                            headers=headers)
 
     @app.get("/web/{name}", include_in_schema=False)
     async def static(name: str) -> Response:

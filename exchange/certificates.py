@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import io
+import itertools
 import re
 from collections.abc import Mapping
 from importlib import resources
@@ -269,8 +270,6 @@ def _font_for(ch: str) -> str:
     cp = ord(ch)
     if 0xAC00 <= cp <= 0xD7A3 or 0x3131 <= cp <= 0x318E:  # Hangul syllables, compatibility jamo
         return _KOREAN
-    if cp < 0x80 and cp != 0x7F:
-        return _CJK
     try:
         ch.encode("gbk")
     except UnicodeEncodeError:
@@ -280,17 +279,7 @@ def _font_for(ch: str) -> str:
 
 def _pdf_text(text: Any) -> str:
     """`text` as Paragraph markup, escaped, each run of characters in a font that prints them."""
-    out, run, font = [], [], _CJK
-    for ch in str(text):
-        f = _font_for(ch)
-        if f != font and run:
-            out.append(_run(font, "".join(run)))
-            run = []
-        font = f
-        run.append(ch)
-    if run:
-        out.append(_run(font, "".join(run)))
-    return "".join(out)
+    return "".join(_run(font, "".join(run)) for font, run in itertools.groupby(str(text), _font_for))
 
 
 def _run(font: str, text: str) -> str:
