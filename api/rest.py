@@ -588,6 +588,8 @@ def create_app(ctx: Context) -> FastAPI:
         # project's were found by testing every retirement newest first (review16: 40-65 ms a
         # page over 600,000 retirements). The clauses are this code's, the values parameters.
         where, args = ["true"], []
+        # Codes are upper case (the registry's rule); a filter typed in lower case means the same.
+        account, project = (None if v is None else v.strip().upper() for v in (account, project))
         if account is not None:  # by id: a subquery's value is unknown when planning, and it read them all
             args.append(await db(lambda conn: conn.fetchval("SELECT id FROM accounts WHERE code = $1", account)))
             if args[-1] is None:

@@ -544,7 +544,7 @@ async def add_project(
 async def get_project(conn: asyncpg.Connection, code: str) -> Project:
     row = await conn.fetchrow(
         """SELECT id, scheme, code, name, methodology, region, developer_account_id, status
-           FROM projects WHERE code = $1""", code,
+           FROM projects WHERE code = $1""", code.strip().upper(),  # codes are upper case: any case finds it
     )
     if row is None:
         raise CarbonxError("not_found", f"no project {code!r}")
@@ -741,7 +741,8 @@ class Retirement:
 
 
 def new_certificate_code() -> str:
-    """A verification code such as `CX-7KQ2-M9PD-XW4R`: 60 random bits, easy to read aloud."""
+    """A verification code such as `CX-7KQ2-M9PD-XW4R`: 12 characters of 31, about 59.5
+    random bits, easy to read aloud."""
     chars = "".join(secrets.choice(_CERT_ALPHABET) for _ in range(12))
     return f"CX-{chars[:4]}-{chars[4:8]}-{chars[8:]}"
 

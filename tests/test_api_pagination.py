@@ -197,6 +197,13 @@ def test_walking_the_public_retirements_gives_each_once(traded: Traded) -> None:
             assert [r["id"] for p in pages for r in p] == db, size
         r = anon.get("/v1/registry/retirements", params={"account": "DEV", "limit": len(db)})
         assert len(ok(r)) == len(db) and "link" not in r.headers
+        # Codes are upper case; a filter in any case finds the same (it found none: review30).
+        project = t.query("SELECT p.code FROM projects p JOIN issuances i ON i.project_id = p.id "
+                          "JOIN blocks b ON b.issuance_id = i.id JOIN retirements r ON r.id = b.retirement_id "
+                          "JOIN accounts a ON a.id = r.account_id WHERE a.code = 'DEV' LIMIT 1")[0]["code"]
+        for params in ({"account": " dev "}, {"account": "Dev", "project": project.lower()}):
+            assert [x["id"] for x in ok(anon.get("/v1/registry/retirements", params={**params, "limit": 500}))] == db
+        assert ok(anon.get(f"/v1/registry/projects/{project.lower()}"))["code"] == project
 
 
 def test_walking_the_public_trades_gives_each_once(traded: Traded) -> None:
