@@ -43,7 +43,7 @@ from exchange.database import connect_consumer, named
 from exchange.errors import CarbonxError
 from exchange.registry import resolve_issuances
 from exchange.text import blank, fits
-from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, ExchangeCore, Outcome, trading_day
+from matching.core import P_AVAILABLE, P_ENCUMBERED, P_LOCKED, P_LOCKED_DAY, ExchangeCore, Outcome, trading_day
 from matching.units import format_cash, format_tonnes
 
 log = logging.getLogger("carbonx.service")
@@ -1043,12 +1043,46 @@ class ExchangeService:
                 f"{codes.get(a, a)}: {format_cash(-d)} CNY left while the exchange was stopped, leaving "
                 f"{format_cash(bal + d)} CNY against {format_cash(held)} CNY its open buy orders reserve"
                 for a, d, bal, held in short) + "; deposit the difference (carbonx cash deposit) and start again")
+        credits, frozen, frozen_left = await self._taken_into_freezes(credits)
+        if frozen:
+            out = await self._sequence({"op": "adjust", "credits": frozen, "frozen": True, "frozen_left": frozen_left,
+                                        "cause": "frozen while stopped"})
+            log.warning("credits bought today left the members' available credits while the exchange was stopped, "
+                        "and the members have frozen credits: taken at %d as frozen, so that an unfreeze today "
+                        "gives them back locked (T+1): %s", out.seq, frozen)
         if cash or credits:
             out = await self._sequence({"op": "adjust", "cash": cash, "credits": credits})
             ids = sorted({a for a, _ in cash} | {a for _, a, _ in credits})
             codes = {r["id"]: r["code"] for r in await self._pool.fetch(
                 "SELECT id, code FROM accounts WHERE id = ANY($1::bigint[])", ids)}
             log.warning("%s", adjustment_summary(out.seq, cash, credits, codes))
+
+    async def _taken_into_freezes(self, credits: list) -> tuple[list, list, list]:
+        """Split the start's credit changes ([[symbol, account, delta]]) into (the rest, takes
+        into a freeze, frozen_left). A take is counted into a freeze when it reaches into the
+        member's purchases of today and the member now has frozen credits of that symbol: most
+        likely a freeze made while the exchange was stopped. It is taken marked frozen (core
+        adjust), the memory capped at what is frozen, so that an unfreeze later that day gives it
+        back locked (T+1) as it would a freeze made while running; taken unmarked, it came back
+        sellable. A retirement made while stopped beside older frozen credits is counted too:
+        that can only keep credits locked until the next day, never make any sellable early."""
+        today = trading_day(max(self.clock(), self.core.ts))
+        reaching: dict[str, list[list]] = {}
+        for entry in credits:
+            symbol, account, delta = entry
+            pos = self.core.credits[symbol].get(account)
+            if delta < 0 and pos is not None and -delta > pos[P_AVAILABLE] and pos[P_LOCKED] \
+                    and pos[P_LOCKED_DAY] >= today:
+                reaching.setdefault(symbol, []).append(entry)
+        into: list[list] = []
+        left: list[list] = []
+        for symbol, entries in reaching.items():
+            frozen = (await registry_positions(self._pool, symbol, states=("frozen",)))["frozen"]
+            for entry in entries:
+                if frozen.get(entry[1], 0) > 0:
+                    into.append(entry)
+                    left.append([symbol, entry[1], frozen[entry[1]]])
+        return [x for x in credits if x not in into], into, left
 
     async def _end_takes_not_made(self) -> None:
         """Give back, locked, what a take of the day's purchases took for a registry change that

@@ -510,6 +510,59 @@ def test_an_unfreeze_made_while_stopped_gives_todays_purchase_back_locked(db, ru
     run(main())
 
 
+def test_a_freeze_made_while_stopped_then_unfrozen_the_same_day_gives_todays_purchase_back_locked(db, run):
+    """BUY's 3 t bought today are frozen from the command line while the exchange is stopped. The
+    next start, the same day, takes them into the freeze: the operator's unfreeze later that day
+    gives them back locked (T+1). The start took them unmarked, and the unfreeze made them
+    sellable the day they were bought."""
+    async def main():
+        svc, buy, clock, serial = await _bought_today(db, 3000)
+        await svc.stop()
+        conn = await asyncpg.connect(db)
+        try:
+            await registry.freeze(conn, serial=serial, reason="audit")
+        finally:
+            await conn.close()
+        clock.ts += 3_600_000_000
+        svc = await _started(db, clock=clock)
+        try:
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 0)
+            assert svc.core.frozen_locked == {(SYMBOL, buy): [trading_day(clock.ts), 3000]}
+            assert (await svc.unfreeze(serial=serial, reason="audit done")).quantity == 3000
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 3000)
+            assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).code == "insufficient_credits"
+            assert await svc.reconcile() == []
+            clock.ts = local_ts(2026, 11, 25, 10, 0)  # the next day: sellable
+            assert (await svc.submit(place(buy, E.ASK, 3600, 3000))).accepted
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
+def test_a_retirement_made_while_stopped_is_not_remembered_as_frozen(db, run):
+    """BUY retires 1 t of its 3 t bought today from the command line while the exchange is
+    stopped; it has nothing frozen, so the start takes it as a plain outside change."""
+    async def main():
+        svc, buy, clock, _ = await _bought_today(db, 3000)
+        await svc.stop()
+        conn = await asyncpg.connect(db)
+        try:
+            await registry.retire(conn, account="BUY", quantity_kg=1000, beneficiary="Expo", purpose="offset",
+                                  symbol=SYMBOL)
+        finally:
+            await conn.close()
+        svc = await _started(db, clock=clock)
+        try:
+            assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 2000)
+            assert svc.core.frozen_locked == {}
+            assert await svc.reconcile() == []
+        finally:
+            await svc.stop()
+
+    run(main())
+
+
 def test_a_freeze_whose_change_was_not_made_gives_todays_purchase_back_locked_at_the_next_start(db, run, monkeypatch):
     """A freeze's take of BUY's 3 t bought today is journaled, then its registry change fails in a
     way that cannot be told apart from a commit (the credits stay taken: they may be frozen). The
