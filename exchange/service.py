@@ -59,6 +59,8 @@ def _to_the_end(method: Callable) -> Callable:
     async def run(self: ExchangeService, *args: Any, **kwargs: Any) -> Any:
         if not self._running:  # stop() has begun (or start() has not ended): touch nothing
             raise CarbonxError("unavailable", "the exchange service is not running") from self._failure
+        if self._stopping:  # stop() waits for the changes under way: a new one would keep it waiting
+            raise CarbonxError("unavailable", "the exchange is stopping")
         task = asyncio.ensure_future(method(self, *args, **kwargs))
         self._changes.add(task)
         task.add_done_callback(self._change_done)
@@ -203,6 +205,7 @@ class ExchangeService:
         self._urgent_event = asyncio.Event()
         self._registry_lock = asyncio.Lock()  # one operator registry change at a time
         self._changes: set[asyncio.Future] = set()  # registry changes under way (_to_the_end)
+        self._stopping = False  # stop() has begun: no new registry change
         self._project_hold: int | None = None  # the projector goes no further while a take's change is made
         self._pool: asyncpg.Pool | None = None  # look-ups made while serving requests
         self._tasks: list[asyncio.Task] = []
@@ -301,6 +304,7 @@ class ExchangeService:
         """Finish what was accepted, bring the registry up to date, release the database."""
         if not self._running and not self._tasks:
             return
+        self._stopping = True
         while self._changes:  # registry changes under way end first, with the consumers still running
             await asyncio.wait(set(self._changes))  # (gather would cancel them if stop() were cancelled)
         self._running = False

@@ -15,7 +15,7 @@ import pytest
 from exchange import registry
 from exchange.errors import CarbonxError
 from matching import events as E
-from tests.test_service import SYMBOL, _dev_listed, place
+from tests.test_service import SYMBOL, _dev_listed, _started, place
 
 
 async def _fails_unrefused(svc, monkeypatch) -> None:
@@ -144,6 +144,44 @@ def test_a_change_begun_after_stop_began_is_refused_before_the_registry_changes(
         after = await conn.fetchval("SELECT count(*) FROM issuances")
         await conn.close()
         assert outcome != "issued" and after == before, (outcome, before, after)
+
+    run(main())
+
+
+def test_a_change_called_while_stop_waits_for_one_under_way_is_refused(db, run):
+    """stop() waits for a retirement under way (its commit held 1 s by a trigger); a second
+    retirement called meanwhile is refused `unavailable` and touches nothing. It used to be
+    accepted and waited for, so changes arriving one after another could hold a stop off."""
+    async def main():
+        svc, dev = await _dev_listed(db)
+        c = await asyncpg.connect(db)
+        await c.execute(SLOW_COMMIT)
+        try:
+            first = asyncio.ensure_future(svc.retire(account="DEV", quantity_kg=10_000, beneficiary="Expo",
+                                                     purpose="offset", symbol=SYMBOL))
+            for _ in range(500):  # until the retirement is in the registry's hands
+                if await c.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"):
+                    break
+                await asyncio.sleep(0.01)
+            stopping = asyncio.ensure_future(svc.stop())
+            await asyncio.sleep(0.05)
+            assert not stopping.done()
+            with pytest.raises(CarbonxError) as refused:
+                await svc.retire(account="DEV", quantity_kg=5_000, beneficiary="Fair", purpose="offset",
+                                 symbol=SYMBOL)
+            assert refused.value.code == "unavailable"
+            assert (await first).quantity_kg == 10_000
+            await stopping
+            assert await c.fetchval("SELECT array_agg(quantity_kg) FROM retirements") == [10_000]
+        finally:
+            await c.execute("DROP TRIGGER slow_commit ON retirements")
+            await c.close()
+            await svc.stop()
+        again = await _started(db)
+        try:
+            assert again.core.credits[SYMBOL][dev][:3] == [90_000, 0, 0] and await again.reconcile() == []
+        finally:
+            await again.stop()
 
     run(main())
 
