@@ -41,7 +41,7 @@ from exchange.marketdata import MarketData
 from exchange.serials import format_serial
 from exchange.service import ExchangeService
 from matching import events as E
-from matching.core import Listing
+from matching.core import MAX_QTY, Listing
 from matching.engine import InstrumentRules
 from matching.units import (
     format_cash,
@@ -1037,6 +1037,10 @@ def listing_rules(req: M.ListingRequest) -> dict[str, Any]:
         "tick": _units(parse_price, req.tick, "tick"), "lot": _units(parse_tonnes, req.lot, "lot"),
         "band_bp": _units(parse_price, req.band_percent, "band_percent"), "always_open": req.always_open}
     rules["min_qty"] = _units(parse_tonnes, req.min_quantity, "min_quantity") if req.min_quantity else rules["lot"]
+    for key, name in (("lot", "lot"), ("min_qty", "min_quantity")):
+        if rules[key] > MAX_QTY:  # then no order could ever be placed under it, and a listing stays
+            raise CarbonxError("invalid_rules", f"{name} {format_tonnes(rules[key])} t is above the largest order, "
+                                                f"{format_tonnes(MAX_QTY)} t")
     tick = rules["tick"]
     if tick > MAX_PRICE:
         raise CarbonxError("invalid_rules", f"tick {req.tick} is above the highest price the book takes, "
@@ -1049,9 +1053,9 @@ def listing_rules(req: M.ListingRequest) -> dict[str, Any]:
         if ref % tick:
             raise CarbonxError("invalid_rules", f"reference price {req.reference_price} is not on the tick grid "
                                                 f"of {req.tick}")
-        # A band asked for but narrower than a tick either way would fix the price at the reference:
-        # the operator asked for a band, and band_percent 0 (a fixed price) is refused above.
-        low, high = InstrumentRules(tick=tick, band_bp=rules["band_bp"], reference_price=ref).band()
+        # A band asked for narrower than a tick either way is most likely a slip (0.02 for 2): the
+        # book would hold orders to one tick either way (InstrumentRules.tick_floor), not to it.
+        low, high = InstrumentRules(tick=tick, band_bp=rules["band_bp"], reference_price=ref).percent_band()
         if high < ref + tick and low > ref - tick:
             raise CarbonxError("invalid_rules", f"a band of {req.band_percent} % around {req.reference_price} is "
                                                 f"narrower than one tick ({req.tick}) either way: only the "

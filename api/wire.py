@@ -43,7 +43,7 @@ _BY_STATUS = {
     # lot, band, minimum) or the caller's means (cash, credits) refuse this one.
     422: ("insufficient_funds", "insufficient_credits", "post_only_would_take", "fok_not_fillable",
           "price_out_of_band", "invalid_tick", "invalid_lot", "min_quantity", "offset_not_filled",
-          "idempotency_key_reused"),
+          "idempotency_key_reused", "cash_limit"),
     429: ("rate_limited",),
     # The command line's own (no request reaches them): a data directory or DATABASE_URL the
     # embedded server or asyncpg cannot use, a report file that cannot be written, stdin failing.

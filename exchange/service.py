@@ -100,7 +100,7 @@ REGISTRY_CHANGE_KEY = 0x0CA2B2
 FLUSH_INTERVAL = 0.0003
 EXPIRE = {"op": "expire"}
 TIMER_MAX = 1.0  # seconds the timer that applies due expiries and closes sleeps at most
-ROLL = {"op": "roll", "cancel_outside_band": True}
+ROLL = {"op": "roll", "cancel_outside_band": True, "tick_floor": True}
 
 
 def now_us() -> int:
@@ -458,7 +458,11 @@ class ExchangeService:
         # the listing would see the symbol unlisted and leave the core without its change.
         async with self._registry_change():
             holdings = await self._registry_available(symbol) if symbol not in self.core.listings else {}
-            return await self.submit({"op": "list", "symbol": symbol, "rules": listing or {},
+            listing = dict(listing or {})
+            # Its band never narrower than a tick either way (InstrumentRules.tick_floor).
+            if isinstance(listing.get("rules") or {}, dict):  # (anything else is the core's to refuse)
+                listing["rules"] = {"tick_floor": True, **(listing.get("rules") or {})}
+            return await self.submit({"op": "list", "symbol": symbol, "rules": listing,
                                       "holdings": sorted([a, kg] for a, kg in holdings.items() if kg > 0)})
 
     async def account(self, code: str) -> int:

@@ -95,7 +95,7 @@ COMMANDS: dict[str, tuple[str, ...]] = {
     "halt": ("symbol",),
     "resume": ("symbol",),
     "expire": (),
-    "roll": ("cancel_outside_band",),
+    "roll": ("cancel_outside_band", "tick_floor"),
     "adjust": ("cash", "credits", "frozen", "frozen_left", "take", "gives_back"),
     "stp": ("account", "mode"),
 }
@@ -104,6 +104,11 @@ SIDES = {"buy": E.BID, "sell": E.ASK}
 DAY_US = 86_400_000_000
 _CST_US = 8 * 3_600_000_000
 MAX_COID = 64
+# The most cash members may hold together, in fen (about 4.6e16 CNY). The ledger keeps balances
+# in bigint and the custody account carries minus all of it (plus the fees): deposits each within
+# MAX_CASH once added up past 2**63 there, the projector could not apply them, and every start
+# replayed the failure (review32). Well short of 2**63, so that fees collected over the years fit too.
+MAX_HELD_CASH = 1 << 62
 # A client order id's entry: [order_id, symbol, side, kind, price, qty, tif, post_only, cash_cap,
 # expire_ts, closed mark]; the terms are the order's as placed.
 C_TIF, C_MARK = 6, 10
@@ -128,6 +133,8 @@ class Listing:
 
     def to_wire(self) -> dict[str, Any]:
         rules = asdict(self.rules)
+        if not rules["tick_floor"]:  # as listings journaled before it was known were written
+            del rules["tick_floor"]
         rules["sessions"] = [list(s) for s in self.rules.sessions]
         rules["weekdays"] = sorted(self.rules.weekdays)
         return {"rules": rules, "maker_bp": self.maker_bp, "taker_bp": self.taker_bp, "t1": self.t1}
@@ -162,8 +169,9 @@ class Listing:
             if not isinstance(days, list) or not all(_is_int(d) and 0 <= d <= 6 for d in days):
                 raise ValueError("weekdays must be a list of 0 (Monday) .. 6")
             raw["weekdays"] = frozenset(days)
-        if "always_open" in raw and not isinstance(raw["always_open"], bool):
-            raise ValueError("always_open must be true or false")
+        for key in ("always_open", "tick_floor"):
+            if key in raw and not isinstance(raw[key], bool):
+                raise ValueError(f"{key} must be true or false")
         rules = InstrumentRules(**raw)
         if rules.tick <= 0 or rules.lot <= 0 or rules.min_qty < rules.lot or rules.min_qty % rules.lot:
             raise ValueError("tick and lot must be positive; min_qty a positive multiple of the lot")
@@ -591,11 +599,12 @@ class ExchangeCore:
         half-up to its tick, becomes its reference price (the centre of the price band). With
         ``cancel_outside_band`` (every roll the service journals now) the orders left resting
         outside an instrument's new band are cancelled (reason price_band): they would otherwise
-        trade at prices the day's band refuses to any new order. Rolls journaled without it
-        replay as they ran."""
-        sweep = c.get("cancel_outside_band", False)
-        if not isinstance(sweep, bool):
-            raise Rejected("invalid_command", "cancel_outside_band must be true or false")
+        trade at prices the day's band refuses to any new order. With ``tick_floor`` (the same)
+        the new bands are at least one tick either way of the reference (InstrumentRules.band).
+        Rolls journaled without them replay as they ran."""
+        sweep, floor = c.get("cancel_outside_band", False), c.get("tick_floor", False)
+        if not isinstance(sweep, bool) or not isinstance(floor, bool):
+            raise Rejected("invalid_command", "cancel_outside_band and tick_floor must be true or false")
         if not self.roll_due(ts):
             raise Rejected("invalid_command", "no trading day to close")
         self.seq += 1
@@ -605,7 +614,7 @@ class ExchangeCore:
             listing = self.listings[symbol]
             tick = listing.rules.tick
             close = min(round_to_tick(vwap_fen(pq, q), tick), listing.rules.max_price)
-            rules = replace(listing.rules, reference_price=close)
+            rules = replace(listing.rules, reference_price=close, tick_floor=listing.rules.tick_floor or floor)
             self.engine.set_rules(symbol, rules)
             self.listings[symbol] = replace(listing, rules=rules)
             out.append((EV_CLOSE, symbol, self.stats_day, close, q))
@@ -666,6 +675,9 @@ class ExchangeCore:
         if direction == 1 and (purse is None or purse[0] - purse[1] < amount):
             free = purse[0] - purse[1] if purse else 0
             raise Rejected("insufficient_funds", f"withdrawal of {amount} fen, {free} fen free")
+        if direction == 0 and sum(p[0] for p in self.cash.values()) + amount > MAX_HELD_CASH:
+            raise Rejected("cash_limit", f"a deposit of {amount} fen would take the cash members hold together "
+                                         f"past {MAX_HELD_CASH} fen, the most the ledger is made to hold")
         if purse is None:
             purse = self.cash[account] = [0, 0]
         purse[0] += amount if direction == 0 else -amount

@@ -56,15 +56,33 @@ class InstrumentRules:
     weekdays: frozenset[int] = frozenset(range(5))  # Monday = 0
     always_open: bool = False
     max_price: int = DEFAULT_MAX_PRICE  # the books' price bound (fen per tonne), at most 2**26
+    # The band is at least one tick either way of the reference: listings and closes journaled
+    # since review32 say so; those journaled before replay as they ran.
+    tick_floor: bool = False
 
-    def band(self) -> tuple[int, int] | None:
-        """Inclusive (low, high) limit-price bounds, or None without a reference price."""
+    def percent_band(self) -> tuple[int, int] | None:
+        """(low, high): the reference price less and plus band_bp, in fen inward, or None without
+        a reference price. What the listing asked for; `band` is what orders are held to."""
         if self.reference_price is None:
             return None
         ref = self.reference_price
-        low = -(-(ref * (10_000 - self.band_bp)) // 10_000)
-        high = ref * (10_000 + self.band_bp) // 10_000
-        return low, high
+        return -(-(ref * (10_000 - self.band_bp)) // 10_000), ref * (10_000 + self.band_bp) // 10_000
+
+    def band(self) -> tuple[int, int] | None:
+        """Inclusive (low, high) limit-price bounds on the tick grid, or None without a reference
+        price: the percent band, never past the book's price bound, and with `tick_floor` at
+        least one tick either way of the reference. The day's close moves the reference to the
+        day's average: on a coarse tick at a low price the percent alone could come to less than
+        a tick either way, and only the reference could trade, that day and every day after
+        (review32)."""
+        raw = self.percent_band()
+        if raw is None:
+            return None
+        ref, tick = self.reference_price, self.tick
+        low, high = -(-raw[0] // tick) * tick, raw[1] // tick * tick  # the same prices: they are on the grid
+        if self.tick_floor:
+            low, high = min(low, ref - tick), max(high, ref + tick)
+        return max(low, tick), min(high, self.max_price // tick * tick)
 
     def is_open(self, ts: int) -> bool:
         """Whether `ts` (UTC microseconds) falls inside a trading session in Asia/Shanghai."""

@@ -60,6 +60,8 @@ from matching.core import (
     EV_DEPOSIT,
     EV_LISTED,
     EV_WITHDRAWAL,
+    MAX_CASH,
+    MAX_HELD_CASH,
     O_ACCOUNT,
     O_REMAINING,
     O_RESERVED,
@@ -137,7 +139,7 @@ def amend(account: int, order_id: int, price: int, qty: int) -> dict:
 
 
 EXPIRE = {"op": "expire"}
-ROLL = {"op": "roll", "cancel_outside_band": True}  # as the service journals it
+ROLL = {"op": "roll", "cancel_outside_band": True, "tick_floor": True}  # as the service journals it
 
 
 def ok(core: ExchangeCore, cmd: dict, ts: int = T0) -> Outcome:
@@ -485,6 +487,34 @@ def test_a_days_close_cancels_the_orders_its_new_band_leaves_outside(engine):
     assert "true or false" in out.detail
 
 
+def test_a_close_keeps_the_band_at_least_one_tick_either_way(engine):
+    """Tick 1.00, reference 10.00, band 10 %: the day trades at 9.00, and 9.00 +-10 % (8.10 to
+    9.90) holds no price but 9.00 on the tick grid. A roll with tick_floor (every roll the
+    service journals now) makes the band 8.00 to 10.00, and a sell resting at 10.00 stays; a
+    roll journaled before it replays as it ran: the band is 9.00 to 9.00 and the sell is swept.
+    A listing with tick_floor has it from the start; the wire leaves it out when false, as
+    listings journaled before it were written."""
+    for floor, band, left in ((True, (800, 1000), True), (False, (900, 900), False)):
+        core = make_core(engine, cash=((2, 10_000_000),), tick=100, reference_price=1000, band_bp=1000, t1=False)
+        ok(core, sell(1, 900, 1000))
+        ok(core, buy(2, 900, 1000))
+        high = ok(core, sell(1, 1000, 1000))
+        ok(core, {**ROLL, "tick_floor": floor}, T0 + 24 * HOUR)
+        rules = core.listings[SYM].rules
+        assert (rules.reference_price, rules.band(), rules.tick_floor) == (900, band, floor)
+        assert (high.order_id in core.orders) == left
+        assert ("tick_floor" in core.listings[SYM].to_wire()["rules"]) == floor
+        if floor:
+            ok(core, sell(1, 800, 1000), T0 + 24 * HOUR)
+            ok(core, sell(1, 1000, 1000), T0 + 24 * HOUR)
+            rejected(core, sell(1, 1100, 1000), "price_out_of_band", T0 + 24 * HOUR)
+    core = make_core(engine, tick=100, reference_price=1000, band_bp=100, tick_floor=True)
+    assert core.listings[SYM].rules.band() == (900, 1100)  # 9.90 to 10.10 alone holds only 10.00
+    assert make_core(engine, tick=5, reference_price=3505, band_bp=50).listings[SYM].rules.band() == (3490, 3520)
+    rejected(ExchangeCore(engine), listing_cmd(tick_floor=1), "invalid_rules")
+    rejected(core, {**ROLL, "tick_floor": "yes"}, "invalid_command", T0 + 48 * HOUR)
+
+
 def test_a_give_back_after_a_snapshot_relocks_as_it_would_have(engine):
     """A take empties a position bought today ([0, 0, 0, today]); a snapshot is written; the
     give-back relocks. The snapshot keeps the empty position's day, so the restored core relocks
@@ -723,6 +753,22 @@ def test_payments_are_idempotent_by_reference(engine):
     for ref in (" ", "   ", "x" * 101, "", "a\x00b"):
         rejected(core, deposit(2, 100, ref), "invalid_command")
     ok(core, deposit(2, 100, " padded "))
+
+
+def test_members_cash_together_stays_within_what_the_ledger_holds(engine):
+    """Deposits each within MAX_CASH are refused once the cash members hold together would pass
+    MAX_HELD_CASH: the custody account (minus all of it, in bigint) could not take them, and the
+    projector would stop on every start (review32). A refusal changes nothing."""
+    core = make_core(engine, cash=())
+    for i in range(MAX_HELD_CASH // MAX_CASH):
+        ok(core, deposit(2 + i % 3, MAX_CASH, f"big-{i}"))
+    assert sum(p[0] for p in core.cash.values()) == MAX_HELD_CASH
+    seq, cash = core.seq, {a: list(p) for a, p in core.cash.items()}
+    out = rejected(core, deposit(5, 1, "one-fen-more"), "cash_limit")
+    assert "past" in out.detail and core.seq == seq and core.cash == cash and "one-fen-more" not in core.payments
+    ok(core, withdraw(2, 10, "w-10"))
+    ok(core, deposit(5, 10, "back-to-the-limit"))
+    rejected(core, deposit(5, 1, "one-fen-more"), "cash_limit")
 
 
 def test_withdrawal_is_limited_to_balance_minus_reserved(engine):
@@ -1045,8 +1091,11 @@ class Model:
         self.expiry: dict[int, int] = {}  # GTD order id -> expire_ts
         self.halted: set[str] = set()
         self.frozen: dict[tuple[str, int], int] = defaultdict(int)  # kg taken into freezes, not given back
+        # (symbol, account, day) -> kg of that day's purchase a freeze took (older credits go first)
+        # and not yet given back; a give-back out of a freeze that day relocks up to it.
+        self.taken: dict[tuple[str, int, int], int] = defaultdict(int)
 
-    def feed(self, cmd: dict, out: Outcome, ts: int) -> None:
+    def feed(self, cmd: dict, out: Outcome, ts: int, core: ExchangeCore) -> None:
         op = cmd["op"]
         if op in ("deposit", "withdraw"):
             self.payments[cmd["ref"]] = (cmd["account"], op, cmd["amount"])
@@ -1070,6 +1119,8 @@ class Model:
                 self.cash[e[1]] -= e[2]
                 self.net_payments -= e[2]
             elif e[0] == EV_CREDITS_ADJUSTED:
+                if cmd.get("frozen") and LISTINGS[e[1]]["t1"]:
+                    self._freeze_takes_today(e[1], e[2], e[3], shanghai_day(ts), core)
                 self.credits[e[1], e[2]] += e[3]
                 if cmd.get("frozen"):
                     self.frozen[e[1], e[2]] -= e[3]
@@ -1089,9 +1140,23 @@ class Model:
                 self.credits[symbol, seller] -= qty
                 self.bought[symbol, buyer, shanghai_day(ts)] += qty
 
+    def _freeze_takes_today(self, symbol: str, account: int, delta: int, day: int, core: ExchangeCore) -> None:
+        """A take into a freeze uses older unencumbered credits first, then the day's purchase; a
+        give-back out of one relocks what the day's takes had of it (called before `delta` is
+        added to the holding; an adjust leaves open sells as they are)."""
+        key = (symbol, account, day)
+        if delta < 0:
+            today = self.bought[key] - self.taken[key]
+            older = self.credits[symbol, account] - core.position(symbol, account)[1] - today
+            self.taken[key] += max(0, -delta - older)
+        else:
+            self.taken[key] -= min(delta, self.taken[key])
+
     def sellable(self, core: ExchangeCore, symbol: str, account: int, ts: int) -> int:
-        """Credits that may be sold at `ts`: held, minus open sells, minus bought that day (T+1)."""
-        today = self.bought[symbol, account, shanghai_day(ts)] if LISTINGS[symbol]["t1"] else 0
+        """Credits that may be sold at `ts`: held, minus open sells, minus what is still held of
+        that day's purchase (T+1)."""
+        key = (symbol, account, shanghai_day(ts))
+        today = self.bought[key] - self.taken[key] if LISTINGS[symbol]["t1"] else 0
         return self.credits[symbol, account] - core.position(symbol, account)[1] - today
 
     def free(self, core: ExchangeCore, account: int) -> int:
@@ -1309,7 +1374,7 @@ class Stream:
             assert E.EV_REJECTED not in kinds, (cmd, out.events)
             assert (E.EV_EXPIRED in kinds) == (cmd["op"] == "expire"), (cmd, out.events)  # only through expire
             self.log.append((cmd, ts, out))
-            self.model.feed(cmd, out, ts)
+            self.model.feed(cmd, out, ts, core)
             if cmd["op"] == "roll":
                 self.model.roll(core.orders.keys())
             self._check_rests(cmd, out)
