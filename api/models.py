@@ -91,7 +91,9 @@ Text = Annotated[str, AfterValidator(plain_text), Field(json_schema_extra={"patt
 
 def payment_reference(value: str) -> str:
     """A payment reference as the core and the ledger take it: printable, not only spaces (the
-    ledger's CHECK trims spaces), at most 100 characters (the field's max_length)."""
+    ledger's CHECK trims spaces), at most 100 characters (the field's max_length); read without
+    surrounding spaces, so that a retry whose reference gained or lost one is a repeat, not a
+    second payment (review32), as issuance references are read."""
     if not value.strip(" "):
         raise PydanticCustomError("blank_reference", "must not be blank (only spaces)")
     if not value.isprintable():
@@ -99,7 +101,7 @@ def payment_reference(value: str) -> str:
         raise PydanticCustomError("unprintable_reference",
                                   f"must be printable characters (no control, format or separator characters other "
                                   f"than the space): U+{ord(ch):04X} at position {at}")
-    return value
+    return value.strip(" ")
 
 
 PaymentReference = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(plain_text),

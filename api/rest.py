@@ -350,15 +350,18 @@ def create_app(ctx: Context) -> FastAPI:
         return {"status": "ok" if ok else "unavailable", "seq": service.core.seq, "durable_seq": service.durable_seq,
                 "instruments": len(service.core.listings), "time": iso(time.time_ns() // 1000)}
 
-    async def instrument_view(symbol: str, projects: dict[str, Any]) -> dict[str, Any]:
+    async def instrument_view(symbol: str, projects: dict[str, Any], halted: bool | None = None) -> dict[str, Any]:
+        """The instrument as it stands, or with `halted` as a halt or resume left it (another
+        operator's may have been sequenced since)."""
         listing = instrument(symbol)
         rules = listing.rules
         band = rules.band()
         code, _, vintage = symbol.rpartition("-")
         proj = projects.get(code)
-        engine = service.core.engine
-        state = "halted" if engine.is_halted(symbol) else (
-            "open" if rules.is_open(time.time_ns() // 1000) else "closed")
+        if halted is None:
+            halted = service.core.engine.is_halted(symbol)
+        # The service's clock, which order entry is held to (a test's or a replay's may not be now).
+        state = "halted" if halted else ("open" if rules.is_open(service.clock()) else "closed")
         return {
             "symbol": symbol, "project": code if proj else None, "project_name": proj["name"] if proj else None,
             "vintage": int(vintage) if vintage.isdigit() else None,
@@ -887,6 +890,16 @@ def create_app(ctx: Context) -> FastAPI:
     async def payment(code: str, req: M.PaymentRequest, op: str) -> Any:
         amount = _units(parse_cash, req.amount, "amount", most=MAX_CASH_FEN)
         account_id = await service.account(code)
+        direction = "deposit" if op == "deposit" else "withdrawal"
+        # A payment recorded before this service knew it (the command line while the exchange was
+        # stopped, the demo's set-up): a repeat of it answers as a repeat does, without a seq.
+        earlier = await service.payment_recorded(req.reference)
+        if earlier is not None:
+            if earlier != (account_id, direction, amount):
+                raise CarbonxError("duplicate_reference",
+                                   f"payment reference {req.reference!r} was used for another payment")
+            return JSON({"account": code, "direction": direction, "amount": format_cash(amount),
+                         "reference": req.reference, "seq": None, "duplicate": True}, status_code=200)
         cmd = {"op": op, "account": account_id, "amount": amount, "ref": req.reference}
         out = await service.submit(cmd)  # which makes the payment's look-ups (service.prepare) first
         if out.code is not None:
@@ -894,7 +907,7 @@ def create_app(ctx: Context) -> FastAPI:
         seq = out.seq
         if out.duplicate:  # the payment made the first time, not what this request says
             _account, _direction, amount, seq = service.core.payments[req.reference]
-        return JSON({"account": code, "direction": "deposit" if op == "deposit" else "withdrawal",
+        return JSON({"account": code, "direction": direction,
                      "amount": format_cash(amount), "reference": req.reference, "seq": seq,
                      "duplicate": out.duplicate}, status_code=201 if not out.duplicate else 200)
 
@@ -993,7 +1006,8 @@ def create_app(ctx: Context) -> FastAPI:
         out = await service.submit({"op": op, "symbol": symbol})
         if out.code is not None:
             raise CarbonxError(out.code, out.detail or out.code)
-        return await instrument_view(symbol, await project_index())
+        # As this command left it: a resume sequenced since made a halt answer "open" (review32).
+        return await instrument_view(symbol, await project_index(), halted=op == "halt")
 
     @app.post("/v1/instruments/{symbol}/halt", response_model=M.Instrument, responses=MEMBER, tags=["operator"])
     async def halt(symbol: Symbol, _: Operator) -> Any:

@@ -477,6 +477,16 @@ class ExchangeService:
             raise CarbonxError("forbidden", f"{code} is a system account")
         return known[0]
 
+    async def payment_recorded(self, ref: str) -> tuple[int, str, int] | None:
+        """(account, direction, amount in fen) of a payment recorded under `ref` that the core
+        does not know (made from the command line while the exchange was stopped, or by the
+        demo's set-up; the next start took its cash in as an adjust), or None."""
+        if ref in self.core.payments:
+            return None
+        row = await self._pool.fetchrow(
+            "SELECT account_id, direction, amount_fen FROM payments WHERE reference = $1", ref)
+        return None if row is None else (row["account_id"], row["direction"], row["amount_fen"])
+
     async def _check_reference_unused(self, command: dict) -> None:
         """A payment reference recorded before the service existed is refused like any duplicate."""
         ref = command.get("ref")

@@ -7,6 +7,7 @@ its own command left."""
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 import pytest
 
@@ -73,3 +74,73 @@ def test_listings_no_order_could_be_placed_under_are_refused(server):
         biggest = ok(ops.post("/v1/instruments", json={"symbol": "FOREST-2070", "reference_price": "35.00",
                                                        "lot": "1099511627.776", "always_open": True}), 201)
         assert biggest["lot"] == "1099511627.776"
+
+
+def test_payment_references_are_read_without_surrounding_spaces(server):
+    """"ref", " ref" and "ref " are one payment: a retry whose reference gained or lost a space
+    is a repeat; they were three deposits (review32)."""
+    w = build_world(server.http, server.ops_key)
+    with client(server.http, server.ops_key) as ops, w.as_("BUY") as buy:
+        cash = ok(buy.get("/v1/account"))["cash_available"]
+        first = ok(ops.post("/v1/accounts/BUY/deposits", json={"amount": "100.00", "reference": "pay-7"}), 201)
+        for ref in (" pay-7", "pay-7 ", "  pay-7  "):
+            again = ok(ops.post("/v1/accounts/BUY/deposits", json={"amount": "100.00", "reference": ref}), 200)
+            assert again == {**first, "duplicate": True}
+        spent = ok(ops.post("/v1/accounts/BUY/withdrawals", json={"amount": "1.00", "reference": " out-1 "}), 201)
+        assert spent["reference"] == "out-1"
+        assert Decimal(ok(buy.get("/v1/account"))["cash_available"]) == Decimal(cash) + 99
+
+
+def test_a_repeat_of_a_payment_made_while_stopped_answers_as_a_repeat(db, run):
+    """A deposit made from the command line while the exchange was stopped, repeated through the
+    API with the same terms, answers 200 "duplicate" (without a seq: it has no journal entry of
+    its own), and with other terms 409 duplicate_reference; it was 409 either way (review32)."""
+    from exchange import ledger
+
+    key = run(operator_key(db))
+    with ServerThread(db) as s:
+        build_world(s.http, key)
+
+    async def by_hand() -> None:
+        import asyncpg
+        conn = await asyncpg.connect(db)
+        try:
+            await ledger.deposit(conn, account="BUY", amount_fen=50_000, reference="bank-2026-11-22-001")
+        finally:
+            await conn.close()
+    run(by_hand())
+    with ServerThread(db) as s, client(s.http, key) as ops:
+        body = {"amount": "500.00", "reference": "bank-2026-11-22-001"}
+        seq = s.exchange.service.core.seq
+        again = ok(ops.post("/v1/accounts/BUY/deposits", json=body), 200)
+        assert again == {"account": "BUY", "direction": "deposit", "amount": "500.00",
+                         "reference": "bank-2026-11-22-001", "seq": None, "duplicate": True}
+        for path, other in (("deposits", {"amount": "500.01"}), ("withdrawals", {}),):
+            problem(ops.post(f"/v1/accounts/BUY/{path}", json={**body, **other}), 409, "duplicate_reference")
+        problem(ops.post("/v1/accounts/BUY2/deposits", json=body), 409, "duplicate_reference")
+        assert s.exchange.service.core.seq == seq  # nothing journaled
+
+
+def test_a_halt_or_resume_answers_with_the_state_it_left(server, run):
+    """Halts and resumes sent at once: each successful answer names the state its own command
+    left; a resume sequenced between a halt and its answer made the halt answer "open" (review32)."""
+    import asyncio
+
+    import httpx
+
+    build_world(server.http, server.ops_key)
+
+    async def rounds() -> list:
+        wrong = []
+        async with httpx.AsyncClient(base_url=server.http, timeout=30,
+                                     headers={"Authorization": f"Bearer {server.ops_key}"}) as ops:
+            for _ in range(15):
+                answers = await asyncio.gather(*(ops.post(f"/v1/instruments/{SYMBOL}/{op}")
+                                                 for op in ("halt", "resume") * 3))
+                for r in answers:
+                    op = r.url.path.rsplit("/", 1)[1]
+                    assert r.status_code in (200, 409), r.text
+                    if r.status_code == 200 and r.json()["session"] != {"halt": "halted", "resume": "open"}[op]:
+                        wrong.append((op, r.json()["session"]))
+        return wrong
+    assert run(rounds()) == []
