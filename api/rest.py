@@ -852,7 +852,8 @@ def create_app(ctx: Context) -> FastAPI:
               responses={**MEMBER, 201: {"description": "what was bought and retired", "headers": REPLAYED}},
               tags=["neutrality"])
     async def offset(http: Request, req: M.OffsetRequest, who: Member, key: OneIdempotencyKey) -> Any:
-        listing = instrument(req.symbol)
+        symbol = req.symbol.strip().upper()  # as a retirement reads it
+        listing = instrument(symbol)
         if (req.activity is None) == (req.quantity is None):
             raise CarbonxError("invalid_request", "give exactly one of activity or quantity")
         est = neutrality.estimate_footprint(req.activity) if req.activity is not None else None
@@ -864,9 +865,9 @@ def create_app(ctx: Context) -> FastAPI:
                                                   f"can retire ({format_tonnes(MAX_RETIRE_KG)} t)")
         cap = _units(parse_cash, req.max_cash, "max_cash", most=MAX_CASH_FEN)
         # The same offset is the same purchase and retirement: the activity behind the tonnes is not part of it.
-        request = (key, request_digest("offset", req.symbol, kg, cap, req.beneficiary.strip(),
+        request = (key, request_digest("offset", symbol, kg, cap, req.beneficiary.strip(),
                                        req.purpose.strip())) if key is not None else None
-        done = await offsetting.offset(service, account=who.code, symbol=req.symbol, quantity_kg=kg,
+        done = await offsetting.offset(service, account=who.code, symbol=symbol, quantity_kg=kg,
                                        max_cash_fen=cap, beneficiary=req.beneficiary, purpose=req.purpose,
                                        request=request)
         views = await db(lambda conn: retirement_views(conn, "r.id = $1", done.retirement.id))

@@ -1,11 +1,12 @@
 """Offset in one step: buy the tonnes a footprint needs and retire them for a beneficiary.
 
-:func:`offset` buys with a fill-or-kill limit order whose price is the highest the buyer's cash
-cap allows (never above the instrument's band), so the purchase either fills completely within
-the cap or does not happen at all; only then does it retire the bought credits for the
+:func:`offset` works out from the book what the cheapest offers of the tonnes cost, fees
+included, and buys them with a fill-or-kill limit order at the price of the dearest of them
+(never above the instrument's band), so the purchase either fills completely within the buyer's
+cash cap or does not happen at all; only then does it retire the bought credits for the
 beneficiary and return the retirement with its certificate code. If the market cannot fill it,
-nothing is bought or retired and the error says what is missing (how many tonnes are offered
-within the cap, how many are needed).
+nothing is bought or retired and the error says why: how many tonnes are offered and how many
+are needed, or what they cost against the cap.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from exchange.service import ExchangeService
 from exchange.text import fits, unsafe
 from matching import events as E
 from matching.core import KEPT_COID_PREFIX
-from matching.engine import InstrumentRules
-from matching.risk import buy_reservation
+from matching.risk import fill_amounts
 from matching.units import format_cash, format_price, format_tonnes
 
 # An offset's purchase under an idempotency key is the order with this client_order_id prefix and
@@ -36,36 +36,62 @@ class Offset:
     retirement: Retirement
 
 
-def lowest_limit(rules: InstrumentRules) -> int:
-    """The lowest price an order may name: the band's low end up on the tick grid, or one tick."""
-    band = rules.band()
-    low = -(-band[0] // rules.tick) * rules.tick if band else rules.tick
-    return max(low, rules.tick)
-
-
-def best_limit(service: ExchangeService, symbol: str, qty: int, max_cash: int) -> int:
-    """The highest tick-aligned price whose worst-case cost of `qty` fits in `max_cash`, capped at
-    the top of the band (or the book's price bound without a reference price); 0 when not even
-    the band's lowest price fits (a price below the band would only be refused as out of band)."""
-    listing = service.core.listings[symbol]
-    rules = listing.rules
+def cheapest_fills(service: ExchangeService, symbol: str, account: int, qty: int) -> list[tuple[int, int]]:
+    """The (price, kg) fills a fill-or-kill buy of `qty` by `account` takes from the book as it
+    stands, cheapest first, in the book's priority order, within the band (possibly fewer kg than
+    `qty`). The account's own offers are skipped, as self-trade prevention cancels them, or end
+    the walk under a mode that cancels the incoming order instead."""
+    core = service.core
+    rules = core.listings[symbol].rules
     band = rules.band()
     high = band[1] if band else rules.max_price
-    high -= high % rules.tick
-    fee_bp = max(listing.maker_bp, listing.taker_bp)
-    low, best = lowest_limit(rules), 0
-    while low <= high:  # the reservation grows with the price: binary search on ticks
-        mid = (low // rules.tick + high // rules.tick) // 2 * rules.tick
-        if buy_reservation(mid, qty, rules.lot, fee_bp) <= max_cash:
-            best, low = mid, mid + rules.tick
-        else:
-            high = mid - rules.tick
-    return best
+    stp = core.engine.account_stp(account)
+    fills: list[tuple[int, int]] = []
+    left = qty
+    for _oid, owner, side, price, kg, *_ in core.engine.book(symbol).orders():  # bids first, then asks
+        if side != E.ASK:
+            continue
+        if not left or price > high:
+            break
+        if owner == account:
+            if stp == E.STP_CANCEL_RESTING:
+                continue
+            break
+        fills.append((price, min(left, kg)))
+        left -= fills[-1][1]
+    return fills
 
 
-def offered_within(service: ExchangeService, symbol: str, limit: int) -> int:
-    """kg offered in the book at or below `limit`."""
-    return sum(q for p, q in service.core.engine.book(symbol).depth(E.ASK, 1 << 30) if p <= limit)
+def cost_of(fills: list[tuple[int, int]], fee_bp: int) -> int:
+    """What the buyer pays for `fills`, in fen: each trade's value and its fee, each rounded as a
+    trade rounds them (matching.risk.fill_amounts)."""
+    return sum(value + fee for value, fee, _ in (fill_amounts(price, kg, fee_bp, 0) for price, kg in fills))
+
+
+def _limit_within(service: ExchangeService, symbol: str, account: int, qty: int, max_cash: int) -> int:
+    """The limit price of a fill-or-kill buy that takes the cheapest `qty` kg offered, refused
+    (offset_not_filled, saying why) when the book does not hold them within the band or they cost
+    more than `max_cash`. Sized from what the fills cost, not from the reservation's worst case,
+    which on a 1 kg lot allows 2 fen a kilogram for rounding and asked for 2.4 times the cost
+    (review31). Nothing is awaited between this and the order, so the order meets this book."""
+    listing = service.core.listings[symbol]
+    fills = cheapest_fills(service, symbol, account, qty)
+    have = sum(kg for _, kg in fills)
+    if have < qty:
+        band = listing.rules.band()
+        within = f" at or below {format_price(band[1])} CNY/t (the top of the band)" if band else ""
+        raise CarbonxError("offset_not_filled",
+                           f"the market offers {format_tonnes(have)} t of {symbol}{within}, not counting the "
+                           f"buyer's own offers; {format_tonnes(qty)} t are needed, {format_tonnes(qty - have)} t "
+                           "are missing. Nothing was bought or retired.")
+    cost = cost_of(fills, listing.taker_bp)
+    if cost > max_cash:
+        raise CarbonxError("offset_not_filled",
+                           f"{format_tonnes(qty)} t of {symbol} cost {format_cash(cost)} CNY now (fees included, at "
+                           f"up to {format_price(fills[-1][0])} CNY/t), more than max_cash {format_cash(max_cash)} "
+                           "CNY. Nothing was bought or retired.")
+    band = listing.rules.band()
+    return max(fills[-1][0], band[0]) if band else fills[-1][0]  # (an ask left below the band by a close)
 
 
 def _reused(key: str) -> CarbonxError:
@@ -116,25 +142,20 @@ async def offset(service: ExchangeService, *, account: str, symbol: str, quantit
         kg, paid = await _bought(service, account_id, earlier[0])
         if kg != quantity_kg or paid > max_cash_fen:
             raise _reused(request[0])
-    # An earlier try's purchase is asked for again at the price it was placed at: the band, and so
-    # best_limit, may have moved since (a day's roll), and the core knows a repeat by its terms.
-    limit = earlier[4] if earlier is not None else best_limit(service, symbol, quantity_kg, max_cash_fen)
-    if limit == 0:
-        raise CarbonxError("offset_not_filled",
-                           f"max_cash {format_cash(max_cash_fen)} CNY cannot pay for {format_tonnes(quantity_kg)} t "
-                           f"at any price in the band: the lowest, "
-                           f"{format_price(lowest_limit(service.core.listings[symbol].rules))} CNY/t, would need "
-                           "more (fees included). Nothing was bought or retired.")
+    # An earlier try's purchase is asked for again at the price it was placed at: the band may have
+    # moved since (a day's roll), and the core knows a repeat by its terms.
+    limit = earlier[4] if earlier is not None else _limit_within(service, symbol, account_id, quantity_kg,
+                                                                  max_cash_fen)
     place = {"op": "place", "account": account_id, "symbol": symbol, "side": E.BID, "kind": E.LIMIT,
              "price": limit, "qty": quantity_kg, "tif": E.FOK}
     out = await service.submit(place if coid is None else {**place, "coid": coid})
     if out.code == "duplicate_client_order_id":  # the key's purchase was another
         raise _reused(request[0])
-    if out.code == "fok_not_fillable":
-        have = offered_within(service, symbol, limit)
+    if out.code == "fok_not_fillable":  # an earlier try's price, or an expiry due just now
+        have = sum(kg for price, kg in cheapest_fills(service, symbol, account_id, quantity_kg) if price <= limit)
         raise CarbonxError("offset_not_filled",
                            f"the market offers {format_tonnes(have)} t of {symbol} at or below {format_price(limit)} "
-                           f"CNY/t (the most max_cash allows); {format_tonnes(quantity_kg)} t are needed, "
+                           f"CNY/t; {format_tonnes(quantity_kg)} t are needed, "
                            f"{format_tonnes(max(quantity_kg - have, 0))} t are missing. Nothing was bought or retired.")
     if out.code is not None:
         raise CarbonxError(out.code, out.detail or out.code)

@@ -151,6 +151,10 @@ class MatchingEngine:
     def set_account_stp(self, account: int, mode: int) -> None:
         self._stp[account] = mode
 
+    def account_stp(self, account: int) -> int:
+        """The account's self-trade prevention mode."""
+        return self._stp.get(account, self.default_stp)
+
     def halt(self, name: str) -> None:
         self._instruments[name].halted = True
 

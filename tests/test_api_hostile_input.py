@@ -415,13 +415,13 @@ def test_offset_whose_cap_pays_for_no_price_in_the_band_is_not_filled(world, run
         body = problem(buy.post("/v1/neutrality/offset", json={"symbol": SYMBOL, "quantity": "1.000",
                                                                "max_cash": "1.00", "beneficiary": "b",
                                                                "purpose": "p"}),
-                       422, "offset_not_filled", "max_cash 1.00 CNY", "31.50 CNY/t", "Nothing was bought")
+                       422, "offset_not_filled", "max_cash 1.00 CNY", "cost 35.", "Nothing was bought")
         assert "price_out_of_band" not in body["detail"]
-        # a cap that pays for the band's low end but not for the offer at 35.00: not filled either,
-        # saying what the market offers within the cap
+        # a cap that would pay for the band's low end but not for the offer at 35.00: not filled
+        # either, saying what the offer costs
         problem(buy.post("/v1/neutrality/offset", json={"symbol": SYMBOL, "quantity": "1.000",
                                                         "max_cash": "31.60", "beneficiary": "b", "purpose": "p"}),
-                422, "offset_not_filled", "missing")
+                422, "offset_not_filled", "max_cash 31.60 CNY", "at up to 35.00 CNY/t")
     assert trace(server, w, run) == before
 
 
