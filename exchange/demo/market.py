@@ -5,8 +5,9 @@ each issued vintage (always open, reference price from the scenario, ±10 % band
 simulated buyers can also sell) and funds the buyers through the service. :class:`DemoMarket`
 then places and cancels orders at a gentle pace, through the same service commands as any
 member, from the developers (selling what they were issued) and the buyers other than the launch
-event's organiser (the newcomer's account): a random walk around the reference price that trades
-now and then. Nothing about it is special-cased in the exchange.
+event's organiser (the newcomer's account), who also resell what they bought: a random walk
+around the reference price that trades now and then, for as long as the demo runs. Nothing
+about it is special-cased in the exchange.
 """
 
 from __future__ import annotations
@@ -96,12 +97,17 @@ class DemoMarket:
             return
         qty = rng.choice((1, 1, 2, 3, 5, 10)) * listing.rules.lot
         spread = max(1, (high - low) // 40)
-        if rng.random() < 0.5 or symbol not in self.sellers:
+        # Whoever holds enough sells: the developer while its stock lasts, and the buyers resell
+        # what they bought (T+0). With the developers alone the asks ran out, and two of the four
+        # markets stood still within 40 minutes of a first start (review31).
+        holders = [a for a in ([self.sellers[symbol]] if symbol in self.sellers else []) + self.buyers
+                   if core.position(symbol, a)[0] >= qty]
+        if rng.random() < 0.5 or not holders:
             price = min(high, max(low, mid + rng.randint(-3, 2) * spread))
             account, side = rng.choice(self.buyers), E.BID
         else:
             price = min(high, max(low, mid + rng.randint(-2, 3) * spread))
-            account, side = self.sellers[symbol], E.ASK
+            account, side = rng.choice(holders), E.ASK
         self.service.apply({"op": "place", "account": account, "symbol": symbol, "side": side, "price": price,
                             "qty": qty})
         self.placed += 1
