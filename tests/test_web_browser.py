@@ -243,6 +243,48 @@ def _offered(http: str, need_t: int) -> str | None:
     return None
 
 
+def test_wizard_offset_fields_follow_an_edited_event(server: ServerThread, page: Page) -> None:
+    """The cap, beneficiary and purpose the page fills in follow a new estimate and event name;
+    what the person typed stays. They were filled in once, and outlived an edited event: the
+    offset was refused, or its certificate named the event before (review31). The purpose's date
+    is the person's own day, not UTC's."""
+    expect = _expect()
+    w = build_world(server.http, server.ops_key)
+    pg = page.page
+    pg.goto(f"{server.http}/#key={w.keys['BUY']}")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "market")
+    cap, beneficiary, purpose = (pg.locator(f"input[name={n}]") for n in ("max_cash", "beneficiary", "purpose"))
+    today = pg.evaluate("() => { const d = new Date(); return [d.getFullYear(), d.getMonth() + 1, d.getDate()]"
+                        ".map((n, i) => String(n).padStart(i ? 2 : 4, '0')).join('-'); }")
+
+    def offset_step(kwh: str | None = None, name: str | None = None) -> Decimal:
+        if kwh is not None:
+            pg.click("#back-to-estimate")
+            pg.click("#back-to-activity")
+            pg.fill("input[name=electricity-0-kwh]", kwh)
+            if name is not None:
+                pg.fill("input[name=event_name]", name)
+        pg.click("#estimate-button")
+        pg.click("#to-offset")
+        expect(pg.locator("#offset-quantity")).to_be_visible()
+        return Decimal(cap.input_value())
+
+    _fill_conference(pg, expect)
+    first = offset_step()
+    expect(beneficiary).to_have_value("Green tech conference")
+    expect(purpose).to_have_value(f"Green tech conference — carbon neutrality {today}")
+    bigger = offset_step("300000", "Bigger expo")
+    assert bigger > first
+    expect(beneficiary).to_have_value("Bigger expo")
+    expect(purpose).to_have_value(f"Bigger expo — carbon neutrality {today}")
+    pg.fill("input[name=beneficiary]", "Expo organisers")
+    pg.fill("input[name=max_cash]", "5000.00")
+    assert offset_step("400000") == Decimal("5000.00")
+    expect(beneficiary).to_have_value("Expo organisers")
+    expect(purpose).to_have_value(f"Bigger expo — carbon neutrality {today}")
+    page.shot("offset-fields-follow")
+
+
 def test_wizard_neutralises_a_conference(server: ServerThread, page: Page) -> None:
     expect = _expect()
     w = build_world(server.http, server.ops_key)

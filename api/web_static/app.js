@@ -562,7 +562,7 @@ function wizardEstimate(body, w, rerender) {
   h('details', { class: 'panel lines' }, h('summary', { text: t('lines') }),
     table([t('entry'), t('factor'), t('activity'), t('tco2e')], lines, { numeric: [2, 3] }),
     h('p', { class: 'muted small', text: e.rounding })),
-  h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', onclick: () => { w.step = 1; rerender(); }, text: t('back_edit') }),
+  h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', id: 'back-to-activity', onclick: () => { w.step = 1; rerender(); }, text: t('back_edit') }),
     h('button', { type: 'button', class: 'primary', id: 'to-offset', onclick: () => { w.step = 3; w.error = null; rerender(); }, text: t('to_offset') })));
 }
 
@@ -580,9 +580,15 @@ async function wizardOffset(body, w, rerender) {
   const highFen = fenOf(inst.price_band ? inst.price_band.high : (book.asks.at(-1)?.[0] ?? '0'));
   const valueFen = Math.ceil((qtyKg * highFen) / 1000);
   const suggested = cnyOf(valueFen + Math.ceil((valueFen * Math.max(inst.maker_fee_bp, inst.taker_fee_bp)) / 10000));
-  if (!o.maxCash) o.maxCash = suggested;
-  if (!o.beneficiary) o.beneficiary = w.form.name || '';
-  if (!o.purpose) o.purpose = `${w.form.name ? `${w.form.name} — ` : ''}${lang() === 'zh' ? '碳中和' : 'carbon neutrality'} ${new Date().toISOString().slice(0, 10)}`;
+  // What the page filled in follows the estimate and the event's name; what the person typed
+  // stays. Filled in once, a cap, beneficiary and purpose outlived an edited event: refused, or
+  // worse, a certificate naming the event before (review31). The date is the person's own day.
+  const today = new Date();
+  const day = `${today.getFullYear()}-${String(today.getMonth() + 1).padStart(2, '0')}-${String(today.getDate()).padStart(2, '0')}`;
+  const auto = { maxCash: suggested, beneficiary: w.form.name || '',
+    purpose: `${w.form.name ? `${w.form.name} — ` : ''}${lang() === 'zh' ? '碳中和' : 'carbon neutrality'} ${day}` };
+  for (const [k, v] of Object.entries(auto)) if (!o[k] || o[k] === o.auto?.[k]) o[k] = v;
+  o.auto = auto;
 
   const symbolSel = select(o, 'symbol', instruments.map((i) => i.symbol), { name: 'symbol',
     labels: (s) => { const i = instruments.find((x) => x.symbol === s); return `${s} · ${i.project_name || ''}`; } });
@@ -631,7 +637,7 @@ async function wizardOffset(body, w, rerender) {
     h('button', { type: 'button', class: 'secondary', onclick: openKeyPanel, text: t('set_key') })),
   state.account ? h('p', { class: 'muted small', text: t('key_ok', { code: state.account.code, role: state.account.role, cash: num(state.account.cash_available) }) }) : null,
   refusal,
-  h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', onclick: () => { w.step = 2; w.error = null; rerender(); }, text: t('back_estimate') }), submit));
+  h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', id: 'back-to-estimate', onclick: () => { w.step = 2; w.error = null; rerender(); }, text: t('back_estimate') }), submit));
   body.append(form);
 }
 
