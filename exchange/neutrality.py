@@ -10,7 +10,8 @@ instrument's lot.
 
 Numbers: quantities are ints or decimal strings, never floats, and factors are decimal strings, so every
 product is exact (`fractions.Fraction`). Each reported figure is rounded half-up exactly once from the
-exact value: grams for lines and categories, kilograms for totals. Rounded parts therefore need not add
+exact value: grams for lines, kilograms for categories and totals (as the API shows them; `categories_g`
+keeps grams too). Rounded parts therefore need not add
 up to a rounded total. What to offset is rounded up instead, once, from the exact total (`offset_kg`):
 half-up would leave up to half a kilogram of the footprint unoffset (review30).
 
@@ -48,7 +49,7 @@ from matching.units import format_tonnes
 
 CATEGORIES = ("electricity", "travel", "hotel", "meals", "materials", "waste")
 ROUNDING = ("exact arithmetic on decimal inputs and factors; each figure rounded half-up once from its exact "
-            "value: grams for lines and categories, kilograms for totals")
+            "value: grams for lines, kilograms for categories and totals")
 
 # Bounds keep a hostile request from making us multiply huge numbers; a real event is far inside them.
 _MAX_QUANTITY = 10**12
