@@ -103,10 +103,13 @@ const label = (prefix, v) => { const k = `${prefix}_${v}`; const s = t(k); retur
 const methodology = (m) => label('m', m);
 
 function problemBox(err) {
+  // A refusal, the exchange out of reach, or a fault of the page itself: each says which (every
+  // error without a status read "Feed offline", with nothing under it: review31).
+  const title = !(err instanceof ApiError) ? t('error_page') : err.status ? t('error_title') : t('error_unreachable');
   return h('div', { class: 'alert error', role: 'alert' },
-    h('strong', { text: err.status ? t('error_title') : t('feed_offline') }),
+    h('strong', { text: title }),
     err.code && err.status ? h('code', { class: 'code', text: err.code }) : null,
-    h('p', { class: 'detail', text: err.detail }));
+    h('p', { class: 'detail', text: err.detail ?? err.message ?? String(err) }));
 }
 
 function panel(title, ...body) {
@@ -665,7 +668,8 @@ function wizardResult(body, w, rerender) {
 // ---- verify ------------------------------------------------------------------------------------
 
 async function viewVerify(root, [codeArg]) {
-  const code = codeArg ? decodeURIComponent(codeArg) : '';
+  let code = codeArg || '';
+  try { code = decodeURIComponent(code); } catch { /* not %-encoded as a browser encodes: the server says not found */ }
   const input = h('input', { type: 'text', name: 'code', id: 'verify-code', value: code, placeholder: 'CX-…', autocomplete: 'off', spellcheck: 'false' });
   const out = h('div', { id: 'verify-result' });
   root.append(h('div', { class: 'page-head' }, h('h1', { text: t('verify_title') }), h('p', { class: 'lead', text: t('verify_lead') })),

@@ -14,6 +14,7 @@ const STRINGS = {
     key_bad: 'This key was refused: {detail}', key_none: 'No key: public pages only.',
     loading: 'Loading…', retry: 'Retry', none_yet: 'Nothing yet.',
     error_title: 'The exchange refused this', error_network: 'Cannot reach the exchange: {detail}',
+    error_unreachable: 'Cannot reach the exchange', error_page: 'Something went wrong on this page',
     // market
     instrument: 'Instrument', last: 'Last', change_24h: '24h change', high_24h: '24h high', low_24h: '24h low',
     volume_24h: '24h volume (t)', vwap_24h: '24h VWAP',
@@ -85,6 +86,7 @@ const STRINGS = {
     key_bad: '密钥被拒绝：{detail}', key_none: '未设置密钥：仅可浏览公开页面。',
     loading: '加载中…', retry: '重试', none_yet: '暂无数据。',
     error_title: '交易所拒绝了此请求', error_network: '无法连接交易所：{detail}',
+    error_unreachable: '无法连接交易所', error_page: '页面出错了',
     instrument: '交易品种', last: '最新价', change_24h: '24小时涨跌', high_24h: '24小时最高', low_24h: '24小时最低',
     volume_24h: '24小时成交量（吨）', vwap_24h: '24小时均价',
     order_book: '盘口', trades: '成交', price_cny: '价格（元/吨）', qty_t: '数量（吨）',
