@@ -27,6 +27,7 @@ import socket
 import struct
 import time
 from collections import deque
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -48,6 +49,7 @@ from exchange.errors import CarbonxError
 from exchange.marketdata import DepthView, MarketData, Published
 from exchange.service import ExchangeService
 from matching import events as E
+from matching.core import EV_CLOSE, EV_HALTED, EV_LISTED, EV_RESUMED
 from matching.units import format_price, format_tonnes
 
 log = logging.getLogger("carbonx.feed")
@@ -80,7 +82,9 @@ PING_INTERVAL_S = 20.0
 PING_TIMEOUT_S = 20.0
 # The fields each channel of a subscribe takes: a misspelt one is refused, not served with defaults.
 CHANNEL_FIELDS = {"book": {"name", "symbols", "depth", "interval_ms"}, "trades": {"name", "symbols"},
-                  "ticker": {"name", "symbols"}, "registry": {"name"}, "orders": {"name"}}
+                  "ticker": {"name", "symbols"}, "registry": {"name"}, "orders": {"name"}, "instruments": {"name"}}
+# The core's instrument events the `instruments` channel announces, by the type it gives them.
+STATUS_EVENTS = {EV_LISTED: "listed", EV_HALTED: "halted", EV_RESUMED: "resumed", EV_CLOSE: "close"}
 BINANCE_INTERVALS = {"": 1000, "@100ms": 100, "@1000ms": 1000}
 # A tuple, not a set: `op` is whatever JSON the client sent, and an unhashable one (a list) must
 # get "unknown op", not a TypeError that closes the connection.
@@ -718,7 +722,7 @@ class Feed:
         if name in CHANNEL_FIELDS and (extra := set(ch) - CHANNEL_FIELDS[name]):
             raise CarbonxError("invalid_request", f"channel {name} has no {', '.join(sorted(map(repr, extra)))}; "
                                                   f"it takes {', '.join(sorted(CHANNEL_FIELDS[name]))}")
-        if name in ("registry", "orders"):
+        if name in ("registry", "orders", "instruments"):
             if name == "orders" and c.account is None:
                 raise CarbonxError("unauthorized", "the orders channel needs auth with a member's API key first")
             if name == "orders" and c.account.role != "member":
@@ -943,7 +947,10 @@ class Feed:
                 self._fan(subs, self._ticker(symbol, ts))
 
     def on_entries(self, entries: list) -> None:
-        """Private order updates and fills to their owners' connections."""
+        """Instrument status changes to the `instruments` channel; private order updates and fills
+        to their owners' connections."""
+        if self.subs.get(("instruments", "")):
+            self._instrument_status(entries)
         if not self.orders:
             return
         # `ts` (microseconds, as every feed message carries) beside the views' ISO times, which
@@ -958,6 +965,29 @@ class Feed:
                 if subs:
                     self._fan(subs, orjson.dumps({"ch": "orders", "type": "order", "order": order_view(o, []),
                                                   "ts": ts}))
+
+    def _instrument_status(self, entries: list) -> None:
+        """A listing, halt, resume or day's close as it happened, with the session it left and the
+        reference price and band in force after it: clients learnt of a halt only from a refused
+        order, and of a close's new band only by polling (review32)."""
+        subs = self.subs[("instruments", "")]
+        listings, engine = self.service.core.listings, self.service.core.engine
+        for _seq, ts, _cmd, events, _folded in entries:
+            for ev in events:
+                kind = STATUS_EVENTS.get(ev[0])
+                if kind is None or ev[1] not in listings:
+                    continue
+                rules = listings[ev[1]].rules
+                if kind == "close":
+                    rules = replace(rules, reference_price=ev[3])
+                halted = kind == "halted" or (kind != "resumed" and engine.is_halted(ev[1]))
+                band = rules.band()
+                self._fan(subs, orjson.dumps({
+                    "ch": "instruments", "type": kind, "symbol": ev[1],
+                    "session": "halted" if halted else "open" if rules.is_open(ts) else "closed",
+                    "reference_price": format_price(rules.reference_price) if rules.reference_price else None,
+                    "price_band": {"low": format_price(band[0]), "high": format_price(band[1])} if band else None,
+                    "ts": ts}))
 
     def _ticker(self, symbol: str, ts: int) -> bytes:
         return self._ticker_message(symbol, self.market.ticker(symbol, ts), ts)

@@ -580,6 +580,33 @@ def test_registry_events_carry_ids_as_strings(shared):
         fc.close()
 
 
+def test_instruments_channel_announces_listings_halts_and_resumes(shared):
+    """{"name":"instruments"}: a listing, a halt and a resume as they commit, each with the
+    session it left and the band in force; clients learnt of a halt only from a refused order
+    (review32). The day's close is in tests/test_api_sessions.py."""
+    fc = FeedClient(shared.ws, channels=[{"name": "instruments"}]).subscribe()
+    try:
+        with client(shared.http, shared.ops_key) as ops:
+            ok(ops.post("/v1/instruments", json={"symbol": "FOREST-2031", "reference_price": "35.00",
+                                                 "always_open": True}), 201)
+            ok(ops.post(f"/v1/instruments/{SYMBOL}/halt"))
+            ok(ops.post(f"/v1/instruments/{SYMBOL}/resume"))
+            rest = ok(ops.get(f"/v1/instruments/{SYMBOL}"))
+        got = wait_for(lambda: len(m := fc.of(lambda m: m.get("ch") == "instruments")) == 3 and m, 3,
+                       what="a listing, a halt and a resume on the feed")
+        assert [(m["type"], m["symbol"], m["session"]) for m in got] == [
+            ("listed", "FOREST-2031", "open"), ("halted", SYMBOL, "halted"), ("resumed", SYMBOL, rest["session"])]
+        assert got[0]["reference_price"] == "35.00" and got[0]["price_band"] == {"low": "31.50", "high": "38.50"}
+        assert {k: got[2][k] for k in ("reference_price", "price_band")} == {
+            k: rest[k] for k in ("reference_price", "price_band")}
+        assert all(isinstance(m["ts"], int) for m in got)
+    finally:
+        fc.close()
+    with connect(f"{shared.ws}/v1/ws") as ws:
+        e = ask(ws, {"op": "subscribe", "id": 1, "channels": [{"name": "instruments", "symbols": [SYMBOL]}]})
+        assert (e["type"], e["code"]) == ("error", "invalid_request"), e
+
+
 def test_orders_channel_is_forbidden_to_an_operator_and_unauthorized_without_auth(shared):
     """API.md's codes: unauthorized without a key, forbidden with a key of the wrong role."""
     with connect(f"{shared.ws}/v1/ws") as ws:

@@ -12,6 +12,7 @@ from decimal import Decimal
 import pytest
 
 from exchange.service import now_us
+from tests.api_clients import FeedClient
 from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key
 from tests.test_api_rest import problem
 
@@ -37,6 +38,7 @@ def test_the_days_close_never_pins_the_band_to_one_price(db, run):
     shift = [0]
     with ServerThread(db, service_options={"clock": lambda: now_us() + shift[0]}) as s:
         w = build_world(s.http, key, listing={"tick": "1.00", "reference_price": "10.00", "band_percent": "10"})
+        fc = FeedClient(s.ws, channels=[{"name": "instruments"}]).subscribe()
         with w.as_("DEV") as dev, w.as_("BUY") as buy, client(s.http) as anon:
             for day in (0, 1, 2):
                 shift[0] = day * DAY
@@ -56,6 +58,11 @@ def test_the_days_close_never_pins_the_band_to_one_price(db, run):
                             ok(dev.delete(f"/v1/orders/{r.json()['order_id']}"))
                 ok(dev.post("/v1/orders", json=_limit("sell", "9.00")), 201)
                 ok(buy.post("/v1/orders", json=_limit("buy", "9.00")), 201)
+        # The feed's instruments channel announced the close with the band it set.
+        closes = fc.of(lambda m: m.get("ch") == "instruments" and m["type"] == "close")
+        fc.close()
+        assert closes and closes[0]["symbol"] == SYMBOL, fc.messages
+        assert (closes[0]["reference_price"], closes[0]["price_band"]) == ("9.00", {"low": "8.00", "high": "10.00"})
 
 
 def test_listings_no_order_could_be_placed_under_are_refused(server):
