@@ -273,7 +273,9 @@ def _lines(activity: Mapping[str, Any], table: FactorTable) -> list[_Line]:
         years = table.grid_years(region)
         # No year: the newest published factor for that grid, which is what a reader would look up today.
         year = years[-1] if e.get("year") is None else e["year"]
-        if isinstance(year, bool) or not isinstance(year, int) or year not in years:
+        if isinstance(year, bool) or not isinstance(year, int):
+            raise ActivityError(f"{field}.year", f"must be a whole number (a JSON integer such as 2022), got {year!r}")
+        if year not in years:
             raise ActivityError(f"{field}.year", f"no {region} grid factor for {year!r}; have {years}")
         lines.append(_Line("electricity", field, table.factors[f"electricity.{region}.{year}"],
                            _quantity(e["kwh"], f"{field}.kwh")))
@@ -287,6 +289,8 @@ def _lines(activity: Mapping[str, Any], table: FactorTable) -> list[_Line]:
             pkm = _quantity(t["passenger_km"], f"{field}.passenger_km")
         elif "people" in t and "km_per_person" in t:
             pkm = _count(t["people"], f"{field}.people") * _quantity(t["km_per_person"], f"{field}.km_per_person")
+            if pkm > _MAX_QUANTITY:  # the bound passenger_km has (each factor alone was within its own)
+                raise ActivityError(field, f"people x km_per_person must be at most {_MAX_QUANTITY} passenger-km")
         else:
             raise ActivityError(field, "give passenger_km, or people and km_per_person")
         round_trip = t.get("round_trip", False)
@@ -297,7 +301,7 @@ def _lines(activity: Mapping[str, Any], table: FactorTable) -> list[_Line]:
         if "hotel.room_night" not in table.factors:
             raise ActivityError("hotel_room_nights", f"factor table {table.version} has no hotel factor")
         lines.append(_Line("hotel", "hotel_room_nights", table.factors["hotel.room_night"],
-                           _quantity(activity["hotel_room_nights"], "hotel_room_nights")))
+                           Fraction(_count(activity["hotel_room_nights"], "hotel_room_nights"))))
     for category, unit_field, counter in (("meals", "count", _count), ("materials", "kg", _quantity),
                                           ("waste", "kg", _quantity)):
         kinds = table.options(category)

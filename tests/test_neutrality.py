@@ -300,6 +300,10 @@ def test_empty_activity_is_zero():
     ({"travel": [{"mode": "car", "people": -2, "km_per_person": 1}]}, "travel[0].people"),
     ({"travel": [{"mode": "car", "passenger_km": 1, "round_trip": "yes"}]}, "travel[0].round_trip"),
     ({"hotel_room_nights": 2.5}, "hotel_room_nights"),
+    ({"hotel_room_nights": "1.5"}, "hotel_room_nights"),  # whole nights, as people and meals (review31)
+    # people x km_per_person is held to passenger_km's bound: 1.7e20 t was answered (review31)
+    ({"travel": [{"mode": "car", "people": 10**12, "km_per_person": "10000"}]}, "travel[0]"),
+    ({"electricity": [{"kwh": 1, "region": "sichuan", "year": "2022"}]}, "electricity[0].year"),
     ({"meals": [{"kind": "banquet", "count": 1}]}, "meals[0].kind"),
     ({"meals": [{"kind": "standard", "count": "1.5"}]}, "meals[0].count"),
     ({"materials": [{"kind": "paper", "kg": None}]}, "materials[0].kg"),
@@ -317,6 +321,12 @@ def test_bad_activity_is_refused_naming_the_field(activity, field):
     assert e.value.code == "invalid_activity"
     assert e.value.field == field
     assert e.value.message.startswith(field + ":")
+
+
+def test_a_year_as_a_string_is_told_it_must_be_a_number():
+    with pytest.raises(ActivityError) as e:
+        estimate_footprint({"electricity": [{"kwh": 1, "region": "sichuan", "year": "2022"}]})
+    assert "whole number" in e.value.message and "have [" not in e.value.message, e.value.message
 
 
 def test_activity_must_be_an_object():
@@ -357,7 +367,7 @@ def activities(draw):
                                                st.sampled_from(t.options("electricity"))), max_size=3)),
         "travel": draw(st.lists(st.builds(lambda q, m, rt: {"mode": m, "passenger_km": q, "round_trip": rt}, _decimal,
                                           st.sampled_from(t.options("travel")), st.booleans()), max_size=4)),
-        "hotel_room_nights": draw(_decimal),
+        "hotel_room_nights": draw(st.integers(0, 10**5)),
         "meals": draw(st.lists(st.builds(lambda q, k: {"kind": k, "count": q}, st.integers(0, 10**5),
                                          st.sampled_from(t.options("meals"))), max_size=2)),
         "materials": draw(st.lists(st.builds(lambda q, k: {"kind": k, "kg": q}, _decimal,
