@@ -422,7 +422,8 @@ class AccountRequest(Strict):
     code: Text = Field(min_length=1, max_length=40)
     name: Text = Field(default="", max_length=200)
     kind: Literal["operator", "project_developer", "enterprise", "scenic_area", "event_organiser", "individual"]
-    role: Literal["operator", "member"] = "member"
+    role: Literal["operator", "member"] | None = Field(default=None, description="operator for kind operator, "
+                                                      "member for every other kind (the default)")
 
 
 class AccountCreated(BaseModel):

@@ -883,7 +883,7 @@ def create_app(ctx: Context) -> FastAPI:
     async def create_account(req: M.AccountRequest, _: Operator) -> Any:
         async def q(conn: asyncpg.Connection) -> Any:
             async with conn.transaction():
-                a = await acc.create_account(conn, req.code, req.name, req.kind, req.role)
+                a = await acc.create_account(conn, req.code, req.name, req.kind, req.role or acc.default_role(req.kind))
                 key = await acc.create_api_key(conn, a.id)
             return {"code": a.code, "name": a.name, "kind": a.kind, "role": a.role, "api_key": key}
         return JSON(await db(q), status_code=201)

@@ -43,6 +43,11 @@ def validate_code(code: str, what: str = "account code") -> str:
     return code
 
 
+def default_role(kind: str) -> str:
+    """The role an account of `kind` has when none is asked for: operator for the operator."""
+    return "operator" if kind == "operator" else "member"
+
+
 def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
@@ -58,6 +63,9 @@ async def create_account(
         raise CarbonxError("invalid_kind", f"kind {kind!r} must be one of: {', '.join(KINDS)}")
     if role not in ROLES:
         raise CarbonxError("invalid_role", f"role {role!r} must be one of: {', '.join(ROLES)}")
+    if (kind == "operator") != (role == "operator"):  # an operator that trades, a member that runs the registry
+        raise CarbonxError("invalid_role", f"kind {kind!r} with role {role!r}: the operator has kind operator and "
+                                           "role operator, every member another kind and role member")
     name = (name or "").strip() or code
     if len(name) > 200:
         raise CarbonxError("invalid_name", "account name must be at most 200 characters")

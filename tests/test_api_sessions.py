@@ -151,3 +151,19 @@ def test_a_halt_or_resume_answers_with_the_state_it_left(server, run):
                         wrong.append((op, r.json()["session"]))
         return wrong
     assert run(rounds()) == []
+
+
+def test_an_account_is_the_operator_in_kind_and_role_or_a_member_in_both(server):
+    """kind operator with role member (an operator that trades) and another kind with role
+    operator (a member that runs the registry) are refused and create nothing; they were created
+    (review32). Without a role, kind operator is the operator and every other kind a member."""
+    with client(server.http, server.ops_key) as ops:
+        for kind, role in (("operator", "member"), ("enterprise", "operator"), ("individual", "operator")):
+            problem(ops.post("/v1/accounts", json={"code": f"ODD-{kind.upper()}", "kind": kind, "role": role}),
+                    400, "invalid_role")
+            problem(ops.post(f"/v1/accounts/ODD-{kind.upper()}/deposits", json={"amount": "1.00", "reference": "x"}),
+                    404, "unknown_account")
+        made = ok(ops.post("/v1/accounts", json={"code": "OPS2", "kind": "operator"}), 201)
+        assert made["role"] == "operator", made
+        made = ok(ops.post("/v1/accounts", json={"code": "FIRM", "kind": "enterprise"}), 201)
+        assert made["role"] == "member", made

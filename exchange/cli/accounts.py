@@ -17,7 +17,8 @@ app = typer.Typer(no_args_is_help=True)
 def create(
     code: Annotated[str, typer.Argument(help="Account code: upper-case letters, digits, '-' and '_'.")],
     kind: Annotated[str, typer.Option(help=f"Who it is: {', '.join(acc.KINDS)}.")],
-    role: Annotated[str, typer.Option(help="operator (runs the registry) or member (trades, retires).")] = "member",
+    role: Annotated[str | None, typer.Option(help="operator (runs the registry) or member (trades, retires); "
+                                                  "by default operator for kind operator, else member.")] = None,
     name: Annotated[str, typer.Option(help="Display name (default: the code).")] = "",
     data_dir: DataDir = None,
 ) -> None:
@@ -25,7 +26,7 @@ def create(
 
     async def body(conn: asyncpg.Connection) -> str:
         async with conn.transaction():
-            a = await acc.create_account(conn, code, name, kind, role)
+            a = await acc.create_account(conn, code, name, kind, role or acc.default_role(kind))
             key = await acc.create_api_key(conn, a.id)
         typer.echo(f"created account {a.code} ({a.kind}, {a.role}); its API key, shown only now:")
         return key
