@@ -107,7 +107,7 @@ def test_odd_but_harmless_path_characters_still_reach_the_routes(world):
     server, _ = world
     with client(server.http) as anon:
         # a space and a non-ASCII letter are no control characters: the route answers
-        problem(anon.get("/v1/registry/projects/%20FOREST"), 404, "not_found")
+        assert ok(anon.get("/v1/registry/projects/%20forest"))["code"] == "FOREST"  # codes read in any case
         problem(anon.get("/v1/registry/projects/%C3%84"), 404, "not_found")
         assert ok(anon.get("/v1/registry/retirements", params={"account": "DEV BUY"})) == []
 
