@@ -323,7 +323,15 @@ def test_wizard_neutralises_a_conference(server: ServerThread, page: Page) -> No
     alert = pg.locator("#wizard-step-3 .alert.error")
     expect(alert).to_contain_text("offset_not_filled")
     expect(alert).to_contain_text("are missing")
+    expect(alert.locator(".meaning")).to_have_text(
+        "The market cannot fill this offset within the cap: nothing was bought or retired.")
     page.shot("offset-refused")
+    # In Chinese, what the code means is Chinese too (the server's detail stays as sent: review31).
+    pg.click("button[data-lang=zh]")
+    expect(pg.locator("#wizard-step-3 .alert.error .meaning")).to_have_text(
+        "市场无法在资金上限内完成此次抵消：未购买、未注销任何减排量。")
+    expect(pg.locator("#wizard-step-3")).to_contain_text("（会员）")
+    pg.click("button[data-lang=en]")
 
     with w.as_("DEV") as dev:
         ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "36.00", "quantity": "5.000"}))

@@ -106,9 +106,12 @@ function problemBox(err) {
   // A refusal, the exchange out of reach, or a fault of the page itself: each says which (every
   // error without a status read "Feed offline", with nothing under it: review31).
   const title = !(err instanceof ApiError) ? t('error_page') : err.status ? t('error_title') : t('error_unreachable');
+  // What the code means, in the visitor's language (the server's detail, with its figures, is English).
+  const meaning = err.code && err.status ? label('code', err.code) : null;
   return h('div', { class: 'alert error', role: 'alert' },
     h('strong', { text: title }),
     err.code && err.status ? h('code', { class: 'code', text: err.code }) : null,
+    meaning && meaning !== err.code ? h('p', { class: 'meaning', text: meaning }) : null,
     h('p', { class: 'detail', text: err.detail ?? err.message ?? String(err) }));
 }
 
@@ -154,7 +157,7 @@ async function checkKey() {
     state.account = await api('/v1/account', { auth: true });
     button.textContent = `${state.account.code}`;
     button.classList.add('ok');
-    status.textContent = t('key_ok', { code: state.account.code, role: state.account.role,
+    status.textContent = t('key_ok', { code: state.account.code, role: label('role', state.account.role),
       cash: num(state.account.cash_available) });
   } catch (e) {
     state.account = null;
@@ -638,7 +641,7 @@ async function wizardOffset(body, w, rerender) {
     field(t('purpose'), textInput(o, 'purpose', { name: 'purpose', ph: t('purpose_ph') }), 'wide')),
   state.key ? null : h('div', { class: 'alert info' }, h('p', { text: t('need_key') }),
     h('button', { type: 'button', class: 'secondary', onclick: openKeyPanel, text: t('set_key') })),
-  state.account ? h('p', { class: 'muted small', text: t('key_ok', { code: state.account.code, role: state.account.role, cash: num(state.account.cash_available) }) }) : null,
+  state.account ? h('p', { class: 'muted small', text: t('key_ok', { code: state.account.code, role: label('role', state.account.role), cash: num(state.account.cash_available) }) }) : null,
   refusal,
   h('div', { class: 'actions' }, h('button', { type: 'button', class: 'link', id: 'back-to-estimate', onclick: () => { w.step = 2; w.error = null; rerender(); }, text: t('back_estimate') }), submit));
   body.append(form);
