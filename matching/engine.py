@@ -25,6 +25,7 @@ Every method returns the list of event tuples it caused (layouts in matching/eve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -69,6 +70,12 @@ class InstrumentRules:
         return -(-(ref * (10_000 - self.band_bp)) // 10_000), ref * (10_000 + self.band_bp) // 10_000
 
     def band(self) -> tuple[int, int] | None:
+        """Inclusive (low, high) limit-price bounds on the tick grid, or None without a reference
+        price (:attr:`_band`, worked out once per rules: every limit order asks)."""
+        return self._band
+
+    @functools.cached_property
+    def _band(self) -> tuple[int, int] | None:
         """Inclusive (low, high) limit-price bounds on the tick grid, or None without a reference
         price: the percent band, never past the book's price bound, and with `tick_floor` at
         least one tick either way of the reference. The day's close moves the reference to the
