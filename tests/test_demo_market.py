@@ -14,17 +14,22 @@ from matching import events as E
 from matching.core import O_ACCOUNT
 
 
+async def _demo(db: str) -> tuple[ExchangeService, list[str]]:
+    """A started service on the launch scenario with the demo's instruments listed: it and them."""
+    conn = await asyncpg.connect(db)
+    try:
+        await run_scenario(conn, say=lambda line: None)
+    finally:
+        await conn.close()
+    svc = ExchangeService(db)
+    await svc.start()
+    return svc, await open_demo_market(svc)
+
+
 def test_demo_market_trades_but_never_for_or_against_the_newcomers_orders(db, run) -> None:
     async def main() -> None:
-        conn = await asyncpg.connect(db)
+        svc, symbols = await _demo(db)
         try:
-            await run_scenario(conn, say=lambda line: None)
-        finally:
-            await conn.close()
-        svc = ExchangeService(db)
-        await svc.start()
-        try:
-            symbols = await open_demo_market(svc)
             organiser = await svc.account(load_scenario()["event"]["organiser"])
             market = DemoMarket(svc, symbols, seed=7)
             await market.start()
@@ -61,15 +66,8 @@ def test_demo_market_goes_on_trading_once_the_developers_have_sold_out(db, run) 
     every market goes on trading; asks came only from the developers, and two of the four markets
     stood still within 40 minutes of a first start (review31)."""
     async def main() -> None:
-        conn = await asyncpg.connect(db)
+        svc, symbols = await _demo(db)
         try:
-            await run_scenario(conn, say=lambda line: None)
-        finally:
-            await conn.close()
-        svc = ExchangeService(db)
-        await svc.start()
-        try:
-            symbols = await open_demo_market(svc)
             market = DemoMarket(svc, symbols, seed=11)
             await market.start()
             await market.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Callable
 
 import asyncpg
 import orjson
@@ -489,14 +490,8 @@ def test_an_unfreeze_made_while_stopped_gives_todays_purchase_back_locked(db, ru
     async def main():
         svc, buy, clock, serial = await _bought_today(db, 3000)
         assert (await svc.freeze(serial=serial, reason="audit")).quantity == 3000
-        await svc.stop()
-        conn = await asyncpg.connect(db)
-        try:
-            await registry.unfreeze(conn, serial=serial, reason="audit done")
-        finally:
-            await conn.close()
-        clock.ts += 3_600_000_000
-        svc = await _started(db, clock=clock)
+        svc = await _changed_while_stopped(db, svc, clock,
+                                           lambda conn: registry.unfreeze(conn, serial=serial, reason="audit done"))
         try:
             assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 3000)
             assert svc.core.frozen_locked == {}
@@ -517,14 +512,8 @@ def test_a_freeze_made_while_stopped_then_unfrozen_the_same_day_gives_todays_pur
     sellable the day they were bought."""
     async def main():
         svc, buy, clock, serial = await _bought_today(db, 3000)
-        await svc.stop()
-        conn = await asyncpg.connect(db)
-        try:
-            await registry.freeze(conn, serial=serial, reason="audit")
-        finally:
-            await conn.close()
-        clock.ts += 3_600_000_000
-        svc = await _started(db, clock=clock)
+        svc = await _changed_while_stopped(db, svc, clock,
+                                           lambda conn: registry.freeze(conn, serial=serial, reason="audit"))
         try:
             assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 0)
             assert svc.core.frozen_locked == {(SYMBOL, buy): [trading_day(clock.ts), 3000]}
@@ -545,14 +534,8 @@ def test_a_retirement_made_while_stopped_is_not_remembered_as_frozen(db, run):
     stopped; it has nothing frozen, so the start takes it as a plain outside change."""
     async def main():
         svc, buy, clock, _ = await _bought_today(db, 3000)
-        await svc.stop()
-        conn = await asyncpg.connect(db)
-        try:
-            await registry.retire(conn, account="BUY", quantity_kg=1000, beneficiary="Expo", purpose="offset",
-                                  symbol=SYMBOL)
-        finally:
-            await conn.close()
-        svc = await _started(db, clock=clock)
+        svc = await _changed_while_stopped(db, svc, clock, lambda conn: registry.retire(
+            conn, account="BUY", quantity_kg=1000, beneficiary="Expo", purpose="offset", symbol=SYMBOL), later_us=0)
         try:
             assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 2000)
             assert svc.core.frozen_locked == {}
@@ -624,6 +607,20 @@ async def _held_range(svc: ExchangeService, account: int, kg: int) -> str:
         "GROUP BY 1, 2, 3", account)
     assert row["kg"] == kg and row["hi"] - row["lo"] == kg, row
     return format_serial(row["scheme"], row["code"], row["vintage"], row["lo"], row["hi"])
+
+
+async def _changed_while_stopped(db: str, svc: ExchangeService, clock: Clock, change: Callable,
+                                 later_us: int = 3_600_000_000) -> ExchangeService:
+    """Stop `svc`, make `change(conn)` in the registry as the command line would while the
+    exchange is stopped, let `later_us` pass, and start it again."""
+    await svc.stop()
+    conn = await asyncpg.connect(db)
+    try:
+        await change(conn)
+    finally:
+        await conn.close()
+    clock.ts += later_us
+    return await _started(db, clock=clock)
 
 
 def test_a_retirement_uses_todays_purchase_first(db, run):
