@@ -43,7 +43,7 @@ from api import auth
 from api.auth import Gate, RateLimited
 from api.models import MAX_ID, AmendRequest, OrderRequest, id_input
 from api.orders import Trading
-from api.wire import checksum, fill_view, levels, order_view
+from api.wire import checksum, fill_view, levels, market_status, order_view
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
 from exchange.marketdata import DepthView, MarketData, Published
@@ -981,13 +981,8 @@ class Feed:
                 if kind == "close":
                     rules = replace(rules, reference_price=ev[3])
                 halted = kind == "halted" or (kind != "resumed" and engine.is_halted(ev[1]))
-                band = rules.band()
-                self._fan(subs, orjson.dumps({
-                    "ch": "instruments", "type": kind, "symbol": ev[1],
-                    "session": "halted" if halted else "open" if rules.is_open(ts) else "closed",
-                    "reference_price": format_price(rules.reference_price) if rules.reference_price else None,
-                    "price_band": {"low": format_price(band[0]), "high": format_price(band[1])} if band else None,
-                    "ts": ts}))
+                self._fan(subs, orjson.dumps({"ch": "instruments", "type": kind, "symbol": ev[1],
+                                              **market_status(rules, halted, ts), "ts": ts}))
 
     def _ticker(self, symbol: str, ts: int) -> bytes:
         return self._ticker_message(symbol, self.market.ticker(symbol, ts), ts)

@@ -31,7 +31,17 @@ from api import web
 from api.auth import Gate, Limits, bearer, error_headers
 from api.fastpath import replay
 from api.orders import MAX_CASH_FEN, ORDER_FILLS, Trading, _units
-from api.wire import checksum, fill_view, http_status, iso, iso_datetime, levels, order_view, problem
+from api.wire import (
+    checksum,
+    fill_view,
+    http_status,
+    iso,
+    iso_datetime,
+    levels,
+    market_status,
+    order_view,
+    problem,
+)
 from exchange import accounts as acc
 from exchange import certificates, neutrality, offsetting, registry
 from exchange.accounts import Account
@@ -355,23 +365,21 @@ def create_app(ctx: Context) -> FastAPI:
         operator's may have been sequenced since)."""
         listing = instrument(symbol)
         rules = listing.rules
-        band = rules.band()
         code, _, vintage = symbol.rpartition("-")
         proj = projects.get(code)
         if halted is None:
             halted = service.core.engine.is_halted(symbol)
         # The service's clock, which order entry is held to (a test's or a replay's may not be now).
-        state = "halted" if halted else ("open" if rules.is_open(service.clock()) else "closed")
+        status = market_status(rules, halted, service.clock())
         return {
             "symbol": symbol, "project": code if proj else None, "project_name": proj["name"] if proj else None,
             "vintage": int(vintage) if vintage.isdigit() else None,
             "methodology": proj["methodology"] if proj else None,
             "tick": format_price(rules.tick), "lot": format_tonnes(rules.lot),
             "min_quantity": format_tonnes(rules.min_qty),
-            "price_band": {"low": format_price(band[0]), "high": format_price(band[1])} if band else None,
-            "band_percent": format_price(rules.band_bp), "reference_price":
-                format_price(rules.reference_price) if rules.reference_price is not None else None,
-            "session": state, "maker_fee_bp": listing.maker_bp, "taker_fee_bp": listing.taker_bp,
+            "price_band": status["price_band"], "band_percent": format_price(rules.band_bp),
+            "reference_price": status["reference_price"], "session": status["session"],
+            "maker_fee_bp": listing.maker_bp, "taker_fee_bp": listing.taker_bp,
             "resale_rule": "T+1" if listing.t1 else "T+0",
         }
 

@@ -113,6 +113,15 @@ def checksum(asks: list[list[str]], bids: list[list[str]]) -> int:
     return zlib.crc32(":".join(parts).encode()) & 0xFFFFFFFF
 
 
+def market_status(rules: Any, halted: bool, ts: int) -> dict[str, Any]:
+    """An instrument's session at `ts`, reference price and band under `rules` (InstrumentRules),
+    as REST's instrument and the feed's instruments channel show them."""
+    band = rules.band()
+    return {"session": "halted" if halted else "open" if rules.is_open(ts) else "closed",
+            "reference_price": format_price(rules.reference_price) if rules.reference_price is not None else None,
+            "price_band": {"low": format_price(band[0]), "high": format_price(band[1])} if band else None}
+
+
 def side_name(side: int) -> str:
     return SIDE[side]
 
