@@ -493,12 +493,8 @@ def test_an_unfreeze_made_while_stopped_gives_todays_purchase_back_locked(db, ru
         svc = await _changed_while_stopped(db, svc, clock,
                                            lambda conn: registry.unfreeze(conn, serial=serial, reason="audit done"))
         try:
-            assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 3000)
             assert svc.core.frozen_locked == {}
-            assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).code == "insufficient_credits"
-            assert await svc.reconcile() == []
-            clock.ts = local_ts(2026, 11, 25, 10, 0)  # the next day: sellable
-            assert (await svc.submit(place(buy, E.ASK, 3600, 3000))).accepted
+            await _locked_until_the_next_day(svc, buy, clock, 3000)
         finally:
             await svc.stop()
 
@@ -518,11 +514,7 @@ def test_a_freeze_made_while_stopped_then_unfrozen_the_same_day_gives_todays_pur
             assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 0)
             assert svc.core.frozen_locked == {(SYMBOL, buy): [trading_day(clock.ts), 3000]}
             assert (await svc.unfreeze(serial=serial, reason="audit done")).quantity == 3000
-            assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, 3000)
-            assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).code == "insufficient_credits"
-            assert await svc.reconcile() == []
-            clock.ts = local_ts(2026, 11, 25, 10, 0)  # the next day: sellable
-            assert (await svc.submit(place(buy, E.ASK, 3600, 3000))).accepted
+            await _locked_until_the_next_day(svc, buy, clock, 3000)
         finally:
             await svc.stop()
 
@@ -607,6 +599,16 @@ async def _held_range(svc: ExchangeService, account: int, kg: int) -> str:
         "GROUP BY 1, 2, 3", account)
     assert row["kg"] == kg and row["hi"] - row["lo"] == kg, row
     return format_serial(row["scheme"], row["code"], row["vintage"], row["lo"], row["hi"])
+
+
+async def _locked_until_the_next_day(svc: ExchangeService, buy: int, clock: Clock, kg: int) -> None:
+    """BUY's `kg` bought today (at _bought_today's clock) are all locked: not a tonne sells today,
+    the registry and ledger agree with the core, and the next day all of them sell."""
+    assert svc.core.position(SYMBOL, buy, clock.ts) == (0, 0, kg)
+    assert (await svc.submit(place(buy, E.ASK, 3600, 1000))).code == "insufficient_credits"
+    assert await svc.reconcile() == []
+    clock.ts = local_ts(2026, 11, 25, 10, 0)  # the next day: sellable
+    assert (await svc.submit(place(buy, E.ASK, 3600, kg))).accepted
 
 
 async def _changed_while_stopped(db: str, svc: ExchangeService, clock: Clock, change: Callable,
