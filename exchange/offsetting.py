@@ -38,28 +38,11 @@ class Offset:
 
 def cheapest_fills(service: ExchangeService, symbol: str, account: int, qty: int) -> list[tuple[int, int]]:
     """The (price, kg) fills a fill-or-kill buy of `qty` by `account` takes from the book as it
-    stands, cheapest first, in the book's priority order, within the band (possibly fewer kg than
-    `qty`). The account's own offers are skipped, as self-trade prevention cancels them, or end
-    the walk under a mode that cancels the incoming order instead."""
+    stands, cheapest first, within the band (possibly fewer kg than `qty`): ExchangeCore.taker_fills."""
     core = service.core
     rules = core.listings[symbol].rules
     band = rules.band()
-    high = band[1] if band else rules.max_price
-    stp = core.engine.account_stp(account)
-    fills: list[tuple[int, int]] = []
-    left = qty
-    for _oid, owner, side, price, kg, *_ in core.engine.book(symbol).orders():  # bids first, then asks
-        if side != E.ASK:
-            continue
-        if not left or price > high:
-            break
-        if owner == account:
-            if stp == E.STP_CANCEL_RESTING:
-                continue
-            break
-        fills.append((price, min(left, kg)))
-        left -= fills[-1][1]
-    return fills
+    return core.taker_fills(symbol, account, band[1] if band else rules.max_price, qty, max(service.clock(), core.ts))
 
 
 def cost_of(fills: list[tuple[int, int]], fee_bp: int) -> int:

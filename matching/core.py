@@ -357,6 +357,13 @@ class ExchangeCore:
             need = (market_buy_reservation(cash_cap, qty, rules.lot, fee_bp) if kind == E.MARKET
                     else buy_reservation(price, qty, rules.lot, fee_bp))
             purse = self.cash.get(account)
+            if kind == E.LIMIT and tif in (E.IOC, E.FOK) and (purse is None or purse[0] - purse[1] < need):
+                # It never rests, so what it meets in the book now is all it can pay for, exactly:
+                # the worst case allows 2 fen a lot for rounding, on a 1 kg lot 2.4 times the cost
+                # of a tonne at 13.89 CNY (review31). Only when the worst case does not fit: a walk.
+                need = min(need, sum(value + fee for value, fee, _ in (
+                    fill_amounts(p, kg, listing.taker_bp, 0) for p, kg in self.taker_fills(symbol, account, price,
+                                                                                            qty, ts))))
             if purse is None or purse[0] - purse[1] < need:
                 free = purse[0] - purse[1] if purse else 0
                 raise Rejected("insufficient_funds", f"needs {need} fen free, has {free}")
@@ -859,6 +866,27 @@ class ExchangeCore:
     def free_cash(self, account: int) -> int:
         purse = self.cash.get(account)
         return purse[0] - purse[1] if purse else 0
+
+    def taker_fills(self, symbol: str, account: int, limit: int, qty: int, ts: int) -> list[tuple[int, int]]:
+        """The (price, kg) fills a buy of up to `qty` kg at `limit` by `account` would take from the
+        book at `ts`, in the book's priority order: offers due to expire by `ts` are left out (the
+        book expires them first), and the account's own are skipped under cancel-resting
+        self-trade prevention or end the walk under the modes that cancel the incoming order."""
+        stp = self.engine.account_stp(account)
+        fills: list[tuple[int, int]] = []
+        left = qty
+        for _oid, owner, side, price, kg, tif, expire_ts, *_ in self.engine.book(symbol).orders():  # bids first
+            if side != E.ASK or (tif == E.GTD and expire_ts <= ts):
+                continue
+            if not left or price > limit:
+                break
+            if owner == account:
+                if stp == E.STP_CANCEL_RESTING:
+                    continue
+                break
+            fills.append((price, min(left, kg)))
+            left -= fills[-1][1]
+        return fills
 
     def position(self, symbol: str, account: int, ts: int | None = None) -> tuple[int, int, int]:
         """(available, encumbered, locked until the next trading day) kg; as of `ts` if given:

@@ -296,6 +296,28 @@ def test_market_buy_reserves_its_cap_plus_fees_and_holds_nothing_afterwards(engi
     rejected(core, market(2, E.BID, 1000, cash_cap=0), "invalid_order")
 
 
+def test_a_buy_that_never_rests_needs_only_what_it_meets_in_the_book(engine):
+    """On a 1 kg lot the worst case allows 2 fen a kilogram for rounding: 1.932 t at 13.89 CNY/t
+    costs 26.84 + 0.03 fee = 26.87 CNY, and the reservation asked for 64.31. A buy that never
+    rests (IOC, FOK) is now held to what it meets in the book, exactly, so a buyer with just the
+    cost buys (review31); a GTC buy, which may rest and fill later, still needs the worst case."""
+    core = make_core(engine, cash=((2, 2687),), lot=1, reference_price=1389, taker_bp=10,
+                     holdings=((1, 10_000),))
+    ok(core, sell(1, 1389, 1932))
+    rejected(core, buy(2, 1389, 1932), "insufficient_funds")
+    out = ok(core, buy(2, 1389, 1932, tif=E.FOK))
+    assert [(e[8], e[9], e[10], e[11]) for e in trades(out)] == [(1389, 1932, 2684, 3)]
+    assert core.cash[2] == [0, 0] and core.position(SYM, 2)[2] == 1932
+    # One fen short of the cost: refused, nothing changed; an IOC is held to what it meets too.
+    core = make_core(engine, cash=((2, 2686),), lot=1, reference_price=1389, taker_bp=10, holdings=((1, 10_000),))
+    ok(core, sell(1, 1389, 1932))
+    before = core.state_digest()
+    rejected(core, buy(2, 1389, 1932, tif=E.FOK), "insufficient_funds")
+    assert core.state_digest() == before
+    out = ok(core, buy(2, 1389, 1000, tif=E.IOC))  # 13.89 + 0.01
+    assert core.cash[2] == [2686 - 1390, 0] and core.check_invariants() == []
+
+
 def test_insufficient_funds_and_credits_change_nothing(engine):
     core = make_core(engine, cash=((2, 1000),))
     ok(core, sell(1, 1000, 6000))
@@ -1177,6 +1199,27 @@ class Model:
         return any(oid in core.orders for oid, at in self.expiry.items() if at <= ts)
 
 
+def _taker_cost(core: ExchangeCore, symbol: str, account: int, limit: int, qty: int, ts: int) -> int:
+    """What a buy at `limit` that never rests pays for what the book offers it at `ts`: the asks
+    at or below the limit, best price first and oldest first (the book's own order, as it lists
+    them), those due to expire left out, the buyer's own skipped (cancel-resting) or ending it."""
+    asks = sorted((o for o in core.engine.book(symbol).orders() if o[2] == E.ASK
+                   and not (o[5] == E.GTD and o[6] <= ts) and o[3] <= limit), key=lambda o: (o[3], o[9]))
+    cancel_resting = core.engine.account_stp(account) == E.STP_CANCEL_RESTING
+    cost, left = 0, qty
+    for o in asks:
+        if left == 0:
+            break
+        if o[1] == account:
+            if cancel_resting:
+                continue
+            break
+        value = trade_value_fen(o[3], min(left, o[4]))
+        cost += value + fee_fen(value, LISTINGS[symbol]["taker_bp"])
+        left -= min(left, o[4])
+    return cost
+
+
 def outcome(out: Outcome) -> tuple:
     return out.seq, out.code, out.events, out.order_id, out.duplicate
 
@@ -1349,6 +1392,8 @@ class Stream:
             need = market_buy_reservation(cmd["cash_cap"], qty, LOT[symbol], _fee_bp(symbol))
         else:
             need = buy_reservation(cmd["price"], qty, LOT[symbol], _fee_bp(symbol))
+            if cmd.get("tif") in (E.IOC, E.FOK):  # never rests: what it can meet now, exactly
+                need = min(need, _taker_cost(core, symbol, account, cmd["price"], qty, ts))
         return ("unless", "insufficient_funds", need <= model.free(core, account))
 
     def apply(self, cmd: dict, expect: tuple | None = None) -> Outcome:

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from tests.api_helpers import build_world, ok, own_server
+from tests.api_helpers import build_world, client, ok, own_server
 from tests.test_api_rest import problem
 
 KG_SYMBOL = "EVENTPOOL-2024"  # a retail/event instrument with a 1 kg lot (DESIGN.md)
@@ -68,3 +68,18 @@ def test_an_offset_reads_the_symbol_in_any_case(world):
     with w.as_("BUY2") as buy:
         done = ok(_offset(buy, symbol=f" {KG_SYMBOL.lower()} ", quantity="0.010", max_cash="1.00"), 201)
         assert done["quantity"] == "0.010"
+
+
+def test_an_organiser_with_just_the_cost_can_offset(world):
+    """The fill-or-kill the offset places is held to what it meets in the book, not to the worst
+    case (2 fen a kilogram on a 1 kg lot): an organiser funded with 26.87 CNY offsets the 1.932 t
+    conference, and is left with nothing (review31; it was insufficient_funds below 64.31)."""
+    server, _ = world
+    with client(server.http, server.ops_key) as ops:
+        key = ok(ops.post("/v1/accounts", json={"code": "EXPO-ORG", "kind": "event_organiser"}), 201)["api_key"]
+        ok(ops.post("/v1/accounts/EXPO-ORG/deposits", json={"amount": "26.87", "reference": "expo-org-1"}), 201)
+    with client(server.http, key) as org:
+        done = ok(_offset(org, symbol=KG_SYMBOL, activity=CONFERENCE, max_cash="26.87"), 201)
+        assert (done["quantity"], done["cost"]) == ("1.932", "26.87"), done
+        account = ok(org.get("/v1/account"))
+        assert (account["cash_available"], account["cash_reserved"]) == ("0.00", "0.00"), account
