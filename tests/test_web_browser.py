@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api_helpers import SYMBOL, ServerThread, build_world, ok, operator_key, said_until_ready
+from tests.api_helpers import SYMBOL, ServerThread, build_world, client, ok, operator_key, said_until_ready
 
 CHROMIUM = os.environ.get("CARBONX_CHROMIUM", "/usr/bin/chromium")  # Debian's; another build for other systems
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -283,6 +283,52 @@ def test_wizard_offset_fields_follow_an_edited_event(server: ServerThread, page:
     expect(beneficiary).to_have_value("Expo organisers")
     expect(purpose).to_have_value(f"Bigger expo — carbon neutrality {today}")
     page.shot("offset-fields-follow")
+
+
+def test_an_offset_whose_answer_was_lost_is_not_made_twice_after_a_reload(server: ServerThread, page: Page) -> None:
+    """The offset is made but its answer never reaches the page (the network); the person reloads
+    the page and asks for the same offset again. The page sends it under the same Idempotency-Key
+    (kept in the tab's sessionStorage), so the exchange answers with the offset it made: one
+    purchase, one retirement. The key was kept in memory only (review31)."""
+    expect = _expect()
+    w = build_world(server.http, server.ops_key)
+    pg = page.page
+    with w.as_("DEV") as dev:
+        ok(dev.post("/v1/orders", json={"symbol": SYMBOL, "side": "sell", "price": "35.00", "quantity": "10.000"}))
+
+    def ask() -> None:
+        pg.goto(f"{server.http}/?visit={time.monotonic_ns()}#key={w.keys['BUY']}")
+        expect(pg.locator("#key-button")).to_have_text("BUY")
+        _fill_conference(pg, expect)
+        pg.click("#estimate-button")
+        pg.click("#to-offset")
+        pg.select_option("select[name=symbol]", SYMBOL)
+        pg.fill("input[name=max_cash]", "500.00")
+        pg.fill("input[name=beneficiary]", "Green tech conference 2026")
+        pg.fill("input[name=purpose]", "Carbon neutrality of a one-day conference")
+
+    keys: list[str] = []
+
+    def lost(route: Any) -> None:  # the exchange makes the offset; its answer goes nowhere
+        keys.append(route.request.headers["idempotency-key"])
+        assert route.fetch().status == 201
+        route.abort()
+
+    ask()
+    pg.route("**/v1/neutrality/offset", lost)
+    pg.click("#offset-button")
+    expect(pg.locator("#wizard-step-3 .alert.error")).to_contain_text("Cannot reach the exchange")
+    pg.unroute("**/v1/neutrality/offset")
+    ask()  # a new load of the page: nothing of the first is in memory
+    with pg.expect_response("**/v1/neutrality/offset") as answer:
+        pg.click("#offset-button")
+    assert answer.value.status == 201 and answer.value.headers.get("idempotent-replayed") == "true"
+    assert answer.value.request.headers["idempotency-key"] == keys[0]
+    expect(pg.locator("#offset-result")).to_be_visible()
+    with client(server.http) as anon:
+        assert len(ok(anon.get("/v1/registry/retirements", params={"account": "BUY"}))) == 1
+    with w.as_("BUY") as buy:
+        assert len(ok(buy.get("/v1/orders", params={"status": "all", "symbol": SYMBOL}))) == 1
 
 
 def test_wizard_neutralises_a_conference(server: ServerThread, page: Page) -> None:

@@ -572,6 +572,8 @@ function wizardEstimate(body, w, rerender) {
     h('button', { type: 'button', class: 'primary', id: 'to-offset', onclick: () => { w.step = 3; w.error = null; rerender(); }, text: t('to_offset') })));
 }
 
+const OFFSET_UNANSWERED = 'carbonx-offset-unanswered';  // sessionStorage: {key, asked} of a try not answered
+
 async function wizardOffset(body, w, rerender) {
   const instruments = await loadInstruments();
   if (!instruments.length) { body.append(h('p', { class: 'muted', text: t('no_instruments') })); return; }
@@ -616,12 +618,21 @@ async function wizardOffset(body, w, rerender) {
     w.error = null;
     // One key for this event's offset, kept across tries: a try whose answer was lost (the
     // network, a reload of the answer) is retried safely, and never buys or retires twice.
+    // The key of a try whose answer never came is kept in the tab's sessionStorage with what it
+    // asked for: the same offset asked again after a reload of the page goes under the same key
+    // (it was in memory only, and a reload made a second offset possible: review31).
     // getRandomValues, not randomUUID: the page may be served over plain http on a LAN address.
-    w.offsetKey ??= `web-${[...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+    const request = { symbol: o.symbol, activity: w.activity, max_cash: o.maxCash.trim(), beneficiary: o.beneficiary.trim(),
+      purpose: o.purpose.trim() };
+    const asked = JSON.stringify([state.account?.code ?? null, request]);
+    let unanswered = null;
+    try { unanswered = JSON.parse(sessionStorage.getItem(OFFSET_UNANSWERED) ?? 'null'); } catch { /* none */ }
+    w.offsetKey ??= unanswered?.asked === asked ? unanswered.key
+      : `web-${[...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+    sessionStorage.setItem(OFFSET_UNANSWERED, JSON.stringify({ key: w.offsetKey, asked }));
     try {
-      w.result = await api('/v1/neutrality/offset', { method: 'POST', auth: true, idempotencyKey: w.offsetKey, body: {
-        symbol: o.symbol, activity: w.activity, max_cash: o.maxCash.trim(), beneficiary: o.beneficiary.trim(),
-        purpose: o.purpose.trim() } });
+      w.result = await api('/v1/neutrality/offset', { method: 'POST', auth: true, idempotencyKey: w.offsetKey, body: request });
+      sessionStorage.removeItem(OFFSET_UNANSWERED);
       w.step = 4;
       checkKey();
     } catch (e) { w.error = e; } finally { if (w.pending === mine) w.pending = null; }
