@@ -43,7 +43,7 @@ from api import auth
 from api.auth import Gate, RateLimited
 from api.models import MAX_ID, AmendRequest, OrderRequest, id_input
 from api.orders import Trading
-from api.wire import checksum, fill_view, levels, market_status, order_view
+from api.wire import checksum, fill_view, levels, market_status, order_view, problem
 from exchange.accounts import Account
 from exchange.errors import CarbonxError
 from exchange.marketdata import DepthView, MarketData, Published
@@ -60,6 +60,13 @@ MAX_INTERVAL_MS = 10_000
 # Binance streams (Binance's own limit per connection). A subscribe that would pass it is refused
 # whole: what one message costs is bounded by what a connection may hold.
 MAX_SUBSCRIPTIONS = 1024
+# A message longer than MAX_MESSAGE is answered payload_too_large and the connection goes on, as
+# REST answers a body too large (review33: the library's own bound closed it 1009, and the answers
+# of the orders it had taken were lost). Past MAX_FRAME the library still closes it; with
+# MAX_QUEUE frames held at most, a connection buffers at most 4 MiB as before.
+MAX_MESSAGE = 64 * 1024
+MAX_FRAME = 256 * 1024
+MAX_QUEUE = 16
 MAX_STREAMS = 1024
 # How long a planned stop lets each connection's writer send what is queued for it, all together.
 SHUTDOWN_DRAIN_S = 2.0
@@ -416,8 +423,8 @@ class Feed:
         """Listen on `host`:`port`, or on `sock`, already bound."""
         # The library's keepalive is off: its ping waits behind the data queued for the peer,
         # and a reader still taking its data was closed 1011 (review29); Client.keepalive instead.
-        self.server = await serve(self.handle, host, port, sock=sock, process_request=self._route, max_size=64 * 1024,
-                                  max_queue=64, compression=None, ping_interval=None)
+        self.server = await serve(self.handle, host, port, sock=sock, process_request=self._route, max_size=MAX_FRAME,
+                                  max_queue=MAX_QUEUE, compression=None, ping_interval=None)
         self._tasks = [asyncio.create_task(self._heartbeats(), name="carbonx-heartbeat"),
                        asyncio.create_task(self._coalesce(), name="carbonx-coalesce"),
                        asyncio.create_task(self._key_checks(), name="carbonx-key-checks")]
@@ -470,6 +477,13 @@ class Feed:
             await asyncio.wait_for(ws.close(1001, "server shutdown"), 2)
 
     def _route(self, conn: ServerConnection, request: Request) -> Response | None:
+        # An opening counts against its address's limit as a REST request does: each connection
+        # holds tasks and is sent a heartbeat a second, and openings were free (review33).
+        try:
+            self.gate.admit(conn.remote_address[0] if conn.remote_address else None)
+        except RateLimited as e:
+            headers = Headers([("Content-Type", "application/problem+json"), ("Retry-After", str(e.retry_after))])
+            return Response(429, "Too Many Requests", headers, orjson.dumps(problem(e.code, e.message, 429)))
         path = request.path.split("?", 1)[0]
         if path in ("/v1/ws", "/ws"):
             return None
@@ -538,6 +552,11 @@ class Feed:
                     else:
                         self._send(client, {"type": "error", "id": _ident(raw), "code": e.code,
                                             "detail": e.message, "retry_after_ms": e.retry_after_ms})
+                    continue
+                if len(raw) > MAX_MESSAGE // 4 and (size := len(raw if isinstance(raw, bytes) else raw.encode())
+                                                    ) > MAX_MESSAGE:  # (bytes, not characters)
+                    self._error(client, _ident(raw), "payload_too_large",
+                                f"a message is at most {MAX_MESSAGE} bytes, this one {size}")
                     continue
                 try:
                     msg = orjson.loads(raw)

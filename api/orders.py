@@ -160,15 +160,25 @@ class Trading:
             raise CarbonxError("invalid_request", "give a new quantity, a new price, or both")
         o = self.service.core.orders.get(order_id)
         if o is None or o[O_ACCOUNT] != account:
-            raise CarbonxError("not_found", f"no open order {order_id}")
+            return self._refused("not_found", f"no open order {order_id}", shared)
         max_price = self.service.core.listings[o[O_SYMBOL]].rules.max_price
         qty = (_units(parse_tonnes, req.quantity, "quantity", most=MAX_QUANTITY_KG) if req.quantity is not None
                else o[O_REMAINING])
         price = (_units(parse_price, req.price, "price", most=max_price, code="price_out_of_band")
                  if req.price is not None else o[O_PRICE])
-        self._check_amend_min(o, price, qty)
+        try:
+            self._check_amend_min(o, price, qty)
+        except CarbonxError as e:
+            return self._refused(e.code, e.message, shared)
         apply = self.service.apply_shared if shared else self.service.apply
         return apply({"op": "amend", "account": account, "order_id": order_id, "price": price, "qty": qty})
+
+    def _refused(self, code: str, detail: str, shared: bool) -> tuple[Outcome, Any]:
+        """A refusal read from the orders as the commands sequenced so far left them, answered as
+        the core's own refusals are: once those commands are durable. Answered at once, an amend's
+        not_found overtook the cancel it followed, and a crash before that cancel's commit left
+        the order open after the client was told it was gone (review33)."""
+        return Outcome(None, [], code=code, detail=detail), self.service.after_sequenced(shared)
 
     def _check_amend_min(self, o: list, price: int, qty: int) -> None:
         """Refuse, as a new order of that size is refused, an amend to below the instrument's

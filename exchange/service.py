@@ -429,6 +429,12 @@ class ExchangeService:
         """Completes when everything applied so far is durable."""
         return asyncio.shield(self._settled_future())
 
+    def after_sequenced(self, shared: bool = False) -> Any:
+        """What completes once every command sequenced so far is durable, as :meth:`apply` (or,
+        `shared`, :meth:`apply_shared`: None when all are durable already) returns it for a
+        command: for an answer that depends on them without being sequenced itself."""
+        return (self._future if self._rows else self._inflight) if shared else self._waiter()
+
     def _waiter(self) -> asyncio.Future:
         w = asyncio.get_running_loop().create_future()
         if self._rows:

@@ -297,8 +297,8 @@ def test_binance_rest_depth_errors_are_binances(shared):
 def test_binance_websocket_errors_are_binances(db):
     """Binance's websocket errors are {"error": {"code", "msg"}, "id"}: 3 for invalid JSON, 2 for an
     invalid request; rate limited (no stream code for it) is -1003, its REST code."""
-    with ServerThread(db, limits=auth.Limits(address_rate=3, address_burst=3)) as s, \
-            connect(f"{s.ws}/ws", open_timeout=5) as ws:
+    with ServerThread(db, limits=auth.Limits(address_rate=3, address_burst=4)) as s, \
+            connect(f"{s.ws}/ws", open_timeout=5) as ws:  # (the opening takes one of the 4)
         ws.send("{not json")
         assert orjson.loads(ws.recv(2)) == {"error": {"code": 3, "msg": "messages are JSON objects"}, "id": None}
         ws.send("[1, 2]")
