@@ -434,6 +434,21 @@ class AccountCreated(BaseModel):
     api_key: str
 
 
+class KeyRequest(Strict):
+    revoke_others: bool = Field(default=False, description="revoke the account's earlier keys in the same step")
+
+
+class KeyIssued(BaseModel):
+    account: str
+    api_key: str
+    revoked: int
+
+
+class KeysRevoked(BaseModel):
+    account: str
+    revoked: int
+
+
 class PaymentRequest(Strict):
     amount: Decimal = Field(pattern=_DEC, max_length=24)
     reference: PaymentReference

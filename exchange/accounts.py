@@ -113,6 +113,31 @@ async def create_api_key(conn: asyncpg.Connection, account_id: int, *, demo: boo
     return key
 
 
+async def keyed_account(conn: asyncpg.Connection, code: str) -> Account:
+    """The account with `code`, refused `forbidden` for the exchange's own (CX-...): they hold no keys."""
+    a = await get_account(conn, code)
+    if a.code.startswith("CX-"):
+        raise CarbonxError("forbidden", f"{a.code} is the exchange's own account: it has no API keys")
+    return a
+
+
+async def revoke_api_keys(conn: asyncpg.Connection, account_id: int, *, keep: str | None = None) -> int:
+    """Revoke the account's live API keys, all of them or all but `keep`; returns how many. A
+    server stops honouring them within api/auth.KEY_TTL, open websockets included."""
+    status = await conn.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE account_id = $1 AND revoked_at IS NULL "
+        "AND ($2::bytea IS NULL OR key_hash <> $2)", account_id, hash_key(keep) if keep is not None else None)
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def rotate_api_key(conn: asyncpg.Connection, account_id: int, *, revoke_others: bool) -> tuple[str, int]:
+    """Another API key for the account, and, with `revoke_others`, its earlier keys revoked in the
+    same transaction (a rotation, or a leaked key replaced): (the new key, how many were revoked)."""
+    async with conn.transaction():
+        key = await create_api_key(conn, account_id)
+        return key, await revoke_api_keys(conn, account_id, keep=key) if revoke_others else 0
+
+
 async def account_for_key(conn: asyncpg.Connection, key: str) -> Account | None:
     """The account a live API key belongs to, or None."""
     row = await conn.fetchrow(

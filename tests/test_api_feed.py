@@ -18,7 +18,6 @@ import socket
 import time
 from decimal import Decimal
 
-import asyncpg
 import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -456,16 +455,6 @@ def private(t: WsTrader, seconds: float = 0.4) -> list[dict]:
     return [m for m in t.drain(seconds) if m.get("ch") == "orders"]
 
 
-async def revoke(dsn: str, code: str) -> None:
-    """Revoke every key of an account, as an operator would in the database (no endpoint does)."""
-    c = await asyncpg.connect(dsn)
-    try:
-        await c.execute("UPDATE api_keys SET revoked_at = now() WHERE account_id = "
-                        "(SELECT id FROM accounts WHERE code = $1)", code)
-    finally:
-        await c.close()
-
-
 def test_a_revoked_key_stops_working_on_a_socket_authenticated_before(shared, run, monkeypatch):
     """auth.py: a revoked key stops working within KEY_TTL seconds (shortened here), as REST has it.
     A socket that only listens to its orders channel is told and its stream ends; one that enters
@@ -478,7 +467,8 @@ def test_a_revoked_key_stops_working_on_a_socket_authenticated_before(shared, ru
         placed = trader.request({"op": "order.place", **limit("buy", "33.00")})
         assert placed["type"] == "result", placed
         assert private(listener, 0.2), "the orders channel works before the revocation"
-        run(revoke(shared.dsn, "BUY3"))
+        with client(shared.http, shared.ops_key) as ops:  # the operator revokes every key of BUY3
+            assert ok(ops.delete("/v1/accounts/BUY3/keys")) == {"account": "BUY3", "revoked": 1}
         notices = wait_for(lambda: [m for m in listener.drain(0.05) if m.get("type") == "error"], 3,
                            what="the revoked key's listener to be told")
         assert [(m["code"], m["id"]) for m in notices] == [("unauthorized", None)], notices

@@ -167,3 +167,32 @@ def test_an_account_is_the_operator_in_kind_and_role_or_a_member_in_both(server)
         assert made["role"] == "operator", made
         made = ok(ops.post("/v1/accounts", json={"code": "FIRM", "kind": "enterprise"}), 201)
         assert made["role"] == "member", made
+
+
+def test_the_operator_rotates_and_revokes_a_members_keys(server, monkeypatch):
+    """POST /v1/accounts/{code}/keys issues another key, with revoke_others the earlier ones stop
+    working (within KEY_TTL, shortened here); DELETE revokes every one. Only the operator may, and
+    the exchange's own accounts have no keys. No route or command did either (review33)."""
+    from api import auth
+
+    monkeypatch.setattr(auth, "KEY_TTL", 0.2)
+    w = build_world(server.http, server.ops_key)
+    old = w.keys["BUY"]
+    with client(server.http, server.ops_key) as ops, client(server.http, old) as member:
+        ok(member.get("/v1/account"))
+        problem(member.post("/v1/accounts/BUY/keys", json={}), 403, "forbidden")
+        problem(ops.post("/v1/accounts/CX-CUSTODY/keys", json={}), 403, "forbidden")
+        problem(ops.post("/v1/accounts/NOBODY/keys", json={}), 404, "not_found")
+        kept = ok(ops.post("/v1/accounts/BUY/keys", json={}), 201)
+        assert (kept["account"], kept["revoked"]) == ("BUY", 0) and kept["api_key"].startswith("cx_")
+        fresh = ok(ops.post("/v1/accounts/BUY/keys", json={"revoke_others": True}), 201)
+        assert fresh["revoked"] == 2, fresh
+        time.sleep(0.3)
+        problem(member.get("/v1/account"), 401, "unauthorized")
+        with client(server.http, kept["api_key"]) as second:
+            problem(second.get("/v1/account"), 401, "unauthorized")
+        with client(server.http, fresh["api_key"]) as new:
+            assert ok(new.get("/v1/account"))["code"] == "BUY"
+            assert ok(ops.delete("/v1/accounts/BUY/keys")) == {"account": "BUY", "revoked": 1}
+            time.sleep(0.3)
+            problem(new.get("/v1/account"), 401, "unauthorized")

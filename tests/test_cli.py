@@ -47,6 +47,10 @@ def test_commands_against_database_url(url_env):
     out = carbonx("accounts", "create", "KILN-DEV", "--kind", "project_developer", env=url_env).stdout
     assert re.match(r"^cx_[A-Za-z0-9_-]{20,}$", out.strip().splitlines()[-1]), "the API key is the last line"
     carbonx("accounts", "create", "HOTEL", "--kind", "scenic_area", env=url_env)
+    # Keys: another, the earlier ones revoked with it; then every one revoked (review33).
+    out = carbonx("accounts", "new-key", "KILN-DEV", "--revoke-others", env=url_env).stdout
+    assert "1 earlier key(s) revoked" in out and re.match(r"^cx_[A-Za-z0-9_-]{20,}$", out.strip().splitlines()[-1])
+    assert "1 API key(s) of KILN-DEV revoked" in carbonx("accounts", "revoke-keys", "KILN-DEV", env=url_env).stdout
     carbonx("registry", "project", "add", "KILN", "--name", "Kiln", "--methodology", "energy_substitution",
             "--developer", "KILN-DEV", env=url_env)
     out = carbonx("registry", "issue", "KILN", "2023", "3600.000", env=url_env).stdout

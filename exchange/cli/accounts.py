@@ -1,4 +1,5 @@
-"""`carbonx accounts`: create participants' accounts (with their first API key) and list them."""
+"""`carbonx accounts`: create participants' accounts (with their first API key), list them, and
+issue or revoke their API keys (a rotation, a leaked key)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,36 @@ def list_(data_dir: DataDir = None) -> None:
         echo_rows([a.__dict__ for a in await acc.list_accounts(conn)], ["code", "kind", "role", "name"])
 
     run_db(data_dir, body)
+
+
+@app.command("new-key")
+def new_key(
+    code: Annotated[str, typer.Argument(help="The account's code.")],
+    revoke_others: Annotated[bool, typer.Option(help="Revoke the account's earlier keys in the same step "
+                                                     "(a rotation, or a leaked key replaced).")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Issue another API key for an account; it is printed once, as the last line. Works beside a
+    running exchange: revoked keys stop working there within 10 s (KEY_TTL), open websockets included."""
+
+    async def body(conn: asyncpg.Connection) -> str:
+        a = await acc.keyed_account(conn, code)
+        key, revoked = await acc.rotate_api_key(conn, a.id, revoke_others=revoke_others)
+        typer.echo(f"new API key for {a.code} ({a.role}); {revoked} earlier key(s) revoked; the key, shown only now:")
+        return key
+
+    typer.echo(run_db(data_dir, body))
+
+
+@app.command("revoke-keys")
+def revoke_keys(
+    code: Annotated[str, typer.Argument(help="The account's code.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Revoke every API key of an account (a leaked key, a member suspended); `new-key` issues
+    another. Works beside a running exchange: the keys stop working within 10 s (KEY_TTL)."""
+
+    async def body(conn: asyncpg.Connection) -> int:
+        return await acc.revoke_api_keys(conn, (await acc.keyed_account(conn, code)).id)
+
+    typer.echo(f"{run_db(data_dir, body)} API key(s) of {code} revoked")
