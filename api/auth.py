@@ -63,6 +63,12 @@ class RateLimiter:
         b.tokens -= 1
         return True
 
+    def give_back(self, key: str) -> None:
+        """Return the token `take` just took (the request was refused for another reason)."""
+        b = self.buckets.get(key)
+        if b is not None:
+            b.tokens = min(self.burst, b.tokens + 1)
+
     def _forget(self, now: float) -> None:
         """Make room: first the buckets that have refilled (forgetting one changes nothing: a new
         caller starts full), then, if callers still crowd it (many addresses at once, as an IPv6
@@ -117,6 +123,10 @@ class Gate:
             raise RateLimited(f"too many requests from {address}; slow down",
                               self.by_address.retry_after_ms(address))
         if key is not None and not self.by_key.take(key[:16]):
+            # A key over its own rate does not also spend its address's, which others may share
+            # (a NAT, a broker, the web page's host): the address's token goes back (review33).
+            if address is not None:
+                self.by_address.give_back(address)
             raise RateLimited("too many requests with this API key; slow down", self.by_key.retry_after_ms(key[:16]))
 
     def fresh_until(self, key: str) -> float:

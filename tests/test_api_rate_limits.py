@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.auth import RateLimited, RateLimiter
+from api.auth import Gate, RateLimited, RateLimiter
 
 
 def test_a_bucket_refuses_when_empty_and_says_how_long_to_wait():
@@ -64,3 +64,24 @@ def test_a_bounded_table_answers_as_an_unbounded_one_while_it_only_forgets_refil
             break  # this take's sweep drops buckets in use: answers may differ from here on
         assert bounded.take(str(key), now) == unbounded.take(str(key), now)
         assert len(bounded.buckets) <= 16
+
+
+def test_a_key_over_its_rate_does_not_spend_its_addresss():
+    """A member past its own key's rate is refused without taking a token from its address, which
+    others may share; it drained the address's bucket too (review33)."""
+    gate = Gate.__new__(Gate)  # the limits only: no database
+    gate.by_key, gate.by_address = RateLimiter(rate=1e-9, burst=2), RateLimiter(rate=1e-9, burst=4)
+    for _ in range(2):
+        gate.admit("10.0.0.1", "cx_member-key-aaaaaaaa")
+    for _ in range(10):
+        try:
+            gate.admit("10.0.0.1", "cx_member-key-aaaaaaaa")
+        except RateLimited as e:
+            assert "API key" in e.message
+    for _ in range(2):  # a neighbour behind the same address still has the 2 the member left
+        gate.admit("10.0.0.1", "cx_neighbour-key-bbbbb")
+    try:
+        gate.admit("10.0.0.1", "cx_neighbour-key-bbbbb")
+        raise AssertionError("the address's bucket should be empty now")
+    except RateLimited as e:
+        assert "from 10.0.0.1" in e.message
