@@ -896,26 +896,6 @@ def create_app(ctx: Context) -> FastAPI:
             return {"code": a.code, "name": a.name, "kind": a.kind, "role": a.role, "api_key": key}
         return JSON(await db(q), status_code=201)
 
-    # Keys: another (a rotation, with the earlier ones revoked) or none (a leaked key). A server
-    # stops honouring a revoked key within api/auth.KEY_TTL, open websockets included (review33:
-    # no route or command did either; only hand-written SQL could).
-    @app.post("/v1/accounts/{code}/keys", status_code=201, response_model=M.KeyIssued, responses=MEMBER,
-              tags=["operator"])
-    async def new_key(code: Annotated[str, Path(min_length=1, max_length=40)], req: M.KeyRequest,
-                      _: Operator) -> Any:
-        async def q(conn: asyncpg.Connection) -> Any:
-            key, revoked = await acc.rotate_api_key(conn, (await acc.keyed_account(conn, code)).id,
-                                                    revoke_others=req.revoke_others)
-            return {"account": code, "api_key": key, "revoked": revoked}
-        return JSON(await db(q), status_code=201)
-
-    @app.delete("/v1/accounts/{code}/keys", response_model=M.KeysRevoked, responses=MEMBER, tags=["operator"])
-    async def revoke_keys(code: Annotated[str, Path(min_length=1, max_length=40)], _: Operator) -> Any:
-        async def q(conn: asyncpg.Connection) -> Any:
-            account = await acc.keyed_account(conn, code)
-            return {"account": code, "revoked": await acc.revoke_api_keys(conn, account.id)}
-        return await db(q)
-
     async def payment(code: str, req: M.PaymentRequest, op: str) -> Any:
         amount = _units(parse_cash, req.amount, "amount", most=MAX_CASH_FEN)
         account_id = await service.account(code)
@@ -942,6 +922,25 @@ def create_app(ctx: Context) -> FastAPI:
 
     Code = Annotated[str, Path(min_length=1, max_length=40)]
     PAYMENT = {**MEMBER, 200: {"model": M.PaymentView, "description": "a repeat of an earlier payment"}}
+
+    # Keys: another (a rotation, with the earlier ones revoked) or none (a leaked key). A server
+    # stops honouring a revoked key within api/auth.KEY_TTL, open websockets included (review33:
+    # no route or command did either; only hand-written SQL could).
+    @app.post("/v1/accounts/{code}/keys", status_code=201, response_model=M.KeyIssued, responses=MEMBER,
+              tags=["operator"])
+    async def new_key(code: Code, req: M.KeyRequest, _: Operator) -> Any:
+        async def q(conn: asyncpg.Connection) -> Any:
+            key, revoked = await acc.rotate_api_key(conn, (await acc.keyed_account(conn, code)).id,
+                                                    revoke_others=req.revoke_others)
+            return {"account": code, "api_key": key, "revoked": revoked}
+        return JSON(await db(q), status_code=201)
+
+    @app.delete("/v1/accounts/{code}/keys", response_model=M.KeysRevoked, responses=MEMBER, tags=["operator"])
+    async def revoke_keys(code: Code, _: Operator) -> Any:
+        async def q(conn: asyncpg.Connection) -> Any:
+            account = await acc.keyed_account(conn, code)
+            return {"account": code, "revoked": await acc.revoke_api_keys(conn, account.id)}
+        return await db(q)
 
     @app.post("/v1/accounts/{code}/deposits", status_code=201, response_model=M.PaymentView, responses=PAYMENT,
               tags=["operator"])
