@@ -114,9 +114,10 @@ async def create_api_key(conn: asyncpg.Connection, account_id: int, *, demo: boo
 
 
 async def keyed_account(conn: asyncpg.Connection, code: str) -> Account:
-    """The account with `code`, refused `forbidden` for the exchange's own (CX-...): they hold no keys."""
+    """The account with `code`, refused `forbidden` for the exchange's own (role system, CX-...):
+    they hold no keys (ledger.check_payee tells them apart the same way)."""
     a = await get_account(conn, code)
-    if a.code.startswith("CX-"):
+    if a.role == "system":
         raise CarbonxError("forbidden", f"{a.code} is the exchange's own account: it has no API keys")
     return a
 

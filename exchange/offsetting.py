@@ -19,7 +19,7 @@ from exchange.service import ExchangeService
 from exchange.text import fits, unsafe
 from matching import events as E
 from matching.core import KEPT_COID_PREFIX
-from matching.risk import fill_amounts
+from matching.risk import buyer_cost
 from matching.units import format_cash, format_price, format_tonnes
 
 # An offset's purchase under an idempotency key is the order with this client_order_id prefix and
@@ -45,12 +45,6 @@ def cheapest_fills(service: ExchangeService, symbol: str, account: int, qty: int
     return core.taker_fills(symbol, account, band[1] if band else rules.max_price, qty, max(service.clock(), core.ts))
 
 
-def cost_of(fills: list[tuple[int, int]], fee_bp: int) -> int:
-    """What the buyer pays for `fills`, in fen: each trade's value and its fee, each rounded as a
-    trade rounds them (matching.risk.fill_amounts)."""
-    return sum(value + fee for value, fee, _ in (fill_amounts(price, kg, fee_bp, 0) for price, kg in fills))
-
-
 def _limit_within(service: ExchangeService, symbol: str, account: int, qty: int, max_cash: int) -> int:
     """The limit price of a fill-or-kill buy that takes the cheapest `qty` kg offered, refused
     (offset_not_filled, saying why) when the book does not hold them within the band or they cost
@@ -67,7 +61,7 @@ def _limit_within(service: ExchangeService, symbol: str, account: int, qty: int,
                            f"the market offers {format_tonnes(have)} t of {symbol}{within}, not counting the "
                            f"buyer's own offers; {format_tonnes(qty)} t are needed, {format_tonnes(qty - have)} t "
                            "are missing. Nothing was bought or retired.")
-    cost = cost_of(fills, listing.taker_bp)
+    cost = buyer_cost(fills, listing.taker_bp)
     if cost > max_cash:
         raise CarbonxError("offset_not_filled",
                            f"{format_tonnes(qty)} t of {symbol} cost {format_cash(cost)} CNY now (fees included, at "

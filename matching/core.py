@@ -53,6 +53,7 @@ from matching.risk import (
     BP,
     MAX_FEE_BP,
     buy_reservation,
+    buyer_cost,
     fill_amounts,
     market_buy_reservation,
     rounding_allowance,
@@ -361,9 +362,7 @@ class ExchangeCore:
                 # It never rests, so what it meets in the book now is all it can pay for, exactly:
                 # the worst case allows 2 fen a lot for rounding, on a 1 kg lot 2.4 times the cost
                 # of a tonne at 13.89 CNY (review31). Only when the worst case does not fit: a walk.
-                need = min(need, sum(value + fee for value, fee, _ in (
-                    fill_amounts(p, kg, listing.taker_bp, 0) for p, kg in self.taker_fills(symbol, account, price,
-                                                                                            qty, ts))))
+                need = min(need, buyer_cost(self.taker_fills(symbol, account, price, qty, ts), listing.taker_bp))
             if purse is None or purse[0] - purse[1] < need:
                 free = purse[0] - purse[1] if purse else 0
                 raise Rejected("insufficient_funds", f"needs {need} fen free, has {free}")

@@ -44,6 +44,12 @@ def market_buy_reservation(cash_cap: int, qty: int, lot: int, fee_bp: int) -> in
     return cash_cap + -(-(cash_cap * fee_bp) // BP) + (1 if fee_bp else 0) * (qty // lot)
 
 
+def buyer_cost(fills: list[tuple[int, int]], fee_bp: int) -> int:
+    """What a buyer pays for (price, kg) `fills` at a fee of `fee_bp`, in fen: each trade's value
+    and fee, rounded as a trade rounds them (:func:`fill_amounts`)."""
+    return sum(value + fee for value, fee, _ in (fill_amounts(price, kg, fee_bp, 0) for price, kg in fills))
+
+
 def fill_amounts(price: int, qty: int, buyer_bp: int, seller_bp: int) -> tuple[int, int, int]:
     """(value, buyer fee, seller fee) of one trade, each rounded half-up to the fen."""
     value = trade_value_fen(price, qty)
