@@ -362,7 +362,10 @@ class ExchangeCore:
                 # It never rests, so what it meets in the book now is all it can pay for, exactly:
                 # the worst case allows 2 fen a lot for rounding, on a 1 kg lot 2.4 times the cost
                 # of a tonne at 13.89 CNY (review31). Only when the worst case does not fit: a walk.
-                need = min(need, buyer_cost(self.taker_fills(symbol, account, price, qty, ts), listing.taker_bp))
+                # Nothing to meet keeps the worst case: a zero would admit the order on an empty
+                # purse, and a core restored from a snapshot, which keeps no empty purse, refused it.
+                need = min(need, buyer_cost(self.taker_fills(symbol, account, price, qty, ts), listing.taker_bp)
+                           or need)
             if purse is None or purse[0] - purse[1] < need:
                 free = purse[0] - purse[1] if purse else 0
                 raise Rejected("insufficient_funds", f"needs {need} fen free, has {free}")

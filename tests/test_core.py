@@ -1393,7 +1393,7 @@ class Stream:
         else:
             need = buy_reservation(cmd["price"], qty, LOT[symbol], _fee_bp(symbol))
             if cmd.get("tif") in (E.IOC, E.FOK):  # never rests: what it can meet now, exactly
-                need = min(need, _taker_cost(core, symbol, account, cmd["price"], qty, ts))
+                need = min(need, _taker_cost(core, symbol, account, cmd["price"], qty, ts) or need)
         return ("unless", "insufficient_funds", need <= model.free(core, account))
 
     def apply(self, cmd: dict, expect: tuple | None = None) -> Outcome:
